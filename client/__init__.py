@@ -1,0 +1,1 @@
+"""A hospital site (Flower SuperNode + the fedmed client app)."""

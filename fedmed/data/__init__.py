@@ -1,0 +1,1 @@
+"""Datasets that feed training: caching datasets, the threaded loader, the demo-data generator."""

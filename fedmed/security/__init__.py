@@ -1,0 +1,1 @@
+"""PKI for the federation, encryption at rest, and integrity of checkpoints."""

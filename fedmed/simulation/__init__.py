@@ -1,0 +1,1 @@
+"""A whole federation simulated on this machine."""

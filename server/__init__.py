@@ -1,0 +1,1 @@
+"""The central side (Flower SuperLink + the fedmed server app)."""
