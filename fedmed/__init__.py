@@ -13,7 +13,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from fedmed.errors import (  # noqa: E402
+from fedmed.errors import (
     ConfigError,
     DataError,
     FederationError,

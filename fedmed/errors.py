@@ -13,8 +13,10 @@ Exit code 2 is left to argparse (usage errors) and to commands not available yet
 Messages name the file or setting, the bad value and the fix; CLIs print them as one line.
 
 Example:
-    >>> raise DataError("label labelsTr/p03.nii.gz has shape (4, 4, 3) but its image has (4, 4, 4): "
-    ...                 "re-export the label on the image grid")
+    >>> raise DataError(
+    ...     "label labelsTr/p03.nii.gz has shape (4, 4, 3) but its image has (4, 4, 4): "
+    ...     "re-export the label on the image grid"
+    ... )
 """
 
 from __future__ import annotations

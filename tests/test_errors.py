@@ -28,7 +28,7 @@ def test_each_error_is_a_fedmed_error_with_its_own_exit_code(error: type, code: 
 def test_subclass_without_exit_code_is_refused() -> None:
     with pytest.raises(TypeError, match="must define its own integer exit_code"):
 
-        class Vague(FedmedError):  # noqa: F841
+        class Vague(FedmedError):
             pass
 
 

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``fedmed`` (utilities), ``fedmed-server``, ``fedmed-client``, ``fedmed-sim``.
+"""Entry points: ``fedmed`` (utilities), ``fedmed-server``, ``fedmed-client``, ``fedmed-sim``.
 
 Each ``fedmed`` subcommand lives in its own module exposing ``register(subparsers)``; the
 module imports heavy dependencies (torch, flwr) inside its run function so ``--help`` is fast.

@@ -86,7 +86,7 @@ class MapTransform:
 
 
 class InvertibleTransform(MapTransform):
-    """A deterministic transform with an exact inverse (``Pad`` <-> ``Crop``, ``Flip`` <-> ``Flip``)."""
+    """A deterministic transform with an exact inverse (``Pad`` <-> ``Crop``, ``Flip`` itself)."""
 
     def inverse(self) -> MapTransform:
         """The transform that undoes this one (shape, values and affine)."""
