@@ -1,0 +1,251 @@
+"""Round checkpoints: safetensors weights + JSON metadata, a hash chain, ``latest`` and ``best``.
+
+Layout under ``<out-dir>/checkpoints/``::
+
+    round-0000/                 the initial global model (the chain's root)
+        weights.safetensors     the full global state_dict (no pickle)
+        server_state.safetensors  server-optimizer state (FedAdam/FedYogi), may be empty
+        meta.json               {"round", "metrics", "config_hash", "parent_hash",
+                                 "weights_sha256", "server_state_sha256", "time", "format"}
+    round-0001/ ...
+    latest.json                 {"round": r, "hash": ...} of the last complete round
+    best.json                   the same for the best score (held-out Dice)
+
+A round is written into a temporary folder and renamed into place, so a folder named
+``round-NNNN`` is always complete; :meth:`CheckpointStore.load_latest` verifies the hashes and
+the chain link, so a restarted server continues from exactly that round's global weights.
+The checkpoint's ``hash`` is the sha256 of its ``weights.safetensors``; ``parent_hash`` is the
+previous round's hash (``None`` for round 0).
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> store = CheckpointStore(tempfile.mkdtemp())
+    >>> info = store.save(0, {"w": np.zeros(2, np.float32)}, metrics={}, config_hash="c")
+    >>> store.load_latest().round
+    0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from fedmed.errors import ModelError
+
+__all__ = ["Checkpoint", "CheckpointStore"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "fedmed-checkpoint-1"
+_WEIGHTS = "weights.safetensors"
+_STATE = "server_state.safetensors"
+_META = "meta.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One loaded round: its weights, server state and metadata.
+
+    Example:
+        >>> Checkpoint(round=1, path=Path("r"), hash="h", parent_hash=None, weights={},
+        ...            server_state={}, meta={}).round
+        1
+    """
+
+    round: int
+    path: Path
+    hash: str
+    parent_hash: str | None
+    weights: dict[str, np.ndarray]
+    server_state: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _contiguous(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+class CheckpointStore:
+    """Writes and reads round checkpoints under ``<out_dir>/checkpoints``.
+
+    Example:
+        >>> import tempfile
+        >>> CheckpointStore(tempfile.mkdtemp()).load_latest() is None
+        True
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(out_dir) / "checkpoints"
+
+    def round_dir(self, round_: int) -> Path:
+        """The folder of round ``round_``."""
+        return self.root / f"round-{round_:04d}"
+
+    def rounds(self) -> list[int]:
+        """Rounds with a complete folder, ascending."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            name = entry.name
+            if entry.is_dir() and name.startswith("round-") and name[6:].isdigit():
+                found.append(int(name[6:]))
+        return sorted(found)
+
+    def save(
+        self,
+        round_: int,
+        weights: Mapping[str, np.ndarray],
+        *,
+        metrics: Mapping[str, Any],
+        config_hash: str,
+        server_state: Mapping[str, np.ndarray] | None = None,
+        score: float | None = None,
+    ) -> Checkpoint:
+        """Write round ``round_`` atomically, update ``latest.json`` and, when ``score`` beats
+        the best so far, ``best.json``; return the new checkpoint."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        parent = self._parent_hash(round_)
+        final = self.round_dir(round_)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".round-{round_:04d}."))
+        try:
+            save_file(_contiguous(weights), str(tmp / _WEIGHTS))
+            save_file(_contiguous(server_state or {}), str(tmp / _STATE))
+            digest = _sha256(tmp / _WEIGHTS)
+            meta = {
+                "format": _FORMAT,
+                "round": round_,
+                "metrics": dict(metrics),
+                "config_hash": config_hash,
+                "parent_hash": parent,
+                "weights_sha256": digest,
+                "server_state_sha256": _sha256(tmp / _STATE),
+                "score": score,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _write_json(tmp / _META, meta)
+            if final.exists():  # a round re-run after a crash between save and latest.json
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pointer = {"round": round_, "hash": digest, "score": score}
+        _write_json(self.root / "latest.json", pointer)
+        best = self.best_pointer()
+        if score is not None and (
+            best is None or best.get("score") is None or score > best["score"]
+        ):
+            _write_json(self.root / "best.json", pointer)
+        logger.info("checkpoint round %d written to %s (sha256 %s)", round_, final, digest[:12])
+        return Checkpoint(
+            round_, final, digest, parent, dict(weights), dict(server_state or {}), meta
+        )
+
+    def _parent_hash(self, round_: int) -> str | None:
+        if round_ == 0:
+            return None
+        previous = self.round_dir(round_ - 1) / _META
+        if not previous.is_file():
+            raise ModelError(
+                f"cannot write checkpoint round {round_}: round {round_ - 1} is missing in "
+                f"{self.root}: resume from the latest round or use a new out-dir"
+            )
+        return json.loads(previous.read_text())["weights_sha256"]
+
+    def best_pointer(self) -> dict[str, Any] | None:
+        """The content of ``best.json``, or None before any scored round."""
+        path = self.root / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def load(self, round_: int) -> Checkpoint:
+        """Load and verify round ``round_``; ModelError names the folder if it is damaged."""
+        folder = self.round_dir(round_)
+        try:
+            meta = json.loads((folder / _META).read_text())
+            digest = _sha256(folder / _WEIGHTS)
+            if digest != meta["weights_sha256"]:
+                raise ModelError(
+                    f"checkpoint {folder} is damaged: weights sha256 {digest[:12]} does not "
+                    f"match meta.json ({meta['weights_sha256'][:12]}): delete the folder to "
+                    "resume from the round before"
+                )
+            if _sha256(folder / _STATE) != meta["server_state_sha256"]:
+                raise ModelError(
+                    f"checkpoint {folder} is damaged: server_state.safetensors does not match "
+                    "meta.json: delete the folder to resume from the round before"
+                )
+            weights = load_file(str(folder / _WEIGHTS))
+            state = load_file(str(folder / _STATE))
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelError(
+                f"checkpoint {folder} cannot be read ({err}): delete the folder to resume "
+                "from the round before"
+            ) from err
+        return Checkpoint(round_, folder, digest, meta["parent_hash"], weights, state, meta)
+
+    def load_latest(self) -> Checkpoint | None:
+        """The last complete round, its chain link to the round before checked; None if none."""
+        rounds = self.rounds()
+        if not rounds:
+            return None
+        latest = self.load(rounds[-1])
+        if latest.round > 0:
+            before = self.round_dir(latest.round - 1) / _META
+            if not before.is_file():
+                raise ModelError(
+                    f"checkpoint {latest.path} has no parent round {latest.round - 1}: the "
+                    "checkpoint folder is incomplete; restore it or use a new out-dir"
+                )
+            expected = json.loads(before.read_text())["weights_sha256"]
+            if latest.parent_hash != expected:
+                raise ModelError(
+                    f"checkpoint {latest.path} names parent {latest.parent_hash} but round "
+                    f"{latest.round - 1} has hash {expected}: the chain is broken; restore the "
+                    "folder or use a new out-dir"
+                )
+        return latest
+
+    def verify_chain(self) -> list[int]:
+        """Check every round's hashes and parent links; return the rounds checked."""
+        rounds = self.rounds()
+        parent: str | None = None
+        for expected_round, round_ in enumerate(rounds):
+            if round_ != expected_round:
+                raise ModelError(f"checkpoint round {expected_round} is missing in {self.root}")
+            ckpt = self.load(round_)
+            if ckpt.parent_hash != parent:
+                raise ModelError(
+                    f"checkpoint {ckpt.path} names parent {ckpt.parent_hash} but the round "
+                    f"before has hash {parent}: the chain is broken"
+                )
+            parent = ckpt.hash
+        return rounds

@@ -1,0 +1,196 @@
+"""The run's metrics log (``metrics.jsonl``) and its Markdown report with plots.
+
+Each line of ``<out-dir>/metrics.jsonl`` is one round attempt::
+
+    {"round": 2, "attempt": 1, "status": "ok" | "failed", "time": "...", "duration-s": 9.1,
+     "sites": {"A": {"num-examples": 120, "train-loss": 0.41, "val-dice": 0.62}, ...},
+     "rejected": {"C": "update norm 812 exceeds max-update-norm 100"},
+     "missing": ["D"],
+     "holdout": {"dice": 0.66, "hd95": 4.2, "cases": [{"case": "case-01", "dice": .., "hd95": ..}]}}
+
+``holdout`` is null when the server has no held-out folder. Round 0 (the initial model) has
+``status`` "initial" and only ``holdout``. :func:`write_report` redraws ``report.md``,
+``holdout_dice.png`` and ``site_dice.png`` from the log; it draws with matplotlib's ``Figure``
+and the Agg canvas directly, so it never touches pyplot's global state or a display.
+
+Example:
+    >>> import tempfile
+    >>> log = MetricsLog(tempfile.mkdtemp())
+    >>> log.append({"round": 1, "status": "ok", "sites": {}, "holdout": None})
+    >>> [r["round"] for r in log.read()]
+    [1]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["MetricsLog", "write_report"]
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of round attempts in ``<out_dir>/metrics.jsonl``.
+
+    Example:
+        >>> import tempfile
+        >>> MetricsLog(tempfile.mkdtemp()).read()
+        []
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a line, flushed to disk (NaN/inf written as null)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_json_safe(record), sort_keys=True, allow_nan=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records; a torn last line (crash mid-write) is skipped."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
+
+    def truncate_after(self, round_: int) -> None:
+        """Keep only records of rounds <= ``round_`` (used when resuming from a checkpoint)."""
+        kept = [r for r in self.read() if int(r["round"]) <= round_]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity (e.g. HD95 of an empty prediction) become null: JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _completed(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in records if r.get("status") in ("ok", "initial")]
+
+
+def _plot(
+    path: Path, title: str, ylabel: str, series: Mapping[str, list[tuple[int, float]]]
+) -> None:
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, points in sorted(series.items()):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    if any(series.values()):
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    records: Sequence[Mapping[str, Any]],
+    *,
+    title: str = "fedmed federation report",
+    settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Redraw ``report.md`` and its two PNG plots in ``out_dir``; return the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _completed(records)
+    holdout = [
+        (int(r["round"]), float(r["holdout"]["dice"]))
+        for r in done
+        if r.get("holdout") and r["holdout"].get("dice") is not None
+    ]
+    per_site: dict[str, list[tuple[int, float]]] = {}
+    for r in done:
+        for site, m in (r.get("sites") or {}).items():
+            if m.get("val-dice") is not None:
+                per_site.setdefault(site, []).append((int(r["round"]), float(m["val-dice"])))
+    _plot(
+        out / "holdout_dice.png", "held-out Dice of the global model", "Dice", {"held-out": holdout}
+    )
+    _plot(out / "site_dice.png", "validation Dice at each site", "Dice", per_site)
+
+    lines = [f"# {title}", ""]
+    rounds_ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") == "failed"]
+    lines.append(f"Completed rounds: {len(rounds_ok)}; failed attempts: {len(failed)}.")
+    if holdout:
+        best_round, best_dice = max(holdout, key=lambda p: p[1])
+        lines.append(f"Best held-out Dice: {best_dice:.4f} (round {best_round}).")
+    lines += ["", "![held-out Dice](holdout_dice.png)", "", "![site Dice](site_dice.png)", ""]
+    lines += [
+        "## Rounds",
+        "",
+        "| round | attempt | status | held-out Dice | held-out HD95 | sites |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for r in records:
+        h = r.get("holdout") or {}
+        sites = ", ".join(
+            f"{s}: {_fmt((m or {}).get('val-dice'))}"
+            for s, m in sorted((r.get("sites") or {}).items())
+        )
+        notes = [f"{s} rejected ({why})" for s, why in sorted((r.get("rejected") or {}).items())]
+        notes += [f"{s} no reply" for s in r.get("missing") or []]
+        cell = "; ".join([x for x in [sites, *notes] if x]) or "-"
+        lines.append(
+            f"| {r.get('round')} | {r.get('attempt', '-')} | {r.get('status')} | "
+            f"{_fmt(h.get('dice'))} | {_fmt(h.get('hd95'))} | {cell} |"
+        )
+    last = next((r for r in reversed(done) if r.get("holdout")), None)
+    if last and last["holdout"].get("cases"):
+        lines += ["", f"## Held-out cases, round {last['round']}", "", "| case | Dice | HD95 |"]
+        lines.append("| --- | --- | --- |")
+        for case in last["holdout"]["cases"]:
+            lines.append(
+                f"| {case['case']} | {_fmt(case.get('dice'))} | {_fmt(case.get('hd95'))} |"
+            )
+    if settings:
+        lines += ["", "## Settings", "", "| key | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(settings.items())]
+    path = out / "report.md"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,267 @@
+"""The federation's run settings: every ``run_config`` key, validated once into a typed object.
+
+The deployment passes the ``[app]`` table of ``configs/federation.toml`` verbatim as Flower's
+``run_config``; :meth:`RunSettings.from_run_config` is the only place that reads it. Every key
+is optional (Flower's ``run_simulation`` passes an empty ``run_config``); unknown keys are
+refused so a typo never silently falls back to a default.
+
+Keys (TOML type, default):
+
+==========================  =======  ===========  ==============================================
+key                         type     default      meaning
+==========================  =======  ===========  ==============================================
+``num-rounds``              int      3            federated rounds to run (>= 1)
+``min-sites``               int      2            valid replies a round needs to count (>= 1)
+``join-timeout``            float    300          seconds to wait for ``min-sites`` sites to be
+                                                  connected before a FederationError
+``round-timeout``           float    600          seconds a round waits for replies
+``retry-failed-rounds``     int      2            retries of a round with too few valid replies
+``strategy``                str      "fedavg"     fedavg, fedprox, fedadam, fedyogi, fedmedian,
+                                                  trimmed-mean
+``fedbn``                   bool     false        keep normalization layers at each site
+``proximal-mu``             float    0.0          FedProx proximal term (sent to the sites)
+``server-lr``               float    0.01         FedAdam/FedYogi server learning rate (eta)
+``server-beta1``            float    0.9          FedAdam/FedYogi first-moment decay
+``server-beta2``            float    0.99         FedAdam/FedYogi second-moment decay
+``server-tau``              float    0.001        FedAdam/FedYogi adaptivity (epsilon)
+``trim-fraction``           float    0.2          trimmed-mean: fraction cut at each end, [0, 0.5)
+``model``                   str      "coplenet"   coplenet, unet3d, lamp_unet
+``model-features``          str      ""           comma-separated channels per level ("" =
+                                                  the model's default)
+``in-channels``             int      1            image channels
+``out-channels``            int      2            classes including background
+``patch-size``              str      ""           comma-separated training patch ("" = model
+                                                  default: 2D "96,96", 3D "64,64,64")
+``local-epochs``            int      1            local epochs per round (>= 1)
+``local-steps``             int      0            cap on optimizer steps per round (0 = no cap)
+``lr``                      float    0.001        site learning rate
+``batch-size``              int      4            site batch size
+``val-fraction``            float    0.2          share of a site's cases held for validation
+``data-dir``                str      ""           server held-out folder ("" = none; then
+                                                  ``best`` follows the sites' mean val Dice)
+``out-dir``                 str      "fedmed-run" checkpoints, metrics.jsonl, report.md
+``max-update-norm``         float    0.0          L2 bound on a site's update (0 = no bound)
+``poll-interval``           float    0.1          seconds between reply polls
+``seed``                    int      0            seeds the initial model and site splits
+==========================  =======  ===========  ==============================================
+
+Example:
+    >>> settings = RunSettings.from_run_config({"num-rounds": 5, "strategy": "fedprox",
+    ...                                         "proximal-mu": 0.01})
+    >>> settings.num_rounds, settings.proximal_mu
+    (5, 0.01)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmed.errors import ConfigError
+
+__all__ = ["MODELS", "STRATEGIES", "RunSettings"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed-mean")
+MODELS = ("coplenet", "unet3d", "lamp_unet")
+
+# Keys that do not change the training trajectory: a run may be resumed with other values.
+_RESUMABLE_KEYS = frozenset(
+    {
+        "num_rounds",
+        "join_timeout",
+        "round_timeout",
+        "retry_failed_rounds",
+        "poll_interval",
+        "out_dir",
+        "data_dir",
+        "min_sites",
+        "max_update_norm",
+    }
+)
+
+
+def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
+    return {"key": key, "kind": kind, **limits}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Validated federation settings; see the module docstring for each key.
+
+    Example:
+        >>> RunSettings().strategy
+        'fedavg'
+        >>> RunSettings(model="unet3d").patch_shape
+        (64, 64, 64)
+    """
+
+    num_rounds: int = field(default=3, metadata=_meta("num-rounds", int, min=1))
+    min_sites: int = field(default=2, metadata=_meta("min-sites", int, min=1))
+    join_timeout: float = field(default=300.0, metadata=_meta("join-timeout", float, gt=0))
+    round_timeout: float = field(default=600.0, metadata=_meta("round-timeout", float, gt=0))
+    retry_failed_rounds: int = field(default=2, metadata=_meta("retry-failed-rounds", int, min=0))
+    strategy: str = field(default="fedavg", metadata=_meta("strategy", str))
+    fedbn: bool = field(default=False, metadata=_meta("fedbn", bool))
+    proximal_mu: float = field(default=0.0, metadata=_meta("proximal-mu", float, min=0))
+    server_lr: float = field(default=0.01, metadata=_meta("server-lr", float, gt=0))
+    server_beta1: float = field(default=0.9, metadata=_meta("server-beta1", float, min=0, lt=1))
+    server_beta2: float = field(default=0.99, metadata=_meta("server-beta2", float, min=0, lt=1))
+    server_tau: float = field(default=1e-3, metadata=_meta("server-tau", float, gt=0))
+    trim_fraction: float = field(default=0.2, metadata=_meta("trim-fraction", float, min=0, lt=0.5))
+    model: str = field(default="coplenet", metadata=_meta("model", str))
+    model_features: str = field(default="", metadata=_meta("model-features", str))
+    in_channels: int = field(default=1, metadata=_meta("in-channels", int, min=1))
+    out_channels: int = field(default=2, metadata=_meta("out-channels", int, min=2))
+    patch_size: str = field(default="", metadata=_meta("patch-size", str))
+    local_epochs: int = field(default=1, metadata=_meta("local-epochs", int, min=1))
+    local_steps: int = field(default=0, metadata=_meta("local-steps", int, min=0))
+    lr: float = field(default=1e-3, metadata=_meta("lr", float, gt=0))
+    batch_size: int = field(default=4, metadata=_meta("batch-size", int, min=1))
+    val_fraction: float = field(default=0.2, metadata=_meta("val-fraction", float, gt=0, lt=1))
+    data_dir: str = field(default="", metadata=_meta("data-dir", str))
+    out_dir: str = field(default="fedmed-run", metadata=_meta("out-dir", str))
+    max_update_norm: float = field(default=0.0, metadata=_meta("max-update-norm", float, min=0))
+    poll_interval: float = field(default=0.1, metadata=_meta("poll-interval", float, gt=0))
+    seed: int = field(default=0, metadata=_meta("seed", int))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"run config key 'strategy' is {self.strategy!r}: "
+                f"use one of {', '.join(STRATEGIES)}"
+            )
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"run config key 'model' is {self.model!r}: use one of {', '.join(MODELS)}"
+            )
+        _ = self.features, self.patch_shape  # parse now so errors surface at construction
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            logger.warning("strategy 'fedprox' with proximal-mu 0 trains exactly like fedavg")
+        if self.strategy != "fedprox" and self.proximal_mu > 0.0:
+            logger.warning(
+                "proximal-mu %s is used with strategy %r: the sites add the proximal term",
+                self.proximal_mu,
+                self.strategy,
+            )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from Flower's ``run_config`` (kebab-case keys), refusing unknown keys."""
+        by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in by_key:
+                raise ConfigError(
+                    f"run config key {key!r} is not a fedmed setting: "
+                    f"use one of {', '.join(sorted(by_key))}"
+                )
+            f = by_key[key]
+            values[f.name] = _coerce(f, value)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The settings as kebab-case ``run_config`` (``from_run_config`` round-trips it)."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def features(self) -> tuple[int, ...] | None:
+        """``model-features`` parsed, or None for the model's default."""
+        return _int_tuple("model-features", self.model_features, allow_empty=True)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for COPLE-Net (slices), 3 for the U-Nets (patches)."""
+        return 2 if self.model == "coplenet" else 3
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """The training patch, ``patch-size`` parsed or the model's default."""
+        parsed = _int_tuple("patch-size", self.patch_size, allow_empty=True)
+        if parsed is None:
+            return (96, 96) if self.spatial_dims == 2 else (64, 64, 64)
+        if len(parsed) != self.spatial_dims:
+            raise ConfigError(
+                f"run config key 'patch-size' is {self.patch_size!r} but model {self.model!r} "
+                f"needs {self.spatial_dims} sizes: give e.g. "
+                f"{','.join(['64'] * self.spatial_dims)!r}"
+            )
+        return parsed
+
+    @property
+    def out_path(self) -> Path:
+        """``out-dir`` as a path."""
+        return Path(self.out_dir)
+
+    def identity_hash(self) -> str:
+        """sha256 of the settings that shape the trained weights (not timeouts or round count).
+
+        A run may be resumed only with the same identity hash.
+        """
+        ident = {
+            f.metadata["key"]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in _RESUMABLE_KEYS
+        }
+        blob = json.dumps(ident, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    key, kind = f.metadata["key"], f.metadata["kind"]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"run config key {key!r} is {value!r} ({type(value).__name__}): "
+        f"it must be a TOML {kind.__name__}"
+    )
+
+
+def _check_value(f: dataclasses.Field[Any], value: Any) -> None:
+    key = f.metadata["key"]
+    limits = (
+        ("min", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    )
+    for name, ok, sign in limits:
+        if name in f.metadata and not ok(value, f.metadata[name]):
+            raise ConfigError(
+                f"run config key {key!r} is {value!r}: it must be {sign} {f.metadata[name]}"
+            )
+    if isinstance(value, float) and value != value:  # NaN passes every comparison above
+        raise ConfigError(f"run config key {key!r} is NaN: give a number")
+
+
+def _int_tuple(key: str, text: str, *, allow_empty: bool) -> tuple[int, ...] | None:
+    if not text.strip():
+        if allow_empty:
+            return None
+        raise ConfigError(f"run config key {key!r} is empty: give comma-separated integers")
+    try:
+        parsed = tuple(int(part) for part in text.split(","))
+    except ValueError as err:
+        raise ConfigError(
+            f"run config key {key!r} is {text!r}: give comma-separated integers like '16,32,64'"
+        ) from err
+    if any(v < 1 for v in parsed):
+        raise ConfigError(f"run config key {key!r} is {text!r}: every size must be >= 1")
+    return parsed

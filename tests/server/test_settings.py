@@ -1,0 +1,79 @@
+"""RunSettings: defaults, parsing of run_config, and errors that name the key."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fedmed.server.settings import RunSettings
+
+from fedmed.errors import ConfigError
+
+
+def test_empty_run_config_gives_defaults():
+    settings = RunSettings.from_run_config({})
+    assert settings == RunSettings()
+    assert settings.strategy == "fedavg"
+    assert settings.patch_shape == (96, 96)
+
+
+def test_run_config_round_trips_through_to_run_config():
+    settings = RunSettings(strategy="fedadam", model="unet3d", patch_size="32,32,16", seed=7)
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+
+
+def test_kebab_keys_parse_and_ints_become_floats():
+    settings = RunSettings.from_run_config(
+        {"num-rounds": 4, "proximal-mu": 1, "strategy": "fedprox", "model-features": "8,16"}
+    )
+    assert settings.num_rounds == 4
+    assert settings.proximal_mu == 1.0 and isinstance(settings.proximal_mu, float)
+    assert settings.features == (8, 16)
+
+
+@pytest.mark.parametrize(
+    ("run_config", "match"),
+    [
+        ({"num-round": 3}, "'num-round' is not a fedmed setting"),
+        ({"num-rounds": 0}, "'num-rounds' is 0: it must be >= 1"),
+        ({"num-rounds": "3"}, "'num-rounds' is '3' .*TOML int"),
+        ({"fedbn": 1}, "'fedbn' is 1 .*TOML bool"),
+        ({"strategy": "krum"}, "'strategy' is 'krum': use one of fedavg"),
+        ({"model": "vnet"}, "'model' is 'vnet'"),
+        ({"trim-fraction": 0.5}, "'trim-fraction' is 0.5: it must be < 0.5"),
+        ({"lr": 0.0}, "'lr' is 0.0: it must be > 0"),
+        ({"patch-size": "64,64"}, "'patch-size' .*needs 3 sizes"),
+        ({"model-features": "8,x"}, "'model-features' is '8,x'"),
+        ({"round-timeout": float("nan")}, "'round-timeout' is nan"),
+    ],
+    ids=[
+        "typo",
+        "zero-rounds",
+        "string-int",
+        "int-bool",
+        "strategy",
+        "model",
+        "trim",
+        "lr",
+        "patch-dims",
+        "features",
+        "nan",
+    ],
+)
+def test_invalid_run_config_names_the_key(run_config, match):
+    if run_config.get("patch-size"):
+        run_config = {**run_config, "model": "unet3d"}
+    with pytest.raises(ConfigError, match=match):
+        RunSettings.from_run_config(run_config)
+
+
+def test_fedprox_with_zero_mu_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedmed.server.settings"):
+        RunSettings(strategy="fedprox", proximal_mu=0.0)
+    assert "trains exactly like fedavg" in caplog.text
+
+
+def test_identity_hash_ignores_round_count_but_not_lr():
+    base = RunSettings()
+    assert base.identity_hash() == RunSettings(num_rounds=50, round_timeout=5).identity_hash()
+    assert base.identity_hash() != RunSettings(lr=0.5).identity_hash()
