@@ -16,6 +16,7 @@ __all__ = ["build_parser", "client_main", "main", "server_main", "sim_main"]
 _COMMAND_MODULES = (
     "fedmed.cli.demo_data",
     "fedmed.cli.data_check",
+    "fedmed.cli.certs",
 )
 
 
