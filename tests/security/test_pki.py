@@ -138,7 +138,9 @@ def test_cli_writes_certs_and_refuses_second_run(tmp_path: Path, capsys) -> None
     args = ["certs", str(tmp_path), "--server-address", "127.0.0.1,fl.local", "--sites", "A,B,C"]
     assert fedmed_main(args) == 0
     assert sorted(
-        p.name for p in tmp_path.iterdir() if p.suffix in (".key", ".pub") and p.stem != "ca"
+        p.name
+        for p in tmp_path.iterdir()
+        if p.suffix in (".key", ".pub") and p.name.startswith("site")
     ) == [
         "siteA.key",
         "siteA.pub",
