@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo federation, generated once: ``site-A``, ``site-B``, ``site-C`` (3 cases
+    each, 32x32x16 voxels, site-C with noisy labels) and ``holdout`` (2 cases)."""
+    from fedmed.data.demo import generate_demo_federation
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_federation(root, sites=3, cases=3, seed=0, shape=(32, 32, 16), holdout=2)
+    return root
