@@ -1,0 +1,384 @@
+"""The deployment config files, read and validated once into frozen dataclasses.
+
+``configs/federation.toml`` (central side) has a ``[server]`` table (:class:`ServerConfig`) and
+an ``[app]`` table that becomes Flower's run config verbatim (the server app documents its keys;
+values must be strings, integers, floats or booleans). ``configs/sites/A.toml`` (one per site) is
+a :class:`SiteConfig`. Keys use dashes, as Flower's run config does. Relative paths are resolved
+against the folder of the config file, so a config works from any working directory; in
+``[app]`` the values of keys ending in ``-dir``, ``-file`` or ``-path`` are paths too.
+
+Every error is a :class:`~fedmed.errors.ConfigError` naming the file, the key and the fix.
+
+Example:
+    >>> server = load_federation_config(Path("configs/federation.toml"))
+    >>> server.server.port, server.app["num-rounds"]
+    (9092, 2)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmed.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "CACHE_MODES",
+    "FederationConfig",
+    "ServerConfig",
+    "SiteConfig",
+    "load_federation_config",
+    "load_site_config",
+]
+
+CACHE_MODES = ("memory", "disk", "none")
+_PATH_SUFFIXES = ("-dir", "-file", "-path")
+_MISSING = object()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist: pass --config PATH") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+class _Table:
+    """Typed reads from one TOML table, with errors naming file and key; flags unknown keys."""
+
+    def __init__(self, path: Path, name: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.path, self.name, self.data = path, name, data
+        self.used: set[str] = set()
+
+    def _where(self, key: str) -> str:
+        return f"{self.path}: [{self.name}] {key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                raise ConfigError(f"{self._where(key)} is missing: add it to the file")
+            return default
+        value = self.data[key]
+        # bool is an int subclass: `port = true` must not pass as an integer
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self._where(key)} = {value!r} must be {names}")
+        return float(value) if kinds == (float, int) else value
+
+    def positive(self, key: str, kind: type, default: Any = _MISSING, *, zero: bool = False) -> Any:
+        value = self.get(key, (float, int) if kind is float else kind, default)
+        if value is not None and (value < 0 or (value == 0 and not zero)):
+            bound = ">= 0" if zero else "> 0"
+            raise ConfigError(f"{self._where(key)} = {value!r} must be {bound}")
+        return value
+
+    def port(self, key: str, default: Any = _MISSING) -> int:
+        value = self.get(key, int, default)
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"{self._where(key)} = {value!r} must be a port in 1..65535")
+        return value
+
+    def path_value(self, key: str, default: Any = _MISSING) -> Path | None:
+        value = self.get(key, str, default)
+        if value is None:
+            return None
+        if not value:
+            raise ConfigError(f"{self._where(key)} is empty: give a path")
+        return (self.path.parent / Path(value).expanduser()).resolve()
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise ConfigError(f"{self._where(key)} = {value!r} must be one of {choices}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: [{self.name}] has unknown key(s) {', '.join(unknown)}: "
+                f"check the spelling (known: {', '.join(sorted(self.used))})"
+            )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` table of ``federation.toml``: where and how the SuperLink runs.
+
+    Example TOML::
+
+        [server]
+        host = "0.0.0.0"          # address to listen on
+        port = 9092               # one port: sites (Fleet API) and run submission (Control API)
+        state-dir = "../runs/server"
+        certs-dir = "../certs"    # ca.pem, server.pem, server.key from `fedmed certs`
+        min-sites = 2
+        [server.sites]            # allow-list: site name -> its public key
+        A = "../certs/siteA.pub"
+    """
+
+    host: str
+    port: int
+    state_dir: Path
+    ca_cert: Path | None
+    server_cert: Path | None
+    server_key: Path | None
+    insecure: bool
+    min_sites: int
+    sites: dict[str, Path]
+    wait_for_sites_s: float
+    run_timeout_s: float
+    startup_timeout_s: float
+    stream_logs: bool
+    server_app: str = "fedmed.server.app"
+    client_app: str = "fedmed.client.app"
+
+    @property
+    def local_address(self) -> str:
+        """``host:port`` this machine uses to reach its own SuperLink."""
+        host = self.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``federation.toml``: the ``[server]`` table and the ``[app]`` run config."""
+
+    path: Path
+    server: ServerConfig
+    app: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's ``configs/sites/X.toml``: its data, cache, device and how to reach the server.
+
+    Example TOML::
+
+        site = "A"
+        data-dir = "../../demo/data/site-A"
+        cache-dir = "../../runs/site-A/cache"
+        cache-mode = "disk"          # memory | disk | none
+        device = "cpu"               # cpu, cuda, cuda:0, or "cuda:0,cuda:1" for LAMP
+        seed = 0
+        [connection]
+        server-address = "127.0.0.1:9092"
+        ca-cert = "../../certs/ca.pem"
+        private-key = "../../certs/siteA.key"
+    """
+
+    path: Path
+    site: str
+    data_dir: Path
+    cache_dir: Path
+    cache_mode: str
+    device: str
+    seed: int
+    server_address: str
+    ca_cert: Path | None
+    private_key: Path | None
+    insecure: bool
+    state_dir: Path
+    runtime_port: int
+    max_restarts: int
+    backoff_initial_s: float
+    backoff_max_s: float
+    check_data: bool
+
+    def node_config(self) -> dict[str, str | int]:
+        """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
+        return {
+            "site": self.site,
+            "data-dir": str(self.data_dir),
+            "cache-dir": str(self.cache_dir),
+            "cache-mode": self.cache_mode,
+            "device": self.device,
+            "seed": self.seed,
+        }
+
+
+def _parse_app(path: Path, data: Any) -> dict[str, str | int | float | bool]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: [app] must be a table of run-config values")
+    app: dict[str, str | int | float | bool] = {}
+    for key, value in data.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(
+                f"{path}: [app] {key} = {value!r} must be a string, number or boolean "
+                "(Flower's run config holds scalars only)"
+            )
+        if isinstance(value, str) and key.endswith(_PATH_SUFFIXES) and value:
+            value = str((path.parent / Path(value).expanduser()).resolve())
+        app[key] = value
+    return app
+
+
+def load_federation_config(path: Path) -> FederationConfig:
+    """Read and validate ``federation.toml``.
+
+    Raises:
+        ConfigError: the file is missing, invalid, or a key is missing or wrong.
+    """
+    path = Path(path).expanduser().resolve()
+    data = _read_toml(path)
+    unknown = sorted(set(data) - {"server", "app"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}: use [server] and [app]")
+    table = _Table(path, "server", data.get("server", {}))
+    insecure = table.get("insecure", bool, False)
+    certs_dir = table.path_value("certs-dir", None)
+
+    def cert(key: str, name: str) -> Path | None:
+        explicit = table.path_value(key, None)
+        if explicit is not None:
+            return explicit
+        return certs_dir / name if certs_dir is not None else None
+
+    ca_cert, server_cert, server_key = (
+        cert("ca-cert", "ca.pem"),
+        cert("server-cert", "server.pem"),
+        cert("server-key", "server.key"),
+    )
+    if not insecure and None in (ca_cert, server_cert, server_key):
+        raise ConfigError(
+            f"{path}: [server] certs-dir is missing and TLS is on: set certs-dir to the folder "
+            "written by `fedmed certs` (or ca-cert/server-cert/server-key), or run with "
+            "--insecure for a local test"
+        )
+    raw_sites = table.get("sites", dict, {})
+    sites: dict[str, Path] = {}
+    for name, key_path in raw_sites.items():
+        if not isinstance(key_path, str) or not key_path:
+            raise ConfigError(
+                f"{path}: [server.sites] {name} = {key_path!r} must be the path of the site's "
+                "public key (siteX.pub from `fedmed certs`)"
+            )
+        sites[name] = (path.parent / Path(key_path).expanduser()).resolve()
+    if not insecure and not sites:
+        raise ConfigError(
+            f"{path}: [server.sites] is empty: with site authentication on, list each "
+            'allowed site and its public key, e.g. A = "../certs/siteA.pub"'
+        )
+    min_sites = table.positive("min-sites", int, 2)
+    if sites and min_sites > len(sites):
+        raise ConfigError(
+            f"{path}: [server] min-sites = {min_sites} but only {len(sites)} site(s) are "
+            "allowed in [server.sites]: lower min-sites or add sites"
+        )
+    server = ServerConfig(
+        host=table.get("host", str, "127.0.0.1"),
+        port=table.port("port", 9092),
+        state_dir=table.path_value("state-dir"),  # type: ignore[arg-type]
+        ca_cert=None if insecure else ca_cert,
+        server_cert=None if insecure else server_cert,
+        server_key=None if insecure else server_key,
+        insecure=insecure,
+        min_sites=min_sites,
+        sites=sites,
+        wait_for_sites_s=table.positive("wait-for-sites", float, 300.0),
+        run_timeout_s=table.positive("run-timeout", float, 24 * 3600.0),
+        startup_timeout_s=table.positive("startup-timeout", float, 60.0),
+        stream_logs=table.get("stream-logs", bool, True),
+        server_app=table.get("server-app", str, "fedmed.server.app"),
+        client_app=table.get("client-app", str, "fedmed.client.app"),
+    )
+    table.finish()
+    app = _parse_app(path, data.get("app", {}))
+    if app.get("min-sites", min_sites) != min_sites:
+        raise ConfigError(
+            f"{path}: [app] min-sites = {app['min-sites']!r} differs from [server] min-sites = "
+            f"{min_sites}: set it once, in [server]"
+        )
+    app.setdefault("min-sites", min_sites)
+    return FederationConfig(path=path, server=server, app=app)
+
+
+def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
+    """Read and validate a site config; ``site`` (from ``--site``) must match its ``site`` key.
+
+    Raises:
+        ConfigError: the file is missing, invalid, or a key is missing or wrong.
+    """
+    path = Path(path).expanduser().resolve()
+    data = _read_toml(path)
+    top = _Table(path, "site", {k: v for k, v in data.items() if k != "connection"})
+    conn = _Table(path, "connection", data.get("connection", {}))
+    name = top.get("site", str, site)
+    if name is None:
+        raise ConfigError(f'{path}: site is missing: add site = "A" or pass --site A')
+    if site is not None and name != site:
+        raise ConfigError(
+            f"{path}: site = {name!r} but --site {site} was given: use the site's own config"
+        )
+    for key, value in (("site", name),):
+        if not value or any(c in value for c in "'\"\n\\"):
+            raise ConfigError(f"{path}: {key} = {value!r} must be a plain name")
+    device = top.get("device", str, "cpu")
+    if not all(part.strip() for part in device.split(",")):
+        raise ConfigError(f"{path}: device = {device!r} must be e.g. cpu, cuda:0, cuda:0,cuda:1")
+    insecure = conn.get("insecure", bool, False)
+    ca_cert = conn.path_value("ca-cert", None)
+    private_key = conn.path_value("private-key", None)
+    if not insecure and (ca_cert is None or private_key is None):
+        raise ConfigError(
+            f"{path}: [connection] needs ca-cert and private-key (from `fedmed certs`) "
+            "unless insecure = true"
+        )
+    server_address = conn.get("server-address", str)
+    host, sep, port = server_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{path}: [connection] server-address = {server_address!r} must be HOST:PORT, "
+            "e.g. fl.example.org:9092"
+        )
+    backoff_initial = conn.positive("backoff-initial", float, 2.0)
+    backoff_max = conn.positive("backoff-max", float, 60.0)
+    if backoff_max < backoff_initial:
+        raise ConfigError(
+            f"{path}: [connection] backoff-max = {backoff_max} is below backoff-initial = "
+            f"{backoff_initial}"
+        )
+    state_dir = (
+        top.path_value("state-dir", None) or (path.parent / f".fedmed-site-{name}").resolve()
+    )
+    config = SiteConfig(
+        path=path,
+        site=name,
+        data_dir=top.path_value("data-dir"),  # type: ignore[arg-type]
+        cache_dir=top.path_value("cache-dir", None) or state_dir / "cache",
+        cache_mode=top.choice("cache-mode", CACHE_MODES, "memory"),
+        device=device,
+        seed=top.get("seed", int, 0),
+        check_data=top.get("check-data", bool, True),
+        server_address=server_address,
+        ca_cert=None if insecure else ca_cert,
+        private_key=None if insecure else private_key,
+        insecure=insecure,
+        state_dir=state_dir,
+        runtime_port=conn.port("runtime-port", 9094),
+        max_restarts=conn.positive("max-restarts", int, 20, zero=True),
+        backoff_initial_s=backoff_initial,
+        backoff_max_s=backoff_max,
+    )
+    top.finish()
+    conn.finish()
+    return config

@@ -1,0 +1,186 @@
+"""Config files: the shipped examples load as-is; every mistake names the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedmed.config import load_federation_config, load_site_config
+from fedmed.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+FEDERATION = """
+[server]
+port = 9100
+state-dir = "state"
+certs-dir = "certs"
+min-sites = 2
+[server.sites]
+A = "certs/siteA.pub"
+B = "certs/siteB.pub"
+[app]
+num-rounds = 2
+data-dir = "holdout"
+"""
+
+SITE = """
+site = "A"
+data-dir = "data"
+[connection]
+server-address = "127.0.0.1:9100"
+ca-cert = "certs/ca.pem"
+private-key = "certs/siteA.key"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "conf.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_federation_config_loads_and_resolves_paths() -> None:
+    config = load_federation_config(CONFIGS / "federation.toml")
+
+    assert config.server.insecure is False
+    assert config.server.ca_cert == (CONFIGS.parent / "certs" / "ca.pem").resolve()
+    assert set(config.server.sites) == {"A", "B"}
+    assert config.app["num-rounds"] == 2
+    assert config.app["min-sites"] == config.server.min_sites
+    assert config.app["data-dir"] == str((CONFIGS.parent / "demo/data/holdout").resolve())
+
+
+@pytest.mark.parametrize("site", ["A", "B"])
+def test_shipped_site_configs_load_with_distinct_ports(site: str) -> None:
+    config = load_site_config(CONFIGS / "sites" / f"{site}.toml", site=site)
+
+    assert config.site == site
+    assert config.data_dir == (CONFIGS.parent / f"demo/data/site-{site}").resolve()
+    assert config.private_key == (CONFIGS.parent / f"certs/site{site}.key").resolve()
+    assert config.node_config()["site"] == site
+    other = load_site_config(CONFIGS / "sites" / ("B.toml" if site == "A" else "A.toml"))
+    assert other.runtime_port != config.runtime_port
+
+
+def test_shipped_app_table_is_accepted_by_the_server_app_settings() -> None:
+    settings = pytest.importorskip("fedmed.server.settings")
+    config = load_federation_config(CONFIGS / "federation.toml")
+
+    run = settings.RunSettings.from_run_config(config.app)
+
+    assert run.num_rounds == config.app["num-rounds"]
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    config = load_federation_config(_write(tmp_path, FEDERATION))
+
+    assert config.server.state_dir == tmp_path / "state"
+    assert config.server.server_key == tmp_path / "certs" / "server.key"
+    assert config.app["data-dir"] == str(tmp_path / "holdout")
+    assert config.server.local_address == "127.0.0.1:9100"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ("port = 9100", "port = 70000", r"\[server\] port = 70000 must be a port in 1..65535"),
+        ("port = 9100", 'port = "9100"', r"\[server\] port = '9100' must be int"),
+        ("port = 9100", "port = true", r"\[server\] port = True must be int"),
+        ("min-sites = 2", "min-sites = 3", "min-sites = 3 but only 2 site"),
+        ("min-sites = 2", "min-sites = 0", r"min-sites = 0 must be > 0"),
+        ('state-dir = "state"', "", r"\[server\] state-dir is missing"),
+        ('certs-dir = "certs"', "", "certs-dir is missing and TLS is on"),
+        ("port = 9100", "prot = 9100", r"unknown key\(s\) prot"),
+        ("num-rounds = 2", "num-rounds = [2]", r"\[app\] num-rounds = \[2\] must be a string"),
+        ('A = "certs/siteA.pub"', "A = 1", r"\[server.sites\] A = 1 must be the path"),
+        ("[app]", "[application]", r"unknown table\(s\) application"),
+        ("num-rounds = 2", "num-rounds = 2\nmin-sites = 1", "differs from"),
+        ("[server]", "[server", "is not valid TOML"),
+    ],
+    ids=[
+        "port-range",
+        "port-type",
+        "port-bool",
+        "min-sites-above-allowed",
+        "min-sites-zero",
+        "no-state-dir",
+        "no-certs",
+        "typo",
+        "app-list",
+        "site-key-type",
+        "unknown-table",
+        "min-sites-twice",
+        "bad-toml",
+    ],
+)
+def test_federation_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
+    path = _write(tmp_path, FEDERATION.replace(old, new))
+    with pytest.raises(ConfigError, match=match) as info:
+        load_federation_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_insecure_server_needs_no_certificates(tmp_path: Path) -> None:
+    text = '[server]\nstate-dir = "s"\ninsecure = true\nmin-sites = 1\n'
+    config = load_federation_config(_write(tmp_path, text))
+    assert config.server.insecure is True
+    assert config.server.ca_cert is None
+    assert config.app == {"min-sites": 1}
+
+
+def test_missing_config_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist: pass --config"):
+        load_federation_config(tmp_path / "nope.toml")
+
+
+def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
+    config = load_site_config(_write(tmp_path, SITE), site="A")
+
+    assert config.node_config() == {
+        "site": "A",
+        "data-dir": str(tmp_path / "data"),
+        "cache-dir": str(tmp_path / ".fedmed-site-A" / "cache"),
+        "cache-mode": "memory",
+        "device": "cpu",
+        "seed": 0,
+    }
+    assert config.runtime_port == 9094
+    assert config.max_restarts == 20
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ('site = "A"', 'site = "B"', "site = 'B' but --site A was given"),
+        ('"127.0.0.1:9100"', '"127.0.0.1"', r"server-address = '127.0.0.1' must be HOST:PORT"),
+        ('private-key = "certs/siteA.key"', "", "needs ca-cert and private-key"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\ncache-mode = "ram"',
+            "cache-mode = 'ram' must be",
+        ),
+        ('data-dir = "data"', 'data-dir = "data"\ndevice = "cuda:0,"', "device = 'cuda:0,'"),
+        ('data-dir = "data"', "", "data-dir is missing"),
+        ("[connection]", "[connection]\nbackoff-max = 0.5", "backoff-max = 0.5 is below"),
+        ("[connection]", "[connection]\nmax-restarts = -1", "max-restarts = -1 must be >= 0"),
+        ("[connection]", "[connection]\nport = 1", r"\[connection\] has unknown key\(s\) port"),
+    ],
+    ids=[
+        "other-site",
+        "no-port",
+        "no-key",
+        "cache-mode",
+        "device",
+        "no-data",
+        "backoff",
+        "restarts",
+        "typo",
+    ],
+)
+def test_site_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
+    path = _write(tmp_path, SITE.replace(old, new))
+    with pytest.raises(ConfigError, match=match) as info:
+        load_site_config(path, site="A")
+    assert str(path) in str(info.value)
