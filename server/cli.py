@@ -1,22 +1,152 @@
-"""``fedmed-server``: the central side (Flower SuperLink + the fedmed server app)."""
+"""``fedmed-server``: the central side (Flower SuperLink + the fedmed server app).
+
+Starts a SuperLink (TLS and site authentication on unless ``--insecure``), registers the
+allow-listed site keys, waits for ``min-sites`` sites (bounded), submits the fedmed app with the
+``[app]`` run config, streams the run's logs and exits 0 when the run completed. Ctrl-C or
+SIGTERM stops the run and every process this command started.
+
+Example::
+
+    fedmed certs certs --server-address 127.0.0.1 --sites A,B
+    fedmed-server --config configs/federation.toml
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
 
-__all__ = ["main"]
+from fedmed.cli.runner import configure_logging, run_command
+from fedmed.config import FederationConfig, load_federation_config
+from fedmed.errors import FederationError
 
-_PENDING = "not available yet: it arrives with the federation work (issue #4)"
+__all__ = ["main", "run_server"]
+
+log = logging.getLogger("fedmed.server")
+DEFAULT_CONFIG = Path("configs/federation.toml")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _with_insecure(config: FederationConfig) -> FederationConfig:
+    server = dataclasses.replace(
+        config.server, insecure=True, ca_cert=None, server_cert=None, server_key=None
+    )
+    return dataclasses.replace(config, server=server)
+
+
+def _write_log(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_server(config: FederationConfig) -> int:
+    """Run the central side for ``config`` until the run ends; return the exit code.
+
+    Raises:
+        FederationError: the SuperLink failed, too few sites joined, or the run failed.
+    """
+    server = config.server
+    # The Control API client reads Flower's credential store under FLWR_HOME at import time.
+    os.environ["FLWR_HOME"] = str(server.state_dir / "flwr-cli-home")
+    from fedmed.server.submit import (
+        build_fab,
+        control_client,
+        register_sites,
+        stop_run,
+        stop_unfinished_runs,
+        submit_run,
+        wait_for_run,
+        wait_for_sites,
+    )
+    from fedmed.server.superlink import SuperLink
+
+    run_id: int | None = None
+    with SuperLink(server) as link, control_client(link.address, ca_cert=server.ca_cert) as client:
+        try:
+            if not server.insecure:
+                register_sites(client, server.sites)
+            stop_unfinished_runs(client)
+            online = wait_for_sites(
+                client,
+                min_sites=server.min_sites,
+                timeout=server.wait_for_sites_s,
+                alive=link.alive,
+            )
+            fab = build_fab(
+                config.app, server_module=server.server_app, client_module=server.client_app
+            )
+            run_id = submit_run(client, fab, run_config=config.app)
+            outcome = wait_for_run(
+                client,
+                run_id,
+                timeout=server.run_timeout_s,
+                log_sink=_write_log if server.stream_logs else None,
+                alive=link.alive,
+            )
+        except KeyboardInterrupt:
+            if run_id is not None:
+                stop_run(client, run_id)
+            raise
+    summary = (
+        f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.0f} s with sites "
+        f"{', '.join(sorted(online))}; state {server.state_dir}"
+    )
+    out_dir = config.app.get("out-dir")
+    if out_dir:
+        summary += f"; outputs {out_dir}"
+    if not outcome.ok:
+        raise FederationError(
+            f"{summary}. {outcome.details or 'see the log above'}; the SuperLink log is "
+            f"{link.log_file}"
+        )
+    print(f"fedmed-server: {summary}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the arguments; until issue #4 lands, say so and exit 2."""
+    """Parse arguments and run the central side."""
     parser = argparse.ArgumentParser(
         prog="fedmed-server",
-        description=f"the central side (Flower SuperLink + the fedmed server app). {_PENDING}.",
+        description="the central side: a Flower SuperLink plus the fedmed server app",
     )
-    parser.parse_args(argv)
-    print(f"fedmed-server: {_PENDING}", file=sys.stderr)
-    return 2
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="federation config (TOML)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no site authentication (local tests only; anyone can join)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+    def run() -> int:
+        config = load_federation_config(args.config)
+        if args.insecure:
+            config = _with_insecure(config)
+        if config.server.insecure:
+            print(
+                "fedmed-server: WARNING: --insecure: no TLS, no site authentication. Model "
+                "weights travel in clear and anyone who reaches the port can join or submit "
+                "code. Never use this outside a local test.",
+                file=sys.stderr,
+            )
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return run_server(config)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run_command(run, prog="fedmed-server")

@@ -1,0 +1,197 @@
+"""SuperLink process management and the app shim, without starting Flower."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from fedmed.server.submit import build_fab, fab_files
+from fedmed.server.superlink import (
+    flower_env,
+    start_process,
+    stop_process,
+    superlink_command,
+    wait_for_health,
+)
+
+from fedmed.config import ServerConfig
+from fedmed.errors import FederationError
+
+
+def _server_config(tmp_path: Path, *, insecure: bool = False) -> ServerConfig:
+    certs = tmp_path / "certs"
+    return ServerConfig(
+        host="0.0.0.0",
+        port=9123,
+        state_dir=tmp_path / "state",
+        ca_cert=None if insecure else certs / "ca.pem",
+        server_cert=None if insecure else certs / "server.pem",
+        server_key=None if insecure else certs / "server.key",
+        insecure=insecure,
+        min_sites=1,
+        sites={},
+        wait_for_sites_s=1.0,
+        run_timeout_s=1.0,
+        startup_timeout_s=1.0,
+        stream_logs=False,
+    )
+
+
+def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path) -> None:
+    command = superlink_command(_server_config(tmp_path))
+
+    assert command[0] == str(Path(sys.executable).parent / "flower-superlink")
+    assert command[command.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
+    assert command[command.index("--ssl-certfile") + 1] == str(tmp_path / "certs" / "server.pem")
+    assert "--enable-supernode-auth" in command
+    assert "--disable-runtime-dependency-installation" in command
+    assert "--insecure" not in command
+
+
+def test_insecure_superlink_command_has_no_tls_or_auth(tmp_path: Path) -> None:
+    command = superlink_command(_server_config(tmp_path, insecure=True))
+
+    assert "--insecure" in command
+    assert "--enable-supernode-auth" not in command
+    assert not any(arg.startswith("--ssl") for arg in command)
+
+
+def test_local_address_for_wildcard_host(tmp_path: Path) -> None:
+    assert _server_config(tmp_path).local_address == "127.0.0.1:9123"
+
+
+def test_flower_env_isolates_home_and_disables_egress(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.delenv("FEDMED_FLWR_TELEMETRY", raising=False)
+
+    env = flower_env(tmp_path / "home")
+
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert (tmp_path / "home").is_dir()
+
+
+def test_stop_process_stops_the_whole_process_group(tmp_path: Path) -> None:
+    # Prepare: a parent that starts a child which ignores nothing and sleeps
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log_file = tmp_path / "p.log"
+    proc = start_process([sys.executable, "-c", script], env=dict(os.environ), log_file=log_file)
+    deadline = time.monotonic() + 20
+    while not log_file.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child_pid = int(log_file.read_text().split()[0])
+
+    # Execute
+    code = stop_process(proc, timeout=5)
+
+    # Assert: parent and child are gone
+    assert code == -15
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        # the child may be a zombie of the (dead) parent until init reaps it
+        if Path(f"/proc/{child_pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"child {child_pid} survived stop_process")
+
+
+def test_start_process_echo_copies_output_to_log_and_stream(tmp_path: Path) -> None:
+    sink = io.StringIO()
+    log_file = tmp_path / "echo.log"
+    proc = start_process(
+        [sys.executable, "-c", "print('hello')"], env=dict(os.environ), log_file=log_file, echo=sink
+    )
+    proc.wait(timeout=20)
+    deadline = time.monotonic() + 5
+    while "hello" not in sink.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink.getvalue() == "hello\n"
+    assert log_file.read_text() == "hello\n"
+
+
+def test_wait_for_health_is_bounded(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(FederationError, match=r"did not answer /health within 1 s"):
+        wait_for_health("127.0.0.1:9", ca_cert=None, timeout=1.0)
+    assert time.monotonic() - start < 5
+
+
+def test_wait_for_health_reports_an_exited_process(tmp_path: Path) -> None:
+    log_file = tmp_path / "dead.log"
+    proc = start_process(
+        [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+        env=dict(os.environ),
+        log_file=log_file,
+    )
+    proc.wait(timeout=20)
+    with pytest.raises(FederationError, match=r"exited with code 3 while starting(.|\n)*boom"):
+        wait_for_health("127.0.0.1:9", ca_cert=None, timeout=5, proc=proc, log_file=log_file)
+
+
+def test_fab_is_deterministic_and_carries_the_run_config() -> None:
+    first = build_fab({"num-rounds": 2, "lr": 0.001, "data-dir": "/data/hold out"})
+    second = build_fab({"data-dir": "/data/hold out", "lr": 0.001, "num-rounds": 2})
+    other = build_fab({"num-rounds": 3, "lr": 0.001, "data-dir": "/data/hold out"})
+
+    assert first.hash_str == second.hash_str
+    assert first.hash_str != other.hash_str
+    names = zipfile.ZipFile(io.BytesIO(first.content)).namelist()
+    assert sorted(names) == [
+        ".info/CONTENT",
+        "fedmed_app/__init__.py",
+        "fedmed_app/client_app.py",
+        "fedmed_app/server_app.py",
+        "pyproject.toml",
+    ]
+
+
+def test_fab_pyproject_is_a_valid_flower_app_with_the_config() -> None:
+    import tomllib
+
+    files = fab_files({"num-rounds": 2, "fedbn": True, "out-dir": 'a "quoted" path'})
+    project = tomllib.loads(files["pyproject.toml"].decode())
+
+    assert project["project"]["name"] == "fedmed-app"
+    assert project["tool"]["flwr"]["app"]["publisher"] == "fedmed"
+    assert project["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "fedmed_app.server_app:app",
+        "clientapp": "fedmed_app.client_app:app",
+    }
+    assert project["tool"]["flwr"]["app"]["config"] == {
+        "num-rounds": 2,
+        "fedbn": True,
+        "out-dir": 'a "quoted" path',
+    }
+    assert files["fedmed_app/server_app.py"].startswith(b"from fedmed.server.app import app\n")
+    assert files["fedmed_app/client_app.py"].startswith(b"from fedmed.client.app import app\n")
+
+
+def test_fab_shim_can_point_at_another_app_attribute() -> None:
+    files = fab_files({}, server_module="pkg.mod:server", client_module="pkg.mod:client")
+    assert files["fedmed_app/server_app.py"].startswith(b"from pkg.mod import server as app\n")
+    with pytest.raises(ValueError, match="not a module"):
+        fab_files({}, server_module="os; rm -rf")
+
+
+def test_shim_modules_compile() -> None:
+    modules = {n: c for n, c in fab_files({"x": 1}).items() if n.endswith(".py")}
+    assert len(modules) == 3
+    for name, content in modules.items():
+        compile(content, name, "exec")
