@@ -1,19 +1,62 @@
-"""``fedmed data``: placeholder until the data pipeline lands."""
+"""``fedmed data check DIR [DIR ...]``: report every problem in site data folders.
+
+Prints one line per problem (``path: message``) and a summary per folder
+(``site-A: 6 cases, 0 problems``); exits 0 only when every folder is clean, otherwise with
+:class:`~fedmed.errors.DataError`'s exit code (4).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from fedmed.errors import DataError
 
 __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``data`` subcommand."""
-    parser = subparsers.add_parser("data", help="not available yet")
-    parser.set_defaults(func=_run)
+    """Add the ``data`` subcommand and its ``check`` action."""
+    parser = subparsers.add_parser("data", help="inspect site data folders")
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = actions.add_parser(
+        "check",
+        help="report every problem in site data folders (exit 0 only when clean)",
+        description="Check site data folders (Medical Segmentation Decathlon layout or "
+        "*_img/*_seg pairs): readable NIfTI, label/image shape and affine, declared label "
+        "values, no NaN/inf, dataset.json entries present, no labels without images.",
+    )
+    check.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="site data folder")
+    check.add_argument(
+        "--affine-tol",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="largest allowed image/label affine difference in mm (default 1e-3)",
+    )
+    check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    check.set_defaults(func=_run_check)
 
 
-def _run(args: argparse.Namespace) -> int:
-    print("not available yet")
-    return 2
+def _run_check(args: argparse.Namespace) -> int:
+    from fedmed.io.check import DEFAULT_AFFINE_ATOL, check_site_folder
+    from fedmed.io.msd import load_site_dataset
+
+    atol = DEFAULT_AFFINE_ATOL if args.affine_tol is None else args.affine_tol
+    progress = not args.no_progress and sys.stderr.isatty()
+    total = 0
+    for folder in args.folders:
+        problems = check_site_folder(folder, affine_atol=atol, progress=progress)
+        for problem in problems:
+            print(problem)
+        try:
+            cases = len(load_site_dataset(folder, require_files=False).cases)
+        except DataError:
+            cases = 0
+        name = Path(folder).absolute().name
+        plural = "" if len(problems) == 1 else "s"
+        print(f"{name}: {cases} cases, {len(problems)} problem{plural}")
+        total += len(problems)
+    return DataError.exit_code if total else 0

@@ -252,3 +252,12 @@ def test_zero_val_fraction_keeps_everything_for_training() -> None:
 def test_invalid_val_fraction_is_refused() -> None:
     with pytest.raises(DataError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
         split_cases(_cases(["a"]), val_fraction=1.5)
+
+
+def test_io_package_exports_exactly_its_modules_public_names() -> None:
+    import fedmed.io
+    from fedmed.io import check, msd, nifti
+
+    expected = {*check.__all__, *msd.__all__, *nifti.__all__}
+    assert set(fedmed.io.__all__) == expected
+    assert all(hasattr(fedmed.io, name) for name in expected)
