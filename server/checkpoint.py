@@ -44,6 +44,8 @@ from safetensors.numpy import load_file, save_file
 
 from fedmed.errors import ModelError
 
+from .report import json_safe
+
 __all__ = ["Checkpoint", "CheckpointStore"]
 
 logger = logging.getLogger(__name__)
@@ -84,13 +86,13 @@ def _sha256(path: Path) -> str:
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
+        json.dump(json_safe(payload), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 
 
 def _contiguous(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    return {k: np.require(v, requirements="C") for k, v in arrays.items()}
 
 
 class CheckpointStore:

@@ -34,7 +34,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["MetricsLog", "write_report"]
+__all__ = ["MetricsLog", "json_safe", "write_report"]
 
 
 class MetricsLog:
@@ -53,7 +53,7 @@ class MetricsLog:
         """Append one record as a line, flushed to disk (NaN/inf written as null)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_json_safe(record), sort_keys=True, allow_nan=False) + "\n")
+            fh.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -80,14 +80,14 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinity (e.g. HD95 of an empty prediction) become null: JSON has neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -49,7 +49,7 @@ def test_load_latest_restores_weights_and_server_state(store):
     ckpt = store.load_latest()
     assert ckpt.round == 2
     np.testing.assert_array_equal(ckpt.weights["w"], _weights(2)["w"])
-    assert ckpt.weights["n"].dtype == np.int64
+    assert ckpt.weights["n"].dtype == np.int64 and ckpt.weights["n"].shape == ()
     assert int(ckpt.server_state["steps"][0]) == 2
     assert ckpt.meta["config_hash"] == "cfg" and ckpt.meta["metrics"] == {"round": 2}
 

@@ -1,0 +1,55 @@
+"""The fedmed ServerApp: reads the run config once, then runs :class:`Federation`.
+
+Flower loads it as ``fedmed.server.app:app`` (the FAB's ``serverapp`` component imports it).
+
+Example:
+    >>> from flwr.simulation import run_simulation
+    >>> run_simulation(server_app=make_server_app(RunSettings(num_rounds=2)),
+    ...                client_app=client_app, num_supernodes=2)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .federation import Federation
+from .settings import RunSettings
+
+__all__ = ["app", "make_server_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def _ensure_logging() -> None:
+    """The Flower server-app process leaves fedmed's loggers without a handler: add one."""
+    root = logging.getLogger("fedmed")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedmed: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def make_server_app(settings: RunSettings | None = None) -> ServerApp:
+    """A ServerApp; with ``settings`` it ignores ``run_config`` (simulation, tests)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _ensure_logging()
+        run_settings = settings or RunSettings.from_run_config(dict(context.run_config))
+        result = Federation(grid, run_settings).run()
+        logger.info(
+            "run finished: %d rounds, %d failed attempts, output in %s",
+            result.rounds_completed,
+            result.failed_attempts,
+            run_settings.out_dir,
+        )
+
+    return server_app
+
+
+app = make_server_app()
