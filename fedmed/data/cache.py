@@ -22,7 +22,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedmed.data.prefix import apply_rest, item_nbytes, rest_is_safe, split_transform
+from fedmed.data.prefix import (
+    apply_rest,
+    item_nbytes,
+    rest_is_safe,
+    run_transforms,
+    split_transform,
+)
 from fedmed.errors import DataError
 from fedmed.transforms.base import Compose
 
@@ -106,7 +112,7 @@ class CacheDataset:
             raise IndexError(f"index {index} out of range for {len(self.data)} items")
         if index < self.cached_count:
             return apply_rest(self.rest, self._cache[index], safe=self._safe_rest)
-        return self.rest(self.prefix(self.data[index]))
+        return run_transforms(self.rest, self.prefix(self.data[index]))
 
     @property
     def cache_nbytes(self) -> int:

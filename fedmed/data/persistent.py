@@ -191,7 +191,7 @@ class PersistentDataset:
 
     def _read(self, path: Path, key: str) -> Any | None:
         try:
-            blob = path.read_bytes()
+            blob = _read_into_buffer(path)
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -199,7 +199,11 @@ class PersistentDataset:
         try:
             if self._key is not None:
                 blob = decrypt(
-                    blob, self._key, associated_data=key.encode(), name=f"cache entry {path}"
+                    blob,
+                    self._key,
+                    associated_data=key.encode(),
+                    name=f"cache entry {path}",
+                    in_place=True,
                 )
             return loads(blob)
         except WrongKeyError as err:
@@ -230,6 +234,21 @@ class PersistentDataset:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+
+
+def _read_into_buffer(path: Path) -> bytearray:
+    # A writable buffer lets loads() return tensors that are views of it (one copy in all).
+    with path.open("rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        read = 0
+        while read < size:
+            count = handle.readinto(view[read:])
+            if not count:
+                break
+            read += count
+    return buffer if read == size else buffer[:read]
 
 
 def _describe(value: Any) -> Any:

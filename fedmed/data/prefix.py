@@ -29,7 +29,14 @@ import torch
 
 from fedmed.transforms.base import Compose, MapTransform
 
-__all__ = ["apply_rest", "item_nbytes", "prefix_digest", "rest_is_safe", "split_transform"]
+__all__ = [
+    "apply_rest",
+    "item_nbytes",
+    "prefix_digest",
+    "rest_is_safe",
+    "run_transforms",
+    "split_transform",
+]
 
 _CACHE_FORMAT = "fedmed-cache/1"
 
@@ -79,7 +86,22 @@ def apply_rest(rest: Compose, item: Any, *, safe: bool | None = None) -> Any:
         data = dict(item)
     else:
         data = item
-    return rest(data) if rest.transforms else data
+    return run_transforms(rest, data)
+
+
+def run_transforms(pipeline: Compose, data: Any) -> Any:
+    """Apply ``pipeline`` step by step; once a step returns a list (``num_samples > 1``), the
+    following steps run on each sample and the result stays one flat list (MONAI's rule)."""
+    for transform in pipeline.transforms:
+        if isinstance(data, list):
+            out: list[Any] = []
+            for sample in data:
+                result = transform(sample)
+                out.extend(result if isinstance(result, list) else [result])
+            data = out
+        else:
+            data = transform(data)
+    return data
 
 
 def _deep_copy(item: Any) -> Any:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 
 __all__ = ["FORMAT", "SerializationError", "dumps", "loads"]
 
@@ -42,37 +42,80 @@ def dumps(item: Any) -> bytes:
     return safetensors.torch.save(tensors, metadata=metadata)
 
 
-def loads(blob: bytes) -> Any:
-    """Rebuild an item written by :func:`dumps`; raises :class:`SerializationError` if malformed."""
-    metadata = _read_metadata(blob)
-    if metadata.get("format") != FORMAT or "tree" not in metadata:
-        raise SerializationError(
-            f"not a {FORMAT} blob (metadata format {metadata.get('format')!r})"
-        )
+def loads(blob: bytes | bytearray | memoryview) -> Any:
+    """Rebuild an item written by :func:`dumps`; raises :class:`SerializationError` if malformed.
+
+    A writable buffer (``bytearray``) is used in place: the tensors are views of it, so a cache
+    entry is read with one copy (file -> buffer). A ``bytes`` blob is copied once.
+    """
+    buffer = memoryview(blob)
+    if buffer.readonly:
+        buffer = memoryview(bytearray(buffer))
+    header, data_start = _read_header(buffer)
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or "tree" not in metadata:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise SerializationError(f"not a {FORMAT} blob (metadata format {found!r})")
     try:
         tree = json.loads(metadata["tree"])
-        tensors = safetensors.torch.load(blob)
-    except (ValueError, SafetensorError) as err:
-        raise SerializationError(f"malformed blob: {err}") from err
+    except json.JSONDecodeError as err:
+        raise SerializationError(f"unreadable item tree: {err}") from err
+    tensors = {name: _view(buffer, data_start, name, info) for name, info in header.items()}
     return _decode(tree, tensors)
 
 
-def _read_metadata(blob: bytes) -> dict[str, str]:
-    # safetensors.torch.load() drops the metadata, so read the header ourselves:
-    # 8 bytes little-endian header length, then the JSON header.
-    if len(blob) < 8:
-        raise SerializationError(f"blob of {len(blob)} bytes is too short for a safetensors header")
-    (length,) = struct.unpack("<Q", blob[:8])
-    if length > len(blob) - 8:
-        raise SerializationError(f"header length {length} exceeds the blob ({len(blob)} bytes)")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+
+
+def _read_header(buffer: memoryview) -> tuple[dict[str, Any], int]:
+    # safetensors layout: 8 bytes little-endian header length, the JSON header, then the data.
+    if len(buffer) < 8:
+        raise SerializationError(
+            f"blob of {len(buffer)} bytes is too short for a safetensors header"
+        )
+    (length,) = struct.unpack("<Q", buffer[:8])
+    if length > len(buffer) - 8:
+        raise SerializationError(f"header length {length} exceeds the blob ({len(buffer)} bytes)")
     try:
-        header = json.loads(blob[8 : 8 + length])
+        header = json.loads(bytes(buffer[8 : 8 + length]))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SerializationError(f"unreadable safetensors header: {err}") from err
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise SerializationError("safetensors header has no metadata")
-    return metadata
+    if not isinstance(header, dict):
+        raise SerializationError("safetensors header is not a JSON object")
+    return header, 8 + length
+
+
+def _view(buffer: memoryview, data_start: int, name: str, info: Any) -> torch.Tensor:
+    try:
+        dtype = _DTYPES[info["dtype"]]
+        shape = [int(n) for n in info["shape"]]
+        begin, end = (data_start + int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SerializationError(f"tensor {name!r} has a malformed header entry") from err
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end > len(buffer) or end - begin != count * itemsize or begin < data_start:
+        raise SerializationError(
+            f"tensor {name!r} needs bytes {begin}..{end} but the blob has {len(buffer)} "
+            "(truncated?)"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin).reshape(shape)
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

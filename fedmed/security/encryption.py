@@ -51,6 +51,7 @@ _FINGERPRINT_BYTES = 8
 _NONCE_BYTES = 12
 _HEADER = struct.Struct(f"<5sB{_FINGERPRINT_BYTES}s{_NONCE_BYTES}s")
 _KEY_BYTES = 32
+_TAG_BYTES = 16
 
 
 class WrongKeyError(SecurityError):
@@ -148,9 +149,9 @@ def load_key(
     )
 
 
-def is_encrypted(blob: bytes) -> bool:
+def is_encrypted(blob: bytes | bytearray | memoryview) -> bool:
     """True when ``blob`` starts with the fedmed encryption magic."""
-    return blob[: len(_MAGIC)] == _MAGIC
+    return bytes(blob[: len(_MAGIC)]) == _MAGIC
 
 
 def encrypt(plaintext: bytes, key: EncryptionKey, *, associated_data: bytes = b"") -> bytes:
@@ -161,16 +162,24 @@ def encrypt(plaintext: bytes, key: EncryptionKey, *, associated_data: bytes = b"
 
 
 def decrypt(
-    blob: bytes, key: EncryptionKey, *, associated_data: bytes = b"", name: str = "data"
-) -> bytes:
-    """Open a blob sealed by :func:`encrypt`.
+    blob: bytes | bytearray | memoryview,
+    key: EncryptionKey,
+    *,
+    associated_data: bytes = b"",
+    name: str = "data",
+    in_place: bool = False,
+) -> bytearray | memoryview:
+    """Open a blob sealed by :func:`encrypt`; returns a writable buffer.
 
+    With ``in_place`` and a writable ``blob`` (a ``bytearray`` read from a file), the plaintext
+    overwrites the ciphertext and a view of it is returned: no allocation, no copy.
     Raises :class:`WrongKeyError` when it was sealed with another key and
     :class:`TamperedDataError` when it is truncated or altered; ``name`` goes into messages.
     """
-    if len(blob) < _HEADER.size + 16 or not is_encrypted(blob):
+    view = memoryview(blob)
+    if len(view) < _HEADER.size + _TAG_BYTES or not is_encrypted(view):
         raise TamperedDataError(f"{name} is not fedmed-encrypted data or is truncated")
-    _, version, fingerprint, nonce = _HEADER.unpack_from(blob)
+    _, version, fingerprint, nonce = _HEADER.unpack_from(view)
     if version != _VERSION:
         raise TamperedDataError(f"{name} has encryption format version {version}, expected 1")
     if fingerprint != key._fingerprint_bytes():
@@ -178,10 +187,16 @@ def decrypt(
             f"{name} was encrypted with a different key (fingerprint {fingerprint.hex()}, "
             f"the key set now has {key.fingerprint})"
         )
-    header = blob[: _HEADER.size]
+    header = bytes(view[: _HEADER.size])
+    sealed = view[_HEADER.size :]
+    if in_place and not view.readonly:
+        plaintext: bytearray | memoryview = sealed[: len(sealed) - _TAG_BYTES]
+    else:
+        plaintext = bytearray(len(sealed) - _TAG_BYTES)
     try:
-        return AESGCM(key.secret).decrypt(nonce, blob[_HEADER.size :], header + associated_data)
+        AESGCM(key.secret).decrypt_into(nonce, sealed, header + associated_data, plaintext)
     except InvalidTag as err:
         raise TamperedDataError(
             f"{name} failed its authentication check (corrupt or altered)"
         ) from err
+    return plaintext

@@ -76,10 +76,25 @@ def test_unstorable_values_are_refused_with_the_path(item: dict, match: str) -> 
 
 @pytest.mark.parametrize(
     ("cut", "match"),
-    [(4, "too short"), (20, "exceeds the blob|unreadable"), (-3, "malformed")],
+    [
+        (4, "too short"),
+        (20, "exceeds the blob|unreadable"),
+        (-3, "needs bytes 160..224 but the blob has 221"),
+    ],
     ids=["header", "mid-header", "data"],
 )
 def test_truncated_blob_raises_serialization_error(cut: int, match: str) -> None:
     blob = dumps({"image": torch.zeros(16)})
     with pytest.raises(SerializationError, match=match):
         loads(blob[:cut])
+
+
+def test_writable_buffer_is_read_in_place_without_copying() -> None:
+    buffer = bytearray(dumps({"image": torch.arange(6, dtype=torch.float32)}))
+    image = loads(buffer)["image"]
+    start = (
+        memoryview(buffer).tobytes().index(torch.arange(6, dtype=torch.float32).numpy().tobytes())
+    )
+    address = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr() + start
+    assert image.data_ptr() == address
+    assert image.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -99,3 +99,17 @@ def test_key_never_appears_in_repr_or_logs(
     text = caplog.text + repr(key) + str(key)
     assert key.fingerprint in text
     assert key.to_text() not in text and key.secret.hex() not in text
+
+
+def test_in_place_decryption_reuses_the_buffer(key: EncryptionKey) -> None:
+    buffer = bytearray(encrypt(b"voxels" * 1000, key))
+    plaintext = decrypt(buffer, key, in_place=True)
+    assert bytes(plaintext) == b"voxels" * 1000
+    assert isinstance(plaintext, memoryview) and plaintext.obj is buffer
+
+
+def test_in_place_decryption_of_altered_data_raises(key: EncryptionKey) -> None:
+    buffer = bytearray(encrypt(b"voxels" * 1000, key))
+    buffer[40] ^= 1
+    with pytest.raises(TamperedDataError, match="authentication"):
+        decrypt(buffer, key, in_place=True)
