@@ -8,6 +8,7 @@ Prints one line per problem (``path: message``) and a summary per folder
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,13 @@ def register(subparsers: Any) -> None:
         metavar="MM",
         help="largest allowed image/label affine difference in mm (default 1e-3)",
     )
+    check.add_argument(
+        "--workers",
+        type=_positive,
+        default=min(4, os.cpu_count() or 1),
+        metavar="N",
+        help="check N cases at a time (threads; default min(4, CPUs))",
+    )
     check.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     check.set_defaults(func=_run_check)
 
@@ -48,7 +56,9 @@ def _run_check(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     total = 0
     for folder in args.folders:
-        problems = check_site_folder(folder, affine_atol=atol, progress=progress)
+        problems = check_site_folder(
+            folder, affine_atol=atol, progress=progress, workers=args.workers
+        )
         for problem in problems:
             print(problem)
         try:
@@ -60,3 +70,10 @@ def _run_check(args: argparse.Namespace) -> int:
         print(f"{name}: {cases} cases, {len(problems)} problem{plural}")
         total += len(problems)
     return DataError.exit_code if total else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,16 @@ def check_site_folder(
     *,
     affine_atol: float = DEFAULT_AFFINE_ATOL,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[Problem]:
     """Every problem in a site folder (MSD or pairs layout); an empty list when it is clean.
 
-    ``progress`` shows a per-case progress bar on stderr (for big folders).
+    ``progress`` shows a per-case progress bar on stderr (for big folders); ``workers`` > 1
+    checks cases in that many threads (decompression and numpy release the GIL; each thread
+    holds one volume in memory). The order of the problems does not depend on ``workers``.
     """
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
     root = Path(root)
     if not root.is_dir():
         return [Problem(root, "site data folder not found (or not a folder)")]
@@ -133,18 +139,21 @@ def check_site_folder(
     except DataError as err:
         return [_problem_from_error(err, root)]
     problems = _orphan_label_problems(site)
-    classes = site.label_classes
-    for case in tqdm(
-        site.cases, desc=site.name, unit="case", file=sys.stderr, disable=not progress
-    ):
+
+    def one_case(case: dict[str, str]) -> list[Problem]:
         image, label = Path(case["image"]), Path(case["label"])
         missing = _missing_problems(site, case["case_id"], image, label)
         if missing:
-            problems += missing
-            if image.is_file():
-                problems += check_image(image)
-            continue
-        problems += check_case(image, label, classes, affine_atol=affine_atol)
+            return missing + (check_image(image) if image.is_file() else [])
+        return check_case(image, label, site.label_classes, affine_atol=affine_atol)
+
+    bar = tqdm(
+        total=len(site.cases), desc=site.name, unit="case", file=sys.stderr, disable=not progress
+    )
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+        for found in pool.map(one_case, site.cases):
+            problems += found
+            bar.update()
     for test_image in map(Path, site.test_images):
         if not test_image.is_file():
             problems.append(Problem(test_image, f'listed in {DATASET_JSON} "test" but not found'))

@@ -225,7 +225,8 @@ def test_label_and_image_without_partner_in_pairs_layout(tmp_path: Path) -> None
     ]
 
 
-def test_every_problem_is_reported_at_once(site: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_problem_is_reported_at_once(site: Path, workers: int) -> None:
     # Prepare: five different problems in one folder
     write_nifti(_label(site, "p01"), np.zeros((16, 16, 7), np.uint8), SITE_AFFINE)
     data = _image(site, "p02").read_bytes()
@@ -238,7 +239,7 @@ def test_every_problem_is_reported_at_once(site: Path) -> None:
     (site / "dataset.json").write_text(json.dumps(meta))
 
     # Execute
-    problems = check_site_folder(site)
+    problems = check_site_folder(site, workers=workers)
 
     # Assert
     by_file = {(p.path.name, p.path.parent.name): p.message for p in problems}
@@ -248,6 +249,7 @@ def test_every_problem_is_reported_at_once(site: Path) -> None:
     assert by_file[("p03.nii.gz", "labelsTr")].startswith("label values [3]")
     assert by_file[("p08.nii.gz", "labelsTr")].startswith("label without image")
     assert "not found" in by_file[("p09.nii.gz", "imagesTr")]
+    assert problems == check_site_folder(site, workers=1)  # same order in any case
 
 
 def test_check_case_accepts_a_trailing_singleton_channel_in_the_label(tmp_path: Path) -> None:
@@ -276,3 +278,8 @@ def test_ensure_case_ok_raises_with_every_problem_and_passes_clean_cases(site: P
     message = str(info.value)
     assert f"{_image(site)}: 1 voxels are NaN or infinite" in message
     assert f"{_label(site)}: label values [5] are not declared classes [0, 1]" in message
+
+
+def test_workers_must_be_positive(site: Path) -> None:
+    with pytest.raises(DataError, match="workers must be >= 1, got 0"):
+        check_site_folder(site, workers=0)
