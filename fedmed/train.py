@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fedmed.errors import ConfigError, DataError, ModelError
-from fedmed.losses import DiceCELoss, DiceLoss, NoiseRobustDiceLoss
+from fedmed.losses import (
+    DiceCELoss,
+    DiceLoss,
+    EMATeacher,
+    NoiseRobustDiceLoss,
+    SelfEnsemblingLoss,
+)
 
 __all__ = [
     "LoadedCheckpoint",
@@ -66,6 +72,8 @@ class TrainConfig:
     often as needed; otherwise training runs ``epochs`` passes. ``lr_schedule`` is applied per
     step: ``cosine`` decays to 0 at the last step, ``poly`` is ``(1 - t/T) ** poly_power``.
     ``amp`` is honoured on CUDA only. ``gamma`` is the noise-robust Dice exponent (``nr_dice``).
+    ``self_ensembling`` adds COPLE-Net's adaptive EMA teacher (``ema_alpha``) and the
+    consistency term (``consistency_weight``) on top of ``loss="nr_dice"``.
 
     Example:
         >>> TrainConfig(steps=200, optimizer="sgd", lr=0.01, lr_schedule="poly", proximal_mu=0.01)
@@ -84,6 +92,9 @@ class TrainConfig:
     proximal_mu: float = 0.0
     loss: Literal["dice", "dice_ce", "nr_dice"] = "dice_ce"
     gamma: float = 1.5
+    self_ensembling: bool = False
+    ema_alpha: float = 0.99
+    consistency_weight: float = 0.1
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:
@@ -103,7 +114,7 @@ class TrainConfig:
             raise bad("loss", f"is unknown: use one of {', '.join(_LOSSES)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a positive number, e.g. 1e-3")
-        for name in ("weight_decay", "momentum", "proximal_mu"):
+        for name in ("weight_decay", "momentum", "proximal_mu", "consistency_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise bad(name, "must be a number >= 0")
@@ -115,6 +126,10 @@ class TrainConfig:
             raise bad("grad_clip", "must be a positive max gradient norm, or None for no clipping")
         if not (1.0 <= self.gamma <= 2.0):
             raise bad("gamma", "must be in [1, 2] (1 MAE-like, 2 Dice-like; 1.5 typical)")
+        if not 0.0 <= self.ema_alpha < 1.0:
+            raise bad("ema_alpha", "must be in [0, 1), e.g. 0.99")
+        if self.self_ensembling and self.loss != "nr_dice":
+            raise bad("loss", "does not combine with self_ensembling=True: use loss='nr_dice'")
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,7 @@ class LocalTrainer:
         self.config = config
         self.loss_fn = build_loss(config).to(self.device)
         self.use_amp = config.amp and self.device.type == "cuda"
+        self.teacher: EMATeacher | None = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
@@ -259,6 +275,8 @@ class LocalTrainer:
         ``global_weights`` anchors the FedProx term; when it is None and ``proximal_mu > 0``
         the model's weights at the start of ``fit`` (the global model just loaded) are used.
         ``num_examples`` counts the samples of the first pass over ``train_batches``.
+        With ``self_ensembling`` a new EMA teacher starts from the weights at the start of
+        ``fit`` and is left in ``self.teacher``; ``self.model`` (the student) is the result.
         """
         cfg = self.config
         model = self.model
@@ -274,6 +292,12 @@ class LocalTrainer:
         total = self._total_steps(train_batches)
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         first_pass_size = self._first_pass_size(train_batches)
+        ensembling: SelfEnsemblingLoss | None = None
+        if cfg.self_ensembling:
+            self.teacher = EMATeacher(model, alpha=cfg.ema_alpha)
+            ensembling = SelfEnsemblingLoss(
+                gamma=cfg.gamma, consistency_weight=cfg.consistency_weight
+            )
 
         model.train()
         losses: list[float] = []
@@ -285,13 +309,18 @@ class LocalTrainer:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * self._lr_factor(step, total)
             with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
-                loss = self.loss_fn(model(image), label)
+                logits = model(image)
+                if ensembling is not None and self.teacher is not None:
+                    parts = ensembling(logits, self.teacher(image), label)
+                    loss, objective = parts.supervised, parts.loss
+                else:
+                    loss = objective = self.loss_fn(logits, label)
             if not torch.isfinite(loss):
                 raise ModelError(
                     f"training loss became {float(loss.detach())} at step {step}: lower lr "
                     f"(now {cfg.lr}) or set grad_clip"
                 )
-            objective = loss.float()
+            objective = objective.float()
             if anchor is not None:
                 objective = objective + proximal_term(model, anchor, cfg.proximal_mu)
             optimizer.zero_grad(set_to_none=True)
@@ -302,6 +331,8 @@ class LocalTrainer:
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(loss.detach()))
+            if self.teacher is not None:
+                self.teacher.update(model, losses[-1])
             if pass_index == 0:
                 examples += int(image.shape[0])
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

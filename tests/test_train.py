@@ -175,6 +175,24 @@ def test_amp_is_ignored_on_cpu() -> None:
         assert torch.equal(value, results[1][key]), key
 
 
+def test_self_ensembling_trains_student_and_keeps_an_ema_teacher() -> None:
+    # Prepare
+    model = _tiny_net()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(steps=6, lr=0.05, loss="nr_dice", self_ensembling=True, ema_alpha=0.5)
+    trainer = LocalTrainer(model, config=config, device="cpu")
+    # Execute
+    result = trainer.fit(_batches(num=3), progress=False)
+    # Assert
+    teacher = trainer.teacher
+    assert teacher is not None and result.steps == 6
+    assert teacher.num_updates >= 1 and teacher.num_updates + teacher.num_skipped == 6
+    weight = "0.weight"
+    t, s, s0 = teacher.model.state_dict()[weight], model.state_dict()[weight], start[weight]
+    assert not torch.equal(t, s) and not torch.equal(t, s0)
+    assert (t - s).norm() < (s0 - s).norm()  # the teacher follows the student
+
+
 def test_diverging_training_raises_model_error() -> None:
     batches = _batches(num=1)
     batches[0]["image"][0, 0, 0, 0] = float("nan")
@@ -211,6 +229,11 @@ def test_schedule_without_known_length_needs_steps() -> None:
         ({"proximal_mu": float("nan")}, "proximal_mu=nan must be a number >= 0"),
         ({"loss": "focal"}, "loss='focal' is unknown: use one of dice, dice_ce, nr_dice"),
         ({"gamma": 2.5}, r"gamma=2.5 must be in \[1, 2\]"),
+        ({"ema_alpha": 1.0}, r"ema_alpha=1.0 must be in \[0, 1\)"),
+        (
+            {"self_ensembling": True},
+            "does not combine with self_ensembling=True: use loss='nr_dice'",
+        ),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
