@@ -1,22 +1,113 @@
-"""``fedmed-client``: a hospital site (Flower SuperNode + the fedmed client app)."""
+"""``fedmed-client --site A``: a hospital site (Flower SuperNode + the fedmed client app).
+
+Reads ``configs/sites/A.toml``, checks the site's data folder first (exit 4 with the report
+when it is bad), then runs the site's SuperNode, restarting it with backoff when it exits.
+Ctrl-C or SIGTERM stops it.
+
+Example::
+
+    fedmed-client --site A                      # reads configs/sites/A.toml
+    fedmed-client --site A --config /etc/fedmed/site.toml
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
 
-__all__ = ["main"]
+from fedmed.cli.runner import configure_logging, run_command
+from fedmed.config import SiteConfig, load_site_config
+from fedmed.errors import DataError
 
-_PENDING = "not available yet: it arrives with the federation work (issue #4)"
+__all__ = ["check_data", "main", "run_site"]
+
+log = logging.getLogger("fedmed.client")
+_MAX_LISTED = 30
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def check_data(config: SiteConfig) -> None:
+    """Check the site's data folder before joining.
+
+    Raises:
+        DataError: the folder has problems; the message lists them.
+    """
+    try:
+        from fedmed.io.check import check_site_folder
+    except ImportError:  # the data check arrives with the data pipeline
+        log.warning("data check not available in this fedmed: skipping it")
+        return
+    problems = check_site_folder(config.data_dir)
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems[:_MAX_LISTED])
+        more = (
+            f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        )
+        raise DataError(
+            f"site {config.site}: data folder {config.data_dir} has {len(problems)} problem(s); "
+            f"fix them (or run `fedmed data check {config.data_dir}`) before joining:\n  "
+            f"{listed}{more}"
+        )
+    log.info("site %s: data folder %s passed the check", config.site, config.data_dir)
+
+
+def run_site(config: SiteConfig) -> int:
+    """Check the data, then run the site's SuperNode until interrupted."""
+    from fedmed.client.supernode import SiteNode
+
+    if config.check_data:
+        check_data(config)
+    node = SiteNode(config, echo=sys.stderr)
+    try:
+        return node.run()
+    finally:
+        node.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the arguments; until issue #4 lands, say so and exit 2."""
+    """Parse arguments and run the site."""
     parser = argparse.ArgumentParser(
         prog="fedmed-client",
-        description=f"a hospital site (Flower SuperNode + the fedmed client app). {_PENDING}.",
+        description="a hospital site: checks its data, then runs a Flower SuperNode",
     )
-    parser.parse_args(argv)
-    print(f"fedmed-client: {_PENDING}", file=sys.stderr)
-    return 2
+    parser.add_argument("--site", required=True, help="site name, e.g. A")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="site config (default configs/sites/SITE.toml)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no site key (local tests only; the server must run --insecure too)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+    def run() -> int:
+        path = args.config or Path("configs/sites") / f"{args.site}.toml"
+        config = load_site_config(path, site=args.site)
+        if args.insecure:
+            config = dataclasses.replace(config, insecure=True, ca_cert=None, private_key=None)
+        if config.insecure:
+            print(
+                "fedmed-client: WARNING: insecure: no TLS and no site authentication; the "
+                "weights travel in clear. Never use this outside a local test.",
+                file=sys.stderr,
+            )
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return run_site(config)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run_command(run, prog="fedmed-client")

@@ -1,0 +1,225 @@
+"""Run a site's Flower SuperNode and keep it running: restart with backoff when it exits.
+
+A SuperNode exits (code 305) when the SuperLink refuses its activation, e.g. after a server
+restart while the site still counts as online (for about a minute), and retries on its own while
+the server is unreachable. :class:`SiteNode` restarts it with exponential backoff, at most
+``max-restarts`` times in a row (the count resets after a SuperNode stayed up for a while).
+
+The SuperNode gets the site's ``--node-config`` as a TOML file (``state-dir/node-config.toml``):
+keys ``site``, ``data-dir``, ``cache-dir``, ``cache-mode``, ``device``, ``seed``, which the
+client app reads from ``context.node_config``.
+
+Example:
+    >>> SiteNode(load_site_config(Path("configs/sites/A.toml"), site="A")).run()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fedmed.server.superlink import flower_env, start_process, stop_process, tail
+
+from fedmed.config import SiteConfig
+from fedmed.errors import FederationError, SecurityError
+
+__all__ = ["SiteNode", "supernode_command", "write_node_config"]
+
+log = logging.getLogger(__name__)
+
+# flwr_exit logs "Exit Code: 305" and "[code: 2004] ..." but the process exits with 1.
+_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+_FLOWER_API_CODE = re.compile(r"\[code: (\d+)\]\s*([^\n]*)")
+_STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset the restart count
+
+
+def write_node_config(config: SiteConfig) -> Path:
+    """Write the site's node config as TOML for ``--node-config``; return its path."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    path = config.state_dir / "node-config.toml"
+    lines = []
+    for key, value in config.node_config().items():
+        # A JSON string is a valid TOML basic string (same escapes); ints print alike.
+        lines.append(f'"{key}" = {json.dumps(value)}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def supernode_command(config: SiteConfig, node_config_file: Path) -> list[str]:
+    """The ``flower-supernode`` command line for a site."""
+    command = [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        "--superlink",
+        config.server_address,
+        "--node-config",
+        str(node_config_file),
+        "--port",
+        str(config.runtime_port),
+    ]
+    if config.insecure:
+        return [*command, "--insecure"]
+    return [
+        *command,
+        "--root-certificates",
+        str(config.ca_cert),
+        "--auth-supernode-private-key",
+        str(config.private_key),
+    ]
+
+
+class SiteNode:
+    """A site's SuperNode under supervision (restart loop with bounded exponential backoff).
+
+    ``stop()`` (from another thread or a signal handler's caller) ends :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        *,
+        echo: IO[str] | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.echo = echo
+        self.log_file = config.state_dir / "logs" / "supernode.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._log_offset = 0
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._stopping.wait
+
+    def _check_files(self) -> None:
+        if self.config.insecure:
+            return
+        files = (("ca-cert", self.config.ca_cert), ("private-key", self.config.private_key))
+        for label, path in files:
+            if path is None or not path.is_file():
+                raise SecurityError(
+                    f"{self.config.path}: [connection] {label} {path} does not exist: copy the "
+                    "file from the coordinator's `fedmed certs` output"
+                )
+        key_path = self.config.private_key
+        try:
+            key = serialization.load_ssh_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+            raise SecurityError(
+                f"{self.config.path}: [connection] private-key {key_path} is not an OpenSSH "
+                f"private key ({err}): use the siteX.key written by `fedmed certs`"
+            ) from err
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise SecurityError(
+                f"{self.config.path}: [connection] private-key {key_path} is not an EC key: "
+                "Flower's site authentication needs one; use `fedmed certs`"
+            )
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before restart number ``attempt`` (1-based)."""
+        delay = self.config.backoff_initial_s * 2 ** (attempt - 1)
+        return min(delay, self.config.backoff_max_s)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start one SuperNode process (not supervised)."""
+        self._check_files()
+        node_config = write_node_config(self.config)
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self.proc = start_process(
+            supernode_command(self.config, node_config),
+            env=flower_env(self.config.state_dir / "flwr-home"),
+            log_file=self.log_file,
+            cwd=self.config.state_dir,
+            echo=self.echo,
+        )
+        log.info(
+            "site %s: SuperNode pid %d -> %s (log %s)",
+            self.config.site,
+            self.proc.pid,
+            self.config.server_address,
+            self.log_file,
+        )
+        return self.proc
+
+    def exit_reason(self) -> str:
+        """Flower's exit code and API error of the last SuperNode, from its log ('' if none)."""
+        try:
+            with self.log_file.open("rb") as fh:
+                fh.seek(self._log_offset)
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        parts = []
+        if codes := _FLOWER_EXIT.findall(text):
+            parts.append(f"Flower exit code {codes[-1]}")
+        if api := _FLOWER_API_CODE.findall(text):
+            parts.append(f"[code {api[-1][0]}] {api[-1][1].strip()}")
+        return "; ".join(parts)
+
+    def run(self) -> int:
+        """Run the SuperNode until :meth:`stop`; restart it when it exits.
+
+        Returns 0 after :meth:`stop`.
+
+        Raises:
+            FederationError: it exited ``max-restarts`` times in a row.
+        """
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                proc = self.start()
+                while proc.poll() is None and not self._stopping.is_set():
+                    self._stopping.wait(0.5)
+                if self._stopping.is_set():
+                    break
+                code = proc.returncode
+                if time.monotonic() - started >= _STABLE_S:
+                    failures = 0
+                failures += 1
+                reason = self.exit_reason()
+                hint = f" ({reason})" if reason else ""
+                if failures > self.config.max_restarts:
+                    raise FederationError(
+                        f"site {self.config.site}: the SuperNode exited with code {code}{hint} "
+                        f"{failures} times in a row; giving up (raise [connection] max-restarts "
+                        f"to retry longer). If the key is not registered at the server, ask the "
+                        f"coordinator to add it. Last log lines ({self.log_file}):\n"
+                        f"{tail(self.log_file, 12)}"
+                    )
+                delay = self.backoff(failures)
+                log.warning(
+                    "site %s: SuperNode exited with code %s%s; restart %d/%d in %.1f s",
+                    self.config.site,
+                    code,
+                    hint,
+                    failures,
+                    self.config.max_restarts,
+                    delay,
+                )
+                self.restarts += 1
+                self._sleep(delay)
+        finally:
+            self.stop_process()
+        return 0
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to end (it stops the SuperNode)."""
+        self._stopping.set()
+
+    def stop_process(self) -> None:
+        """Stop the current SuperNode process, if any."""
+        if self.proc is not None and self.proc.poll() is None:
+            code = stop_process(self.proc)
+            log.info(
+                "site %s: SuperNode pid %d stopped (%s)", self.config.site, self.proc.pid, code
+            )
