@@ -146,6 +146,17 @@ def test_documented_edge_case_values() -> None:
     assert math.isnan(relative_volume_error(pred, label))
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.6, 0.9, 4.0)], ids=str)
+def test_hd95_equals_the_distance_transform_definition(spacing: tuple[float, ...]) -> None:
+    pred, label = _blobs((18, 16, 10), 2, 11) == 1, _blobs((18, 16, 10), 2, 12) == 1
+    p_surface = pred ^ ndimage.binary_erosion(pred)
+    g_surface = label ^ ndimage.binary_erosion(label)
+    to_label = ndimage.distance_transform_edt(~g_surface, sampling=spacing)[p_surface]
+    to_pred = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[g_surface]
+    expected = max(np.percentile(to_label, 95), np.percentile(to_pred, 95))
+    assert hd95(pred, label, spacing=spacing) == pytest.approx(expected, rel=1e-12)
+
+
 def test_hd95_of_two_single_voxels_is_their_distance_in_mm() -> None:
     pred = np.zeros((6, 6, 6), dtype=bool)
     label = pred.copy()
