@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from fedmed.data.phantom import ChestPhantom, VoxelGrid
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.msd import DATASET_JSON
 from fedmed.io.nifti import write_nifti
 
@@ -238,7 +238,7 @@ def write_demo_site(
     """
     site_dir = Path(site_dir)
     if cases < 1:
-        raise DataError(f"{site_dir}: need at least one case per site, got {cases}")
+        raise ConfigError(f"{site_dir}: need at least one case per site, got {cases}")
     _claim_folder(site_dir)
     name = site_dir.name
     training = []
@@ -301,11 +301,11 @@ def generate_demo_federation(
     set (otherwise it is at ``OUT / HOLDOUT_DIRNAME``).
     """
     if sites < 1:
-        raise DataError(f"need at least one site, got sites={sites}")
+        raise ConfigError(f"need at least one site, got sites={sites}")
     if holdout < 0:
-        raise DataError(f"holdout must be >= 0, got {holdout}")
+        raise ConfigError(f"holdout must be >= 0, got {holdout}")
     if profiles is not None and len(profiles) != sites:
-        raise DataError(f"got {len(profiles)} scanner profiles for {sites} sites")
+        raise ConfigError(f"got {len(profiles)} scanner profiles for {sites} sites")
     out = Path(out)
     shape = _check_shape(shape)
     folders = []
@@ -354,7 +354,7 @@ def _write_ct(path: Path, image: np.ndarray, affine: np.ndarray, profile: Scanne
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3 or any(int(n) < 8 for n in shape):
-        raise DataError(f"demo shape must be three sizes of at least 8 voxels, got {shape}")
+        raise ConfigError(f"demo shape must be three sizes of at least 8 voxels, got {shape}")
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.msd import DATASET_JSON, SiteDataset, case_id_from_path, load_site_dataset
 from fedmed.io.nifti import is_nifti, read_nifti, read_nifti_header
 
@@ -130,7 +130,7 @@ def check_site_folder(
     holds one volume in memory). The order of the problems does not depend on ``workers``.
     """
     if workers < 1:
-        raise DataError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     root = Path(root)
     if not root.is_dir():
         return [Problem(root, "site data folder not found (or not a folder)")]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti
 
 __all__ = [
@@ -142,7 +142,7 @@ def split_cases(
     highest to training). Order within each side follows the input order.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     draws: dict[str, float] = {}
     for case in cases:
         pid = patient_id(case["case_id"])

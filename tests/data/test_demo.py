@@ -21,7 +21,7 @@ from fedmed.data.demo import (
     site_profile,
     write_demo_site,
 )
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import check_site_folder
 from fedmed.io.msd import load_site_dataset
 from fedmed.io.nifti import read_nifti
@@ -252,7 +252,7 @@ def test_a_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     ],
 )
 def test_invalid_federation_arguments_are_refused(tmp_path: Path, kwargs: dict, match: str) -> None:
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match):
         generate_demo_federation(tmp_path, **kwargs)
 
 

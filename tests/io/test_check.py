@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import Problem, check_case, check_image, check_site_folder, ensure_case_ok
 from fedmed.io.nifti import read_nifti, write_nifti
 
@@ -281,5 +281,5 @@ def test_ensure_case_ok_raises_with_every_problem_and_passes_clean_cases(site: P
 
 
 def test_workers_must_be_positive(site: Path) -> None:
-    with pytest.raises(DataError, match="workers must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="workers must be >= 1, got 0"):
         check_site_folder(site, workers=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.io.msd import (
     SiteDataset,
     case_id_from_path,
@@ -250,7 +250,7 @@ def test_zero_val_fraction_keeps_everything_for_training() -> None:
 
 
 def test_invalid_val_fraction_is_refused() -> None:
-    with pytest.raises(DataError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ConfigError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
         split_cases(_cases(["a"]), val_fraction=1.5)
 
 
