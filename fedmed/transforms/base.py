@@ -34,8 +34,17 @@ from typing import Any, ClassVar
 import torch
 
 from fedmed.errors import DataError
+from fedmed.transforms.meta import get_meta, meta_key, pop_step
 
-__all__ = ["Compose", "InvertibleTransform", "MapTransform", "RandomTransform", "is_deterministic"]
+__all__ = [
+    "Compose",
+    "Inverted",
+    "InvertibleTransform",
+    "MapTransform",
+    "RandomTransform",
+    "is_deterministic",
+    "undo_last_step",
+]
 
 
 class MapTransform:
@@ -86,11 +95,71 @@ class MapTransform:
 
 
 class InvertibleTransform(MapTransform):
-    """A deterministic transform with an exact inverse (``Pad`` <-> ``Crop``, ``Flip`` itself)."""
+    """A deterministic spatial transform that records itself in the history and can be undone.
+
+    Each application appends ``{"name": <class name>, "params": {...}}`` to the key's
+    ``history``, with the *applied* parameters (the crop box, the permutation found for this
+    file...), so ``undo`` can reverse it for that item alone. Subclasses register by name,
+    which is how :func:`~fedmed.transforms.invert.invert` replays a history.
+
+    Example:
+        >>> item = SpatialPadd("image", (96, 96, 96))(item)
+        >>> item = SpatialPadd("image", (96, 96, 96)).inverse()(item)   # shape and affine back
+    """
+
+    registry: ClassVar[dict[str, type[InvertibleTransform]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        InvertibleTransform.registry[cls.__name__] = cls
+
+    @classmethod
+    def undo(cls, x: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reverse one recorded application on ``x``: ``(restored, index map of the undo)``."""
+        raise NotImplementedError
 
     def inverse(self) -> MapTransform:
-        """The transform that undoes this one (shape, values and affine)."""
-        raise NotImplementedError
+        """The transform that undoes this one's last application (shape, values and affine)."""
+        return Inverted(self)
+
+
+def undo_last_step(
+    x: torch.Tensor, meta: Mapping[str, Any], *, expect: str | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Undo the last step in ``meta["history"]`` on ``x``; returns the tensor and a new meta."""
+    history = meta.get("history") or []
+    if not history:
+        raise DataError(f"{meta.get('filename', 'item')}: no recorded spatial step to undo")
+    step = history[-1]
+    if expect is not None and step["name"] != expect:
+        raise DataError(
+            f"{meta.get('filename', 'item')}: the last recorded step is {step['name']!r}, not "
+            f"{expect!r}; undo steps in the reverse order they were applied"
+        )
+    cls = InvertibleTransform.registry.get(step["name"])
+    if cls is None:
+        raise DataError(f"{step['name']!r} in the history is not a known invertible transform")
+    restored, index_map = cls.undo(x, step["params"])
+    return restored, pop_step(meta, index_map)
+
+
+class Inverted(MapTransform):
+    """Undo the last application of ``transform`` on each of its keys (see ``inverse()``)."""
+
+    def __init__(self, transform: InvertibleTransform) -> None:
+        super().__init__(transform.keys, allow_missing_keys=transform.allow_missing_keys)
+        self.transform = transform
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        who = type(self.transform).__name__
+        for key in self.key_iterator(d):
+            meta = get_meta(d, key, f"{who}.inverse()")
+            d[key], d[meta_key(key)] = undo_last_step(d[key], meta, expect=who)
+        return d
+
+    def params(self) -> dict[str, Any]:
+        return {"inverse_of": self.transform.config()}
 
 
 class RandomTransform(MapTransform):
