@@ -149,3 +149,14 @@ def test_slicewise_with_a_2d_sliding_window_matches_per_slice_window() -> None:
 def test_slicewise_rejects_non_spatial_axis() -> None:
     with pytest.raises(ValueError, match="axis must be a spatial axis"):
         slicewise_inference(torch.zeros(1, 1, 4, 4, 4), lambda x: x, axis=1)
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.inference as module
+
+    assert sorted(module.__all__) == [
+        "gaussian_importance_map",
+        "slicewise_inference",
+        "sliding_window_inference",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)

@@ -301,3 +301,18 @@ def test_self_ensembling_gradient_reaches_student_only() -> None:
 def test_self_ensembling_rejects_unknown_granularity() -> None:
     with pytest.raises(ValueError, match="granularity must be 'sample' or 'pixel'"):
         SelfEnsemblingLoss(granularity="voxel")  # type: ignore[arg-type]
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.losses as module
+
+    assert sorted(module.__all__) == [
+        "DiceCELoss",
+        "DiceLoss",
+        "EMATeacher",
+        "NoiseRobustDiceLoss",
+        "SelfEnsemblingLoss",
+        "SelfEnsemblingOutput",
+        "one_hot_target",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)

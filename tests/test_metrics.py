@@ -242,3 +242,19 @@ def test_hd95_rejects_bad_options(kwargs: dict, match: str) -> None:
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="differs from label shape"):
         dice_per_class(np.zeros((4, 4)), np.zeros((4, 5)), num_classes=2)
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.metrics as module
+
+    assert sorted(module.__all__) == [
+        "dice_per_class",
+        "dice_score",
+        "evaluate_case",
+        "hd95",
+        "hd95_per_class",
+        "relative_volume_error",
+        "rve_per_class",
+        "summarize",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)

@@ -292,3 +292,19 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
         load_checkpoint(bad)
     with pytest.raises(ModelError, match="not JSON-serialisable"):
         save_checkpoint(tmp_path / "x.safetensors", _tiny_net(), {"when": object()})
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.train as module
+
+    assert sorted(module.__all__) == [
+        "LoadedCheckpoint",
+        "LocalTrainer",
+        "TrainConfig",
+        "TrainResult",
+        "build_loss",
+        "load_checkpoint",
+        "proximal_term",
+        "save_checkpoint",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
