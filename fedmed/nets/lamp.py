@@ -95,22 +95,24 @@ class LAMPUNet(UNet3D):
             )
         self.placement = Partition((len(self.cells),), (), "none")
         if devices is not None:
-            shape = tuple(sample_shape) if sample_shape else (1, in_channels, 64, 64, 64)
-            self.partition(devices, balance=balance, sample_shape=shape)
+            self.partition(devices, balance=balance, sample_shape=sample_shape)
 
     def partition(
         self,
         devices: Sequence[str | torch.device],
         *,
         balance: Balance | Sequence[int] = "memory",
-        sample_shape: Sequence[int] = (1, 1, 64, 64, 64),
+        sample_shape: Sequence[int] | None = None,
     ) -> Partition:
         """Profile the cells on ``sample_shape``, split them over ``devices`` and move them there.
 
-        Keeps the training/eval mode; gradients are cleared. Returns the new placement.
+        ``sample_shape`` defaults to ``(1, in_channels, 64, 64, 64)``; with explicit stage
+        sizes in ``balance`` nothing is profiled. Keeps the training/eval mode and the weights;
+        gradients are cleared. Returns the new placement.
         """
         mode = self.training
-        sample = torch.randn(*sample_shape)
+        shape = tuple(sample_shape) if sample_shape else (1, self.in_channels, 64, 64, 64)
+        sample = torch.randn(*shape)
         self.check_input(sample)
         # Profile in training mode: that is where activations are kept for backward.
         self.train()

@@ -5,7 +5,7 @@ records its time and memory:
 
 - time: wall-clock seconds of forward + backward (CUDA synchronised);
 - memory on CUDA: ``torch.cuda.max_memory_allocated`` during the cell's forward + backward
-  above what was allocated before it, plus its parameters and gradients;
+  above what was allocated before it (so including its gradients), plus its parameters;
 - memory on CPU (no allocator statistics): bytes of the tensors autograd saves for backward
   (counted once per storage, via ``torch.autograd.graph.saved_tensors_hooks``), of the cell's
   new outputs, and of its parameters and gradients.
@@ -131,8 +131,9 @@ def profile_cells(
             _sync(device)
             times[i] = min(times[i], time.perf_counter() - start)
             if device.type == "cuda":
+                # The peak above ``before`` includes the gradients; add the parameters.
                 peak = torch.cuda.max_memory_allocated(device) - before
-                memory[i] = max(memory[i], peak + _param_bytes(cell))
+                memory[i] = max(memory[i], peak + _param_bytes(cell) // 2)
             else:
                 memory[i] = max(memory[i], cpu_bytes + _param_bytes(cell))
     with torch.no_grad():

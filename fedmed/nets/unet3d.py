@@ -174,6 +174,7 @@ class UNet3D(nn.Module):
         skip_connections: bool = True,
     ) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.features = tuple(features)
         self.skip_connections = skip_connections
         self.cells = build_unet_cells(
