@@ -248,7 +248,15 @@ class LocalTrainer:
                 if yielded == limit:
                     return
             if yielded == before:
-                return  # empty: fit() reports it
+                if index:  # an empty first pass is reported by fit()
+                    logger.warning(
+                        "training batches ran out after %d steps in pass %d (a one-shot "
+                        "iterator?): pass a DataLoader or list to train for %s",
+                        yielded,
+                        index + 1,
+                        f"{limit} steps" if limit else f"{self.config.epochs} epochs",
+                    )
+                return
 
     def _to_device(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         for key in ("image", "label"):
