@@ -2,7 +2,8 @@
 
 A sealed blob is ``header || ciphertext+tag`` where the header is::
 
-    b"FMENC" | version (1 byte) | key fingerprint (8 bytes) | nonce (12 bytes)
+    b"FMENC" | version (1 byte) | 2 zero bytes | key fingerprint (8 bytes) | nonce (12 bytes)
+    | 4 zero bytes                                                       (32 bytes in all)
 
 The header is authenticated (GCM associated data) together with any caller-supplied
 ``associated_data`` (e.g. the cache entry's name, so entries cannot be swapped). The fingerprint
@@ -49,7 +50,9 @@ _MAGIC = b"FMENC"
 _VERSION = 1
 _FINGERPRINT_BYTES = 8
 _NONCE_BYTES = 12
-_HEADER = struct.Struct(f"<5sB{_FINGERPRINT_BYTES}s{_NONCE_BYTES}s")
+# 32 bytes (zero padding after the version and the nonce): the plaintext of a blob read into
+# a buffer then starts 32-byte aligned, so tensors viewing it stay aligned (fast kernels).
+_HEADER = struct.Struct(f"<5sBxx{_FINGERPRINT_BYTES}s{_NONCE_BYTES}s4x")
 _KEY_BYTES = 32
 _TAG_BYTES = 16
 
