@@ -12,8 +12,8 @@ The server app and the client app stay thin over this module:
 Pipeline: NIfTI -> canonical RAS orientation -> CT window [-1000, 400] HU to [0, 1] (cached
 per case: in memory, or on disk in the site's cache folder) -> random patches sampled by label
 (half of them centred on a lesion voxel). COPLE-Net trains on 2D axial patches (one slice, a
-depth-1 patch) and predicts slice by slice; the U-Nets train on 3D patches and predict with a
-sliding window (half-patch overlap).
+depth-1 patch) and predicts whole slices; the U-Nets train on 3D patches and predict with a
+sliding window.
 
 Example:
     >>> cfg = TrainConfig(model="coplenet", model_features=(8, 16, 32, 64, 128),
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,12 @@ from torch import nn
 
 from fedmed.data import CacheDataset, PersistentDataset
 from fedmed.errors import ConfigError, DataError, ModelError
+from fedmed.inference import slicewise_inference, sliding_window_inference
 from fedmed.io.msd import load_site_dataset, split_cases
-from fedmed.losses import DiceCELoss, NoiseRobustDiceLoss
 from fedmed.metrics import evaluate_case
 from fedmed.nets import build_model
+from fedmed.train import LocalTrainer
+from fedmed.train import TrainConfig as LocalConfig
 from fedmed.transforms.base import Compose
 from fedmed.transforms.intensity import ScaleIntensityRanged
 from fedmed.transforms.loading import LoadImaged
@@ -250,52 +252,43 @@ def _sample(
     return _crop(image, center, cfg.patch_size), _crop(label, center, cfg.patch_size)
 
 
-def _pad_to_multiple(
-    x: torch.Tensor, axes: int, multiple: int, minimum: Sequence[int]
-) -> torch.Tensor:
-    flat: list[int] = []
-    for dim, low in zip(reversed(x.shape[-axes:]), reversed(list(minimum)), strict=True):
-        target = max(dim, low)
-        target = math.ceil(target / multiple) * multiple
-        flat += [0, target - dim]
-    return torch.nn.functional.pad(x, flat)
+class _PatchBatches:
+    """Random batches of patches, ``len()`` batches per epoch; ``dataset`` sizes an epoch in
+    samples (what LocalTrainer reports as ``num_examples``)."""
+
+    def __init__(
+        self, items: Any, cfg: TrainConfig, samples_per_epoch: int, rng: np.random.Generator
+    ) -> None:
+        self.items, self.cfg, self.rng = items, cfg, rng
+        self.dataset = range(samples_per_epoch)
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(len(self)):
+            picks = self.rng.integers(len(self.items), size=self.cfg.batch_size)
+            batch = [_sample(self.items[int(i)], self.cfg, self.rng) for i in picks]
+            yield {
+                "image": torch.stack([b[0] for b in batch]),
+                "label": torch.stack([b[1] for b in batch]),
+            }
 
 
-def _divisor(model: nn.Module, cfg: TrainConfig) -> int:
-    return 16 if cfg.spatial_dims == 2 else 2 ** (len(getattr(model, "features", (0,))) - 1)
-
-
-@torch.no_grad()
 def predict_volume(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Label map (X, Y, Z) for a (C, X, Y, Z) image: slice by slice (2D) or sliding window (3D)."""
+    """Label map (X, Y, Z) for a (C, X, Y, Z) image: COPLE-Net on whole axial slices, the
+    U-Nets with a sliding window of the patch size (25 % overlap, Gaussian blending)."""
     model.eval()
     device = next(model.parameters()).device
-    shape = image.shape[1:]
+    batch = image.unsqueeze(0)
     if cfg.spatial_dims == 2:
-        slices = image.permute(3, 0, 1, 2)  # (Z, C, X, Y)
-        padded = _pad_to_multiple(slices, 2, 16, (1, 1))
-        preds = []
-        for start in range(0, padded.shape[0], 8):
-            logits = model(padded[start : start + 8].to(device))
-            preds.append(logits.argmax(1).cpu())
-        return torch.cat(preds)[:, : shape[0], : shape[1]].permute(1, 2, 0)
-    patch = cfg.patch_size
-    padded = _pad_to_multiple(image, 3, _divisor(model, cfg), patch)
-    dims = padded.shape[1:]
-    probs = torch.zeros((cfg.out_channels, *dims))
-    counts = torch.zeros(dims)
-    starts = [
-        sorted({*range(0, d - p + 1, max(p // 2, 1)), d - p})
-        for d, p in zip(dims, patch, strict=True)
-    ]
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                window = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
-                logits = model(padded[(slice(None), *window)].unsqueeze(0).to(device))
-                probs[(slice(None), *window)] += torch.softmax(logits[0].float(), 0).cpu()
-                counts[window] += 1
-    return probs.argmax(0)[: shape[0], : shape[1], : shape[2]]
+        x, y = batch.shape[2:4]
+        pad_x, pad_y = -x % 16, -y % 16  # COPLE-Net's four poolings need multiples of 16
+        padded = torch.nn.functional.pad(batch, (0, 0, 0, pad_y, 0, pad_x))
+        probs = slicewise_inference(padded, model, batch_size=8, device=device)[:, :, :x, :y]
+    else:
+        probs = sliding_window_inference(batch, cfg.patch_size, model, device=device)
+    return probs[0].argmax(0)
 
 
 def _evaluate_items(
@@ -407,47 +400,28 @@ class SiteTask:
         if local_arrays:
             load_arrays(model, local_arrays, partial=True)
         load_arrays(model, global_arrays, partial=True)
-        model.to(self.device)
-        anchor = {
-            k: torch.from_numpy(np.asarray(v)).to(self.device)
-            for k, v in global_arrays.items()
-            if np.issubdtype(np.asarray(v).dtype, np.floating)
-        }
-        params = dict(model.named_parameters())
-        prox = [(params[k], anchor[k]) for k in anchor if k in params]
-        loss_fn: nn.Module = (
-            NoiseRobustDiceLoss(gamma=1.5) if cfg.model == "coplenet" else DiceCELoss()
-        )
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         rng = np.random.default_rng([cfg.seed, cfg.server_round])
-        n_samples = self.samples_per_epoch(cfg)
-        steps = cfg.local_epochs * max(1, math.ceil(n_samples / cfg.batch_size))
-        if cfg.local_steps:
-            steps = min(steps, cfg.local_steps)
-        losses = []
-        model.train()
+        batches = _PatchBatches(self.train, cfg, self.samples_per_epoch(cfg), rng)
+        trainer = LocalTrainer(
+            model,
+            config=LocalConfig(
+                epochs=cfg.local_epochs,
+                steps=cfg.local_steps or None,
+                lr=cfg.lr,
+                proximal_mu=cfg.proximal_mu,
+                loss="nr_dice" if cfg.model == "coplenet" else "dice_ce",
+            ),
+            device=self.device,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2**31)))
-            for _ in range(steps):
-                batch = [
-                    _sample(self.train[int(rng.integers(len(self.train)))], cfg, rng)
-                    for _ in range(cfg.batch_size)
-                ]
-                images = torch.stack([b[0] for b in batch]).to(self.device)
-                labels = torch.stack([b[1] for b in batch]).to(self.device)
-                loss = loss_fn(model(images), labels)
-                if cfg.proximal_mu > 0 and prox:
-                    loss = loss + cfg.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in prox)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-        if not all(math.isfinite(v) for v in losses):
-            raise ModelError("local training diverged (non-finite loss): lower lr")
+            # global_weights=None: the FedProx anchor is the model as loaded (global weights,
+            # plus the site's own normalization layers under FedBN)
+            result = trainer.fit(batches, progress=False)
         metrics: dict[str, float] = {
-            "num-examples": float(n_samples),
-            "num-steps": float(steps),
-            "train-loss": float(np.mean(losses)),
+            "num-examples": float(result.num_examples),
+            "num-steps": float(result.steps),
+            "train-loss": float(result.loss),
         }
         if len(self.val):
             summary = _summary(

@@ -195,6 +195,14 @@ class RunSettings:
                 f"needs {self.spatial_dims} sizes: give e.g. "
                 f"{','.join(['64'] * self.spatial_dims)!r}"
             )
+        levels = len(self.features) if self.features else 5
+        factor = 16 if self.spatial_dims == 2 else 2 ** (levels - 1)
+        if any(p % factor for p in parsed):
+            raise ConfigError(
+                f"run config key 'patch-size' is {self.patch_size!r} but model {self.model!r} "
+                f"with {levels} levels needs multiples of {factor}: e.g. "
+                f"{','.join([str(factor * 4)] * self.spatial_dims)!r}"
+            )
         return parsed
 
     @property

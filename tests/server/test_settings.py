@@ -45,6 +45,7 @@ def test_kebab_keys_parse_and_ints_become_floats():
         ({"patch-size": "64,64"}, "'patch-size' .*needs 3 sizes"),
         ({"model-features": "8,x"}, "'model-features' is '8,x'"),
         ({"round-timeout": float("nan")}, "'round-timeout' is nan"),
+        ({"patch-size": "40,40"}, "needs multiples of 16"),
     ],
     ids=[
         "typo",
@@ -58,10 +59,11 @@ def test_kebab_keys_parse_and_ints_become_floats():
         "patch-dims",
         "features",
         "nan",
+        "patch-divisor",
     ],
 )
 def test_invalid_run_config_names_the_key(run_config, match):
-    if run_config.get("patch-size"):
+    if run_config.get("patch-size") == "64,64":
         run_config = {**run_config, "model": "unet3d"}
     with pytest.raises(ConfigError, match=match):
         RunSettings.from_run_config(run_config)

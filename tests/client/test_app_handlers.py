@@ -1,0 +1,145 @@
+"""The ClientApp's query and train handlers, called the way a SuperNode calls the app."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.task import TrainConfig, build_network, model_arrays, norm_layer_keys
+
+with warnings.catch_warnings():
+    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+CFG = TrainConfig(
+    model="coplenet",
+    model_features=(4, 8, 16, 32, 64),
+    patch_size=(32, 32),
+    local_steps=1,
+    batch_size=2,
+    val_fraction=0.34,
+)
+
+
+def _message(content: RecordDict, message_type: str) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"msg-{message_type}",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="round-1.1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=message_type,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _train_content(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": ConfigRecord(cfg.to_config()),
+        }
+    )
+
+
+def _strings(content: RecordDict) -> list[str]:
+    found = []
+    for record in content.values():
+        if isinstance(record, ConfigRecord):
+            found += [v for v in record.values() if isinstance(v, str)]
+    return found
+
+
+def test_query_answers_name_and_case_counts_only(demo_root):
+    # Prepare
+    app = make_client_app()
+    ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A")})
+    msg = _message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query")
+    # Execute
+    reply = app(msg, ctx)
+    # Assert
+    assert not reply.has_error()
+    train, val = split_cases(
+        load_site_dataset(demo_root / "site-A").cases, val_fraction=CFG.val_fraction, seed=CFG.seed
+    )
+    assert dict(reply.content["site"]) == {
+        "name": "A",
+        "num-train-cases": len(train),
+        "num-val-cases": len(val),
+    }
+    assert len(train) + len(val) == 3
+    assert _strings(reply.content) == ["A"]
+
+
+def test_missing_data_folder_replies_an_error_without_the_path(tmp_path):
+    app = make_client_app()
+    missing = tmp_path / "secret-hospital-folder"
+    ctx = _context({"site": "A", "data-dir": str(missing)})
+    reply = app(_message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query"), ctx)
+    assert reply.has_error()
+    assert reply.error.reason == "DataError at site A; details are in the site's log"
+    assert "secret-hospital-folder" not in reply.error.reason
+
+
+def test_node_config_without_data_dir_is_an_error_reply():
+    reply = make_client_app()(_message(RecordDict(), "query"), _context({"site": "A"}))
+    assert reply.has_error() and reply.error.reason.startswith("ConfigError at site node-7")
+
+
+def test_partition_sites_maps_partition_to_folder(demo_root):
+    resolve = PartitionSites((str(demo_root / "site-A"), str(demo_root / "site-B")))
+    site = resolve(_context({"partition-id": 1, "num-partitions": 2}))
+    assert site == SiteConfig("site-B", str(demo_root / "site-B"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fedbn_round(demo_root, tmp_path_factory):
+    """One FedBN train message: the server left the norm layers out of the arrays."""
+    cache = tmp_path_factory.mktemp("cache")
+    model = build_network(CFG, seed=0)
+    norm = norm_layer_keys(model)
+    shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
+    cfg = TrainConfig(**{**CFG.__dict__, "fedbn": True, "server_round": 1})
+    ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), "cache-dir": str(cache)})
+    reply = make_client_app()(_message(_train_content(shared, cfg), "train"), ctx)
+    return reply, shared, norm, ctx, cache
+
+
+@pytest.mark.slow
+def test_train_reply_holds_exactly_arrays_and_metrics(fedbn_round, demo_root):
+    reply, shared, _, _, _ = fedbn_round
+    assert not reply.has_error(), reply.error
+    assert set(reply.content) == {"arrays", "metrics"}
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert set(arrays) == set(shared)
+    assert all(
+        arrays[k].shape == shared[k].shape and arrays[k].dtype == shared[k].dtype for k in shared
+    )
+    metrics = dict(reply.content["metrics"])
+    assert {"num-examples", "num-steps", "train-loss", "val-dice"} <= set(metrics)
+    train, _ = split_cases(
+        load_site_dataset(demo_root / "site-A").cases, val_fraction=CFG.val_fraction, seed=CFG.seed
+    )
+    assert metrics["num-examples"] == 16 * len(train)  # 2D samples: every axial slice
+    assert _strings(reply.content) == []
+
+
+@pytest.mark.slow
+def test_fedbn_layers_stay_at_the_site(fedbn_round):
+    _, _, norm, ctx, cache = fedbn_round
+    local = ctx.state["fedbn-local"]
+    assert set(local) == set(norm)
+    assert (cache / "fedbn-coplenet.safetensors").is_file()

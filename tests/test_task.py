@@ -1,0 +1,142 @@
+"""fedmed.task: round config, model arrays, FedBN keys, one local round, folder evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedmed.errors import ConfigError, ModelError
+from fedmed.task import (
+    SiteTask,
+    TrainConfig,
+    build_network,
+    evaluate_folder,
+    load_arrays,
+    model_arrays,
+    norm_layer_keys,
+    predict_volume,
+)
+
+SMALL = TrainConfig(
+    model="coplenet",
+    model_features=(4, 8, 16, 32, 64),
+    patch_size=(32, 32),
+    local_steps=2,
+    batch_size=2,
+    val_fraction=0.34,
+)
+
+
+def test_train_config_round_trips_and_names_missing_keys():
+    assert TrainConfig.from_config(SMALL.to_config()) == SMALL
+    config = SMALL.to_config()
+    del config["lr"]
+    with pytest.raises(ConfigError, match="round config lacks 'lr'"):
+        TrainConfig.from_config(config)
+
+
+def test_build_network_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = model_arrays(build_network(SMALL, seed=5))
+    after = torch.rand(1)
+    b = model_arrays(build_network(SMALL, seed=5))
+    assert before == after
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_norm_layer_keys_cover_batchnorm_params_and_buffers():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GroupNorm(1, 2))
+    assert norm_layer_keys(model) == {
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+        "2.weight",
+        "2.bias",
+    }
+
+
+def test_norm_layer_keys_of_coplenet_are_a_strict_subset():
+    model = build_network(SMALL)
+    keys = norm_layer_keys(model)
+    assert keys and keys < set(model.state_dict())
+    assert all(".weight" in k or ".bias" in k or "running" in k or "batches" in k for k in keys)
+
+
+def test_load_arrays_refuses_wrong_shapes_and_keys():
+    model = build_network(SMALL)
+    arrays = model_arrays(model)
+    key = next(k for k in arrays if k.endswith("weight"))
+    with pytest.raises(ModelError, match=f"weight '{key}' has shape"):
+        load_arrays(model, {**arrays, key: np.zeros((1,), np.float32)})
+    with pytest.raises(ModelError, match="unknown keys \\['bogus'\\]"):
+        load_arrays(model, {**arrays, "bogus": np.zeros(1, np.float32)})
+    with pytest.raises(ModelError, match="missing keys"):
+        load_arrays(model, {key: arrays[key]})
+    load_arrays(model, {key: arrays[key]}, partial=True)
+
+
+def test_predict_volume_keeps_the_volume_shape():
+    model = build_network(SMALL, seed=0)
+    pred = predict_volume(model, torch.rand(1, 40, 24, 5), SMALL)
+    assert pred.shape == (40, 24, 5)
+
+
+@pytest.fixture(scope="module")
+def site_task(demo_root):
+    return SiteTask(demo_root / "site-A", val_fraction=SMALL.val_fraction, seed=0, device="cpu")
+
+
+@pytest.mark.slow
+def test_train_round_returns_every_array_and_scalar_metrics(site_task):
+    # Prepare
+    start = model_arrays(build_network(SMALL, seed=0))
+    # Execute
+    arrays, metrics = site_task.train_round(start, SMALL)
+    # Assert
+    assert set(arrays) == set(start)
+    assert all(
+        arrays[k].shape == start[k].shape and arrays[k].dtype == start[k].dtype for k in start
+    )
+    assert any(not np.array_equal(arrays[k], start[k]) for k in start)
+    assert metrics["num-steps"] == 2
+    slices = 16 * site_task.num_train_cases  # 2D samples: every axial slice of the training cases
+    assert metrics["num-examples"] == slices
+    assert 0.0 <= metrics["val-dice"] <= 1.0
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+@pytest.mark.slow
+def test_train_round_is_deterministic(site_task):
+    start = model_arrays(build_network(SMALL, seed=0))
+    a, _ = site_task.train_round(start, SMALL)
+    b, _ = site_task.train_round(start, SMALL)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fedbn_local_layers_are_loaded_before_training(site_task):
+    # Prepare: the server sends everything but the norm layers, the site has its own
+    model = build_network(SMALL, seed=0)
+    norm = norm_layer_keys(model)
+    full = model_arrays(model)
+    shared = {k: v for k, v in full.items() if k not in norm}
+    local = {k: (v + 1 if v.dtype.kind == "f" else v) for k, v in full.items() if k in norm}
+    # Execute
+    with_local, _ = site_task.train_round(shared, SMALL, local_arrays=local)
+    without, _ = site_task.train_round(shared, SMALL)
+    # Assert: the site's own layers changed the outcome
+    key = next(k for k in norm if k.endswith("running_var"))
+    assert not np.allclose(with_local[key], without[key])
+
+
+def test_evaluate_folder_reports_each_case(demo_root):
+    weights = model_arrays(build_network(SMALL, seed=0))
+    result = evaluate_folder(weights, demo_root / "holdout", SMALL, device="cpu")
+    assert [c["case"] for c in result["cases"]] == ["holdout_patient_000", "holdout_patient_001"]
+    assert 0.0 <= result["dice"] <= 1.0
