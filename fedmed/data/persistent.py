@@ -99,6 +99,10 @@ class PersistentDataset:
         encryption_key: an :class:`~fedmed.security.encryption.EncryptionKey`, 32 raw bytes, or
             hex/base64 text; ``None`` reads ``FEDMED_CACHE_KEY`` from the environment, and
             without it entries are stored in the clear.
+        keep_in_memory: also keep each entry in RAM once read (decrypted), so a restarted
+            site loads the prefix from disk once (:meth:`prepare`) and then trains at
+            :class:`~fedmed.data.cache.CacheDataset` speed; the source files are not
+            re-checked while it runs.
 
     Example:
         >>> dataset = PersistentDataset(cases, pipeline, tmp_path / "cache")
@@ -113,8 +117,11 @@ class PersistentDataset:
         cache_dir: str | Path,
         *,
         encryption_key: EncryptionKey | bytes | str | None = None,
+        keep_in_memory: bool = False,
     ) -> None:
         self.data = list(data)
+        self.keep_in_memory = keep_in_memory
+        self._memory: dict[int, Any] = {}
         self.prefix, self.rest = split_transform(transform)
         self._safe_rest = rest_is_safe(self.rest)
         self._prefix_digest = prefix_digest(self.prefix)
@@ -151,6 +158,16 @@ class PersistentDataset:
 
     def cached_item(self, index: int) -> Any:
         """The prefix output for item ``index``: read from the cache, or built and stored."""
+        if index < 0:
+            index += len(self.data)
+        if self.keep_in_memory and index in self._memory:
+            return self._memory[index]
+        item = self._load_or_build(index)
+        if self.keep_in_memory:
+            self._memory[index] = item
+        return item
+
+    def _load_or_build(self, index: int) -> Any:
         key = self.cache_key(index)
         path = self.cache_dir / f"{key}{self._suffix}"
         item = self._read(path, key)
@@ -161,7 +178,7 @@ class PersistentDataset:
         return item
 
     def prepare(self, *, num_workers: int = 1, progress: bool = True) -> None:
-        """Build every missing entry now, with ``num_workers`` threads and a progress bar."""
+        """Build every missing entry now (and load all into RAM with ``keep_in_memory``)."""
         bar = tqdm(
             total=len(self.data), desc="caching", unit="item", disable=not progress, leave=False
         )

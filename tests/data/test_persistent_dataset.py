@@ -201,3 +201,29 @@ def test_tensors_read_from_the_cache_are_aligned(cases, tiny, tmp_path, encrypte
     assert item["image"].data_ptr() % 8 == 0
     assert item["image_meta"]["affine"].dtype == torch.float64
     assert item["image_meta"]["affine"].data_ptr() % 8 == 0
+
+
+def test_keep_in_memory_reads_each_entry_from_disk_once(cases, tiny, tmp_path) -> None:
+    # Prepare: a warm cache on disk
+    key = EncryptionKey.generate()
+    PersistentDataset(cases, [tiny.CountingLoad("image")], tmp_path, encryption_key=key).prepare(
+        progress=False
+    )
+    load = tiny.CountingLoad("image")
+    dataset = PersistentDataset(
+        cases,
+        [load, tiny.RandAddNoise("image")],
+        tmp_path,
+        encryption_key=key,
+        keep_in_memory=True,
+    )
+
+    # Execute: load into RAM, then remove the disk cache
+    dataset.prepare(num_workers=2, progress=False)
+    for entry in _entries(tmp_path):
+        entry.unlink()
+    first, second = dataset[3]["image"], dataset[3]["image"]
+
+    # Assert: served from RAM (no rebuild), random rest still applied per access
+    assert load.calls == 0 and _entries(tmp_path) == []
+    assert not torch.equal(first, second)
