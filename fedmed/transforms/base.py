@@ -219,8 +219,18 @@ class Compose:
         self.transforms: tuple[Callable[[Any], Any], ...] = tuple(transforms)
 
     def __call__(self, data: Any) -> Any:
+        """Apply each transform; after one returns a list of samples (a patch sampler), the
+        following transforms run on every sample and the result is one flat list (MONAI's rule).
+        """
         for transform in self.transforms:
-            data = transform(data)
+            if isinstance(data, list):
+                out: list[Any] = []
+                for sample in data:
+                    result = transform(sample)
+                    out.extend(result if isinstance(result, list) else [result])
+                data = out
+            else:
+                data = transform(data)
         return data
 
     def __len__(self) -> int:

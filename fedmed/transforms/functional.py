@@ -104,8 +104,8 @@ def rot90(
         return flip(x, [a, b])
     # torch.rot90: k=1 is flip(b) then swap(a, b); k=3 is flip(a) then swap(a, b)
     flipped, first = flip(x, [b] if k == 1 else [a])
-    swapped, second = permute(flipped, swap)
-    return swapped.contiguous(), first @ second
+    swapped, second = permute(flipped, swap)  # a strided view, as torch.rot90 returns
+    return swapped, first @ second
 
 
 def resample(x: torch.Tensor, scale: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,3 +96,21 @@ def test_monai_transform_can_follow_fedmed_patch_sampling(item):
         assert torch.equal(
             torch.as_tensor(after["image"]).as_subclass(torch.Tensor), before["image"].flip(2)
         )
+
+
+def test_compose_runs_later_transforms_on_every_sampled_patch(item):
+    from fedmed.transforms import RandCropByPosNegLabeld
+
+    pipeline = Compose(
+        [
+            RandCropByPosNegLabeld(KEYS, "label", (8, 8, 6), num_samples=3),
+            RandCropByPosNegLabeld(KEYS, "label", (4, 4, 4), num_samples=2),
+            Flipd(KEYS, 0),
+        ]
+    )
+
+    samples = pipeline(item)
+
+    assert len(samples) == 6
+    assert all(s["image"].shape == (1, 4, 4, 4) for s in samples)
+    assert all(s["image_meta"]["history"][-1]["name"] == "Flipd" for s in samples)
