@@ -4,7 +4,9 @@ A data item is a nested structure of dicts (string keys), lists, tuples, ``torch
 ``numpy.ndarray``, ``str``, ``int``, ``float``, ``bool``, ``None`` and ``pathlib.Path``.
 :func:`dumps` flattens every tensor and array into one safetensors blob under ``"a/b/c"``
 keys (the path to it in the item) and stores the remaining tree as JSON in the safetensors
-metadata, so :func:`loads` never runs code from the file (unlike pickle).
+metadata, so :func:`loads` never runs code from the file (unlike pickle). :func:`loads` parses
+the safetensors layout itself (8-byte header length, JSON header, raw data) so that tensors can
+be views of a writable buffer: a cache entry costs one read and no further copy.
 
 Example:
     >>> blob = dumps({"image": torch.zeros(1, 4, 4), "image_meta": {"spacing": [1.0, 1.0]}})
