@@ -12,6 +12,7 @@ from fedmed.transforms.base import (
     is_deterministic,
     undo_last_step,
 )
+from fedmed.transforms.croppad import CropForegroundd, SpatialCropd, SpatialPadd
 from fedmed.transforms.elastic import Elasticd, RandElasticd, elastic_deform
 from fedmed.transforms.intensity import (
     GaussianNoised,
@@ -31,15 +32,7 @@ from fedmed.transforms.invert import (
 from fedmed.transforms.loading import LABEL_DTYPE, LoadImaged
 from fedmed.transforms.random_spatial import RandFlipd, RandRotate90d
 from fedmed.transforms.sampling import FgBgToIndicesd, RandCropByPosNegLabeld, fg_bg_indices
-from fedmed.transforms.spatial import (
-    CropForegroundd,
-    Flipd,
-    Orientationd,
-    Rotate90d,
-    Spacingd,
-    SpatialCropd,
-    SpatialPadd,
-)
+from fedmed.transforms.spatial import Flipd, Orientationd, Rotate90d, Spacingd
 
 __all__ = [
     "LABEL_DTYPE",

@@ -129,7 +129,9 @@ def resample(x: torch.Tensor, scale: Sequence[float]) -> tuple[torch.Tensor, tor
             recompute_scale_factor=False,
         )[0]
     else:
-        source = x if x.dtype == torch.uint8 else x.to(torch.float32)
+        # uint8 has a nearest kernel on CPU; other integer types and devices go through float32
+        native = x.dtype == torch.uint8 and x.device.type == "cpu"
+        source = x if native else x.to(torch.float32)
         out = F.interpolate(
             source[None],
             scale_factor=factors,

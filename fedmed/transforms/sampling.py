@@ -20,7 +20,7 @@ import torch
 
 from fedmed.errors import DataError
 from fedmed.transforms.base import MapTransform, RandomTransform
-from fedmed.transforms.spatial import crop_key
+from fedmed.transforms.croppad import crop_key
 
 __all__ = ["FgBgToIndicesd", "RandCropByPosNegLabeld", "fg_bg_indices"]
 

@@ -1,4 +1,4 @@
-"""Deterministic spatial transforms: orientation, spacing, crop, pad, flip, quarter turns.
+"""Deterministic spatial transforms that move voxels: orientation, spacing, flip, quarter turns.
 
 Each one records the parameters it applied into ``d[f"{key}_meta"]["history"]``, updates the
 affine and spacing, and can be undone (``transform.inverse()`` for the last step,
@@ -10,7 +10,8 @@ resampled with nearest neighbour, floating ones (images) with linear interpolati
 Example:
     >>> item = Orientationd(("image", "label"))(item)           # to RAS
     >>> item = Spacingd(("image", "label"), (1.0, 1.0, 2.5))(item)
-    >>> item = CropForegroundd(("image", "label"), source_key="image", margin=4)(item)
+
+Crops and pads live in :mod:`fedmed.transforms.croppad`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,7 @@ from fedmed.transforms import functional as fn
 from fedmed.transforms.base import InvertibleTransform
 from fedmed.transforms.meta import get_meta, meta_key, record_step
 
-__all__ = [
-    "CropForegroundd",
-    "Flipd",
-    "Orientationd",
-    "Rotate90d",
-    "Spacingd",
-    "SpatialCropd",
-    "SpatialPadd",
-    "store_step",
-]
+__all__ = ["Flipd", "Orientationd", "Rotate90d", "Spacingd", "int_tuple", "store_step"]
 
 
 def store_step(
@@ -54,7 +46,8 @@ def store_step(
         d[meta_key(key)] = record_step(meta, index_map, name, params)
 
 
-def _int_tuple(value: int | Sequence[int], name: str, owner: str) -> tuple[int, ...]:
+def int_tuple(value: int | Sequence[int], name: str, owner: str) -> tuple[int, ...]:
+    """``value`` as a tuple of ints; anything else raises ``ValueError`` naming ``name``."""
     values = tuple(value) if isinstance(value, Sequence) else (value,)
     if not all(isinstance(v, (int, np.integer)) for v in values):
         raise ValueError(f"{owner}: {name} must be integers, got {value!r}")
@@ -81,7 +74,7 @@ class Flipd(InvertibleTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys=allow_missing_keys)
-        self.spatial_axis = _int_tuple(spatial_axis, "spatial_axis", type(self).__name__)
+        self.spatial_axis = int_tuple(spatial_axis, "spatial_axis", type(self).__name__)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -111,7 +104,7 @@ class Rotate90d(InvertibleTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys=allow_missing_keys)
-        axes = _int_tuple(spatial_axes, "spatial_axes", "Rotate90d")
+        axes = int_tuple(spatial_axes, "spatial_axes", "Rotate90d")
         if len(axes) != 2 or axes[0] == axes[1]:
             raise ValueError(f"Rotate90d: spatial_axes must be two different axes, got {axes}")
         self.k = int(k) % 4
@@ -238,164 +231,3 @@ class Spacingd(InvertibleTransform):
 
     def params(self) -> dict[str, Any]:
         return {"pixdim": list(self.pixdim)}
-
-
-class SpatialCropd(InvertibleTransform):
-    """Crop every key to ``[roi_start, roi_end)`` (a view); the undo pads with zeros."""
-
-    def __init__(
-        self,
-        keys: str | Sequence[str],
-        roi_start: Sequence[int],
-        roi_end: Sequence[int],
-        *,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys=allow_missing_keys)
-        self.roi_start = _int_tuple(roi_start, "roi_start", "SpatialCropd")
-        self.roi_end = _int_tuple(roi_end, "roi_end", "SpatialCropd")
-        if len(self.roi_start) != len(self.roi_end) or any(
-            s < 0 or e <= s for s, e in zip(self.roi_start, self.roi_end, strict=True)
-        ):
-            raise ValueError(
-                f"SpatialCropd: need 0 <= roi_start < roi_end per axis, got roi_start="
-                f"{self.roi_start}, roi_end={self.roi_end}"
-            )
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            crop_key(d, key, self.roi_start, self.roi_end, "SpatialCropd")
-        return d
-
-    @classmethod
-    def undo(cls, x: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        after = [n - e for n, e in zip(params["shape"], params["end"], strict=True)]
-        return fn.pad(x, params["start"], after)
-
-    def params(self) -> dict[str, Any]:
-        return {"roi_start": list(self.roi_start), "roi_end": list(self.roi_end)}
-
-
-def crop_key(
-    d: dict[Hashable, Any], key: str, start: Sequence[int], end: Sequence[int], name: str
-) -> None:
-    """Crop ``d[key]`` to the box and record it as step ``name`` (undone by zero padding)."""
-    x = d[key]
-    shape = fn.spatial_shape(x)
-    if len(start) != len(shape) or any(e > n for e, n in zip(end, shape, strict=True)):
-        raise DataError(
-            f"{name}: the box {list(start)}..{list(end)} does not fit {key!r} of spatial shape "
-            f"{shape}"
-        )
-    out, index_map = fn.crop(x, start, end)
-    params = {"start": list(start), "end": list(end), "shape": shape}
-    store_step(d, key, out, index_map, name, params)
-
-
-class CropForegroundd(InvertibleTransform):
-    """Crop every key to the box around ``d[source_key] > threshold``, plus ``margin`` voxels.
-
-    All keys must share the source's spatial shape. With no foreground the item is kept whole.
-    """
-
-    def __init__(
-        self,
-        keys: str | Sequence[str],
-        source_key: str,
-        *,
-        threshold: float = 0.0,
-        margin: int | Sequence[int] = 0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys=allow_missing_keys)
-        self.source_key = source_key
-        self.threshold = float(threshold)
-        self.margin = _int_tuple(margin, "margin", "CropForegroundd")
-        if any(m < 0 for m in self.margin):
-            raise ValueError(f"CropForegroundd: margin must be >= 0, got {margin!r}")
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        if self.source_key not in d:
-            raise DataError(
-                f"CropForegroundd: source_key {self.source_key!r} is not in the data item "
-                f"(keys: {sorted(map(str, d))})"
-            )
-        start, end = self.box(d[self.source_key])
-        for key in self.key_iterator(d):
-            crop_key(d, key, start, end, "CropForegroundd")
-        return d
-
-    def box(self, source: torch.Tensor) -> tuple[list[int], list[int]]:
-        """The crop box ``(start, end)`` for a channel-first source tensor."""
-        mask = (source > self.threshold).any(dim=0)
-        shape = list(mask.shape)
-        margin = self.margin * len(shape) if len(self.margin) == 1 else self.margin
-        if len(margin) != len(shape):
-            raise ValueError(f"CropForegroundd: margin {self.margin} does not match {shape}")
-        if not bool(mask.any()):
-            return [0] * len(shape), shape
-        start, end = [], []
-        for axis in range(len(shape)):
-            others = [a for a in range(len(shape)) if a != axis]
-            hits = torch.nonzero(mask.amax(dim=others) if others else mask).flatten()
-            start.append(max(int(hits[0]) - margin[axis], 0))
-            end.append(min(int(hits[-1]) + 1 + margin[axis], shape[axis]))
-        return start, end
-
-    @classmethod
-    def undo(cls, x: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        return SpatialCropd.undo(x, params)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "source_key": self.source_key,
-            "threshold": self.threshold,
-            "margin": list(self.margin),
-        }
-
-
-class SpatialPadd(InvertibleTransform):
-    """Pad symmetrically with ``value`` up to ``spatial_size`` (-1 keeps an axis); undo crops."""
-
-    def __init__(
-        self,
-        keys: str | Sequence[str],
-        spatial_size: Sequence[int],
-        *,
-        value: float = 0.0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys=allow_missing_keys)
-        self.spatial_size = _int_tuple(spatial_size, "spatial_size", "SpatialPadd")
-        if any(s < 1 and s != -1 for s in self.spatial_size):
-            raise ValueError(
-                f"SpatialPadd: spatial_size entries must be >= 1 or -1, got {spatial_size!r}"
-            )
-        self.value = float(value)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            shape = fn.spatial_shape(d[key])
-            if len(shape) != len(self.spatial_size):
-                raise ValueError(
-                    f"SpatialPadd: spatial_size {self.spatial_size} has {len(self.spatial_size)}"
-                    f" axes but {key!r} has spatial shape {shape}"
-                )
-            missing = [max(s - n, 0) for s, n in zip(self.spatial_size, shape, strict=True)]
-            before = [m // 2 for m in missing]
-            after = [m - b for m, b in zip(missing, before, strict=True)]
-            out, index_map = fn.pad(d[key], before, after, value=self.value)
-            store_step(d, key, out, index_map, "SpatialPadd", {"before": before, "after": after})
-        return d
-
-    @classmethod
-    def undo(cls, x: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = fn.spatial_shape(x)
-        end = [n - a for n, a in zip(shape, params["after"], strict=True)]
-        return fn.crop(x, params["before"], end)
-
-    def params(self) -> dict[str, Any]:
-        return {"spatial_size": list(self.spatial_size), "value": self.value}
