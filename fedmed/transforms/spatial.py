@@ -63,6 +63,14 @@ def _check_axes(axes: Sequence[int], x: torch.Tensor, name: str, owner: str) -> 
             )
 
 
+def _require_3d(x: torch.Tensor, key: str, owner: str) -> None:
+    if x.ndim != 4:
+        raise DataError(
+            f"{owner}: {key!r} must be a channel-first 3D volume (C, X, Y, Z), got shape "
+            f"{tuple(x.shape)}; apply it before slicing or squeezing to 2D"
+        )
+
+
 class Flipd(InvertibleTransform):
     """Reverse the spatial axes in ``spatial_axis`` (0 is the first spatial axis)."""
 
@@ -152,6 +160,7 @@ class Orientationd(InvertibleTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             meta = get_meta(d, key, "Orientationd")
+            _require_3d(d[key], key, "Orientationd")
             perm, flips = self._plan(meta)
             out, index_map = fn.orient(d[key], perm, flips)
             store_step(d, key, out, index_map, "Orientationd", {"perm": perm, "flips": flips})
@@ -207,6 +216,7 @@ class Spacingd(InvertibleTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             meta = get_meta(d, key, "Spacingd")
+            _require_3d(d[key], key, "Spacingd")
             x = d[key]
             shape = fn.spatial_shape(x)
             scale = [

@@ -159,3 +159,10 @@ def test_invalid_parameters_raise_value_error_naming_them(build, message):
 def test_flip_axis_out_of_range_names_the_parameter(item):
     with pytest.raises(ValueError, match=r"spatial_axis=\(3,\) is out of range"):
         Flipd("image", 3)(item)
+
+
+def test_orientation_of_a_two_dimensional_slice_is_refused(item):
+    sliced = {**item, "image": item["image"][..., 0]}
+
+    with pytest.raises(DataError, match=r"'image' must be a channel-first 3D volume"):
+        Orientationd("image")(sliced)
