@@ -17,8 +17,8 @@ per micro-batch (and checkpointing updates the running statistics twice), so wit
 Example:
     >>> net = LAMPUNet(features=(8, 16, 32), devices=["cpu", "cpu"], chunks=2,
     ...                sample_shape=(1, 1, 16, 16, 16))
-    >>> net.placement.sizes  # cells per device
-    (3, 3)
+    >>> sum(net.placement.sizes)  # cells per device, e.g. (3, 3)
+    6
     >>> net(torch.zeros(2, 1, 16, 16, 16)).shape
     torch.Size([2, 2, 16, 16, 16])
 """
