@@ -124,17 +124,17 @@ class CacheDataset:
         if count == 0:
             return []
         bar = tqdm(total=count, desc="caching", unit="item", disable=not progress, leave=False)
-        with bar:
-            first = self.prefix(self.data[0])
-            bar.update()
-            self._check_memory(item_nbytes(first), count, max_memory_bytes)
-            results: list[Any] = [first]
-            if count > 1:
-                workers = min(self.num_workers, count - 1)
-                with ThreadPoolExecutor(workers, thread_name_prefix="fedmed-cache") as pool:
-                    for item in pool.map(self.prefix, self.data[1:count]):
-                        results.append(item)
-                        bar.update()
+        workers = min(self.num_workers, count)
+        # The first ``workers`` items start at once; the rest are queued only after the bound
+        # is checked on the first result, so a refusal builds at most ``workers`` items.
+        with bar, ThreadPoolExecutor(workers, thread_name_prefix="fedmed-cache") as pool:
+            futures = [pool.submit(self.prefix, item) for item in self.data[:workers]]
+            self._check_memory(item_nbytes(futures[0].result()), count, max_memory_bytes)
+            futures += [pool.submit(self.prefix, item) for item in self.data[workers:count]]
+            results: list[Any] = []
+            for future in futures:
+                results.append(future.result())
+                bar.update()
         logger.info("cached %d items (%.1f MiB)", count, sum(map(item_nbytes, results)) / 2**20)
         return results
 
