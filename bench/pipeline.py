@@ -186,9 +186,12 @@ def _fedmed_loaders(
 ) -> tuple[dict[str, Any], dict[str, Callable[[int], Iterable[Any]]]]:
     from fedmed.data import CacheDataset, ThreadDataLoader
 
-    start = time.perf_counter()
-    dataset = CacheDataset(cases, _fedmed_pipeline(), num_workers=args.workers, progress=False)
-    build = time.perf_counter() - start
+    builds = []
+    for _ in range(2):  # best of two: the first build also pays one-off warm-up costs
+        start = time.perf_counter()
+        dataset = CacheDataset(cases, _fedmed_pipeline(), num_workers=args.workers, progress=False)
+        builds.append(time.perf_counter() - start)
+    build = min(builds)
     _log(f"fedmed CacheDataset build: {build:.2f} s ({dataset.cache_nbytes / 2**20:.0f} MiB)")
     runs = {}
     for threads in sorted({1, args.workers}):
@@ -348,11 +351,14 @@ def _monai_loaders(
     import monai
     from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 
-    start = time.perf_counter()
-    dataset = CacheDataset(
-        cases, _monai_pipeline(), cache_rate=1.0, num_workers=args.workers, progress=False
-    )
-    build = time.perf_counter() - start
+    builds = []
+    for _ in range(2):  # best of two, as for fedmed
+        start = time.perf_counter()
+        dataset = CacheDataset(
+            cases, _monai_pipeline(), cache_rate=1.0, num_workers=args.workers, progress=False
+        )
+        builds.append(time.perf_counter() - start)
+    build = min(builds)
     _log(f"MONAI {monai.__version__} CacheDataset build: {build:.2f} s")
 
     def moved(loader: Any) -> Callable[[int], Iterable[Any]]:
