@@ -18,6 +18,7 @@ from fedmed.server.submit import (
     control_client,
     online_sites,
     register_sites,
+    stop_unfinished_runs,
     submit_run,
     wait_for_run,
     wait_for_sites,
@@ -109,3 +110,24 @@ def test_two_sites_complete_two_rounds(client, link, pki, tmp_path: Path, make_s
     assert "e2e round 2" in logs.getvalue()
     assert all(node.proc is not None and node.proc.poll() is not None for node in nodes)
     print(f"two rounds of the minimal app over TLS + auth: {seconds:.1f} s")
+
+
+def test_restart_with_same_state_dir_keeps_registrations(
+    pki, tmp_path: Path, make_server_config
+) -> None:
+    # Prepare: a second SuperLink with its own database
+    config = make_server_config(pki, tmp_path / "state")
+    with SuperLink(config) as first, control_client(first.address, ca_cert=pki.ca_cert) as c:
+        registered = register_sites(c, config.sites)
+    assert all(registered.values())
+    assert (tmp_path / "state" / "superlink.db").is_file()
+
+    # Execute: the same config again (same database)
+    with SuperLink(config) as second, control_client(second.address, ca_cert=pki.ca_cert) as c:
+        again = register_sites(c, config.sites)
+        runs_stopped = stop_unfinished_runs(c)
+
+    # Assert
+    assert again == {"A": None, "B": None}
+    assert runs_stopped == []
+    assert not second.alive()

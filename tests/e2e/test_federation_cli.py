@@ -1,0 +1,150 @@
+"""fedmed-server and two fedmed-client processes over TLS + site auth on 127.0.0.1.
+
+Two variants: the minimal harness app (checks the deployment path alone) and fedmed's own app
+on demo data (checks the whole federation: two rounds, checkpoints, metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedmed.security.pki import write_pki
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+E2E_DIR = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+RUN_TIMEOUT = 540.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E_DIR), env.get("PYTHONPATH")) if p)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    return env
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    subprocess.run(
+        [str(BIN / "fedmed"), "demo-data", str(out), "--sites", "2", "--cases", "3",
+         "--holdout", "1", "--shape", "48", "48", "16"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return out
+
+
+def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Path]]:
+    pki = write_pki(root / "certs", server_hosts=["127.0.0.1"], sites=["A", "B"])
+    port = free_port()
+    if app == "minimal":
+        app_lines = (
+            'server-app = "fedmed_e2e_app:server"\nclient-app = "fedmed_e2e_app:client"\n',
+            'num-rounds = 2\nout-dir = "out"\n',
+        )
+    else:
+        app_lines = (
+            "",
+            'num-rounds = 2\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
+            'patch-size = "32,32"\nlocal-epochs = 1\nlocal-steps = 1\nbatch-size = 1\n'
+            f'round-timeout = 300.0\ndata-dir = "{data / "holdout"}"\nout-dir = "out"\n',
+        )
+    federation = root / "federation.toml"
+    federation.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate-dir = "state"\n'
+        f'certs-dir = "certs"\nmin-sites = 2\nwait-for-sites = 120.0\n'
+        f"run-timeout = {RUN_TIMEOUT}\n{app_lines[0]}"
+        f'[server.sites]\nA = "certs/siteA.pub"\nB = "certs/siteB.pub"\n[app]\n{app_lines[1]}'
+    )
+    sites = {}
+    for site in ("A", "B"):
+        sites[site] = root / f"{site}.toml"
+        sites[site].write_text(
+            f'site = "{site}"\ndata-dir = "{data / f"site-{site}"}"\nstate-dir = "site-{site}"\n'
+            f"check-data = {'false' if app == 'minimal' else 'true'}\n"
+            f'[connection]\nserver-address = "127.0.0.1:{port}"\nca-cert = "certs/ca.pem"\n'
+            f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
+            "backoff-initial = 1.0\nbackoff-max = 4.0\n"
+        )
+    return federation, sites
+
+
+@pytest.fixture
+def federation_run(request, tmp_path: Path) -> Iterator[tuple[int, str, Path]]:
+    """Run the server and two sites; yield (server exit code, server output, run folder)."""
+    app = request.param
+    data = request.getfixturevalue("demo_data") if app == "fedmed" else tmp_path / "none"
+    federation, sites = _write_configs(tmp_path, data, app)
+    procs = [_start([str(BIN / "fedmed-server"), "--config", str(federation)],
+                    tmp_path / "server.log")]  # fmt: skip
+    try:
+        for site, config in sites.items():
+            args = [str(BIN / "fedmed-client"), "--site", site, "--config", str(config)]
+            procs.append(_start(args, tmp_path / f"client-{site}.log"))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            procs[0].wait(timeout=RUN_TIMEOUT + 120)
+    finally:
+        codes = [_stop(proc) for proc in procs]
+    yield codes[0], (tmp_path / "server.log").read_text(), tmp_path
+
+
+@pytest.mark.parametrize("federation_run", ["minimal"], indirect=True)
+def test_cli_federation_with_minimal_app_completes_two_rounds(federation_run) -> None:
+    code, output, root = federation_run
+
+    assert code == 0, output[-4000:]
+    assert "finished:completed" in output
+    result = json.loads((root / "out" / "result.json").read_text())
+    assert [r["sites"] for r in result["rounds"]] == [["A", "B"], ["A", "B"]]
+    for site in ("A", "B"):
+        assert "SuperNode pid" in (root / f"client-{site}.log").read_text()
+
+
+@pytest.mark.parametrize("federation_run", ["fedmed"], indirect=True)
+def test_cli_federation_with_fedmed_app_on_demo_data(federation_run) -> None:
+    code, output, root = federation_run
+
+    assert code == 0, output[-4000:]
+    assert "finished:completed" in output
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    completed = [line for line in lines if line.get("round", 0) >= 1]
+    assert [line["round"] for line in completed][-2:] == [1, 2]
+    assert set(completed[-1]["sites"]) == {"A", "B"}
+    assert (root / "out" / "checkpoints").is_dir()
