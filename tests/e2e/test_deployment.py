@@ -131,3 +131,45 @@ def test_restart_with_same_state_dir_keeps_registrations(
     assert again == {"A": None, "B": None}
     assert runs_stopped == []
     assert not second.alive()
+
+
+def test_site_trains_after_superlink_restart(
+    pki, tmp_path: Path, make_server_config, make_site_config, e2e_pythonpath
+) -> None:
+    # Prepare: a SuperLink and site A online
+    config = make_server_config(pki, tmp_path / "state", min_sites=1)
+    node = SiteNode(make_site_config(pki, "A", config.local_address, tmp_path / "A"))
+    first = SuperLink(config)
+    first.start()
+    thread = None
+    try:
+        with control_client(first.address, ca_cert=pki.ca_cert) as c:
+            register_sites(c, config.sites)
+            thread = _run_in_thread(node)
+            wait_for_sites(c, min_sites=1, timeout=90)
+
+        # Execute: the server goes away and comes back on the same database and port
+        first.stop()
+        second = SuperLink(config)
+        second.start()
+        try:
+            with control_client(second.address, ca_cert=pki.ca_cert) as c:
+                fab = build_fab(
+                    {"num-rounds": 1, "min-sites": 1, "out-dir": str(tmp_path / "out")},
+                    server_module="fedmed_e2e_app:server",
+                    client_module="fedmed_e2e_app:client",
+                )
+                outcome = wait_for_run(c, submit_run(c, fab), timeout=180)
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+        node.stop()
+        if thread is not None:
+            thread.join(timeout=60)
+
+    # Assert: the site took part in a round of the restarted server
+    assert outcome.ok, outcome
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["rounds"] == [{"round": 1, "sites": ["A"], "w": 1.0}]
+    print(f"site A restarts after the SuperLink restart: {node.restarts}")
