@@ -18,6 +18,7 @@ from fedmed.server.submit import (
     control_client,
     online_sites,
     register_sites,
+    run_status,
     stop_unfinished_runs,
     submit_run,
     wait_for_run,
@@ -112,24 +113,32 @@ def test_two_sites_complete_two_rounds(client, link, pki, tmp_path: Path, make_s
     print(f"two rounds of the minimal app over TLS + auth: {seconds:.1f} s")
 
 
-def test_restart_with_same_state_dir_keeps_registrations(
-    pki, tmp_path: Path, make_server_config
+def test_restart_with_same_state_dir_keeps_registrations_and_stops_stale_runs(
+    pki, tmp_path: Path, make_server_config, e2e_pythonpath
 ) -> None:
-    # Prepare: a second SuperLink with its own database
+    # Prepare: a second SuperLink with its own database and a run left waiting for sites
     config = make_server_config(pki, tmp_path / "state")
+    fab = build_fab(
+        {"num-rounds": 1, "min-sites": 2, "out-dir": str(tmp_path / "out")},
+        server_module="fedmed_e2e_app:server",
+        client_module="fedmed_e2e_app:client",
+    )
     with SuperLink(config) as first, control_client(first.address, ca_cert=pki.ca_cert) as c:
         registered = register_sites(c, config.sites)
+        stale_run = submit_run(c, fab)
     assert all(registered.values())
     assert (tmp_path / "state" / "superlink.db").is_file()
 
     # Execute: the same config again (same database)
     with SuperLink(config) as second, control_client(second.address, ca_cert=pki.ca_cert) as c:
         again = register_sites(c, config.sites)
-        runs_stopped = stop_unfinished_runs(c)
+        stopped = stop_unfinished_runs(c)
+        status, _ = run_status(c, stale_run)
 
     # Assert
     assert again == {"A": None, "B": None}
-    assert runs_stopped == []
+    assert stopped == [stale_run]
+    assert status.startswith("finished")
     assert not second.alive()
 
 
