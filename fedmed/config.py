@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
+from fedmed.security.pki import is_valid_site_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -325,13 +326,15 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
     name = top.get("site", str, site)
     if name is None:
         raise ConfigError(f'{path}: site is missing: add site = "A" or pass --site A')
+    if not is_valid_site_name(name):
+        raise ConfigError(
+            f"{path}: site = {name!r} is invalid: use 1-64 letters, digits, '-' or '_' "
+            "starting with a letter or digit (the name given to `fedmed certs --sites`)"
+        )
     if site is not None and name != site:
         raise ConfigError(
             f"{path}: site = {name!r} but --site {site} was given: use the site's own config"
         )
-    for key, value in (("site", name),):
-        if not value or any(c in value for c in "'\"\n\\"):
-            raise ConfigError(f"{path}: {key} = {value!r} must be a plain name")
     device = top.get("device", str, "cpu")
     if not all(part.strip() for part in device.split(",")):
         raise ConfigError(f"{path}: device = {device!r} must be e.g. cpu, cuda:0, cuda:0,cuda:1")

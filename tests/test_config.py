@@ -154,6 +154,7 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
     ("old", "new", "match"),
     [
         ('site = "A"', 'site = "B"', "site = 'B' but --site A was given"),
+        ('site = "A"', 'site = "A B"', "site = 'A B' is invalid"),
         ('"127.0.0.1:9100"', '"127.0.0.1"', r"server-address = '127.0.0.1' must be HOST:PORT"),
         ('private-key = "certs/siteA.key"', "", "needs ca-cert and private-key"),
         (
@@ -169,6 +170,7 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
     ],
     ids=[
         "other-site",
+        "bad-name",
         "no-port",
         "no-key",
         "cache-mode",

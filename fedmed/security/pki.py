@@ -41,6 +41,7 @@ from fedmed.errors import ConfigError, SecurityError
 __all__ = [
     "LOOPBACK_HOSTS",
     "PkiManifest",
+    "is_valid_site_name",
     "load_site_public_key_pem",
     "site_key_names",
     "write_pki",
@@ -73,8 +74,13 @@ def site_key_names(site: str) -> tuple[str, str]:
     return f"site{site}.key", f"site{site}.pub"
 
 
+def is_valid_site_name(site: str) -> bool:
+    """Whether ``site`` is a valid site name: 1-64 letters, digits, '-' or '_'."""
+    return bool(_SITE_NAME.match(site))
+
+
 def _check_site(site: str) -> str:
-    if not _SITE_NAME.match(site):
+    if not is_valid_site_name(site):
         raise ConfigError(
             f"site name {site!r} is invalid: use 1-64 letters, digits, '-' or '_' "
             "starting with a letter or digit"
