@@ -182,3 +182,25 @@ def test_site_trains_after_superlink_restart(
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["rounds"] == [{"round": 1, "sites": ["A"], "w": 1.0}]
     print(f"site A restarts after the SuperLink restart: {node.restarts}")
+
+
+def test_waiting_for_sites_is_bounded(client, link) -> None:
+    start = time.monotonic()
+    with pytest.raises(
+        FederationError, match=r"only \d of min-sites = 3 site\(s\) joined within 2 s"
+    ):
+        wait_for_sites(client, min_sites=3, timeout=2.0, poll=0.5)
+    assert time.monotonic() - start < 10
+
+
+def test_a_failing_server_app_ends_the_run_as_failed(client, tmp_path: Path) -> None:
+    # The minimal server app needs num-rounds: without it the server app raises.
+    fab = build_fab(
+        {"out-dir": str(tmp_path)},
+        server_module="fedmed_e2e_app:server",
+        client_module="fedmed_e2e_app:client",
+    )
+    outcome = wait_for_run(client, submit_run(client, fab), timeout=120)
+
+    assert not outcome.ok
+    assert outcome.status == "finished:failed"

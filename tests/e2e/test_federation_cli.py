@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +149,24 @@ def test_cli_federation_with_fedmed_app_on_demo_data(federation_run) -> None:
     assert [line["round"] for line in completed][-2:] == [1, 2]
     assert set(completed[-1]["sites"]) == {"A", "B"}
     assert (root / "out" / "checkpoints").is_dir()
+
+
+def test_sigterm_stops_the_server_and_its_superlink(tmp_path: Path) -> None:
+    federation, _ = _write_configs(tmp_path, tmp_path / "none", "minimal")
+    log = tmp_path / "server.log"
+    proc = _start([str(BIN / "fedmed-server"), "--config", str(federation)], log)
+    try:
+        deadline = time.monotonic() + 90
+        while "site(s) online" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        superlink_pid = int(log.read_text().split("SuperLink pid ")[1].split()[0])
+
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+
+    assert code == 130, log.read_text()[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(superlink_pid, 0)
