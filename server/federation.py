@@ -168,18 +168,29 @@ class Federation:
         taken = {s.name for s in self.sites.values()}
         for node in new:
             reply = replies.get(node)
-            name, train_n, val_n = f"node-{node}", 0, 0
-            if reply is not None and not reply.has_error() and "site" in reply.content:
-                info = reply.content["site"]
-                name = str(info.get("name", name)) or name
-                train_n = int(info.get("num-train-cases", 0))
-                val_n = int(info.get("num-val-cases", 0))
+            if reply is None or reply.has_error() or "site" not in reply.content:
+                # not in the roster: the site is asked again before the next round
+                why = reply.error.reason if reply is not None and reply.has_error() else "no reply"
+                logger.warning("node %d did not say which site it is (%s)", node, why)
+                continue
+            info = reply.content["site"]
+            name = str(info.get("name", "")) or f"node-{node}"
             if name in taken:  # two nodes claiming one name: keep both apart
                 name = f"{name}#{node}"
             taken.add(name)
-            self.sites[node] = SiteInfo(node, name, train_n, val_n)
+            site = SiteInfo(
+                node,
+                name,
+                int(info.get("num-train-cases", 0)),
+                int(info.get("num-val-cases", 0)),
+            )
+            self.sites[node] = site
             logger.info(
-                "site %s joined (node %d, %d train / %d val cases)", name, node, train_n, val_n
+                "site %s joined (node %d, %d train / %d val cases)",
+                name,
+                node,
+                site.num_train_cases,
+                site.num_val_cases,
             )
 
     # -- messaging -----------------------------------------------------------------------
