@@ -54,6 +54,7 @@ from fedmed.transforms.spatial import Orientationd
 __all__ = [
     "SiteTask",
     "TrainConfig",
+    "adapt_norm_statistics",
     "build_network",
     "evaluate_folder",
     "load_arrays",
@@ -322,20 +323,69 @@ def _summary(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def adapt_norm_statistics(
+    model: nn.Module, images: Sequence[torch.Tensor], cfg: TrainConfig
+) -> None:
+    """AdaBN: re-estimate BatchNorm running statistics on unlabelled ``images`` (C, X, Y, Z).
+
+    Under FedBN the global model has no trained normalization statistics (each site keeps its
+    own); the server uses this to evaluate it on its held-out images. Only the images are used,
+    never the labels; everything but the BatchNorm layers stays in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    device = next(model.parameters()).device
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch below
+        m.train()
+    try:
+        for image in images:
+            if cfg.spatial_dims == 2:
+                slices = image.permute(3, 0, 1, 2)
+                pad_x, pad_y = -slices.shape[2] % 16, -slices.shape[3] % 16
+                slices = torch.nn.functional.pad(slices, (0, pad_y, 0, pad_x))
+                for first in range(0, slices.shape[0], 8):
+                    model(slices[first : first + 8].to(device))
+            else:
+                rng = np.random.default_rng(0)
+                for _ in range(_PATCHES_PER_CASE_3D):
+                    center = [int(rng.integers(s)) for s in image.shape[1:]]
+                    model(_crop(image, center, cfg.patch_size).unsqueeze(0).to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+
+
 def evaluate_folder(
-    weights: Mapping[str, np.ndarray], folder: str | Path, cfg: TrainConfig, *, device: str = "auto"
+    weights: Mapping[str, np.ndarray],
+    folder: str | Path,
+    cfg: TrainConfig,
+    *,
+    device: str = "auto",
+    adapt_norm: bool = False,
 ) -> dict[str, Any]:
     """Dice and HD95 (mm) of ``weights`` on every labelled case of ``folder``.
 
     Returns ``{"dice": mean, "hd95": mean, "cases": [{"case", "dice", "hd95"}, ...]}``; the
-    means skip NaN (HD95 is NaN when a mask is empty).
+    means skip NaN (HD95 is NaN when a mask is empty). ``weights`` may lack the normalization
+    layers (FedBN); ``adapt_norm`` then re-estimates their statistics on the folder's images
+    (:func:`adapt_norm_statistics`) before predicting.
     """
     model = build_network(cfg)
     load_arrays(model, weights, partial=True)
     model.to(resolve_device(device))
     dataset = load_site_dataset(folder)
-    items = _cases_dataset(dataset.cases, cache_dir=None, cache_mode="none")
-    per_case = _evaluate_items(model, [items[i] for i in range(len(items))], cfg)
+    items = _cases_dataset(dataset.cases, cache_dir=None, cache_mode="memory")
+    cases = [items[i] for i in range(len(items))]
+    if adapt_norm:
+        adapt_norm_statistics(model, [c["image"] for c in cases], cfg)
+    per_case = _evaluate_items(model, cases, cfg)
     return {**_summary(per_case), "cases": per_case}
 
 

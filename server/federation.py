@@ -126,7 +126,9 @@ class Federation:
     ) -> dict[str, Any] | None:
         if not self.settings.data_dir:
             return None
-        return evaluate_folder(weights, self.settings.data_dir, cfg)
+        # FedBN: the global model has no shared norm statistics; estimate them on the
+        # held-out images (AdaBN) so its Dice means something
+        return evaluate_folder(weights, self.settings.data_dir, cfg, adapt_norm=cfg.fedbn)
 
     # -- sites ---------------------------------------------------------------------------
     def wait_for_sites(self) -> list[int]:

@@ -11,6 +11,7 @@ from fedmed.errors import ConfigError, ModelError
 from fedmed.task import (
     SiteTask,
     TrainConfig,
+    adapt_norm_statistics,
     build_network,
     evaluate_folder,
     load_arrays,
@@ -140,3 +141,30 @@ def test_evaluate_folder_reports_each_case(demo_root):
     result = evaluate_folder(weights, demo_root / "holdout", SMALL, device="cpu")
     assert [c["case"] for c in result["cases"]] == ["holdout_patient_000", "holdout_patient_001"]
     assert 0.0 <= result["dice"] <= 1.0
+
+
+def test_adapt_norm_statistics_estimates_batchnorm_from_images():
+    # Prepare: fresh running statistics (mean 0, var 1), images with mean about 5
+    model = build_network(SMALL, seed=0)
+    images = [torch.full((1, 32, 32, 4), 5.0) + torch.rand(1, 32, 32, 4)]
+    first_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "conv" in k}
+    # Execute
+    adapt_norm_statistics(model, images, SMALL)
+    # Assert: statistics moved, weights did not, and the model is left in eval mode
+    assert not torch.allclose(first_bn.running_mean, torch.zeros_like(first_bn.running_mean))
+    assert first_bn.momentum == 0.1 and not model.training
+    after = model.state_dict()
+    assert all(
+        torch.equal(before[k], after[k])
+        for k in before
+        if "running" not in k and "num_batches" not in k
+    )
+
+
+def test_evaluate_folder_with_adapted_norm_layers(demo_root):
+    model = build_network(SMALL, seed=0)
+    norm = norm_layer_keys(model)
+    shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
+    result = evaluate_folder(shared, demo_root / "holdout", SMALL, device="cpu", adapt_norm=True)
+    assert len(result["cases"]) == 2 and 0.0 <= result["dice"] <= 1.0

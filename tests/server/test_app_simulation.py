@@ -6,16 +6,20 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.report import MetricsLog
 from fedmed.server.settings import RunSettings
+
+from fedmed.task import build_network, norm_layer_keys
 
 with warnings.catch_warnings():
     # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
     warnings.simplefilter("ignore", DeprecationWarning)
     from fedmed.client.app import PartitionSites, make_client_app
     from fedmed.server.app import make_server_app
+    from fedmed.server.federation import train_config
     from flwr.simulation import run_simulation
 
 pytestmark = [
@@ -115,3 +119,35 @@ def test_report_is_drawn(simulated):
     assert "Completed rounds: 3; failed attempts: 0." in text
     for png in ("holdout_dice.png", "site_dice.png"):
         assert (settings.out_path / png).stat().st_size > 1000
+
+
+def test_fedbn_never_sends_or_aggregates_norm_layers(demo_root, tmp_path_factory, monkeypatch):
+    # Prepare
+    work = tmp_path_factory.mktemp("bn")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("r")))
+    monkeypatch.setenv("FLWR_HOME", str(work / "flwr"))
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    settings = RunSettings(
+        num_rounds=1,
+        strategy="fedprox",
+        proximal_mu=0.01,
+        fedbn=True,
+        model_features="4,8,16,32,64",
+        patch_size="32,32",
+        local_steps=2,
+        batch_size=2,
+        data_dir=str(demo_root / "holdout"),
+        out_dir=str(work / "out"),
+        join_timeout=120.0,
+        round_timeout=300.0,
+    )
+    # Execute
+    _simulate(settings, (str(demo_root / "site-A"), str(demo_root / "site-B")))
+    # Assert: norm layers of the global model are the initial ones, the rest was trained
+    store = CheckpointStore(settings.out_dir)
+    initial, trained = store.load(0).weights, store.load(1).weights
+    norm = norm_layer_keys(build_network(train_config(settings, 0)))
+    assert all(np.array_equal(initial[k], trained[k]) for k in norm)
+    assert any(not np.array_equal(initial[k], trained[k]) for k in set(initial) - norm)
+    record = MetricsLog(settings.out_dir).read()[-1]
+    assert record["status"] == "ok" and set(record["sites"]) == {"site-A", "site-B"}
