@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ class Federation:
         self._holdout_fn = holdout_fn or self._evaluate_holdout
         model = build_network(train_config(settings, 0), seed=settings.seed)
         self.norm_keys = norm_layer_keys(model) if settings.fedbn else frozenset()
-        self._initial = model_arrays(model)
+        self.initial_weights = model_arrays(model)
 
     # -- held-out evaluation -------------------------------------------------------------
     def _evaluate_holdout(
@@ -262,6 +263,7 @@ class Federation:
             updates.append(update)
             record["sites"][name] = dict(update.metrics)
         record["duration-s"] = round(time.monotonic() - started, 3)
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return record, updates
 
     def _parse(self, reply: Message, name: str, sent: Mapping[str, np.ndarray]) -> SiteUpdate:
@@ -286,25 +288,30 @@ class Federation:
 
     # -- the run -------------------------------------------------------------------------
     def _start(self) -> tuple[dict[str, np.ndarray], int]:
+        if self.settings.data_dir and not Path(self.settings.data_dir).is_dir():
+            raise ConfigError(
+                f"run config key 'data-dir' is {self.settings.data_dir!r}, which is not a folder: "
+                "give the server's held-out folder, or '' for none"
+            )
         ident = self.settings.identity_hash()
         latest = self.store.load_latest()
         if latest is None:
             cfg = train_config(self.settings, 0)
-            holdout = self._holdout_fn(self._initial, cfg)
+            holdout = self._holdout_fn(self.initial_weights, cfg)
             record = {"round": 0, "status": "initial", "sites": {}, "holdout": holdout}
             self.store.save(
-                0, self._initial, metrics=record, config_hash=ident, score=_score(record)
+                0, self.initial_weights, metrics=record, config_hash=ident, score=_score(record)
             )
             self.log.truncate_after(-1)
             self.log.append(record)
-            return dict(self._initial), 1
+            return dict(self.initial_weights), 1
         if latest.meta.get("config_hash") != ident:
             raise ConfigError(
                 f"out-dir {self.settings.out_dir} holds a run with other settings (config hash "
                 f"{str(latest.meta.get('config_hash'))[:12]} vs {ident[:12]}): use a new out-dir "
                 "or the original settings to resume"
             )
-        if set(latest.weights) != set(self._initial):
+        if set(latest.weights) != set(self.initial_weights):
             raise ConfigError(
                 f"checkpoint {latest.path} does not fit model {self.settings.model!r}: use a new "
                 "out-dir"

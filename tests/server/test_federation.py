@@ -1,0 +1,51 @@
+"""Federation start-up checks that run before any message is sent (no grid needed)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from fedmed.server.checkpoint import CheckpointStore
+from fedmed.server.settings import RunSettings
+
+from fedmed.errors import ConfigError
+
+with warnings.catch_warnings():
+    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fedmed.server.federation import Federation, train_config
+
+SMALL = {"model_features": "4,8,16,32,64", "patch_size": "32,32"}
+
+
+def test_train_config_carries_the_site_settings():
+    settings = RunSettings(strategy="fedprox", proximal_mu=0.5, fedbn=True, lr=0.01, **SMALL)
+    cfg = train_config(settings, 4)
+    assert (cfg.server_round, cfg.proximal_mu, cfg.fedbn, cfg.lr) == (4, 0.5, True, 0.01)
+    assert cfg.model_features == (4, 8, 16, 32, 64) and cfg.patch_size == (32, 32)
+
+
+def test_missing_holdout_folder_is_refused_before_any_round(tmp_path):
+    settings = RunSettings(data_dir=str(tmp_path / "nope"), out_dir=str(tmp_path / "out"), **SMALL)
+    # the grid is never reached: the check comes first
+    with pytest.raises(ConfigError, match=r"'data-dir' is .*nope', which is not a folder"):
+        Federation(None, settings).run()  # type: ignore[arg-type]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    # Prepare: a run made with another learning rate left round 0 in out-dir
+    out = tmp_path / "out"
+    old = RunSettings(lr=0.5, out_dir=str(out), **SMALL)
+    weights = Federation(None, old).initial_weights  # type: ignore[arg-type]
+    CheckpointStore(out).save(0, weights, metrics={}, config_hash=old.identity_hash())
+    new = RunSettings(lr=0.1, out_dir=str(out), **SMALL)
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
+        Federation(None, new).run()  # type: ignore[arg-type]
+
+
+def test_initial_weights_are_seeded(tmp_path):
+    a = Federation(None, RunSettings(seed=3, **SMALL)).initial_weights  # type: ignore[arg-type]
+    b = Federation(None, RunSettings(seed=3, **SMALL)).initial_weights  # type: ignore[arg-type]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
