@@ -33,6 +33,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["MetricsLog", "json_safe", "write_report"]
 
@@ -107,6 +108,7 @@ def _plot(
             ax.plot(xs, ys, marker="o", label=name)
     ax.set_title(title)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, alpha=0.3)
