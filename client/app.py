@@ -56,7 +56,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
-from fedmed.task import SiteTask, TrainConfig
+from fedmed.task import SiteTask, TrainConfig, ensure_app_logging
 
 __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
 
@@ -180,6 +180,7 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
 
     @client_app.query()
     def query(msg: Message, context: Context) -> Message:
+        ensure_app_logging()
         name = f"node-{context.node_id}"
         try:
             site = resolve_site(context)
@@ -196,11 +197,13 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        ensure_app_logging()
         name = f"node-{context.node_id}"
         try:
             site = resolve_site(context)
             name = site.name
             cfg = TrainConfig.from_config(msg.content["config"])
+            logger.info("site %s round %d: training", name, cfg.server_round)
             received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             local = _load_local(context, site, cfg) if cfg.fedbn else {}
             trained, metrics = _task(site, cfg).train_round(received, cfg, local_arrays=local)

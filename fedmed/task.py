@@ -56,6 +56,7 @@ __all__ = [
     "TrainConfig",
     "adapt_norm_statistics",
     "build_network",
+    "ensure_app_logging",
     "evaluate_folder",
     "load_arrays",
     "model_arrays",
@@ -137,6 +138,19 @@ class TrainConfig:
         if values.get("patch_size") is None:
             raise ConfigError("round config 'patch-size' is empty")
         return cls(**values)
+
+
+def ensure_app_logging() -> None:
+    """Flower's app processes leave fedmed's loggers without a handler: add one (INFO, with
+    time) unless the host application configured ``fedmed`` logging already."""
+    root = logging.getLogger("fedmed")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -15,6 +15,8 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.task import ensure_app_logging
+
 from .federation import Federation
 from .settings import RunSettings
 
@@ -23,23 +25,13 @@ __all__ = ["app", "make_server_app"]
 logger = logging.getLogger(__name__)
 
 
-def _ensure_logging() -> None:
-    """The Flower server-app process leaves fedmed's loggers without a handler: add one."""
-    root = logging.getLogger("fedmed")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s fedmed: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-
-
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     """A ServerApp; with ``settings`` it ignores ``run_config`` (simulation, tests)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        _ensure_logging()
+        ensure_app_logging()
         run_settings = settings or RunSettings.from_run_config(dict(context.run_config))
         result = Federation(grid, run_settings).run()
         logger.info(
