@@ -13,6 +13,9 @@ key            meaning
 ``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ...
 =============  =====================================================================
 
+The train/validation split is seeded by the run's ``seed`` (sent in each round's config), so
+every site splits the same way for a given run.
+
 Messages (the privacy contract: nothing else leaves the site):
 
 - ``query`` -> ConfigRecord ``site``: ``name``, ``num-train-cases``, ``num-val-cases``.

@@ -165,8 +165,6 @@ def build_network(cfg: TrainConfig, *, seed: int | None = None) -> nn.Module:
     options: dict[str, object] = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
     if cfg.model_features:
         options["features"] = cfg.model_features
-    if cfg.model == "unet3d":
-        options["norm"] = nn.BatchNorm3d  # running statistics are what FedBN keeps local
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -168,3 +168,16 @@ def test_evaluate_folder_with_adapted_norm_layers(demo_root):
     shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
     result = evaluate_folder(shared, demo_root / "holdout", SMALL, device="cpu", adapt_norm=True)
     assert len(result["cases"]) == 2 and 0.0 <= result["dice"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["unet3d", "lamp_unet"])
+def test_unets_train_on_3d_patches(site_task, model):
+    cfg = TrainConfig(
+        model=model, model_features=(4, 8), patch_size=(16, 16, 16), local_steps=1, batch_size=2
+    )
+    start = model_arrays(build_network(cfg, seed=0))
+    arrays, metrics = site_task.train_round(start, cfg)
+    assert set(arrays) == set(start)
+    assert metrics["num-examples"] == 4 * site_task.num_train_cases  # 4 patches per case
+    assert norm_layer_keys(build_network(cfg))  # instance-norm affine layers: FedBN keeps them
