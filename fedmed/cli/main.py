@@ -17,6 +17,9 @@ _COMMAND_MODULES = (
     "fedmed.cli.demo_data",
     "fedmed.cli.data_check",
     "fedmed.cli.certs",
+    "fedmed.cli.train",
+    "fedmed.cli.infer",
+    "fedmed.cli.verify",
 )
 
 
