@@ -8,6 +8,10 @@ Example::
 
     fedmed-client --site A                      # reads configs/sites/A.toml
     fedmed-client --site A --config /etc/fedmed/site.toml
+    fedmed-client --print-app-hash              # sha256 of the app this fedmed accepts
+
+The site runs only apps whose sha256 it pinned: the one its installed fedmed builds plus the
+config's ``app-hash`` list (:mod:`fedmed.client.pinning`).
 """
 
 from __future__ import annotations
@@ -79,7 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedmed-client",
         description="a hospital site: checks its data, then runs a Flower SuperNode",
     )
-    parser.add_argument("--site", required=True, help="site name, e.g. A")
+    parser.add_argument("--site", help="site name, e.g. A (required unless --print-app-hash)")
+    parser.add_argument(
+        "--print-app-hash",
+        action="store_true",
+        help="print the sha256 of the fedmed app this installation accepts, then exit",
+    )
     parser.add_argument(
         "--config", type=Path, default=None, help="site config (default configs/sites/SITE.toml)"
     )
@@ -90,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if args.print_app_hash:
+        from fedmed.client.pinning import installed_app_hash
+
+        print(installed_app_hash())
+        return 0
+    if not args.site:
+        parser.error("--site is required")
     configure_logging(args.verbose)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 

@@ -9,6 +9,11 @@ The SuperNode gets the site's ``--node-config`` as a TOML file (``state-dir/node
 keys ``site``, ``data-dir``, ``cache-dir``, ``cache-mode``, ``device``, ``seed``, which the
 client app reads from ``context.node_config``.
 
+Before each start the site's app pin list (``state-dir/app-pins.txt``) and a ``flwr-clientapp``
+wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written, so the SuperNode
+runs only apps whose sha256 the site pinned (:mod:`fedmed.client.pinning`). The SuperNode's
+executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s).
+
 Example:
     >>> SiteNode(load_site_config(Path("configs/sites/A.toml"), site="A")).run()
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -29,12 +35,13 @@ from typing import IO
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fedmed.client.pinning import install_wrapper, site_pins, write_pins
 from fedmed.server.superlink import flower_env, start_process, stop_process, tail
 
 from fedmed.config import SiteConfig
 from fedmed.errors import FederationError, SecurityError
 
-__all__ = ["SiteNode", "supernode_command", "write_node_config"]
+__all__ = ["SiteNode", "node_env", "supernode_command", "write_node_config"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,18 @@ log = logging.getLogger(__name__)
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 _FLOWER_API_CODE = re.compile(r"\[code: (\d+)\]\s*([^\n]*)")
 _STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset the restart count
+EXECUTOR_POLL_S = "0.1"  # Flower's SuperExec polls its SuperNode for tasks every 1 s by default
+
+
+def node_env(config: SiteConfig) -> dict[str, str]:
+    """The SuperNode's environment: the site's pinned ``flwr-clientapp`` first on ``PATH``."""
+    pins = write_pins(config.state_dir / "app-pins.txt", site_pins(config.app_hashes))
+    wrapper = install_wrapper(config.state_dir / "bin", pins)
+    env = flower_env(
+        config.state_dir / "flwr-home", {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": EXECUTOR_POLL_S}
+    )
+    env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
+    return env
 
 
 def write_node_config(config: SiteConfig) -> Path:
@@ -136,7 +155,7 @@ class SiteNode:
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.proc = start_process(
             supernode_command(self.config, node_config),
-            env=flower_env(self.config.state_dir / "flwr-home"),
+            env=node_env(self.config),
             log_file=self.log_file,
             cwd=self.config.state_dir,
             echo=self.echo,

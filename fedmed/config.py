@@ -11,12 +11,13 @@ Every error is a :class:`~fedmed.errors.ConfigError` naming the file, the key an
 
 Example:
     >>> server = load_federation_config(Path("configs/federation.toml"))
-    >>> server.server.port, server.app["num-rounds"]
-    (9092, 2)
+    >>> server.server.port, server.server.control_port, server.app["num-rounds"]
+    (9092, 9093, 2)
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
 CACHE_MODES = ("memory", "disk", "none")
 _PATH_SUFFIXES = ("-dir", "-file", "-path")
 _MISSING = object()
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -90,9 +92,9 @@ class _Table:
             raise ConfigError(f"{self._where(key)} = {value!r} must be {bound}")
         return value
 
-    def port(self, key: str, default: Any = _MISSING) -> int:
+    def port(self, key: str, default: Any = _MISSING) -> Any:
         value = self.get(key, int, default)
-        if not 1 <= value <= 65535:
+        if value is not None and not 1 <= value <= 65535:
             raise ConfigError(f"{self._where(key)} = {value!r} must be a port in 1..65535")
         return value
 
@@ -126,8 +128,9 @@ class ServerConfig:
     Example TOML::
 
         [server]
-        host = "0.0.0.0"          # address to listen on
-        port = 9092               # one port: sites (Fleet API) and run submission (Control API)
+        host = "0.0.0.0"          # public address sites connect to
+        port = 9092               # public port: Flower's Fleet API and /health only, over TLS
+        control-port = 9093       # 127.0.0.1 only: run submission, key registration, Runtime API
         state-dir = "../runs/server"
         certs-dir = "../certs"    # ca.pem, server.pem, server.key from `fedmed certs`
         min-sites = 2
@@ -150,10 +153,21 @@ class ServerConfig:
     stream_logs: bool
     server_app: str = "fedmed.server.app"
     client_app: str = "fedmed.client.app"
+    control_port: int | None = None
 
     @property
     def local_address(self) -> str:
-        """``host:port`` this machine uses to reach its own SuperLink."""
+        """``127.0.0.1:control-port``: the private socket (Control and Runtime API).
+
+        Raises ValueError while ``control_port`` is None (chosen when the SuperLink starts).
+        """
+        if self.control_port is None:
+            raise ValueError("control_port is chosen when the SuperLink starts")
+        return f"127.0.0.1:{self.control_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """``host:port`` of the public socket (Fleet API) as seen from this machine."""
         host = self.host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
@@ -185,6 +199,9 @@ class SiteConfig:
         server-address = "127.0.0.1:9092"
         ca-cert = "../../certs/ca.pem"
         private-key = "../../certs/siteA.key"
+
+    ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
+    derived from its installed fedmed (see ``fedmed.client.pinning``).
     """
 
     path: Path
@@ -204,6 +221,7 @@ class SiteConfig:
     backoff_initial_s: float
     backoff_max_s: float
     check_data: bool
+    app_hashes: tuple[str, ...] = ()
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
@@ -301,7 +319,13 @@ def load_federation_config(path: Path) -> FederationConfig:
         stream_logs=table.get("stream-logs", bool, True),
         server_app=table.get("server-app", str, "fedmed.server.app"),
         client_app=table.get("client-app", str, "fedmed.client.app"),
+        control_port=table.port("control-port", None),
     )
+    if server.control_port == server.port:
+        raise ConfigError(
+            f"{path}: [server] control-port = {server.control_port} equals port: the private "
+            "control port must differ from the public port sites connect to"
+        )
     table.finish()
     app = _parse_app(path, data.get("app", {}))
     if app.get("min-sites", min_sites) != min_sites:
@@ -360,6 +384,13 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
             f"{path}: [connection] backoff-max = {backoff_max} is below backoff-initial = "
             f"{backoff_initial}"
         )
+    app_hashes = top.get("app-hash", list, [])
+    for digest in app_hashes:
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ConfigError(
+                f"{path}: app-hash entry {digest!r} must be a sha256 hex digest (64 characters "
+                "0-9a-f), as printed by `fedmed-client --print-app-hash`"
+            )
     state_dir = (
         top.path_value("state-dir", None) or (path.parent / f".fedmed-site-{name}").resolve()
     )
@@ -381,6 +412,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         max_restarts=conn.positive("max-restarts", int, 20, zero=True),
         backoff_initial_s=backoff_initial,
         backoff_max_s=backoff_max,
+        app_hashes=tuple(app_hashes),
     )
     top.finish()
     conn.finish()

@@ -1,8 +1,11 @@
 """``fedmed-server``: the central side (Flower SuperLink + the fedmed server app).
 
-Starts a SuperLink (TLS and site authentication on unless ``--insecure``), registers the
-allow-listed site keys, waits for ``min-sites`` sites (bounded), submits the fedmed app with the
-``[app]`` run config, streams the run's logs and exits 0 when the run completed. Ctrl-C or
+Starts a SuperLink (TLS and site authentication on unless ``--insecure``) whose public
+``host:port`` serves only Flower's Fleet API to the sites, while run submission and key
+registration stay on a private 127.0.0.1 control port (:mod:`fedmed.server.gateway`); registers
+the allow-listed site keys over the private port, waits for ``min-sites`` sites (bounded),
+submits the fedmed app (a shim FAB, the same for every run) with the ``[app]`` table as Flower's
+override run config, streams the run's logs and exits 0 when the run completed. Ctrl-C or
 SIGTERM stops the run and every process this command started.
 
 Example::
@@ -82,9 +85,7 @@ def run_server(config: FederationConfig) -> int:
                 timeout=server.wait_for_sites_s,
                 alive=link.alive,
             )
-            fab = build_fab(
-                config.app, server_module=server.server_app, client_module=server.client_app
-            )
+            fab = build_fab(server_module=server.server_app, client_module=server.client_app)
             run_id = submit_run(client, fab, run_config=config.app)
             outcome = wait_for_run(
                 client,

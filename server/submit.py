@@ -6,13 +6,15 @@ in flwr 1.41: ``init_http_client_from_connection``, ``build_fab_from_files``, ``
 ``tests/server/test_superlink_e2e.py`` exercises every one of them against a real SuperLink.
 
 The app shipped to the sites (the FAB) is a thin shim built in memory: a ``pyproject.toml``
-holding the run config and two modules that import the installed fedmed's apps, so every site
-runs the fedmed it installed. Same run config -> same bytes -> same FAB hash.
+declaring every run-config key with fedmed's defaults and two modules that import the installed
+fedmed's apps, so every site runs the fedmed it installed. It holds nothing per run: the run's
+values travel as Flower's ``override_config``, so the FAB's bytes (and sha256, which sites pin,
+see ``fedmed.client.pinning``) depend only on the fedmed version and the two module names.
 
 Example:
     >>> with control_client(link.address, ca_cert=ca) as client:
     ...     register_sites(client, {"A": Path("certs/siteA.pub")})
-    ...     run_id = submit_run(client, build_fab({"num-rounds": 2}))
+    ...     run_id = submit_run(client, build_fab(), run_config={"num-rounds": 2})
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ with warnings.catch_warnings():
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.fab import Fab
 
+from fedmed.server.settings import RunSettings
+
 from fedmed import __version__
-from fedmed.errors import FederationError, SecurityError
+from fedmed.errors import ConfigError, FederationError, SecurityError
 from fedmed.security.pki import load_site_public_key_pem
 
 __all__ = [
@@ -59,7 +63,9 @@ __all__ = [
     "RunOutcome",
     "build_fab",
     "control_client",
+    "default_run_config",
     "fab_files",
+    "fab_from_files",
     "online_sites",
     "register_sites",
     "run_status",
@@ -114,20 +120,26 @@ def _toml_value(value: str | int | float | bool) -> str:
     return f'"{escaped}"'
 
 
+def default_run_config() -> dict[str, str | int | float | bool]:
+    """Every run-config key with fedmed's default (the FAB's ``[tool.flwr.app.config]``).
+
+    Flower refuses override keys the FAB does not declare, so the FAB declares them all.
+    """
+    return RunSettings().to_run_config()
+
+
 def fab_files(
-    run_config: Mapping[str, str | int | float | bool],
     *,
     server_module: str = SERVER_MODULE,
     client_module: str = CLIENT_MODULE,
 ) -> dict[str, bytes]:
-    """The shim app's files (relative path -> bytes) for ``run_config``.
+    """The shim app's files (relative path -> bytes): no per-run content.
 
     ``server_module``/``client_module`` name installed modules exposing ``app``; tests point
     them at a minimal app.
     """
-    config_lines = "\n".join(
-        f'"{key}" = {_toml_value(run_config[key])}' for key in sorted(run_config)
-    )
+    defaults = default_run_config()
+    config_lines = "\n".join(f'"{key}" = {_toml_value(defaults[key])}' for key in sorted(defaults))
     pyproject = f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -160,13 +172,21 @@ clientapp = "fedmed_app.client_app:app"
 
 
 def build_fab(
-    run_config: Mapping[str, str | int | float | bool],
     *,
     server_module: str = SERVER_MODULE,
     client_module: str = CLIENT_MODULE,
 ) -> Fab:
-    """Build the shim app as a Flower FAB (deterministic bytes for the same config)."""
-    files = fab_files(run_config, server_module=server_module, client_module=client_module)
+    """Build the shim app as a Flower FAB (same fedmed version and modules -> same bytes).
+
+    Example:
+        >>> build_fab().hash_str == build_fab().hash_str
+        True
+    """
+    return fab_from_files(fab_files(server_module=server_module, client_module=client_module))
+
+
+def fab_from_files(files: Mapping[str, bytes]) -> Fab:
+    """Zip app files (relative path -> bytes) into a FAB the way ``flwr build`` does."""
     with warnings.catch_warnings():
         # flwr 1.41's build uses pathspec's "gitwildmatch", deprecated in pathspec 0.12.
         warnings.filterwarnings(
@@ -278,7 +298,19 @@ def submit_run(
     *,
     run_config: Mapping[str, str | int | float | bool] | None = None,
 ) -> int:
-    """Submit ``fab`` as a new run (``run_config`` overrides its defaults); return the run id."""
+    """Submit ``fab`` as a new run (``run_config`` overrides its defaults); return the run id.
+
+    Raises:
+        ConfigError: a ``run_config`` key is not a fedmed setting.
+        FederationError: the SuperLink refused the run.
+    """
+    known = default_run_config()
+    unknown = sorted(set(run_config or {}) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"[app] key(s) {', '.join(unknown)} are not fedmed run settings: use "
+            f"{', '.join(sorted(known))}"
+        )
     request = StartRunRequest(
         fab=fab_to_proto(fab),
         override_config=user_config_to_proto(dict(run_config or {})),

@@ -1,5 +1,10 @@
 """Start, watch and stop Flower processes: the SuperLink here, SuperNodes through the client.
 
+The SuperLink runs as ``python -m fedmed.server.gateway`` (Flower's SuperLink app served on a
+private 127.0.0.1 socket with everything and a public socket with only the Fleet API, see
+:mod:`fedmed.server.gateway`): ``fedmed-server`` talks to :attr:`SuperLink.address` (private),
+sites connect to :attr:`SuperLink.fleet_address` (public).
+
 Flower's SuperLink starts ``flower-superexec`` and ``flwr-serverapp`` by name through ``PATH``
 (it dies with exit code 3 when they are missing), so :func:`flower_env` puts this interpreter's
 ``bin`` first. Each process gets its own ``FLWR_HOME``, telemetry off, no update check and no
@@ -9,16 +14,18 @@ SuperLink's executor and server-app children included) by process group id.
 
 Example:
     >>> with SuperLink(config.server) as link:   # started, healthy
-    ...     link.address
-    '127.0.0.1:9092'
+    ...     link.address, link.fleet_address
+    ('127.0.0.1:9093', '127.0.0.1:9092')
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +44,7 @@ from fedmed.errors import FederationError, SecurityError
 __all__ = [
     "SuperLink",
     "flower_env",
+    "free_loopback_port",
     "start_process",
     "stop_process",
     "superlink_command",
@@ -144,15 +152,35 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def superlink_command(config: ServerConfig) -> list[str]:
-    """The ``flower-superlink`` command line for ``config``."""
+    """The gateway command line (``flower-superlink`` flags after ``--``) for ``config``.
+
+    Flower's ``--host/--port`` is the private loopback socket: its executor and server app
+    connect there; the public socket is the gateway's ``--public-host/--public-port``.
+    """
+    if config.control_port is None:
+        raise ValueError("choose config.control_port before building the command")
     state = config.state_dir
     command = [
-        str(Path(sys.executable).parent / "flower-superlink"),
-        "--host",
+        sys.executable,
+        "-m",
+        "fedmed.server.gateway",
+        "--public-host",
         config.host,
-        "--port",
+        "--public-port",
         str(config.port),
+        "--",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(config.control_port),
         "--database",
         str(state / "superlink.db"),
         "--disable-runtime-dependency-installation",
@@ -195,7 +223,7 @@ def wait_for_health(
             if proc is not None and proc.poll() is not None:
                 detail = tail(log_file) if log_file else ""
                 raise FederationError(
-                    f"flower-superlink exited with code {proc.returncode} while starting "
+                    f"the SuperLink exited with code {proc.returncode} while starting "
                     f"(log {log_file}):\n{detail}"
                 )
             try:
@@ -212,12 +240,15 @@ def wait_for_health(
 
 
 class SuperLink:
-    """A ``flower-superlink`` process owned by this object (context manager).
+    """A SuperLink process (the gateway) owned by this object (context manager).
 
     The database ``state_dir/superlink.db`` keeps runs and site registrations across restarts.
+    A ``config.control_port`` of None becomes a free loopback port at construction.
     """
 
     def __init__(self, config: ServerConfig) -> None:
+        if config.control_port is None:
+            config = dataclasses.replace(config, control_port=free_loopback_port())
         self.config = config
         self.home = config.state_dir / "flwr-home"
         self.log_file = config.state_dir / "logs" / "superlink.log"
@@ -225,8 +256,13 @@ class SuperLink:
 
     @property
     def address(self) -> str:
-        """``host:port`` of this SuperLink as seen from this machine."""
+        """``127.0.0.1:control-port``: the private socket (run submission, key registration)."""
         return self.config.local_address
+
+    @property
+    def fleet_address(self) -> str:
+        """The public socket (Fleet API only) as seen from this machine: sites connect here."""
+        return self.config.fleet_address
 
     def _check_files(self) -> None:
         if self.config.insecure:
@@ -258,15 +294,23 @@ class SuperLink:
             log_file=self.log_file,
             cwd=self.config.state_dir,
         )
-        log.info("SuperLink pid %d on %s (log %s)", self.proc.pid, self.address, self.log_file)
+        log.info(
+            "SuperLink pid %d on %s:%d for sites (Fleet API only), control on %s (log %s)",
+            self.proc.pid,
+            self.config.host,
+            self.config.port,
+            self.address,
+            self.log_file,
+        )
         try:
-            wait_for_health(
-                self.address,
-                ca_cert=self.config.ca_cert,
-                timeout=self.config.startup_timeout_s,
-                proc=self.proc,
-                log_file=self.log_file,
-            )
+            for address in (self.address, self.fleet_address):
+                wait_for_health(
+                    address,
+                    ca_cert=self.config.ca_cert,
+                    timeout=self.config.startup_timeout_s,
+                    proc=self.proc,
+                    log_file=self.log_file,
+                )
         except BaseException:
             self.stop()
             raise

@@ -50,6 +50,8 @@ def test_shipped_federation_config_loads_and_resolves_paths() -> None:
     assert config.app["num-rounds"] == 2
     assert config.app["min-sites"] == config.server.min_sites
     assert config.app["data-dir"] == str((CONFIGS.parent / "demo/data/holdout").resolve())
+    assert (config.server.port, config.server.control_port) == (9092, 9093)
+    assert config.server.local_address == "127.0.0.1:9093"
 
 
 @pytest.mark.parametrize("site", ["A", "B"])
@@ -79,7 +81,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert config.server.state_dir == tmp_path / "state"
     assert config.server.server_key == tmp_path / "certs" / "server.key"
     assert config.app["data-dir"] == str(tmp_path / "holdout")
-    assert config.server.local_address == "127.0.0.1:9100"
+    assert config.server.fleet_address == "127.0.0.1:9100"
+    assert config.server.control_port is None  # a free loopback port is chosen at start
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ("[app]", "[application]", r"unknown table\(s\) application"),
         ("num-rounds = 2", "num-rounds = 2\nmin-sites = 1", "differs from"),
         ("[server]", "[server", "is not valid TOML"),
+        ("port = 9100", "port = 9100\ncontrol-port = 9100", "control-port = 9100 equals port"),
+        ("port = 9100", "port = 9100\ncontrol-port = 0", r"control-port = 0 must be a port"),
     ],
     ids=[
         "port-range",
@@ -113,6 +118,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         "unknown-table",
         "min-sites-twice",
         "bad-toml",
+        "control-port-same",
+        "control-port-range",
     ],
 )
 def test_federation_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
@@ -148,6 +155,13 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
     }
     assert config.runtime_port == 9094
     assert config.max_restarts == 20
+    assert config.app_hashes == ()
+
+
+def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    text = SITE.replace('data-dir = "data"', f'data-dir = "data"\napp-hash = ["{digest}"]')
+    assert load_site_config(_write(tmp_path, text), site="A").app_hashes == (digest,)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +181,8 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         ("[connection]", "[connection]\nbackoff-max = 0.5", "backoff-max = 0.5 is below"),
         ("[connection]", "[connection]\nmax-restarts = -1", "max-restarts = -1 must be >= 0"),
         ("[connection]", "[connection]\nport = 1", r"\[connection\] has unknown key\(s\) port"),
+        ('data-dir = "data"', 'data-dir = "data"\napp-hash = ["abc"]', "app-hash entry 'abc'"),
+        ('data-dir = "data"', 'data-dir = "data"\napp-hash = "x"', "app-hash = 'x' must be list"),
     ],
     ids=[
         "other-site",
@@ -179,6 +195,8 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "backoff",
         "restarts",
         "typo",
+        "app-hash-short",
+        "app-hash-type",
     ],
 )
 def test_site_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:

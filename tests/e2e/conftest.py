@@ -16,6 +16,15 @@ from fedmed.config import ServerConfig, SiteConfig
 from fedmed.security.pki import PkiManifest, write_pki
 
 E2E_DIR = Path(__file__).resolve().parent
+# The minimal app's shim (``build_fab(**MINIMAL_APP)``); sites here pin it next to fedmed's.
+MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
+
+
+def minimal_app_hash() -> str:
+    """sha256 of the minimal app's shim FAB."""
+    from fedmed.server.submit import build_fab
+
+    return build_fab(**MINIMAL_APP).hash_str
 
 
 def free_port() -> int:
@@ -67,7 +76,10 @@ def _server_config(pki: PkiManifest, state_dir: Path, *, min_sites: int = 2) -> 
 def _site_config(
     pki: PkiManifest, site: str, address: str, state_dir: Path, *, max_restarts: int = 3
 ) -> SiteConfig:
-    """Site ``site`` connecting to ``address`` with its own key, state and runtime port."""
+    """Site ``site`` connecting to ``address`` with its own key, state and runtime port.
+
+    It pins the minimal app (and, as every site, the installed fedmed app).
+    """
     return SiteConfig(
         path=state_dir / f"{site}.toml",
         site=site,
@@ -86,6 +98,7 @@ def _site_config(
         backoff_initial_s=1.0,
         backoff_max_s=2.0,
         check_data=False,
+        app_hashes=(minimal_app_hash(),),
     )
 
 

@@ -30,6 +30,8 @@ from fedmed.errors import FederationError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
+
 
 @pytest.fixture(scope="module")
 def link(pki, tmp_path_factory, e2e_pythonpath, make_server_config) -> Iterator[SuperLink]:
@@ -66,7 +68,7 @@ def test_unregistered_site_key_is_refused(
     client, link, pki, tmp_path: Path, make_site_config
 ) -> None:
     register_sites(client, link.config.sites)
-    node = SiteNode(make_site_config(pki, "X", link.address, tmp_path, max_restarts=0))
+    node = SiteNode(make_site_config(pki, "X", link.fleet_address, tmp_path, max_restarts=0))
 
     with pytest.raises(FederationError, match=r"Flower exit code 305.*code 2004"):
         node.run()
@@ -78,21 +80,22 @@ def test_two_sites_complete_two_rounds(client, link, pki, tmp_path: Path, make_s
     # Prepare
     register_sites(client, link.config.sites)
     nodes = [
-        SiteNode(make_site_config(pki, site, link.address, tmp_path / site)) for site in ("A", "B")
+        SiteNode(make_site_config(pki, site, link.fleet_address, tmp_path / site))
+        for site in ("A", "B")
     ]
     threads = [_run_in_thread(node) for node in nodes]
     logs = io.StringIO()
     try:
         wait_for_sites(client, min_sites=2, timeout=90)
-        fab = build_fab(
-            {"num-rounds": 2, "min-sites": 2, "out-dir": str(tmp_path / "out")},
-            server_module="fedmed_e2e_app:server",
-            client_module="fedmed_e2e_app:client",
-        )
+        fab = build_fab(**MINIMAL_APP)
 
         # Execute
         start = time.monotonic()
-        run_id = submit_run(client, fab)
+        run_id = submit_run(
+            client,
+            fab,
+            run_config={"num-rounds": 2, "min-sites": 2, "out-dir": str(tmp_path / "out")},
+        )
         outcome = wait_for_run(client, run_id, timeout=180, log_sink=logs.write)
         seconds = time.monotonic() - start
     finally:
@@ -118,14 +121,11 @@ def test_restart_with_same_state_dir_keeps_registrations_and_stops_stale_runs(
 ) -> None:
     # Prepare: a second SuperLink with its own database and a run left waiting for sites
     config = make_server_config(pki, tmp_path / "state")
-    fab = build_fab(
-        {"num-rounds": 1, "min-sites": 2, "out-dir": str(tmp_path / "out")},
-        server_module="fedmed_e2e_app:server",
-        client_module="fedmed_e2e_app:client",
-    )
+    fab = build_fab(**MINIMAL_APP)
+    run_config = {"num-rounds": 1, "min-sites": 2, "out-dir": str(tmp_path / "out")}
     with SuperLink(config) as first, control_client(first.address, ca_cert=pki.ca_cert) as c:
         registered = register_sites(c, config.sites)
-        stale_run = submit_run(c, fab)
+        stale_run = submit_run(c, fab, run_config=run_config)
     assert all(registered.values())
     assert (tmp_path / "state" / "superlink.db").is_file()
 
@@ -147,7 +147,7 @@ def test_site_trains_after_superlink_restart(
 ) -> None:
     # Prepare: a SuperLink and site A online
     config = make_server_config(pki, tmp_path / "state", min_sites=1)
-    node = SiteNode(make_site_config(pki, "A", config.local_address, tmp_path / "A"))
+    node = SiteNode(make_site_config(pki, "A", config.fleet_address, tmp_path / "A"))
     first = SuperLink(config)
     first.start()
     thread = None
@@ -163,12 +163,9 @@ def test_site_trains_after_superlink_restart(
         second.start()
         try:
             with control_client(second.address, ca_cert=pki.ca_cert) as c:
-                fab = build_fab(
-                    {"num-rounds": 1, "min-sites": 1, "out-dir": str(tmp_path / "out")},
-                    server_module="fedmed_e2e_app:server",
-                    client_module="fedmed_e2e_app:client",
-                )
-                outcome = wait_for_run(c, submit_run(c, fab), timeout=180)
+                run_config = {"num-rounds": 1, "min-sites": 1, "out-dir": str(tmp_path / "out")}
+                run_id = submit_run(c, build_fab(**MINIMAL_APP), run_config=run_config)
+                outcome = wait_for_run(c, run_id, timeout=180)
         finally:
             second.stop()
     finally:
@@ -194,13 +191,11 @@ def test_waiting_for_sites_is_bounded(client, link) -> None:
 
 
 def test_a_failing_server_app_ends_the_run_as_failed(client, tmp_path: Path) -> None:
-    # The minimal server app needs num-rounds: without it the server app raises.
-    fab = build_fab(
-        {"out-dir": str(tmp_path)},
-        server_module="fedmed_e2e_app:server",
-        client_module="fedmed_e2e_app:client",
-    )
-    outcome = wait_for_run(client, submit_run(client, fab), timeout=120)
+    # The minimal server app cannot create its out-dir under a regular file: it raises.
+    (tmp_path / "file").write_text("")
+    run_config = {"num-rounds": 0, "min-sites": 0, "out-dir": str(tmp_path / "file" / "out")}
+    run_id = submit_run(client, build_fab(**MINIMAL_APP), run_config=run_config)
+    outcome = wait_for_run(client, run_id, timeout=120)
 
     assert not outcome.ok
     assert outcome.status == "finished:failed"

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fedmed.server.submit import build_fab
 
 from fedmed.security.pki import write_pki
 
@@ -34,6 +35,7 @@ def free_port() -> int:
 
 
 RUN_TIMEOUT = 540.0
+MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
 
 
 def _env() -> dict[str, str]:
@@ -104,6 +106,12 @@ def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Pa
             f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
             "backoff-initial = 1.0\nbackoff-max = 4.0\n"
         )
+        if app == "minimal":  # sites pin the minimal app on top of the installed fedmed app
+            text = sites[site].read_text()
+            digest = build_fab(**MINIMAL_APP).hash_str
+            sites[site].write_text(
+                text.replace("[connection]", f'app-hash = ["{digest}"]\n[connection]')
+            )
     return federation, sites
 
 

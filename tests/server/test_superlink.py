@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fedmed.server.submit import build_fab, fab_files
+from fedmed.server.submit import build_fab, default_run_config, fab_files, submit_run
 from fedmed.server.superlink import (
     flower_env,
     start_process,
@@ -20,7 +20,7 @@ from fedmed.server.superlink import (
 )
 
 from fedmed.config import ServerConfig
-from fedmed.errors import FederationError
+from fedmed.errors import ConfigError, FederationError
 
 
 def _server_config(tmp_path: Path, *, insecure: bool = False) -> ServerConfig:
@@ -39,13 +39,18 @@ def _server_config(tmp_path: Path, *, insecure: bool = False) -> ServerConfig:
         run_timeout_s=1.0,
         startup_timeout_s=1.0,
         stream_logs=False,
+        control_port=9124,
     )
 
 
 def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path) -> None:
     command = superlink_command(_server_config(tmp_path))
 
-    assert command[0] == str(Path(sys.executable).parent / "flower-superlink")
+    assert command[:3] == [sys.executable, "-m", "fedmed.server.gateway"]
+    gateway, flower = command[: command.index("--")], command[command.index("--") + 1 :]
+    assert gateway[3:] == ["--public-host", "0.0.0.0", "--public-port", "9123"]
+    # Flower's own host/port is the private loopback socket its executor connects to.
+    assert flower[:4] == ["--host", "127.0.0.1", "--port", "9124"]
     assert command[command.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
     assert command[command.index("--ssl-certfile") + 1] == str(tmp_path / "certs" / "server.pem")
     assert "--enable-supernode-auth" in command
@@ -61,8 +66,23 @@ def test_insecure_superlink_command_has_no_tls_or_auth(tmp_path: Path) -> None:
     assert not any(arg.startswith("--ssl") for arg in command)
 
 
-def test_local_address_for_wildcard_host(tmp_path: Path) -> None:
-    assert _server_config(tmp_path).local_address == "127.0.0.1:9123"
+def test_local_address_is_the_private_port_and_fleet_address_the_public_one(
+    tmp_path: Path,
+) -> None:
+    config = _server_config(tmp_path)
+    assert config.local_address == "127.0.0.1:9124"
+    assert config.fleet_address == "127.0.0.1:9123"
+
+
+def test_superlink_picks_a_free_control_port_when_none_is_configured(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fedmed.server.superlink import SuperLink
+
+    link = SuperLink(dataclasses.replace(_server_config(tmp_path), control_port=None))
+    port = link.config.control_port
+    assert port is not None and port not in (0, 9123)
+    assert link.address == f"127.0.0.1:{port}"
 
 
 def test_flower_env_isolates_home_and_disables_egress(tmp_path: Path, monkeypatch) -> None:
@@ -145,10 +165,10 @@ def test_wait_for_health_reports_an_exited_process(tmp_path: Path) -> None:
         wait_for_health("127.0.0.1:9", ca_cert=None, timeout=5, proc=proc, log_file=log_file)
 
 
-def test_fab_is_deterministic_and_carries_the_run_config() -> None:
-    first = build_fab({"num-rounds": 2, "lr": 0.001, "data-dir": "/data/hold out"})
-    second = build_fab({"data-dir": "/data/hold out", "lr": 0.001, "num-rounds": 2})
-    other = build_fab({"num-rounds": 3, "lr": 0.001, "data-dir": "/data/hold out"})
+def test_fab_is_deterministic_and_holds_no_run_config() -> None:
+    first = build_fab()
+    second = build_fab()
+    other = build_fab(server_module="pkg.mod:server", client_module="pkg.mod:client")
 
     assert first.hash_str == second.hash_str
     assert first.hash_str != other.hash_str
@@ -162,10 +182,10 @@ def test_fab_is_deterministic_and_carries_the_run_config() -> None:
     ]
 
 
-def test_fab_pyproject_is_a_valid_flower_app_with_the_config() -> None:
+def test_fab_pyproject_declares_every_setting_with_its_default() -> None:
     import tomllib
 
-    files = fab_files({"num-rounds": 2, "fedbn": True, "out-dir": 'a "quoted" path'})
+    files = fab_files()
     project = tomllib.loads(files["pyproject.toml"].decode())
 
     assert project["project"]["name"] == "fedmed-app"
@@ -174,24 +194,27 @@ def test_fab_pyproject_is_a_valid_flower_app_with_the_config() -> None:
         "serverapp": "fedmed_app.server_app:app",
         "clientapp": "fedmed_app.client_app:app",
     }
-    assert project["tool"]["flwr"]["app"]["config"] == {
-        "num-rounds": 2,
-        "fedbn": True,
-        "out-dir": 'a "quoted" path',
-    }
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert config == default_run_config()
+    assert config["num-rounds"] == 3 and config["strategy"] == "fedavg"
     assert files["fedmed_app/server_app.py"].startswith(b"from fedmed.server.app import app\n")
     assert files["fedmed_app/client_app.py"].startswith(b"from fedmed.client.app import app\n")
 
 
+def test_submit_refuses_an_unknown_run_config_key_before_contacting_the_superlink() -> None:
+    with pytest.raises(ConfigError, match=r"\[app\] key\(s\) num-round are not fedmed"):
+        submit_run(None, build_fab(), run_config={"num-round": 2})  # type: ignore[arg-type]
+
+
 def test_fab_shim_can_point_at_another_app_attribute() -> None:
-    files = fab_files({}, server_module="pkg.mod:server", client_module="pkg.mod:client")
+    files = fab_files(server_module="pkg.mod:server", client_module="pkg.mod:client")
     assert files["fedmed_app/server_app.py"].startswith(b"from pkg.mod import server as app\n")
     with pytest.raises(ValueError, match="not a module"):
-        fab_files({}, server_module="os; rm -rf")
+        fab_files(server_module="os; rm -rf")
 
 
 def test_shim_modules_compile() -> None:
-    modules = {n: c for n, c in fab_files({"x": 1}).items() if n.endswith(".py")}
+    modules = {n: c for n, c in fab_files().items() if n.endswith(".py")}
     assert len(modules) == 3
     for name, content in modules.items():
         compile(content, name, "exec")
