@@ -7,13 +7,12 @@ The server app and the client app stay thin over this module:
 - :func:`build_network`, :func:`model_arrays`, :func:`norm_layer_keys` make the global model,
   its state as numpy arrays, and the normalization-layer keys FedBN keeps at each site.
 - :class:`SiteTask` trains one round on a site's data folder and evaluates on its validation
-  split; :func:`evaluate_folder` runs a model on a labelled folder (the server's held-out set).
+  split; :func:`evaluate_folder` runs a model on a labelled folder (the server's held-out set);
+  :func:`predict_volume` is the inference both use (and ``fedmed infer``).
 
-Pipeline: NIfTI -> canonical RAS orientation -> CT window [-1000, 400] HU to [0, 1] (cached
-per case: in memory, or on disk in the site's cache folder) -> random patches sampled by label
-(half of them centred on a lesion voxel). COPLE-Net trains on 2D axial patches (one slice, a
-depth-1 patch) and predicts whole slices; the U-Nets train on 3D patches and predict with a
-sliding window.
+The data pipeline (cached preprocessing, random patches, batches) is :mod:`fedmed.pipeline`.
+COPLE-Net trains on 2D axial patches and predicts whole slices; the U-Nets train on 3D patches
+and predict with a sliding window.
 
 Example:
     >>> cfg = TrainConfig(model="coplenet", model_features=(8, 16, 32, 64, 128),
@@ -29,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,18 +37,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmed.data import CacheDataset, PersistentDataset
 from fedmed.errors import ConfigError, DataError, ModelError
 from fedmed.inference import slicewise_inference, sliding_window_inference
-from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.io.msd import split_cases
 from fedmed.metrics import evaluate_case
 from fedmed.nets import build_model
+from fedmed.pipeline import (
+    PatchSamples,
+    PipelineSettings,
+    Volumes,
+    cached_volumes,
+    load_cases,
+    patch_loader,
+)
 from fedmed.train import LocalTrainer
 from fedmed.train import TrainConfig as LocalConfig
-from fedmed.transforms.base import Compose
-from fedmed.transforms.intensity import ScaleIntensityRanged
-from fedmed.transforms.loading import LoadImaged
-from fedmed.transforms.spatial import Orientationd
 
 __all__ = [
     "SiteTask",
@@ -58,7 +60,9 @@ __all__ = [
     "build_network",
     "ensure_app_logging",
     "evaluate_folder",
+    "evaluate_model",
     "load_arrays",
+    "local_config",
     "model_arrays",
     "norm_layer_keys",
     "predict_volume",
@@ -68,9 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_HU_WINDOW = (-1000.0, 400.0)
-_POS_FRACTION = 0.5
-_PATCHES_PER_CASE_3D = 4
 
 
 @dataclass(frozen=True)
@@ -212,118 +213,54 @@ def load_arrays(
     )
 
 
-def _pipeline() -> Compose:
-    return Compose(
-        [
-            LoadImaged(["image", "label"]),
-            Orientationd(["image", "label"], "RAS"),
-            ScaleIntensityRanged("image", *_HU_WINDOW),
-        ]
-    )
-
-
-def _cases_dataset(
-    cases: Sequence[dict[str, str]], *, cache_dir: str | Path | None, cache_mode: str
-) -> Any:
-    if cache_mode == "disk" and cache_dir:
-        return PersistentDataset(list(cases), _pipeline(), Path(cache_dir) / "volumes")
-    rate = 0.0 if cache_mode == "none" else 1.0
-    return CacheDataset(list(cases), _pipeline(), cache_rate=rate, num_workers=1, progress=False)
-
-
-def _crop(x: torch.Tensor, center: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """Crop the trailing ``len(size)`` axes of ``x`` around ``center``, zero-padding as needed."""
-    spatial = x.shape[-len(size) :]
-    pads: list[int] = []
-    index = [slice(None)] * (x.ndim - len(size))
-    for c, s, dim in zip(center, size, spatial, strict=True):
-        start = min(max(int(c) - s // 2, 0), max(dim - s, 0))
-        index.append(slice(start, start + s))
-        pads.append(max(s - dim, 0))
-    out = x[tuple(index)]
-    if any(pads):
-        flat = [p for pad in reversed(pads) for p in (0, pad)]
-        out = torch.nn.functional.pad(out, flat)
-    return out
-
-
-def _sample(
-    item: Mapping[str, Any], cfg: TrainConfig, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    image, label = item["image"], item["label"]  # (C, X, Y, Z), (1, X, Y, Z)
-    fg = torch.nonzero(label[0] > 0)
-    if len(fg) and rng.random() < _POS_FRACTION:
-        center = fg[int(rng.integers(len(fg)))].tolist()
-    else:
-        center = [int(rng.integers(s)) for s in label.shape[1:]]
-    if cfg.spatial_dims == 2:
-        z = center[2]
-        return (
-            _crop(image[..., z], center[:2], cfg.patch_size),
-            _crop(label[..., z], center[:2], cfg.patch_size),
-        )
-    return _crop(image, center, cfg.patch_size), _crop(label, center, cfg.patch_size)
-
-
-class _PatchBatches:
-    """Random batches of patches, ``len()`` batches per epoch; ``dataset`` sizes an epoch in
-    samples (what LocalTrainer reports as ``num_examples``)."""
-
-    def __init__(
-        self, items: Any, cfg: TrainConfig, samples_per_epoch: int, rng: np.random.Generator
-    ) -> None:
-        self.items, self.cfg, self.rng = items, cfg, rng
-        self.dataset = range(samples_per_epoch)
-
-    def __len__(self) -> int:
-        return max(1, math.ceil(len(self.dataset) / self.cfg.batch_size))
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for _ in range(len(self)):
-            picks = self.rng.integers(len(self.items), size=self.cfg.batch_size)
-            batch = [_sample(self.items[int(i)], self.cfg, self.rng) for i in picks]
-            yield {
-                "image": torch.stack([b[0] for b in batch]),
-                "label": torch.stack([b[1] for b in batch]),
-            }
-
-
-def predict_volume(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Label map (X, Y, Z) for a (C, X, Y, Z) image: COPLE-Net on whole axial slices, the
-    U-Nets with a sliding window of the patch size (25 % overlap, Gaussian blending)."""
-    model.eval()
+def _probabilities(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Class probabilities (1, C_out, X, Y, Z) of a (C, X, Y, Z) image, in the model's mode."""
     device = next(model.parameters()).device
     batch = image.unsqueeze(0)
     if cfg.spatial_dims == 2:
         x, y = batch.shape[2:4]
         pad_x, pad_y = -x % 16, -y % 16  # COPLE-Net's four poolings need multiples of 16
         padded = torch.nn.functional.pad(batch, (0, 0, 0, pad_y, 0, pad_x))
-        probs = slicewise_inference(padded, model, batch_size=8, device=device)[:, :, :x, :y]
-    else:
-        probs = sliding_window_inference(batch, cfg.patch_size, model, device=device)
-    return probs[0].argmax(0)
+        return slicewise_inference(padded, model, batch_size=8, device=device)[:, :, :x, :y]
+    return sliding_window_inference(batch, cfg.patch_size, model, device=device)
 
 
-def _evaluate_items(
-    model: nn.Module, items: Sequence[Mapping[str, Any]], cfg: TrainConfig
-) -> list[dict[str, Any]]:
-    results = []
-    for item in items:
+@torch.no_grad()
+def predict_volume(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Label map (X, Y, Z) for a (C, X, Y, Z) image: COPLE-Net on whole axial slices, the
+    U-Nets with a sliding window of the patch size (25 % overlap, Gaussian blending)."""
+    model.eval()
+    return _probabilities(model, image, cfg)[0].argmax(0)
+
+
+def _mean_over_classes(metrics: Mapping[str, float], name: str, classes: int) -> float:
+    values = [metrics[f"{name}_{c}"] for c in range(1, classes)]
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def evaluate_model(model: nn.Module, volumes: Volumes, cfg: TrainConfig) -> dict[str, Any]:
+    """Dice and HD95 (mm) of ``model`` on preprocessed labelled ``volumes``.
+
+    Returns ``{"dice": mean, "hd95": mean, "cases": [{"case", "dice", "hd95"}, ...]}``; the
+    means skip NaN (HD95 is NaN when a mask is empty).
+    """
+    per_case = []
+    for index in range(len(volumes)):
+        item = volumes[index]
         pred = predict_volume(model, item["image"], cfg)
         spacing = item.get("image_meta", {}).get("spacing")
         m = evaluate_case(
             pred.numpy(), item["label"][0].numpy(), num_classes=cfg.out_channels, spacing=spacing
         )
-        results.append(
+        per_case.append(
             {
-                "case": str(item.get("case_id", len(results))),
-                "dice": float(np.nanmean([m[f"dice_{c}"] for c in range(1, cfg.out_channels)])),
-                "hd95": float(np.nanmean([m[f"hd95_{c}"] for c in range(1, cfg.out_channels)]))
-                if not all(math.isnan(m[f"hd95_{c}"]) for c in range(1, cfg.out_channels))
-                else math.nan,
+                "case": str(item.get("case_id", index)),
+                "dice": _mean_over_classes(m, "dice", cfg.out_channels),
+                "hd95": _mean_over_classes(m, "hd95", cfg.out_channels),
             }
         )
-    return results
+    return {**_summary(per_case), "cases": per_case}
 
 
 def _summary(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -343,12 +280,12 @@ def adapt_norm_statistics(
 
     Under FedBN the global model has no trained normalization statistics (each site keeps its
     own); the server uses this to evaluate it on its held-out images. Only the images are used,
-    never the labels; everything but the BatchNorm layers stays in eval mode.
+    never the labels; everything but the BatchNorm layers stays in eval mode. The statistics
+    average over every batch the inference of each image runs (slices or windows).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    device = next(model.parameters()).device
     model.eval()
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -357,17 +294,7 @@ def adapt_norm_statistics(
         m.train()
     try:
         for image in images:
-            if cfg.spatial_dims == 2:
-                slices = image.permute(3, 0, 1, 2)
-                pad_x, pad_y = -slices.shape[2] % 16, -slices.shape[3] % 16
-                slices = torch.nn.functional.pad(slices, (0, pad_y, 0, pad_x))
-                for first in range(0, slices.shape[0], 8):
-                    model(slices[first : first + 8].to(device))
-            else:
-                rng = np.random.default_rng(0)
-                for _ in range(_PATCHES_PER_CASE_3D):
-                    center = [int(rng.integers(s)) for s in image.shape[1:]]
-                    model(_crop(image, center, cfg.patch_size).unsqueeze(0).to(device))
+            _probabilities(model, image, cfg)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
@@ -381,24 +308,21 @@ def evaluate_folder(
     *,
     device: str = "auto",
     adapt_norm: bool = False,
+    settings: PipelineSettings | None = None,
 ) -> dict[str, Any]:
-    """Dice and HD95 (mm) of ``weights`` on every labelled case of ``folder``.
+    """Dice and HD95 (mm) of ``weights`` on every labelled case of ``folder``
+    (:func:`evaluate_model`'s result).
 
-    Returns ``{"dice": mean, "hd95": mean, "cases": [{"case", "dice", "hd95"}, ...]}``; the
-    means skip NaN (HD95 is NaN when a mask is empty). ``weights`` may lack the normalization
-    layers (FedBN); ``adapt_norm`` then re-estimates their statistics on the folder's images
-    (:func:`adapt_norm_statistics`) before predicting.
+    ``weights`` may lack the normalization layers (FedBN); ``adapt_norm`` then re-estimates
+    their statistics on the folder's images (:func:`adapt_norm_statistics`) before predicting.
     """
     model = build_network(cfg)
     load_arrays(model, weights, partial=True)
     model.to(resolve_device(device))
-    dataset = load_site_dataset(folder)
-    items = _cases_dataset(dataset.cases, cache_dir=None, cache_mode="memory")
-    cases = [items[i] for i in range(len(items))]
+    volumes = cached_volumes(load_cases([folder]), settings or PipelineSettings())
     if adapt_norm:
-        adapt_norm_statistics(model, [c["image"] for c in cases], cfg)
-    per_case = _evaluate_items(model, cases, cfg)
-    return {**_summary(per_case), "cases": per_case}
+        adapt_norm_statistics(model, [volumes[i]["image"] for i in range(len(volumes))], cfg)
+    return evaluate_model(model, volumes, cfg)
 
 
 class SiteTask:
@@ -406,8 +330,9 @@ class SiteTask:
 
     Args:
         data_dir: the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs).
-        cache_dir: where the disk cache lives (``cache_mode="disk"``).
-        cache_mode: ``memory`` (cache volumes in RAM), ``disk`` or ``none``.
+        cache_dir: where the disk cache lives (``cache_mode`` ``disk``/``disk-encrypted``).
+        cache_mode: ``memory`` (cache volumes in RAM), ``disk``, ``disk-encrypted`` or ``none``
+            (see :class:`~fedmed.pipeline.PipelineSettings`, which ``settings`` overrides).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         val_fraction, seed: the deterministic by-patient train/validation split.
 
@@ -426,21 +351,24 @@ class SiteTask:
         device: str = "auto",
         val_fraction: float = 0.2,
         seed: int = 0,
+        settings: PipelineSettings | None = None,
     ) -> None:
-        dataset = load_site_dataset(data_dir)
-        train, val = split_cases(dataset.cases, val_fraction=val_fraction, seed=seed)
+        if settings is None:
+            settings = PipelineSettings(
+                cache_mode=cache_mode, cache_dir=Path(cache_dir) if cache_dir else None
+            )
+        train, val = split_cases(load_cases([data_dir]), val_fraction=val_fraction, seed=seed)
         if not train:
             raise DataError(f"{data_dir}: no training cases after the validation split")
         self.device = resolve_device(device)
+        self.settings = settings
         self.num_train_cases, self.num_val_cases = len(train), len(val)
-        self.train = _cases_dataset(train, cache_dir=cache_dir, cache_mode=cache_mode)
-        self.val = _cases_dataset(val, cache_dir=cache_dir, cache_mode=cache_mode)
+        self.train = cached_volumes(train, settings)
+        self.val = cached_volumes(val, settings)
 
     def samples_per_epoch(self, cfg: TrainConfig) -> int:
         """Training samples in one local epoch (2D: every axial slice; 3D: patches per case)."""
-        if cfg.spatial_dims == 3:
-            return _PATCHES_PER_CASE_3D * len(self.train)
-        return sum(int(self.train[i]["image"].shape[-1]) for i in range(len(self.train)))
+        return len(PatchSamples(self.train, cfg.patch_size, seed=0))
 
     def train_round(
         self,
@@ -462,21 +390,13 @@ class SiteTask:
         if local_arrays:
             load_arrays(model, local_arrays, partial=True)
         load_arrays(model, global_arrays, partial=True)
-        rng = np.random.default_rng([cfg.seed, cfg.server_round])
-        batches = _PatchBatches(self.train, cfg, self.samples_per_epoch(cfg), rng)
-        trainer = LocalTrainer(
-            model,
-            config=LocalConfig(
-                epochs=cfg.local_epochs,
-                steps=cfg.local_steps or None,
-                lr=cfg.lr,
-                proximal_mu=cfg.proximal_mu,
-                loss="nr_dice" if cfg.model == "coplenet" else "dice_ce",
-            ),
-            device=self.device,
+        round_seed = int(np.random.default_rng([cfg.seed, cfg.server_round]).integers(2**31))
+        batches = patch_loader(
+            self.train, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=round_seed
         )
+        trainer = LocalTrainer(model, config=local_config(cfg), device=self.device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**31)))
+            torch.manual_seed(round_seed)
             # global_weights=None: the FedProx anchor is the model as loaded (global weights,
             # plus the site's own normalization layers under FedBN)
             result = trainer.fit(batches, progress=False)
@@ -486,9 +406,22 @@ class SiteTask:
             "train-loss": float(result.loss),
         }
         if len(self.val):
-            summary = _summary(
-                _evaluate_items(model, [self.val[i] for i in range(len(self.val))], cfg)
+            summary = evaluate_model(model, self.val, cfg)
+            metrics.update(
+                {f"val-{k}": v for k, v in summary.items() if k != "cases" and math.isfinite(v)}
             )
-            metrics.update({f"val-{k}": v for k, v in summary.items() if math.isfinite(v)})
         metrics["train-seconds"] = time.perf_counter() - start
         return model_arrays(model), metrics
+
+
+def local_config(cfg: TrainConfig) -> LocalConfig:
+    """The :class:`fedmed.train.TrainConfig` of a round: COPLE-Net trains with the
+    noise-robust Dice loss, the U-Nets with Dice + cross-entropy (``dataclasses.replace``
+    changes the rest)."""
+    return LocalConfig(
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps or None,
+        lr=cfg.lr,
+        proximal_mu=cfg.proximal_mu,
+        loss="nr_dice" if cfg.model == "coplenet" else "dice_ce",
+    )

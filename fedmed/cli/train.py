@@ -1,0 +1,278 @@
+"""``fedmed train``: centralized training, the baseline every federated result compares with.
+
+It runs the code a site runs (:mod:`fedmed.pipeline` for data, :class:`fedmed.train.LocalTrainer`
+for the loop, :func:`fedmed.task.evaluate_model` for validation) on one or more data folders
+pooled together, validates after each epoch and writes to ``--out``:
+
+- ``last.safetensors`` / ``best.safetensors`` (best validation Dice): weights plus JSON metadata
+  naming the model, its options, the patch size and the preprocessing, so ``fedmed infer``
+  needs no other flag; ``last.json`` / ``best.json`` repeat that metadata for people.
+- ``metrics.jsonl``: one line per epoch (loss, validation Dice and HD95, seconds).
+
+Each epoch is one ``LocalTrainer.fit`` pass (a fresh Adam state per epoch, as in a site's round).
+
+Example::
+
+    fedmed train --data demo/data/site-A demo/data/site-B --val-data demo/data/holdout \\
+        --out runs/central --epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmed.errors import ConfigError
+from fedmed.io.msd import split_cases
+from fedmed.nets import MODELS
+from fedmed.pipeline import CACHE_MODES, PipelineSettings, cached_volumes, load_cases, patch_loader
+from fedmed.task import TrainConfig, build_network, evaluate_model, local_config, resolve_device
+from fedmed.train import LocalTrainer, save_checkpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["CHECKPOINT_FORMAT", "checkpoint_metadata", "register"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "fedmed-model/1"
+# [train] keys a --config file may set; flags given on the command line win.
+_CONFIG_KEYS = {
+    "model": str,
+    "features": list,
+    "epochs": int,
+    "steps": int,
+    "lr": float,
+    "batch-size": int,
+    "patch-size": list,
+    "seed": int,
+    "val-fraction": float,
+    "pixdim": list,
+    "hu-window": list,
+    "cache-mode": str,
+    "cache-dir": str,
+}
+_DEFAULTS: dict[str, Any] = {
+    "model": "coplenet",
+    "epochs": 10,
+    "lr": 1e-3,
+    "batch-size": 8,
+    "seed": 0,
+    "val-fraction": 0.2,
+}
+_DEFAULT_PATCH = {2: [96, 96], 3: [64, 64, 64]}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` subcommand."""
+    parser = subparsers.add_parser(
+        "train",
+        help="centralized training on pooled data folders (the federated baseline)",
+        description="Train a model on one or more data folders pooled together, validate "
+        "each epoch, and write OUT/last.safetensors, OUT/best.safetensors and "
+        "OUT/metrics.jsonl. Flags override the [train] table of --config.",
+    )
+    add = parser.add_argument
+    add("--data", type=Path, nargs="+", required=True, metavar="DIR", help="training folders")
+    add("--val-data", type=Path, nargs="+", metavar="DIR", help="validation folders "
+        "(default: a by-patient split of --data, --val-fraction)")  # fmt: skip
+    add("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    add("--model", choices=sorted(MODELS), help="network (coplenet)")
+    add("--features", type=_int_list, metavar="N,N,...", help="features per level")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="passes over the training patches (10)")
+    length.add_argument("--steps", type=int, help="optimizer steps in all (validated per pass)")
+    add("--lr", type=float, help="learning rate (1e-3)")
+    add("--batch-size", type=int, help="patches per batch (8)")
+    add("--patch-size", type=_int_list, metavar="N,N[,N]", help="96,96 (2D) or 64,64,64 (3D)")
+    add("--seed", type=int, help="seed of weights, split and patches (0)")
+    add("--val-fraction", type=float, help="validation share without --val-data (0.2)")
+    add("--pixdim", type=float, nargs=3, metavar=("X", "Y", "Z"), help="resample to mm")
+    add("--config", type=Path, metavar="FILE.toml", help="a TOML file with a [train] table")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    add("--cache-dir", type=Path, metavar="DIR", help="cache volumes on disk there (sealed "
+        "when FEDMED_CACHE_KEY is set) instead of in memory")  # fmt: skip
+    add("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 96,96, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 96,96, got {text!r}")
+    return values
+
+
+def _read_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid TOML ({err})") from err
+    table = data.get("train", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"--config {path}: [train] must be a table")
+    for key, value in table.items():
+        kind = _CONFIG_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(
+                f"--config {path}: [train] has unknown key {key!r}; known keys: "
+                f"{', '.join(sorted(_CONFIG_KEYS))}"
+            )
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise ConfigError(
+                f"--config {path}: [train] {key} = {value!r} must be a {kind.__name__}"
+            )
+    return table
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Config file values, then command-line flags, then defaults; validated."""
+    options = {**_DEFAULTS, **_read_config(args.config)}
+    for key in _CONFIG_KEYS:
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            options[key] = value
+    if "steps" in options and args.epochs is not None:
+        del options["steps"]  # --epochs on the command line beats steps in the file
+    if options["model"] not in MODELS:
+        raise ConfigError(f"model {options['model']!r} is unknown: use one of {sorted(MODELS)}")
+    for key in ("epochs", "steps", "batch-size"):
+        if key in options and options[key] < 1:
+            raise ConfigError(f"--{key} {options[key]} must be >= 1")
+    return options
+
+
+def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
+    dims = 2 if options["model"] == "coplenet" else 3
+    patch = tuple(options.get("patch-size") or _DEFAULT_PATCH[dims])
+    if len(patch) != dims:
+        raise ConfigError(
+            f"--patch-size {','.join(map(str, patch))} has {len(patch)} sizes but "
+            f"{options['model']} needs {dims}"
+        )
+    features = options.get("features")
+    cfg = TrainConfig(
+        model=options["model"],
+        model_features=tuple(features) if features else None,
+        patch_size=patch,
+        lr=float(options["lr"]),
+        batch_size=int(options["batch-size"]),
+        val_fraction=float(options["val-fraction"]),
+        seed=int(options["seed"]),
+    )
+    cache_dir = options.get("cache-dir")
+    mode = options.get("cache-mode") or ("disk" if cache_dir else "memory")
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"cache-mode {mode!r} is unknown: use one of {', '.join(CACHE_MODES)}")
+    pixdim = options.get("pixdim")
+    settings = PipelineSettings(
+        hu_window=tuple(options.get("hu-window", PipelineSettings.hu_window)),
+        pixdim=tuple(float(p) for p in pixdim) if pixdim else None,
+        cache_mode=mode,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    return cfg, settings
+
+
+def checkpoint_metadata(
+    cfg: TrainConfig, settings: PipelineSettings, **extra: Any
+) -> dict[str, Any]:
+    """What ``fedmed infer`` needs to rebuild the model and its preprocessing."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": cfg.model,
+        "task_config": cfg.to_config(),
+        "pipeline": settings.to_json(),
+        **extra,
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    cfg, settings = _build(options)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here; use cpu or auto")
+    cases = load_cases(args.data)
+    if args.val_data:
+        train_cases, val_cases = cases, load_cases(args.val_data)
+    else:
+        train_cases, val_cases = split_cases(cases, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    progress = not args.no_progress and sys.stderr.isatty()
+    logger.info("caching %d training and %d validation cases", len(train_cases), len(val_cases))
+    train_volumes = cached_volumes(train_cases, settings, progress=progress)
+    val_volumes = cached_volumes(val_cases, settings, progress=progress)
+    loader = patch_loader(
+        train_volumes, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    per_epoch = len(loader)
+    steps = options.get("steps")
+    epochs = math.ceil(steps / per_epoch) if steps else int(options["epochs"])
+    model = build_network(cfg, seed=cfg.seed)
+    trainer = LocalTrainer(model, config=local_config(cfg), device=device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "metrics.jsonl"
+    log_path.write_text("")
+    best = -math.inf
+    done = 0
+    logger.info("training %s: %d epochs of %d steps on %s", cfg.model, epochs, per_epoch, device)
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        epoch_steps = min(per_epoch, steps - done) if steps else per_epoch
+        trainer.config = dataclasses.replace(trainer.config, epochs=1, steps=epoch_steps)
+        loader.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            result = trainer.fit(loader, progress=progress)
+        done += result.steps
+        val = evaluate_model(model, val_volumes, cfg) if len(val_volumes) else None
+        record = {
+            "epoch": epoch,
+            "steps": done,
+            "train_loss": result.loss,
+            "val_dice": _finite(val["dice"]) if val else None,
+            "val_hd95": _finite(val["hd95"]) if val else None,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        logger.info("epoch %d/%d: %s", epoch, epochs, record)
+        meta = checkpoint_metadata(cfg, settings, **record)
+        _save(args.out / "last", model, meta)
+        score = -math.inf if record["val_dice"] is None else record["val_dice"]
+        if score > best or epoch == 1:
+            best = score
+            _save(args.out / "best", model, meta)
+    print(f"{args.out}: {epochs} epochs, {done} steps, best val Dice {best:.4f}")
+    return 0
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (an empty mask) is null."""
+    return None if math.isnan(value) else value
+
+
+def _save(stem: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    save_checkpoint(stem.with_suffix(".safetensors"), model, meta)
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

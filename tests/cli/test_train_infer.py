@@ -1,0 +1,184 @@
+"""``fedmed train`` and ``fedmed infer``: learning, checkpoints, geometry, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fedmed.cli.infer import input_images, load_model
+from fedmed.cli.main import build_parser, main
+from fedmed.cli.train import checkpoint_metadata
+from fedmed.errors import ConfigError, DataError, ModelError
+from fedmed.io.nifti import read_nifti, read_nifti_header, write_nifti
+from fedmed.pipeline import PipelineSettings
+from fedmed.task import TrainConfig, build_network, model_arrays
+from fedmed.train import load_checkpoint, save_checkpoint
+
+COPLE = TrainConfig(model="coplenet", model_features=(4, 8, 16, 32, 64), patch_size=(32, 32))
+UNET = TrainConfig(model="unet3d", model_features=(4, 8), patch_size=(16, 16, 8))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny nets run faster on one thread than on two contended ones; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    """Three short epochs of COPLE-Net on site-A (48 slices, 6 steps an epoch)."""
+    out = tmp_path_factory.mktemp("train")
+    code = main(
+        ["train", "--data", str(demo_root / "site-A"), "--val-data", str(demo_root / "holdout"),
+         "--out", str(out), "--features", "4,8,16,32,64", "--patch-size", "32,32",
+         "--batch-size", "8", "--epochs", "3", "--lr", "0.01", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_logs_each_epoch(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["steps"] for r in records] == [6, 12, 18]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert all(0.0 <= r["val_dice"] <= 1.0 for r in records)
+
+
+@pytest.mark.slow
+def test_checkpoints_are_safetensors_with_the_model_in_their_metadata(trained):
+    # Assert: no pickle anywhere, a safetensors header, metadata enough to rebuild the model
+    assert sorted(p.name for p in trained.iterdir()) == [
+        "best.json", "best.safetensors", "last.json", "last.safetensors", "metrics.jsonl",
+    ]  # fmt: skip
+    for name in ("best", "last"):
+        path = trained / f"{name}.safetensors"
+        with safe_open(str(path), framework="pt") as fh:
+            assert "fedmed" in (fh.metadata() or {})
+        state, meta = load_checkpoint(path)
+        assert meta["format"] == "fedmed-model/1" and meta["model"] == "coplenet"
+        assert TrainConfig.from_config(meta["task_config"]).model_features == (4, 8, 16, 32, 64)
+        assert set(state) == set(build_network(COPLE).state_dict())
+        assert json.loads((trained / f"{name}.json").read_text()) == meta
+    best = json.loads((trained / "best.json").read_text())["val_dice"]
+    dice = [json.loads(x)["val_dice"] for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert best == max(dice)
+
+
+@pytest.fixture(scope="module")
+def lps_image(tmp_path_factory) -> Path:
+    """An LPS-oriented, anisotropic (0.7 x 0.9 x 2.5 mm) CT-like volume."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(-600, 200, size=(30, 26, 7)).astype(np.float32)
+    affine = np.array([[-0.7, 0, 0, 120.0], [0, -0.9, 0, 95.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+    path = tmp_path_factory.mktemp("lps") / "scan_lps.nii.gz"
+    write_nifti(path, array, affine)
+    return path
+
+
+@pytest.mark.parametrize("cfg", [COPLE, UNET], ids=["coplenet", "unet3d"])
+def test_infer_writes_predictions_in_the_input_geometry(cfg, lps_image, tmp_path):
+    # Prepare: a checkpoint that resamples to 1 x 1 x 2 mm before predicting
+    settings = PipelineSettings(pixdim=(1.0, 1.0, 2.0))
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors", build_network(cfg, seed=0), checkpoint_metadata(cfg, settings)
+    )
+    # Execute
+    code = main(["infer", "--model", str(ckpt), "--input", str(lps_image),
+                 "--output", str(tmp_path / "pred"), "--device", "cpu"])  # fmt: skip
+    # Assert
+    assert code == 0
+    shape, affine = read_nifti_header(lps_image)
+    pred_shape, pred_affine = read_nifti_header(tmp_path / "pred" / lps_image.name)
+    assert pred_shape == shape == (30, 26, 7)
+    np.testing.assert_allclose(pred_affine, affine, atol=1e-5)
+    assert set(np.unique(read_nifti(tmp_path / "pred" / lps_image.name).array)) <= {0, 1}
+
+
+@pytest.mark.parametrize("cfg", [COPLE, UNET], ids=["coplenet", "unet3d"])
+def test_infer_accepts_a_federated_runs_round_checkpoint(cfg, tmp_path):
+    # Prepare: the server's layout, runs/x/checkpoints/round-0002/weights.safetensors
+    arrays = model_arrays(build_network(cfg, seed=3))
+    round_dir = tmp_path / "run" / "checkpoints" / "round-0002"
+    round_dir.mkdir(parents=True)
+    save_file(arrays, str(round_dir / "weights.safetensors"))
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text('{"round": 2, "hash": "x"}')
+    # Execute
+    loaded = load_model(tmp_path / "run", device="cpu", patch_size=(16, 16, 8))
+    # Assert: the architecture was read off the weights
+    assert loaded.cfg.model_features == cfg.model_features
+    assert loaded.cfg.spatial_dims == cfg.spatial_dims
+    state = loaded.model.state_dict()
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in arrays.items())
+
+
+def test_input_images_skip_labels_and_search_msd_folders(demo_root, tmp_path):
+    images = input_images(demo_root / "holdout")
+    assert [p.parent.name for p in images] == ["imagesTr", "imagesTr"]
+    write_nifti(tmp_path / "p1_seg.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4))
+    with pytest.raises(DataError, match="holds no NIfTI image"):
+        input_images(tmp_path)
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_train_errors_name_the_flag_or_file(demo_root, tmp_path):
+    site = str(demo_root / "site-A")
+    base = ["train", "--data", site, "--out", str(tmp_path / "o"), "--device", "cpu"]
+    with pytest.raises(ConfigError, match="--patch-size 32,32,8 has 3 sizes but coplenet needs 2"):
+        _run([*base, "--patch-size", "32,32,8"])
+    config = tmp_path / "train.toml"
+    config.write_text('[train]\nmodel = "unet3d"\nlearning-rate = 0.1\n')
+    with pytest.raises(ConfigError, match=f"--config {config}: \\[train\\] has unknown key"):
+        _run([*base, "--config", str(config)])
+    config.write_text("[train]\nepochs = 'two'\n")
+    with pytest.raises(ConfigError, match="epochs = 'two' must be a int"):
+        _run([*base, "--config", str(config)])
+    with pytest.raises(DataError, match="site data folder not found"):
+        _run(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match="--batch-size 0 must be >= 1"):
+        _run([*base, "--batch-size", "0"])
+
+
+def test_infer_errors_name_the_checkpoint_or_input(tmp_path, lps_image):
+    out = str(tmp_path / "pred")
+    with pytest.raises(ModelError, match=r"--model .*missing does not exist"):
+        _run(["infer", "--model", str(tmp_path / "missing"), "--input", str(lps_image),
+              "--output", out])  # fmt: skip
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"bogus\.safetensors is not a readable safetensors"):
+        _run(["infer", "--model", str(bogus), "--input", str(lps_image), "--output", out])
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", build_network(COPLE), {"round": 1})
+    with pytest.raises(ModelError, match="has no task_config"):
+        _run(["infer", "--model", str(ckpt), "--input", str(lps_image), "--output", out])
+    good = save_checkpoint(
+        tmp_path / "g.safetensors",
+        build_network(COPLE),
+        checkpoint_metadata(COPLE, PipelineSettings()),
+    )
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    with pytest.raises(DataError, match=r"notes\.txt is not a NIfTI file"):
+        _run(["infer", "--model", str(good), "--input", str(text), "--output", out])
+
+
+def test_both_commands_are_registered(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert "train" in listing and "infer" in listing
