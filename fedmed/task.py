@@ -8,7 +8,7 @@ The server app and the client app stay thin over this module:
   its state as numpy arrays, and the normalization-layer keys FedBN keeps at each site.
 - :class:`SiteTask` trains one round on a site's data folder and evaluates on its validation
   split; :func:`evaluate_folder` runs a model on a labelled folder (the server's held-out set);
-  :func:`predict_volume` is the inference both use (and ``fedmed infer``).
+  the predictions come from :mod:`fedmed.predict` (which ``fedmed infer`` uses too).
 
 The data pipeline (cached preprocessing, random patches, batches) is :mod:`fedmed.pipeline`.
 COPLE-Net trains on 2D axial patches and predicts whole slices; the U-Nets train on 3D patches
@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, DataError, ModelError
-from fedmed.inference import slicewise_inference, sliding_window_inference
 from fedmed.io.msd import split_cases
 from fedmed.metrics import evaluate_case
 from fedmed.nets import build_model
@@ -50,13 +49,13 @@ from fedmed.pipeline import (
     load_cases,
     patch_loader,
 )
+from fedmed.predict import adapt_norm_statistics, predict_volume
 from fedmed.train import LocalTrainer
 from fedmed.train import TrainConfig as LocalConfig
 
 __all__ = [
     "SiteTask",
     "TrainConfig",
-    "adapt_norm_statistics",
     "build_network",
     "ensure_app_logging",
     "evaluate_folder",
@@ -65,7 +64,6 @@ __all__ = [
     "local_config",
     "model_arrays",
     "norm_layer_keys",
-    "predict_volume",
     "resolve_device",
 ]
 
@@ -213,26 +211,6 @@ def load_arrays(
     )
 
 
-def _probabilities(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Class probabilities (1, C_out, X, Y, Z) of a (C, X, Y, Z) image, in the model's mode."""
-    device = next(model.parameters()).device
-    batch = image.unsqueeze(0)
-    if cfg.spatial_dims == 2:
-        x, y = batch.shape[2:4]
-        pad_x, pad_y = -x % 16, -y % 16  # COPLE-Net's four poolings need multiples of 16
-        padded = torch.nn.functional.pad(batch, (0, 0, 0, pad_y, 0, pad_x))
-        return slicewise_inference(padded, model, batch_size=8, device=device)[:, :, :x, :y]
-    return sliding_window_inference(batch, cfg.patch_size, model, device=device)
-
-
-@torch.no_grad()
-def predict_volume(model: nn.Module, image: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Label map (X, Y, Z) for a (C, X, Y, Z) image: COPLE-Net on whole axial slices, the
-    U-Nets with a sliding window of the patch size (25 % overlap, Gaussian blending)."""
-    model.eval()
-    return _probabilities(model, image, cfg)[0].argmax(0)
-
-
 def _mean_over_classes(metrics: Mapping[str, float], name: str, classes: int) -> float:
     values = [metrics[f"{name}_{c}"] for c in range(1, classes)]
     finite = [v for v in values if not math.isnan(v)]
@@ -270,35 +248,6 @@ def _summary(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "dice": float(np.mean(dice)) if dice else math.nan,
         "hd95": float(np.mean(hd)) if hd else math.nan,
     }
-
-
-@torch.no_grad()
-def adapt_norm_statistics(
-    model: nn.Module, images: Sequence[torch.Tensor], cfg: TrainConfig
-) -> None:
-    """AdaBN: re-estimate BatchNorm running statistics on unlabelled ``images`` (C, X, Y, Z).
-
-    Under FedBN the global model has no trained normalization statistics (each site keeps its
-    own); the server uses this to evaluate it on its held-out images. Only the images are used,
-    never the labels; everything but the BatchNorm layers stays in eval mode. The statistics
-    average over every batch the inference of each image runs (slices or windows).
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    model.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over every batch below
-        m.train()
-    try:
-        for image in images:
-            _probabilities(model, image, cfg)
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
 
 
 def evaluate_folder(

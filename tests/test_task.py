@@ -10,16 +10,15 @@ import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, ModelError
+from fedmed.predict import adapt_norm_statistics, predict_volume
 from fedmed.task import (
     SiteTask,
     TrainConfig,
-    adapt_norm_statistics,
     build_network,
     evaluate_folder,
     load_arrays,
     model_arrays,
     norm_layer_keys,
-    predict_volume,
 )
 
 SMALL = TrainConfig(

@@ -28,10 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fedmed.cli.train import set_threads
 from fedmed.errors import ConfigError, DataError, ModelError
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti
 from fedmed.pipeline import HU_WINDOW, PipelineSettings, preprocessing
-from fedmed.task import TrainConfig, build_network, load_arrays, predict_volume, resolve_device
+from fedmed.predict import predict_volume
+from fedmed.task import TrainConfig, build_network, load_arrays, resolve_device
 from fedmed.train import load_checkpoint
 from fedmed.transforms import save_prediction
 
@@ -69,6 +71,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--input", type=Path, required=True, metavar="DIR|FILE")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch's default)")
     parser.add_argument(
         "--patch-size",
         metavar="N,N,N",
@@ -214,6 +217,7 @@ def _parse_patch(text: str | None) -> tuple[int, ...] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     loaded = load_model(args.model, device=args.device, patch_size=_parse_patch(args.patch_size))
     images = input_images(args.input)
     prefix = preprocessing(loaded.settings, keys=("image",))
