@@ -108,8 +108,10 @@ class PipelineSettings:
             )
         if self.cache_mode.startswith("disk") and not self.cache_dir:
             raise ConfigError(f"cache-mode {self.cache_mode!r} needs a cache-dir: set one")
-        low, high = self.hu_window
-        if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        low, high = (*self.hu_window, math.nan, math.nan)[:2]
+        if len(self.hu_window) != 2 or not (
+            math.isfinite(low) and math.isfinite(high) and high > low
+        ):
             raise ConfigError(f"hu-window {self.hu_window} must be (low, high) HU with high > low")
         if self.pixdim is not None and (
             len(self.pixdim) != 3 or not all(math.isfinite(p) and p > 0 for p in self.pixdim)

@@ -47,10 +47,11 @@ def volumes(cases):
         ({"cache_mode": "ram"}, "cache-mode 'ram' is unknown"),
         ({"cache_mode": "disk"}, "cache-mode 'disk' needs a cache-dir"),
         ({"hu_window": (400.0, -1000.0)}, "hu-window .* high > low"),
+        ({"hu_window": (400.0,)}, "hu-window \\(400.0,\\) must be \\(low, high\\)"),
         ({"pixdim": (1.0, 0.0, 1.0)}, "pixdim .* positive"),
         ({"num_workers": 0}, "num-workers 0 must be >= 1"),
     ],
-    ids=["mode", "disk-without-dir", "window", "pixdim", "workers"],
+    ids=["mode", "disk-without-dir", "window", "window-length", "pixdim", "workers"],
 )
 def test_settings_refuse_invalid_values(options, match):
     with pytest.raises(ConfigError, match=match):
