@@ -155,10 +155,12 @@ def guard_runtime(pins_file: Path) -> None:
 
 def clientapp_main(pins_file: str | os.PathLike[str]) -> int:
     """Entry of the site's ``flwr-clientapp`` wrapper: guard, then run Flower's command."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    if not log.handlers:  # only this module's lines; Flower configures its own logger
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     guard_runtime(Path(pins_file))
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 

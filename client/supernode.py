@@ -12,7 +12,9 @@ client app reads from ``context.node_config``.
 Before each start the site's app pin list (``state-dir/app-pins.txt``) and a ``flwr-clientapp``
 wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written, so the SuperNode
 runs only apps whose sha256 the site pinned (:mod:`fedmed.client.pinning`). The SuperNode's
-executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s).
+executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s)
+and the idle SuperNode every ``[connection] poll-interval`` s (:mod:`fedmed.client.fastpoll`;
+Flower's hard-coded 3 s).
 
 Example:
     >>> SiteNode(load_site_config(Path("configs/sites/A.toml"), site="A")).run()
@@ -76,9 +78,15 @@ def write_node_config(config: SiteConfig) -> Path:
 
 
 def supernode_command(config: SiteConfig, node_config_file: Path) -> list[str]:
-    """The ``flower-supernode`` command line for a site."""
+    """The SuperNode command line for a site: Flower's ``flower-supernode`` run through
+    :mod:`fedmed.client.fastpoll` (idle poll ``[connection] poll-interval`` instead of 3 s)."""
     command = [
-        str(Path(sys.executable).parent / "flower-supernode"),
+        sys.executable,
+        "-m",
+        "fedmed.client.fastpoll",
+        "--poll-interval",
+        str(config.poll_interval_s),
+        "--",
         "--superlink",
         config.server_address,
         "--node-config",

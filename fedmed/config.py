@@ -222,6 +222,7 @@ class SiteConfig:
     backoff_max_s: float
     check_data: bool
     app_hashes: tuple[str, ...] = ()
+    poll_interval_s: float = 0.5
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
@@ -377,6 +378,12 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
             f"{path}: [connection] server-address = {server_address!r} must be HOST:PORT, "
             "e.g. fl.example.org:9092"
         )
+    poll_interval = conn.positive("poll-interval", float, 0.5)
+    if poll_interval > 3.0:
+        raise ConfigError(
+            f"{path}: [connection] poll-interval = {poll_interval} must be at most 3 s "
+            "(Flower's own idle poll)"
+        )
     backoff_initial = conn.positive("backoff-initial", float, 2.0)
     backoff_max = conn.positive("backoff-max", float, 60.0)
     if backoff_max < backoff_initial:
@@ -413,6 +420,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         backoff_initial_s=backoff_initial,
         backoff_max_s=backoff_max,
         app_hashes=tuple(app_hashes),
+        poll_interval_s=poll_interval,
     )
     top.finish()
     conn.finish()

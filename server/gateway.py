@@ -14,7 +14,9 @@ does and serves it from one uvicorn server on two sockets:
 
 The decision is made by the socket a request arrived on (``scope["server"]``), never by client
 address, so a proxy or a forwarded header cannot widen it. TLS and site authentication apply on
-both sockets.
+both sockets. The SuperLink's SQLite lock wait is raised from 5 s to 60 s
+(:func:`lengthen_sqlite_busy_timeout`): on a loaded machine Flower's 500 "database is locked"
+otherwise killed its own executor and stalled the run.
 
 Run as a process (``server/superlink.py`` does this)::
 
@@ -36,7 +38,14 @@ import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-__all__ = ["PUBLIC_ROUTES", "PublicFilter", "fleet_routes", "main", "open_socket"]
+__all__ = [
+    "PUBLIC_ROUTES",
+    "PublicFilter",
+    "fleet_routes",
+    "lengthen_sqlite_busy_timeout",
+    "main",
+    "open_socket",
+]
 
 log = logging.getLogger("fedmed.server.gateway")
 
@@ -46,6 +55,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_ROUTE = ("GET", "/health")
+# Flower waits 5 s for SQLite's write lock, then answers 500 ("database is locked"); its own
+# executor dies on such an answer and the run stalls. Seen on a loaded 2-core machine.
+SQLITE_BUSY_TIMEOUT_MS = "60000"
 
 
 def fleet_routes() -> frozenset[tuple[str, str]]:
@@ -132,6 +144,17 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def lengthen_sqlite_busy_timeout(milliseconds: str = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    """Make the SuperLink's SQLite connections wait ``milliseconds`` for a lock (Flower: 5 s)."""
+    sql_mixin = importlib.import_module("flwr.supercore.sql_mixin")
+    pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
+    if "busy_timeout" not in dict(pragmas):
+        raise RuntimeError("flwr's SQLite pragmas have no busy_timeout: the flwr internals moved")
+    sql_mixin.SQLITE_PRAGMAS = tuple(
+        (name, milliseconds if name == "busy_timeout" else value) for name, value in pragmas
+    )
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m fedmed.server.gateway",
@@ -150,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, superlink_args = _parse(sys.argv[1:] if argv is None else argv)
     import uvicorn
 
+    lengthen_sqlite_busy_timeout()
     cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler

@@ -83,6 +83,7 @@ APP_PUBLISHER = "fedmed"
 _ONLINE = "online"
 SERVER_MODULE = "fedmed.server.app"
 CLIENT_MODULE = "fedmed.client.app"
+_MAX_POLL_ERRORS = 30  # consecutive failed status polls before giving up on a run
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -368,10 +369,27 @@ def wait_for_run(
         threading.Thread(
             target=_stream_logs, args=(client, run_id, log_sink), daemon=True, name="run-logs"
         ).start()
+    errors = 0
     while True:
         if alive is not None and not alive():
             raise FederationError(f"the SuperLink stopped while run {run_id} was going on")
-        status, details = run_status(client, run_id)
+        try:
+            status, details = run_status(client, run_id)
+            errors = 0
+        except (httpx.TransportError, httpx.HTTPStatusError) as err:
+            # A busy SuperLink answers 500 "database is locked" now and then (its SQLite
+            # state under load): a transient failure of a status poll is not the run's end.
+            transient = not isinstance(err, httpx.HTTPStatusError) or (
+                err.response.status_code >= 500
+            )
+            errors += 1
+            if not transient or errors > _MAX_POLL_ERRORS:
+                raise FederationError(
+                    f"cannot read the status of run {run_id}: {_error_text(err)}"
+                ) from err
+            log.warning("run %d: status poll failed (%s); retrying", run_id, _error_text(err))
+            time.sleep(poll)
+            continue
         if status.startswith(Status.FINISHED):
             time.sleep(min(2.0, poll * 2))  # let the log stream deliver its tail
             return RunOutcome(run_id, status, details, time.monotonic() - start)

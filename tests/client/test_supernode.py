@@ -66,7 +66,9 @@ def test_supernode_command_uses_tls_site_key_and_own_port(tmp_path: Path) -> Non
     config = _site_config(tmp_path)
     command = supernode_command(config, tmp_path / "nc.toml")
 
-    assert command[0] == str(Path(sys.executable).parent / "flower-supernode")
+    assert command[:6] == [
+        sys.executable, "-m", "fedmed.client.fastpoll", "--poll-interval", "0.5", "--"
+    ]  # fmt: skip
     assert command[command.index("--superlink") + 1] == "127.0.0.1:9"
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
     assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "siteA.key")

@@ -11,7 +11,13 @@ import flwr
 import httpx
 import pytest
 import uvicorn
-from fedmed.server.gateway import PUBLIC_ROUTES, PublicFilter, _parse, fleet_routes
+from fedmed.server.gateway import (
+    PUBLIC_ROUTES,
+    PublicFilter,
+    _parse,
+    fleet_routes,
+    lengthen_sqlite_busy_timeout,
+)
 
 PUBLIC_PORT, PRIVATE_PORT = 9092, 9093
 
@@ -66,6 +72,19 @@ def test_flwr_internals_the_gateway_uses_are_where_they_were() -> None:
     assert "sockets" in inspect.signature(uvicorn.Server.run).parameters
     # The executor connects to the SuperLink's --host/--port: that must stay the private socket.
     assert "runtime_address" in inspect.getsource(cli.SuperLinkLifespan._start_superexec_if_needed)
+
+
+def test_sqlite_busy_timeout_is_lengthened_where_flower_reads_it(monkeypatch) -> None:
+    sql_mixin = importlib.import_module("flwr.supercore.sql_mixin")
+    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
+    # Flower reads the module global at connect time: that is what the gateway replaces.
+    assert "SQLITE_PRAGMAS" in inspect.getsource(sql_mixin._set_sqlite_pragmas)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+
+    lengthen_sqlite_busy_timeout("60000")
+
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "60000"
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["journal_mode"] == "WAL"
 
 
 def test_public_routes_are_exactly_the_fleet_api_and_health() -> None:

@@ -1,0 +1,45 @@
+"""The SuperNode's idle poll cap, and the flwr internal it relies on (pinned)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+import time
+
+import pytest
+from fedmed.client.fastpoll import SUPERNODE_MODULE, CappedSleep, cap_supernode_sleep
+
+
+def test_capped_sleep_caps_and_passes_the_rest_of_time_through() -> None:
+    start = time.monotonic()
+    CappedSleep(0.05).sleep(3)
+    assert time.monotonic() - start < 1.0
+    assert CappedSleep(0.05).monotonic is time.monotonic
+
+
+def test_flower_supernode_loop_sleeps_through_its_module_level_time(monkeypatch) -> None:
+    module = importlib.import_module(SUPERNODE_MODULE)
+    source = inspect.getsource(module)
+    # The idle wait fedmed shortens: fails loudly if a flwr upgrade changes it.
+    assert "time.sleep(3)" in source
+    monkeypatch.setattr(module, "time", module.time)  # restored after the test
+
+    cap_supernode_sleep(0.2)
+
+    assert isinstance(module.time, CappedSleep) and module.time.cap == 0.2
+
+
+def test_poll_interval_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"poll interval 5.0 must be in \(0, 3\]"):
+        cap_supernode_sleep(5.0)
+
+
+def test_fastpoll_runs_flowers_supernode_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmed.client.fastpoll", "--poll-interval", "0.2", "--", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--superlink" in result.stdout
