@@ -168,10 +168,29 @@ def clientapp_main(pins_file: str | os.PathLike[str]) -> int:
     return 0
 
 
-def install_wrapper(bin_dir: Path, pins_file: Path, *, python: str | None = None) -> Path:
-    """Write ``bin_dir/flwr-clientapp`` (put ``bin_dir`` first on the SuperNode's PATH)."""
+def install_wrapper(
+    bin_dir: Path,
+    pins_file: Path,
+    *,
+    python: str | None = None,
+    warm_socket: Path | None = None,
+) -> Path:
+    """Write ``bin_dir/flwr-clientapp`` (put ``bin_dir`` first on the SuperNode's PATH).
+
+    With ``warm_socket`` the script asks the warm fork server there
+    (:mod:`fedmed.client.warmstart`) and runs cold only when it is not reachable.
+    """
     bin_dir.mkdir(parents=True, exist_ok=True)
     script = bin_dir / WRAPPED_COMMAND
+    if warm_socket is not None:
+        from fedmed.client.warmstart import WRAPPER_SOURCE
+
+        source = WRAPPER_SOURCE.format(
+            pins=str(pins_file.resolve()), sock=str(warm_socket.resolve())
+        )
+        script.write_text(f"#!{python or sys.executable}\n{source}")
+        script.chmod(0o755)
+        return script
     script.write_text(
         f"#!{python or sys.executable}\n"
         '"""fedmed: Flower\'s flwr-clientapp, refusing apps not pinned by this site."""\n'

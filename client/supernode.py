@@ -14,7 +14,9 @@ wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written, so t
 runs only apps whose sha256 the site pinned (:mod:`fedmed.client.pinning`). The SuperNode's
 executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s)
 and the idle SuperNode every ``[connection] poll-interval`` s (:mod:`fedmed.client.fastpoll`;
-Flower's hard-coded 3 s).
+Flower's hard-coded 3 s). With ``warm-start`` (default) a fork server next to the SuperNode
+keeps torch, flwr and fedmed imported and each message's ``flwr-clientapp`` is forked from it
+(:mod:`fedmed.client.warmstart`).
 
 Example:
     >>> SiteNode(load_site_config(Path("configs/sites/A.toml"), site="A")).run()
@@ -51,17 +53,26 @@ log = logging.getLogger(__name__)
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 _FLOWER_API_CODE = re.compile(r"\[code: (\d+)\]\s*([^\n]*)")
 _STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset the restart count
+_PINS_ENV = "FEDMED_APP_PINS"
+_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
 EXECUTOR_POLL_S = "0.1"  # Flower's SuperExec polls its SuperNode for tasks every 1 s by default
+
+
+def warm_socket(config: SiteConfig) -> Path | None:
+    """The warm-start socket of a site (None when off or the path is too long for AF_UNIX)."""
+    path = config.state_dir / "clientapp.sock"
+    return path if config.warm_start and len(str(path)) < _MAX_SOCKET_PATH else None
 
 
 def node_env(config: SiteConfig) -> dict[str, str]:
     """The SuperNode's environment: the site's pinned ``flwr-clientapp`` first on ``PATH``."""
     pins = write_pins(config.state_dir / "app-pins.txt", site_pins(config.app_hashes))
-    wrapper = install_wrapper(config.state_dir / "bin", pins)
+    wrapper = install_wrapper(config.state_dir / "bin", pins, warm_socket=warm_socket(config))
     env = flower_env(
         config.state_dir / "flwr-home", {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": EXECUTOR_POLL_S}
     )
     env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
+    env[_PINS_ENV] = str(pins)
     return env
 
 
@@ -122,6 +133,7 @@ class SiteNode:
         self.echo = echo
         self.log_file = config.state_dir / "logs" / "supernode.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.warm: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._log_offset = 0
         self._stopping = threading.Event()
@@ -161,9 +173,19 @@ class SiteNode:
         self._check_files()
         node_config = write_node_config(self.config)
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        env = node_env(self.config)
+        sock = warm_socket(self.config)
+        if sock is not None and (self.warm is None or self.warm.poll() is not None):
+            # Preloads torch/flwr/fedmed once; each message's flwr-clientapp is forked from it.
+            self.warm = start_process(
+                [sys.executable, "-m", "fedmed.client.warmstart", str(sock), env[_PINS_ENV]],
+                env=env,
+                log_file=self.config.state_dir / "logs" / "warmstart.log",
+                cwd=self.config.state_dir,
+            )
         self.proc = start_process(
             supernode_command(self.config, node_config),
-            env=node_env(self.config),
+            env=env,
             log_file=self.log_file,
             cwd=self.config.state_dir,
             echo=self.echo,
@@ -244,9 +266,11 @@ class SiteNode:
         self._stopping.set()
 
     def stop_process(self) -> None:
-        """Stop the current SuperNode process, if any."""
+        """Stop the current SuperNode process and the warm-start server, if any."""
         if self.proc is not None and self.proc.poll() is None:
             code = stop_process(self.proc)
             log.info(
                 "site %s: SuperNode pid %d stopped (%s)", self.config.site, self.proc.pid, code
             )
+        if self.warm is not None and self.warm.poll() is None:
+            stop_process(self.warm, timeout=5)

@@ -223,6 +223,7 @@ class SiteConfig:
     check_data: bool
     app_hashes: tuple[str, ...] = ()
     poll_interval_s: float = 0.5
+    warm_start: bool = True
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
@@ -421,6 +422,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         backoff_max_s=backoff_max,
         app_hashes=tuple(app_hashes),
         poll_interval_s=poll_interval,
+        warm_start=top.get("warm-start", bool, True),
     )
     top.finish()
     conn.finish()
