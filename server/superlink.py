@@ -43,6 +43,7 @@ from fedmed.errors import FederationError, SecurityError
 
 __all__ = [
     "SuperLink",
+    "descendants",
     "flower_env",
     "free_loopback_port",
     "start_process",
@@ -125,8 +126,11 @@ def start_process(
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> int | None:
     """SIGTERM the process group of ``proc``, SIGKILL it after ``timeout`` s; return the code.
 
-    The group id is the pid because :func:`start_process` starts a new session.
+    The group id is the pid because :func:`start_process` starts a new session. Descendants
+    that started their own session (Flower's executor and its server app do) are signalled
+    too, so no orphan keeps polling a stopped SuperLink.
     """
+    detached = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -137,10 +141,51 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> int
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=timeout)
-    # Children that outlived their parent (same group) must not linger either.
+    # Children that outlived their parent (same group or their own session) must not linger.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    _terminate(detached, timeout=min(timeout, 5.0))
     return proc.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _terminate(pids: Sequence[int], *, timeout: float) -> None:
+    """SIGTERM ``pids`` (not our children), SIGKILL those still alive after ``timeout`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        living = [pid for pid in pids if _alive(pid)]
+        for pid in living:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while living and time.monotonic() < deadline:
+            time.sleep(0.1)
+            living = [pid for pid in living if _alive(pid)]
+        if not living:
+            return
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every living descendant of ``pid`` (from /proc; [] where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def tail(path: Path, lines: int = 20) -> str:

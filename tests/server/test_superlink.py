@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fedmed.server.submit import build_fab, default_run_config, fab_files, submit_run
 from fedmed.server.superlink import (
+    descendants,
     flower_env,
     start_process,
     stop_process,
@@ -130,6 +131,29 @@ def test_stop_process_stops_the_whole_process_group(tmp_path: Path) -> None:
         time.sleep(0.05)
     else:
         pytest.fail(f"child {child_pid} survived stop_process")
+
+
+def test_stop_process_also_stops_descendants_in_their_own_session(tmp_path: Path) -> None:
+    # Flower's executor and server app start their own session: killpg does not reach them.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log_file = tmp_path / "p.log"
+    proc = start_process([sys.executable, "-c", script], env=dict(os.environ), log_file=log_file)
+    deadline = time.monotonic() + 20
+    while not log_file.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child_pid = int(log_file.read_text().split()[0])
+    assert child_pid in descendants(proc.pid)
+
+    stop_process(proc, timeout=5)
+
+    stat = Path(f"/proc/{child_pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_start_process_echo_copies_output_to_log_and_stream(tmp_path: Path) -> None:
