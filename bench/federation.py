@@ -1,0 +1,484 @@
+"""Federation overhead and traffic per round: fedmed's loop vs Flower's stock recipe.
+
+On 127.0.0.1 with TLS and site authentication: one SuperLink (fedmed's gateway) and 3 sites
+(fedmed-client's SiteNode: pinned apps, executor polling 0.1 s). For each model the same
+federation runs two apps on the same data, model and local work:
+
+* **fedmed**: the fedmed app (``fedmed.server.app``): one ``train`` message per site per round,
+  validation metrics in the reply, replies polled every 0.1 s;
+* **stock**: Flower's recipe: ``flwr.serverapp.strategy.FedAvg().start`` (a ``train`` and an
+  ``evaluate`` message per site per round, ``Grid.send_and_receive``'s default 3 s polling),
+  with a ClientApp doing the same local training (:meth:`fedmed.task.SiteTask.train_round`)
+  and evaluating on the site's validation split.
+
+Figures:
+
+* **overhead per round** = round time minus the slowest site's local compute in that round.
+  fedmed: the round's ``duration-s`` (send to last reply, from ``metrics.jsonl``) minus the
+  largest ``train-seconds`` (model build + training + validation, measured at the site).
+  stock: time between consecutive ``evaluate_fn`` calls (the whole round: train + evaluate)
+  minus the largest train time and the largest evaluate time of the sites. Both include what a
+  site pays per message outside the handler: Flower's polling, the ``flwr-clientapp`` process
+  start (imports) and loading the site's data.
+* **bytes per site per round**: TLS bytes on the wire between each site and the SuperLink,
+  counted by a TCP proxy in front of the public port (one per site): everything the site's
+  SuperNode sent/received during the run (HTTP + TLS framing, heartbeats, idle polls, the FAB
+  download) divided by the rounds; compared with the model's size (float32 arrays that travel).
+
+The SuperNode-side settings (executor polling 0.1 s, app pinning) are fedmed's for both apps;
+the stock figure is therefore a lower bound for an unmodified Flower deployment.
+
+Usage::
+
+    python bench/federation.py                       # demo data, COPLE-Net and 3D U-Net
+    python bench/federation.py --data DIR --rounds 3 # DIR holds one MSD folder per site
+
+Ends with one JSON line of its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+__all__ = ["stock_client", "stock_server"]
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODULE = Path(__file__).stem
+STOCK_APP = {"server_module": f"{MODULE}:stock_server", "client_module": f"{MODULE}:stock_client"}
+SITES = ("A", "B", "C")
+MODELS = {
+    # small features and few steps: the point is the federation's overhead, not training
+    "coplenet": {"model-features": "4,8,16,32,64", "patch-size": "32,32"},
+    "unet3d": {"model-features": "4,8,16,32", "patch-size": "16,16,16"},
+}
+
+log = logging.getLogger("bench.federation")
+
+# ---------------------------------------------------------------- Flower's stock recipe (app)
+
+stock_server = ServerApp()
+stock_client = ClientApp()
+
+
+def _settings(context: Context) -> Any:
+    from fedmed.server.settings import RunSettings
+
+    return RunSettings.from_run_config(context.run_config)
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+@stock_server.main()
+def _stock_main(grid: Grid, context: Context) -> None:
+    from fedmed.server.federation import train_config
+
+    from fedmed.task import build_network
+
+    settings = _settings(context)
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = train_config(settings, 0)
+    model = build_network(cfg, seed=settings.seed)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        _append(out / "rounds.jsonl", {"round": server_round, "t": time.monotonic()})
+        return None
+
+    config = ConfigRecord({k: v for k, v in cfg.to_config().items() if k != "server-round"})
+    strategy = FedAvg(min_available_nodes=settings.min_sites)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=settings.num_rounds,
+        timeout=settings.round_timeout,
+        train_config=config,
+        evaluate_config=config,
+        evaluate_fn=evaluate_fn,
+    )
+
+
+def _site_task(msg: Message, context: Context) -> tuple[Any, Any, Path]:
+    from fedmed.task import SiteTask, TrainConfig
+
+    cfg = TrainConfig.from_config(msg.content["config"])
+    node = context.node_config
+    task = SiteTask(
+        str(node["data-dir"]),
+        cache_mode=str(node.get("cache-mode", "memory")),
+        device="cpu",
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    # The bench runs everything on one machine: sites log their compute next to the server's.
+    out = Path(str(context.run_config["out-dir"]))
+    out.mkdir(parents=True, exist_ok=True)
+    return task, cfg, out
+
+
+@stock_client.train()
+def _stock_train(msg: Message, context: Context) -> Message:
+    task, cfg, out = _site_task(msg, context)
+    received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    arrays, metrics = task.train_round(received, cfg)
+    _append(
+        out / "stock-sites.jsonl",
+        {"kind": "train", "round": cfg.server_round, "seconds": metrics["train-seconds"]},
+    )
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(
+                {k: Array(np.require(v, requirements="C")) for k, v in arrays.items()}
+            ),
+            "metrics": MetricRecord({"num-examples": int(metrics["num-examples"])}),
+        }
+    )
+    return Message(reply, reply_to=msg)
+
+
+@stock_client.evaluate()
+def _stock_evaluate(msg: Message, context: Context) -> Message:
+    from fedmed.task import build_network, evaluate_model, load_arrays
+
+    task, cfg, out = _site_task(msg, context)
+    start = time.perf_counter()
+    model = build_network(cfg, seed=cfg.seed)
+    load_arrays(model, {k: v.numpy() for k, v in msg.content["arrays"].items()}, partial=True)
+    summary = evaluate_model(model, task.val, cfg) if len(task.val) else {"dice": 0.0}
+    seconds = time.perf_counter() - start
+    _append(
+        out / "stock-sites.jsonl",
+        {"kind": "evaluate", "round": cfg.server_round, "seconds": seconds},
+    )
+    metrics = MetricRecord({"num-examples": max(len(task.val), 1), "dice": float(summary["dice"])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# ------------------------------------------------------------------------ byte-counting proxy
+
+
+class CountingProxy:
+    """TCP proxy 127.0.0.1:port -> target counting bytes each way (TLS passes through)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.sent = 0  # site -> SuperLink
+        self.received = 0  # SuperLink -> site
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.sent, self.received
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                with self._lock:
+                    if upward:
+                        self.sent += len(data)
+                    else:
+                        self.received += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _model_bytes(model: str) -> int:
+    from fedmed.server.federation import train_config
+    from fedmed.server.settings import RunSettings
+
+    from fedmed.task import build_network, model_arrays
+
+    settings = RunSettings.from_run_config({"model": model, **MODELS[model]})
+    net = build_network(train_config(settings, 0), seed=0)
+    return sum(a.nbytes for a in model_arrays(net).values())
+
+
+def _run_config(model: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    return {
+        "num-rounds": args.rounds,
+        "min-sites": len(SITES),
+        "model": model,
+        **MODELS[model],
+        "local-epochs": 1,
+        "local-steps": args.local_steps,
+        "batch-size": 1,
+        "round-timeout": 300.0,
+        "data-dir": "",
+        "out-dir": str(out),
+        "seed": 0,
+    }
+
+
+def _submit(link: Any, ca: Path, fab: Any, run_config: dict[str, Any]) -> tuple[bool, float]:
+    from fedmed.server.submit import control_client, submit_run, wait_for_run
+
+    with control_client(link.address, ca_cert=ca) as client:
+        start = time.monotonic()
+        outcome = wait_for_run(
+            client, submit_run(client, fab, run_config=run_config), timeout=900, poll=0.5
+        )
+    if not outcome.ok:
+        log.error("run failed: %s %s", outcome.status, outcome.details)
+    return outcome.ok, time.monotonic() - start
+
+
+def _fedmed_overheads(out: Path) -> tuple[list[float], list[float]]:
+    rounds, overheads = [], []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("status") != "ok" or not record.get("sites"):
+            continue
+        slowest = max(m["train-seconds"] for m in record["sites"].values())
+        rounds.append(record["duration-s"])
+        overheads.append(record["duration-s"] - slowest)
+    return rounds, overheads
+
+
+def _stock_overheads(out: Path, num_rounds: int) -> tuple[list[float], list[float]]:
+    ticks = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    sites = [json.loads(x) for x in (out / "stock-sites.jsonl").read_text().splitlines()]
+    times = {t["round"]: t["t"] for t in ticks}
+    rounds, overheads = [], []
+    for r in range(1, num_rounds + 1):
+        if r not in times or r - 1 not in times:
+            continue
+        train = max(
+            (s["seconds"] for s in sites if s["kind"] == "train" and s["round"] == r), default=0
+        )
+        evaluate = max(
+            (s["seconds"] for s in sites if s["kind"] == "evaluate" and s["round"] == r), default=0
+        )
+        duration = times[r] - times[r - 1]
+        rounds.append(duration)
+        overheads.append(duration - train - evaluate)
+    return rounds, overheads
+
+
+def _traffic(proxies: dict[str, CountingProxy], before: dict[str, tuple[int, int]], rounds: int):
+    per_site = {}
+    for site, proxy in proxies.items():
+        sent, received = proxy.counts()
+        per_site[site] = (
+            (received - before[site][1]) / rounds,  # down: SuperLink -> site
+            (sent - before[site][0]) / rounds,  # up: site -> SuperLink
+        )
+    return per_site
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="folder with one MSD folder per site (3)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--models", default="coplenet,unet3d")
+    parser.add_argument("--recipes", default="fedmed,stock")
+    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "fedmed.server.submit"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedmed-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # The server app and the client apps (Flower's processes) import this module.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p
+    )
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    from fedmed.client.supernode import SiteNode
+    from fedmed.server.submit import build_fab, control_client, register_sites, wait_for_sites
+    from fedmed.server.superlink import SuperLink, free_loopback_port
+
+    from fedmed.config import ServerConfig, SiteConfig
+    from fedmed.security.pki import write_pki
+
+    if args.data is not None:
+        folders = sorted(p for p in args.data.iterdir() if p.is_dir())[: len(SITES)]
+        if len(folders) < len(SITES):
+            parser.error(f"--data {args.data} needs {len(SITES)} site folders")
+    else:
+        demo = work / "data"
+        if not demo.exists():
+            subprocess.run(
+                [str(Path(sys.executable).parent / "fedmed"), "demo-data", str(demo),
+                 "--sites", "3", "--cases", "3", "--holdout", "0", "--shape", "48", "48", "16"],
+                check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
+        folders = [demo / f"site-{site}" for site in SITES]
+    pki = write_pki(work / "certs", server_hosts=["127.0.0.1"], sites=list(SITES))
+    link = SuperLink(
+        ServerConfig(
+            host="127.0.0.1",
+            port=free_loopback_port(),
+            state_dir=work / "server",
+            ca_cert=pki.ca_cert,
+            server_cert=pki.server_cert,
+            server_key=pki.server_key,
+            insecure=False,
+            min_sites=len(SITES),
+            sites={s: pki.site_public_keys[s] for s in SITES},
+            wait_for_sites_s=120,
+            run_timeout_s=900,
+            startup_timeout_s=60,
+            stream_logs=False,
+        )
+    )
+    stock_fab, fedmed_fab = build_fab(**STOCK_APP), build_fab()
+    proxies: dict[str, CountingProxy] = {}
+    nodes: list[SiteNode] = []
+    threads: list[threading.Thread] = []
+    figures: dict[str, Any] = {"rounds": args.rounds, "local-steps": args.local_steps, "sites": 3}
+    link.start()
+    try:
+        with control_client(link.address, ca_cert=pki.ca_cert) as client:
+            register_sites(client, link.config.sites)
+        for site, folder in zip(SITES, folders, strict=True):
+            proxies[site] = CountingProxy(("127.0.0.1", link.config.port))
+            state = work / f"site-{site}"
+            config = SiteConfig(
+                path=state / "site.toml",
+                site=site,
+                data_dir=folder,
+                cache_dir=state / "cache",
+                cache_mode="memory",
+                device="cpu",
+                seed=0,
+                server_address=f"127.0.0.1:{proxies[site].port}",
+                ca_cert=pki.ca_cert,
+                private_key=pki.site_private_keys[site],
+                insecure=False,
+                state_dir=state,
+                runtime_port=free_loopback_port(),
+                max_restarts=3,
+                backoff_initial_s=1.0,
+                backoff_max_s=4.0,
+                check_data=False,
+                app_hashes=(stock_fab.hash_str,),
+            )
+            nodes.append(SiteNode(config))
+            threads.append(threading.Thread(target=nodes[-1].run, daemon=True))
+            threads[-1].start()
+        with control_client(link.address, ca_cert=pki.ca_cert) as client:
+            wait_for_sites(client, min_sites=len(SITES), timeout=120, alive=link.alive)
+        for model in args.models.split(","):
+            size = _model_bytes(model)
+            entry: dict[str, Any] = {"model-bytes": size, **MODELS[model]}
+            for recipe in args.recipes.split(","):
+                out = work / f"out-{model}-{recipe}"
+                before = {s: p.counts() for s, p in proxies.items()}
+                fab = fedmed_fab if recipe == "fedmed" else stock_fab
+                ok, seconds = _submit(link, pki.ca_cert, fab, _run_config(model, args, out))
+                if not ok:
+                    entry[recipe] = {"ok": False}
+                    continue
+                if recipe == "fedmed":
+                    rounds, overheads = _fedmed_overheads(out)
+                else:
+                    rounds, overheads = _stock_overheads(out, args.rounds)
+                traffic = _traffic(proxies, before, args.rounds)
+                down = max(t[0] for t in traffic.values())
+                up = max(t[1] for t in traffic.values())
+                entry[recipe] = {
+                    "run-s": round(seconds, 1),
+                    "round-s": round(_mean(rounds), 2),
+                    "overhead-s": round(_mean(overheads), 2),
+                    "overhead-max-s": round(max(overheads), 2),
+                    "down-bytes-per-site-round": int(down),
+                    "up-bytes-per-site-round": int(up),
+                    "down-x-model": round(down / size, 3),
+                    "up-x-model": round(up / size, 3),
+                }
+                log.info("%s %s: %s", model, recipe, entry[recipe])
+            if "fedmed" in entry and "stock" in entry and entry["stock"].get("overhead-s"):
+                entry["overhead-ratio"] = round(
+                    entry["fedmed"]["overhead-s"] / entry["stock"]["overhead-s"], 3
+                )
+            figures[model] = entry
+    finally:
+        for node in nodes:
+            node.stop()
+        for thread in threads:
+            thread.join(timeout=30)
+        link.stop()
+        for proxy in proxies.values():
+            proxy.close()
+    _print_table(figures)
+    print(json.dumps({"bench": "federation", **figures}))
+    return 0
+
+
+def _print_table(figures: dict[str, Any]) -> None:
+    print(
+        f"\n{'model':10} {'recipe':7} {'round s':>8} {'overhead s':>11} {'down xM':>8} {'up xM':>7}"
+    )
+    for model in MODELS:
+        for recipe in ("fedmed", "stock"):
+            r = figures.get(model, {}).get(recipe)
+            if r and r.get("run-s") is not None:
+                print(
+                    f"{model:10} {recipe:7} {r['round-s']:8.2f} {r['overhead-s']:11.2f} "
+                    f"{r['down-x-model']:8.3f} {r['up-x-model']:7.3f}"
+                )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
