@@ -1,0 +1,239 @@
+"""``fedmed-sim`` settings: a TOML file (``configs/sim.toml``) overridden by command-line flags.
+
+Tables (every key optional; the built-in defaults are the demo, and ``configs/sim.toml``
+spells them out):
+
+- ``[sim]``: ``out`` (output folder), ``sites``, ``seed``, ``strategies`` (run labels: a
+  strategy name from :data:`~fedmed.server.settings.STRATEGIES`, or ``fedbn`` = FedAvg keeping
+  normalization layers local, or ``fedprox+fedbn``), ``centralized`` (bool).
+- ``[data]``: ``source`` (``demo``, ``folders`` or ``pooled``), ``folders`` (one per site),
+  ``pooled`` (one folder split by patient), ``holdout`` (the server's held-out folder),
+  ``split`` (``iid``, ``label-skew``, ``size-skew``), ``alpha``, ``holdout-fraction`` (pooled
+  patients kept for the held-out set when ``holdout`` is empty), ``demo-cases``,
+  ``demo-holdout``, ``demo-shape``.
+- ``[data.shift.site-B]`` ...: a :class:`~fedmed.simulation.sites.ScannerShift` for that site
+  (``hu-offset``, ``noise-sigma``, ``spacing-scale``).
+- ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``.
+- ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
+
+Example:
+    >>> cfg = load_sim_config(None)
+    >>> cfg.sites, cfg.strategies, cfg.app["model"]
+    (3, ('fedavg',), 'coplenet')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedmed.data.demo import site_name
+from fedmed.errors import ConfigError
+from fedmed.server.settings import STRATEGIES, RunSettings
+
+from .engine import SiteResources
+from .partition import SPLIT_METHODS
+from .sites import ScannerShift
+
+__all__ = ["DEMO_APP", "SOURCES", "DataSpec", "SimConfig", "load_sim_config", "run_settings"]
+
+SOURCES = ("demo", "folders", "pooled")
+# COPLE-Net with a quarter of the reference channels: a few minutes on two CPU cores
+DEMO_APP: Mapping[str, Any] = {
+    "num-rounds": 6,
+    "model": "coplenet",
+    "model-features": "16,32,64,128,256",
+    "patch-size": "64,64",
+    "local-epochs": 1,
+    "batch-size": 8,
+    "lr": 0.003,
+}
+_RUN_LABELS = (*STRATEGIES, "fedbn", "fedprox+fedbn")
+_DEFAULT_MU = 0.01
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the simulated sites' data comes from (see the module docstring)."""
+
+    source: str = "demo"
+    folders: tuple[str, ...] = ()
+    pooled: str = ""
+    holdout: str = ""
+    split: str = "iid"
+    alpha: float = 0.5
+    holdout_fraction: float = 0.2
+    demo_cases: int = 6
+    demo_holdout: int = 4
+    demo_shape: tuple[int, int, int] = (64, 64, 32)
+    shifts: Mapping[str, ScannerShift] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"data source {self.source!r}: use one of {', '.join(SOURCES)}")
+        if self.split not in SPLIT_METHODS:
+            raise ConfigError(f"data split {self.split!r}: use one of {', '.join(SPLIT_METHODS)}")
+        if not self.alpha > 0:
+            raise ConfigError(f"data alpha is {self.alpha}: it must be > 0 (e.g. 0.5)")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(
+                f"data holdout-fraction is {self.holdout_fraction}: use 0 .. 1 (e.g. 0.2)"
+            )
+        if self.source == "folders" and not self.folders:
+            raise ConfigError("data source 'folders' needs folders: give --data DIR [DIR ...]")
+        if self.source == "pooled" and not self.pooled:
+            raise ConfigError("data source 'pooled' needs a folder: give --pooled DIR")
+        if self.demo_cases < 2:
+            raise ConfigError(f"data demo-cases is {self.demo_cases}: use at least 2")
+
+    def shift_by_index(self, sites: int) -> dict[int, ScannerShift]:
+        """Shifts keyed by site index; ConfigError for a site name beyond ``sites``."""
+        names = {site_name(i): i for i in range(sites)}
+        out = {}
+        for name, shift in self.shifts.items():
+            if name not in names:
+                raise ConfigError(
+                    f"[data.shift.{name}]: no such site among {sites} sites ({', '.join(names)})"
+                )
+            out[names[name]] = shift
+        return out
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything one ``fedmed-sim`` invocation does (see the module docstring)."""
+
+    out: str = "fedmed-sim-run"
+    sites: int = 3
+    seed: int = 0
+    strategies: tuple[str, ...] = ("fedavg",)
+    centralized: bool = False
+    data: DataSpec = field(default_factory=DataSpec)
+    resources: SiteResources = field(default_factory=SiteResources)
+    app: Mapping[str, Any] = field(default_factory=lambda: dict(DEMO_APP))
+
+    def __post_init__(self) -> None:
+        if self.sites < 1:
+            raise ConfigError(f"sites is {self.sites}: simulate at least 1 site")
+        if not self.strategies:
+            raise ConfigError("no strategy to run: give --strategy or --compare")
+        for label in self.strategies:
+            if label not in _RUN_LABELS:
+                raise ConfigError(
+                    f"strategy {label!r} is unknown: use one of {', '.join(_RUN_LABELS)}"
+                )
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"--compare lists a strategy twice: {','.join(self.strategies)}")
+        if self.data.source == "folders" and len(self.data.folders) != self.sites:
+            raise ConfigError(
+                f"{len(self.data.folders)} data folders for {self.sites} sites: give one "
+                "folder per site (or leave --sites out)"
+            )
+        run_settings(self, self.strategies[0], out_dir=self.out, holdout="")  # validate [app]
+
+
+def run_settings(cfg: SimConfig, label: str, *, out_dir: str, holdout: str) -> RunSettings:
+    """The federation settings of run ``label`` (``fedbn`` -> FedAvg + FedBN, ...)."""
+    values = dict(cfg.app)
+    values.setdefault("min-sites", cfg.sites)
+    values.setdefault("seed", cfg.seed)
+    strategy, _, extra = label.partition("+")
+    fedbn = strategy == "fedbn" or extra == "fedbn"
+    values["strategy"] = "fedavg" if strategy == "fedbn" else strategy
+    values["fedbn"] = fedbn or bool(values.get("fedbn", False))
+    if strategy == "fedprox":
+        values.setdefault("proximal-mu", _DEFAULT_MU)
+    else:
+        values["proximal-mu"] = 0.0
+    values["out-dir"] = out_dir
+    values["data-dir"] = holdout
+    return RunSettings.from_run_config(values)
+
+
+def _table(doc: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    return dict(table)
+
+
+def _take(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table.pop(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}.{key} is {value!r}: give a list")
+        return tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}.{key} is {value!r}: give a TOML {kind.__name__}")
+    return value
+
+
+def _no_more(table: Mapping[str, Any], where: str) -> None:
+    if table:
+        raise ConfigError(f"[{where}] has unknown keys {sorted(table)}: see configs/sim.toml")
+
+
+def load_sim_config(path: str | Path | None) -> SimConfig:
+    """Read a ``sim.toml`` (None: the built-in demo defaults); ConfigError names the key."""
+    if path is None:
+        return SimConfig()
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: config file not found: give --config PATH") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    where = str(path)
+    unknown = sorted(set(doc) - {"sim", "data", "resources", "app"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown tables {unknown}: use sim, data, resources, app")
+    sim, data, res = (_table(doc, n, where) for n in ("sim", "data", "resources"))
+    shift_tables = data.pop("shift", {})
+    if not isinstance(shift_tables, dict):
+        raise ConfigError(f"{where}: [data.shift] must hold one table per site")
+    shifts = {
+        name: ScannerShift.from_table(t, where=f"{where} [data.shift.{name}]")
+        for name, t in shift_tables.items()
+    }
+    base = SimConfig()
+    spec = DataSpec(
+        source=_take(data, "source", str, "data", base.data.source),
+        folders=_take(data, "folders", tuple, "data", ()),
+        pooled=_take(data, "pooled", str, "data", ""),
+        holdout=_take(data, "holdout", str, "data", ""),
+        split=_take(data, "split", str, "data", base.data.split),
+        alpha=_take(data, "alpha", float, "data", base.data.alpha),
+        holdout_fraction=_take(data, "holdout-fraction", float, "data", 0.2),
+        demo_cases=_take(data, "demo-cases", int, "data", base.data.demo_cases),
+        demo_holdout=_take(data, "demo-holdout", int, "data", base.data.demo_holdout),
+        demo_shape=_take(data, "demo-shape", tuple, "data", base.data.demo_shape),
+        shifts=shifts,
+    )
+    resources = SiteResources(
+        num_cpus=_take(res, "num-cpus", int, "resources", 1),
+        num_gpus=_take(res, "num-gpus", float, "resources", 0.0),
+        max_parallel=_take(res, "max-parallel", int, "resources", 2),
+        cache_mode=_take(res, "cache-mode", str, "resources", "auto"),
+    )
+    cfg = SimConfig(
+        out=_take(sim, "out", str, "sim", base.out),
+        sites=_take(sim, "sites", int, "sim", base.sites),
+        seed=_take(sim, "seed", int, "sim", base.seed),
+        strategies=_take(sim, "strategies", tuple, "sim", base.strategies),
+        centralized=_take(sim, "centralized", bool, "sim", False),
+        data=spec,
+        resources=resources,
+        app={**DEMO_APP, **_table(doc, "app", where)},
+    )
+    for table, name in ((sim, "sim"), (data, "data"), (res, "resources")):
+        _no_more(table, name)
+    return cfg
