@@ -24,6 +24,9 @@ Messages (the privacy contract: nothing else leaves the site):
   ``arrays`` (the same keys, shapes and dtypes as received) and MetricRecord ``metrics``
   (``num-examples`` = training samples, ``num-steps``, ``train-loss``, ``val-dice``,
   ``val-hd95``, ``train-seconds``).
+  The message may also carry ConfigRecords ``signature`` (the site refuses a model whose
+  signature fails; node config ``server-ca``) and ``privacy`` (DP: the reply is the clipped,
+  noised update added to the global model): see :mod:`fedmed.security.guard`.
 - On any failure the reply is an error naming only the exception type and the site; the
   traceback (which may hold file paths) stays in the site's log.
 
@@ -59,6 +62,7 @@ from safetensors.numpy import load_file, save_file
 
 from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.security.guard import SiteGuard
 from fedmed.task import SiteTask, TrainConfig, ensure_app_logging
 
 __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
@@ -208,15 +212,29 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
             cfg = TrainConfig.from_config(msg.content["config"])
             logger.info("site %s round %d: training", name, cfg.server_round)
             received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            guard = SiteGuard.for_node(context.node_config, site=name, cache_dir=site.cache_dir)
+            extras = msg.content.config_records
+            signed = guard.check_global(
+                received,
+                dict(msg.content["config"]),
+                extras.get("signature"),
+                server_round=cfg.server_round,
+            )
             local = _load_local(context, site, cfg) if cfg.fedbn else {}
             trained, metrics = _task(site, cfg).train_round(received, cfg, local_arrays=local)
             if cfg.fedbn:
                 _save_local(
                     context, site, cfg, {k: v for k, v in trained.items() if k not in received}
                 )
-            reply = ArrayRecord(
-                {k: Array(np.require(trained[k], requirements="C")) for k in received}
+            sent = guard.protect(
+                trained,
+                received,
+                extras.get("privacy"),
+                server_round=cfg.server_round,
+                signature_status=signed,
+                num_examples=float(metrics.get("num-examples", 0)),
             )
+            reply = ArrayRecord({k: Array(np.require(sent[k], requirements="C")) for k in received})
         except Exception as err:  # the reply must not carry paths: see _error_reply
             return _error_reply(msg, name, err)
         logger.info("site %s round %d: %s", name, cfg.server_round, metrics)

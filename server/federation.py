@@ -40,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from fedmed.errors import ConfigError, FederationError
+from fedmed.security.guard import ServerGuard
 from fedmed.task import TrainConfig, build_network, evaluate_folder, model_arrays, norm_layer_keys
 
 from .aggregate import Aggregator, SiteUpdate
@@ -116,6 +117,7 @@ class Federation:
         self.store = CheckpointStore(settings.out_path)
         self.log = MetricsLog(settings.out_path)
         self.aggregator = Aggregator(settings)
+        self.guard = ServerGuard(settings, config_hash=settings.identity_hash())
         self._holdout_fn = holdout_fn or self._evaluate_holdout
         model = build_network(train_config(settings, 0), seed=settings.seed)
         self.norm_keys = norm_layer_keys(model) if settings.fedbn else frozenset()
@@ -225,10 +227,15 @@ class Federation:
         started = time.monotonic()
         sent = self._shared(weights)
         cfg = train_config(self.settings, server_round)
+        names = [self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes]
+        extras = self.guard.train_records(
+            sent, cfg.to_config(), server_round=server_round, attempt=attempt, sites=names
+        )
         content = RecordDict(
             {
                 "arrays": ArrayRecord({k: _array(v) for k, v in sent.items()}),
                 "config": ConfigRecord(cfg.to_config()),
+                **{name: ConfigRecord(values) for name, values in extras.items()},
             }
         )
         group = f"round-{server_round}.{attempt}"
@@ -299,9 +306,11 @@ class Federation:
             cfg = train_config(self.settings, 0)
             holdout = self._holdout_fn(self.initial_weights, cfg)
             record = {"round": 0, "status": "initial", "sites": {}, "holdout": holdout}
-            self.store.save(
+            ckpt = self.store.save(
                 0, self.initial_weights, metrics=record, config_hash=ident, score=_score(record)
             )
+            self.guard.start(first_round=1, num_rounds=self.settings.num_rounds)
+            self.guard.after_attempt(record, [], ckpt)
             self.log.truncate_after(-1)
             self.log.append(record)
             return dict(self.initial_weights), 1
@@ -324,6 +333,7 @@ class Federation:
         ):
             self.log.append(latest.meta["metrics"])
         logger.info("resuming after round %d from %s", latest.round, latest.path)
+        self.guard.start(first_round=latest.round + 1, num_rounds=self.settings.num_rounds)
         return dict(latest.weights), latest.round + 1
 
     def run(self) -> FederationResult:
@@ -346,7 +356,9 @@ class Federation:
                     len(updates),
                     self.settings.min_sites,
                 )
+                record["dp"] = self.guard.privacy_spent()
                 self.log.append(record)
+                self.guard.after_attempt(record, updates)
                 self._report()
             else:
                 raise FederationError(
@@ -359,7 +371,8 @@ class Federation:
             weights = {**weights, **shared}
             record["status"] = "ok"
             record["holdout"] = self._holdout_fn(weights, train_config(self.settings, server_round))
-            self.store.save(
+            record["dp"] = self.guard.privacy_spent()
+            ckpt = self.store.save(
                 server_round,
                 weights,
                 metrics=record,
@@ -368,6 +381,7 @@ class Federation:
                 score=_score(record),
             )
             self.log.append(record)
+            self.guard.after_attempt(record, updates, ckpt)
             self._report()
             logger.info("round %d done: %s", server_round, _summary_line(record))
         return FederationResult(weights, self.settings.num_rounds, failed, dict(self.sites))

@@ -35,6 +35,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedmed.security.dp import privacy_report_lines
+
 __all__ = ["MetricsLog", "json_safe", "write_report"]
 
 
@@ -187,6 +189,7 @@ def write_report(
             lines.append(
                 f"| {case['case']} | {_fmt(case.get('dice'))} | {_fmt(case.get('hd95'))} |"
             )
+    lines += privacy_report_lines(records)
     if settings:
         lines += ["", "## Settings", "", "| key | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(settings.items())]

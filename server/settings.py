@@ -43,6 +43,13 @@ key                         type     default      meaning
 ``max-update-norm``         float    0.0          L2 bound on a site's update (0 = no bound)
 ``poll-interval``           float    0.1          seconds between reply polls
 ``seed``                    int      0            seeds the initial model and site splits
+``signing-dir``             str      ""           folder with server.key + server.pem (``fedmed
+                                                  certs``): sign global models and checkpoints
+``dp-clip-norm``            float    0.0          sites clip their update to this L2 norm (0 =
+                                                  no DP; see :mod:`fedmed.security.dp`)
+``dp-noise-multiplier``     float    0.0          sites add N(0, (this * clip norm)^2) noise
+``dp-delta``                float    1e-5         delta of the reported (epsilon, delta)
+``dp-max-epsilon``          float    0.0          refuse rounds beyond this epsilon (0 = none)
 ==========================  =======  ===========  ==============================================
 
 Example:
@@ -64,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
+from fedmed.security.guard import dp_params
 
 __all__ = ["MODELS", "STRATEGIES", "RunSettings"]
 
@@ -84,6 +92,8 @@ _RESUMABLE_KEYS = frozenset(
         "data_dir",
         "min_sites",
         "max_update_norm",
+        "signing_dir",
+        "dp_max_epsilon",
     }
 )
 
@@ -131,6 +141,13 @@ class RunSettings:
     max_update_norm: float = field(default=0.0, metadata=_meta("max-update-norm", float, min=0))
     poll_interval: float = field(default=0.1, metadata=_meta("poll-interval", float, gt=0))
     seed: int = field(default=0, metadata=_meta("seed", int))
+    signing_dir: str = field(default="", metadata=_meta("signing-dir", str))
+    dp_clip_norm: float = field(default=0.0, metadata=_meta("dp-clip-norm", float, min=0))
+    dp_noise_multiplier: float = field(
+        default=0.0, metadata=_meta("dp-noise-multiplier", float, min=0)
+    )
+    dp_delta: float = field(default=1e-5, metadata=_meta("dp-delta", float, gt=0, lt=1))
+    dp_max_epsilon: float = field(default=0.0, metadata=_meta("dp-max-epsilon", float, min=0))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -145,6 +162,7 @@ class RunSettings:
                 f"run config key 'model' is {self.model!r}: use one of {', '.join(MODELS)}"
             )
         _ = self.features, self.patch_shape  # parse now so errors surface at construction
+        dp_params(self)  # DP keys checked together (noise needs a clip norm)
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             logger.warning("strategy 'fedprox' with proximal-mu 0 trains exactly like fedavg")
         if self.strategy != "fedprox" and self.proximal_mu > 0.0:

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "DpParams",
     "clip_update",
     "gaussian_epsilon",
+    "privacy_report_lines",
     "privatize",
     "update_norm",
 ]
@@ -194,3 +195,28 @@ def privatize(
         out[key] = (np.asarray(base, dtype=np.float64) + delta).astype(np.asarray(base).dtype)
     metrics = {"dp-update-norm": norm, "dp-clipped": float(norm > params.clip_norm)}
     return out, metrics
+
+
+def privacy_report_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown section (leading blank line) on the privacy spent, from the records' ``dp``."""
+    spent = [(r.get("round"), r["dp"]) for r in records if r.get("dp")]
+    if not spent:
+        return []
+    lines = [
+        "",
+        "## Differential privacy",
+        "",
+        "Client-side clipping + Gaussian noise; site-level (epsilon, delta) from an RDP "
+        "accountant. Every train attempt counts, failed ones too.",
+        "",
+        "| round | epsilon | delta | releases | noise multiplier | clip norm |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for round_, dp in spent:
+        eps = dp.get("epsilon")
+        lines.append(
+            f"| {round_} | {'inf (no noise)' if eps is None else f'{eps:.4f}'} | "
+            f"{dp.get('delta')} | {dp.get('releases')} | {dp.get('noise-multiplier')} | "
+            f"{dp.get('clip-norm')} |"
+        )
+    return lines

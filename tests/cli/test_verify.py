@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedmed.server.checkpoint import CheckpointStore
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.security.audit import AuditLog
 from fedmed.security.pki import write_pki
 from fedmed.security.signing import Signer, sign_checkpoint
-from server.checkpoint import CheckpointStore
 
 
 @pytest.fixture(scope="module")

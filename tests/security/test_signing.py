@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedmed.server.checkpoint import CheckpointStore
 
 from fedmed.errors import SecurityError
 from fedmed.security.pki import write_pki
@@ -21,7 +22,6 @@ from fedmed.security.signing import (
     verify_checkpoints,
     verify_global,
 )
-from server.checkpoint import CheckpointStore
 
 
 @pytest.fixture(scope="module")
