@@ -31,3 +31,10 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
     assert _package_folders() == listed
+
+
+def test_test_module_basenames_are_unique() -> None:
+    # pytest's default (prepend) import mode imports test files by basename.
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    assert duplicates == [], f"rename these test modules to unique names: {duplicates}"
