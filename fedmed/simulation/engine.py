@@ -150,6 +150,14 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class _DropDeprecation(logging.Filter):
+    """Hide Flower's deprecation notice for ``run_simulation``: the choice is deliberate and
+    documented in this module; every other Flower warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 def _shutdown_ray() -> None:
     import ray
 
@@ -198,6 +206,8 @@ def run_federation(
     }
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
+    quiet = _DropDeprecation()
+    flwr_logger.addFilter(quiet)
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     try:
@@ -218,3 +228,4 @@ def run_federation(
     finally:
         _shutdown_ray()
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(quiet)
