@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from fedmed.errors import ModelError
+from fedmed.security.at_rest import checkpoint_key, read_arrays, write_arrays
 
 from .report import json_safe
 
@@ -106,6 +106,7 @@ class CheckpointStore:
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         self.root = Path(out_dir) / "checkpoints"
+        self.key = checkpoint_key()  # FEDMED_CHECKPOINT_KEY: AES-GCM at rest, else plain
 
     def round_dir(self, round_: int) -> Path:
         """The folder of round ``round_``."""
@@ -139,8 +140,8 @@ class CheckpointStore:
         final = self.round_dir(round_)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".round-{round_:04d}."))
         try:
-            save_file(_contiguous(weights), str(tmp / _WEIGHTS))
-            save_file(_contiguous(server_state or {}), str(tmp / _STATE))
+            write_arrays(tmp / _WEIGHTS, _contiguous(weights), key=self.key)
+            write_arrays(tmp / _STATE, _contiguous(server_state or {}), key=self.key)
             digest = _sha256(tmp / _WEIGHTS)
             meta = {
                 "format": _FORMAT,
@@ -205,8 +206,8 @@ class CheckpointStore:
                     f"checkpoint {folder} is damaged: server_state.safetensors does not match "
                     "meta.json: delete the folder to resume from the round before"
                 )
-            weights = load_file(str(folder / _WEIGHTS))
-            state = load_file(str(folder / _STATE))
+            weights = read_arrays(folder / _WEIGHTS, key=self.key)
+            state = read_arrays(folder / _STATE, key=self.key)
         except (OSError, ValueError, KeyError) as err:
             raise ModelError(
                 f"checkpoint {folder} cannot be read ({err}): delete the folder to resume "
