@@ -178,21 +178,27 @@ def privatize(
     """
     rng = rng or np.random.default_rng()
     floats = set(_floating(received))
-    update = {
-        k: np.asarray(trained[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
-        for k in floats
-    }
-    clipped, norm = clip_update(update, params.clip_norm)
+    # in the arrays' own dtype (float32 for the nets): float64 copies of a 10M-weight model
+    # cost seconds; only the norm is summed in float64
+    update = {k: np.subtract(trained[k], received[k], dtype=received[k].dtype) for k in floats}
+    norm = update_norm(update)
+    scale = min(1.0, params.clip_norm / norm) if norm > 0 else 1.0
     std = params.noise_multiplier * params.clip_norm
     out: dict[str, np.ndarray] = {}
     for key, base in received.items():
         if key not in floats:
             out[key] = np.asarray(trained[key])
             continue
-        delta = clipped[key]
+        delta = update[key]
+        if scale < 1.0:
+            delta *= delta.dtype.type(scale)
         if std > 0:
-            delta = delta + rng.normal(0.0, std, size=delta.shape)
-        out[key] = (np.asarray(base, dtype=np.float64) + delta).astype(np.asarray(base).dtype)
+            noise_dtype = np.float32 if delta.dtype == np.float32 else np.float64
+            noise = rng.standard_normal(delta.shape, dtype=noise_dtype)
+            noise *= std
+            delta += noise.astype(delta.dtype, copy=False)
+        delta += base
+        out[key] = delta
     metrics = {"dp-update-norm": norm, "dp-clipped": float(norm > params.clip_norm)}
     return out, metrics
 
