@@ -298,6 +298,8 @@ def configure_sim_logging(verbose: bool) -> None:
     """One handler on ``fedmed`` (so the apps add none); INFO with --verbose, else warnings
     only: the round lines printed by this command are the progress report."""
     configure_logging(verbose)
+    if not verbose:  # other libraries' INFO lines (alembic, ...) are not progress either
+        logging.getLogger().setLevel(logging.WARNING)
     root = logging.getLogger("fedmed")
     if not root.handlers:
         handler = logging.StreamHandler()

@@ -14,7 +14,8 @@ pin the behaviour against the installed flwr.
 
 Process hygiene: telemetry and update checks off, runtime dependency installation off, Ray's
 temporary folder inside the output folder (or a short private one when that path is too long
-for Ray's Unix sockets, removed afterwards), and Ray shut down on return, error or Ctrl-C.
+for Ray's Unix sockets, removed afterwards), and Ray shut down on return, error or Ctrl-C
+(which exits the process: see ``_exit_on_interrupt``).
 
 Example:
     >>> run_federation(RunSettings(num_rounds=2, out_dir="out/fedavg"),
@@ -27,11 +28,15 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from fedmed.errors import ConfigError, FederationError
@@ -158,6 +163,33 @@ class _DropDeprecation(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C during a simulation: shut Ray down and exit the process with status 130.
+
+    Flower 1.41's simulation runtime cannot be interrupted: a KeyboardInterrupt in the main
+    thread lands in a ThreadPoolExecutor's exit, which joins workers that only stop on an
+    event set after that join (seen: still running 60 s after SIGINT). So the handler stops
+    Ray (every actor, raylet and GCS process) itself and leaves with ``os._exit``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        print("fedmed-sim: interrupted; stopping Ray", file=sys.stderr, flush=True)
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)  # its workers' dying-actor errors
+        _shutdown_ray()
+        sys.stdout.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _shutdown_ray() -> None:
     import ray
 
@@ -211,7 +243,11 @@ def run_federation(
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     try:
-        with simulation_env(workdir), torch_threads(resources.num_cpus):
+        with (
+            simulation_env(workdir),
+            torch_threads(resources.num_cpus),
+            _exit_on_interrupt(),
+        ):
             run_simulation(
                 server_app=make_server_app(settings),
                 client_app=make_client_app(resolve_site=resolve),
