@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import SecurityError
-from fedmed.security.audit import AUDIT_FILE, verify_audit_log
+from fedmed.security.audit import AUDIT_FILE, line_hashes, verify_audit_log
 from fedmed.security.signing import Verifier, verify_checkpoints
 
 __all__ = ["register", "verify_path"]
@@ -67,9 +67,14 @@ def verify_path(
             f"{path} holds no checkpoints/ folder, round-NNNN folders or {AUDIT_FILE}: give a "
             "run's out-dir, its checkpoints folder or an audit log"
         )
+    if audit.is_file():  # first: an edited line is named by its number
+        lines.append(f"audit log {audit}: {verify_audit_log(audit)} lines, chain intact")
     if ckpt_dir is not None:
         rounds, signed = verify_checkpoints(
-            ckpt_dir, verifier=verifier, require_signatures=require_signatures
+            ckpt_dir,
+            verifier=verifier,
+            require_signatures=require_signatures,
+            audit_lines=line_hashes(audit) if audit.is_file() else None,
         )
         unsigned = len(rounds) - len(signed)
         who = "signer checked against the CA" if ca is not None else "signer not checked (no --ca)"
@@ -77,8 +82,6 @@ def verify_path(
             f"checkpoints {ckpt_dir}: rounds 0..{rounds[-1] if rounds else -1} chained, "
             f"{len(signed)} signed ({who}), {unsigned} unsigned"
         )
-    if audit.is_file():
-        lines.append(f"audit log {audit}: {verify_audit_log(audit)} lines, chain intact")
     return lines
 
 

@@ -4,8 +4,9 @@ Every line is one JSON object with ``seq`` (1, 2, ...), ``time`` (UTC), ``event`
 ``prev`` (sha256 hex of the previous line's bytes without its newline; 64 zeros for the first
 line), plus the event's fields. Changing, removing, inserting or reordering a line breaks the
 chain at that point; :func:`verify_audit_log` names the first broken line. Truncating the tail
-cannot be seen from the file alone: compare ``seq`` with a copy kept elsewhere (the server's
-checkpoints also record each round).
+cannot be seen from the chain alone: each signed server checkpoint signs the hash of the audit
+line of its round (``audit_sha256``), so ``fedmed verify`` on an out-dir finds a log cut below
+the last signed round; a site's log can be compared with the server's.
 
 The server writes ``<out-dir>/audit.jsonl`` (run start with the config hash, per round the
 sites that took part, sha256 of the global model sent and of each reply received, the new
@@ -32,7 +33,7 @@ from typing import Any
 
 from fedmed.errors import SecurityError
 
-__all__ = ["AUDIT_FILE", "AuditError", "AuditLog", "verify_audit_log"]
+__all__ = ["AUDIT_FILE", "AuditError", "AuditLog", "line_hashes", "verify_audit_log"]
 
 AUDIT_FILE = "audit.jsonl"
 _GENESIS = "0" * 64
@@ -79,6 +80,7 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.head: str | None = None  # sha256 of the last line this object wrote
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one line for ``event`` chained to the last line; return the entry written."""
@@ -111,6 +113,7 @@ class AuditLog:
                 fh.write(line.encode() + b"\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            self.head = _line_hash(line.encode())
         return entry
 
 
@@ -150,3 +153,8 @@ def verify_audit_log(path: str | os.PathLike[str]) -> int:
             )
         prev = _line_hash(line)
     return len(lines)
+
+
+def line_hashes(path: str | os.PathLike[str]) -> set[str]:
+    """sha256 of every line of an audit log (what checkpoint signatures refer to)."""
+    return {_line_hash(line) for line in Path(path).read_bytes().split(b"\n") if line}

@@ -194,9 +194,8 @@ class ServerGuard:
         updates: Sequence[_Update],
         checkpoint: _Checkpoint | None = None,
     ) -> None:
-        """Sign ``checkpoint`` (if any) and write the audit ``round`` line for ``record``."""
-        if checkpoint is not None and self.signer is not None:
-            sign_checkpoint(checkpoint.path, self.signer)
+        """Write the audit ``round`` line for ``record``, then sign ``checkpoint`` (if any)
+        together with that line's hash."""
         self.audit.append(
             "round" if record.get("round", 0) else "initial",
             round=record.get("round"),
@@ -209,6 +208,8 @@ class ServerGuard:
             checkpoint_sha256=checkpoint.hash if checkpoint is not None else None,
             dp=self.privacy_spent(),
         )
+        if checkpoint is not None and self.signer is not None:
+            sign_checkpoint(checkpoint.path, self.signer, audit_sha256=self.audit.head)
 
 
 def _count_events(path: Path, event: str) -> int:

@@ -300,10 +300,19 @@ def checkpoint_payload(folder: Path) -> dict[str, Any]:
     }
 
 
-def sign_checkpoint(folder: str | os.PathLike[str], signer: Signer) -> Path:
-    """Write ``signature.json`` into a checkpoint folder (atomically); return its path."""
+def sign_checkpoint(
+    folder: str | os.PathLike[str], signer: Signer, *, audit_sha256: str | None = None
+) -> Path:
+    """Write ``signature.json`` into a checkpoint folder (atomically); return its path.
+
+    ``audit_sha256`` (the hash of the audit line of this round) is signed along, so a
+    truncated audit log shows up in :func:`verify_checkpoints`.
+    """
     folder = Path(folder)
-    signed = signer.sign(checkpoint_payload(folder))
+    payload = checkpoint_payload(folder)
+    if audit_sha256 is not None:
+        payload["audit_sha256"] = audit_sha256
+    signed = signer.sign(payload)
     path = folder / SIGNATURE_FILE
     tmp = folder / f".{SIGNATURE_FILE}.tmp"
     tmp.write_text(json.dumps(signed, indent=2, sort_keys=True) + "\n")
@@ -333,13 +342,15 @@ def verify_checkpoints(
     *,
     verifier: Verifier | None = None,
     require_signatures: bool = False,
+    audit_lines: set[str] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Check every round of a checkpoint folder; return (rounds checked, rounds signed).
 
     Each round must exist from 0 on, its files must match ``meta.json``, its ``parent_hash``
     must be the round before's weights hash and, where ``signature.json`` is present (required
-    with ``require_signatures``), the signature must cover exactly that ``meta.json``.
-    SignatureError names the first broken link.
+    with ``require_signatures``), the signature must cover exactly that ``meta.json`` and, with
+    ``audit_lines`` (:func:`fedmed.security.audit.line_hashes`), the audit line it names must
+    be in the log. SignatureError names the first broken link.
     """
     root = Path(root)
     if not root.is_dir():
@@ -376,8 +387,14 @@ def verify_checkpoints(
             except (OSError, ValueError) as err:
                 raise SignatureError(f"{where}: {SIGNATURE_FILE} cannot be read ({err})") from err
             payload = verifier.verify(record, what=where)
+            audit_hash = payload.pop("audit_sha256", None)
             if payload != checkpoint_payload(folder):
                 raise SignatureError(f"{where}: the signature does not cover this meta.json")
+            if audit_lines is not None and audit_hash is not None and audit_hash not in audit_lines:
+                raise SignatureError(
+                    f"{where}: the audit line signed with this round ({audit_hash[:12]}) is not in "
+                    "the audit log: the log was truncated or altered"
+                )
             signed.append(round_)
         elif require_signatures:
             raise SignatureError(f"{where}: {SIGNATURE_FILE} is missing (unsigned checkpoint)")

@@ -72,3 +72,32 @@ def test_tampered_audit_line_names_the_line(run_dir, capsys) -> None:
 def test_folder_without_run_is_refused(tmp_path, capsys) -> None:
     assert fedmed_main(["verify", str(tmp_path)]) == 7
     assert "holds no checkpoints/" in capsys.readouterr().err
+
+
+def test_truncated_audit_log_is_caught_by_the_signed_checkpoints(tmp_path, certs, capsys) -> None:
+    # Prepare: a run whose checkpoints were signed by the server guard (with audit links)
+    from fedmed.server.settings import RunSettings
+
+    from fedmed.security.guard import ServerGuard
+
+    settings = RunSettings(out_dir=str(tmp_path), signing_dir=str(certs))
+    guard = ServerGuard(settings, config_hash=settings.identity_hash())
+    store = CheckpointStore(tmp_path)
+    guard.start(first_round=1, num_rounds=2)
+    for r in range(3):
+        weights = {"w": np.full(2, r, np.float32)}
+        if r:
+            guard.train_records(weights, {}, server_round=r, attempt=1, sites=["A"])
+        ckpt = store.save(r, weights, metrics={}, config_hash="c")
+        guard.after_attempt({"round": r, "attempt": 1, "status": "ok"}, [], ckpt)
+    assert fedmed_main(["verify", str(tmp_path), "--require-signatures"]) == 0
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("\n".join(audit.read_text().splitlines()[:-2]) + "\n")  # cut round 2
+
+    # Execute
+    code = fedmed_main(["verify", str(tmp_path)])
+
+    # Assert
+    assert code == 7
+    assert "round 2" in (err := capsys.readouterr().err)
+    assert "not in the audit log: the log was truncated or altered" in err
