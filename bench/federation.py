@@ -23,7 +23,10 @@ Figures:
 * **bytes per site per round**: TLS bytes on the wire between each site and the SuperLink,
   counted by a TCP proxy in front of the public port (one per site): everything the site's
   SuperNode sent/received during the run (HTTP + TLS framing, heartbeats, idle polls, the FAB
-  download) divided by the rounds; compared with the model's size (float32 arrays that travel).
+  download) divided by the rounds (the largest site); compared with the model's size (the
+  float32 arrays that travel). ``*-net`` subtracts the idle traffic (polls and heartbeats,
+  sampled for ``--idle-window`` s before the runs) over the run's duration: what the messages
+  themselves cost.
 
 The SuperNode-side settings (executor polling 0.1 s, app pinning) are fedmed's for both apps;
 the stock figure is therefore a lower bound for an unmodified Flower deployment.
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--models", default="coplenet,unet3d")
     parser.add_argument("--recipes", default="fedmed,stock")
+    parser.add_argument("--idle-window", type=float, default=10.0, help="idle traffic sample s")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -419,6 +423,17 @@ def main(argv: list[str] | None = None) -> int:
             threads[-1].start()
         with control_client(link.address, ca_cert=pki.ca_cert) as client:
             wait_for_sites(client, min_sites=len(SITES), timeout=120, alive=link.alive)
+        # Idle traffic (polls, heartbeats) per site and second, to tell it from the model's.
+        idle_start = {s: p.counts() for s, p in proxies.items()}
+        time.sleep(args.idle_window)
+        idle = {}
+        for site, proxy in proxies.items():
+            (up, down), (up0, down0) = proxy.counts(), idle_start[site]
+            idle[site] = ((up - up0) / args.idle_window, (down - down0) / args.idle_window)
+        figures["idle-bytes-per-site-s"] = {
+            "up": round(max(v[0] for v in idle.values())),
+            "down": round(max(v[1] for v in idle.values())),
+        }
         for model in args.models.split(","):
             size = _model_bytes(model)
             entry: dict[str, Any] = {"model-bytes": size, **MODELS[model]}
@@ -437,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 traffic = _traffic(proxies, before, args.rounds)
                 down = max(t[0] for t in traffic.values())
                 up = max(t[1] for t in traffic.values())
+                idle_up = figures["idle-bytes-per-site-s"]["up"] * seconds / args.rounds
+                idle_down = figures["idle-bytes-per-site-s"]["down"] * seconds / args.rounds
                 entry[recipe] = {
                     "run-s": round(seconds, 1),
                     "round-s": round(_mean(rounds), 2),
@@ -446,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                     "up-bytes-per-site-round": int(up),
                     "down-x-model": round(down / size, 3),
                     "up-x-model": round(up / size, 3),
+                    # minus the idle rate over the run: what the messages themselves cost
+                    "down-x-model-net": round((down - idle_down) / size, 3),
+                    "up-x-model-net": round((up - idle_up) / size, 3),
                 }
                 log.info("%s %s: %s", model, recipe, entry[recipe])
             if "fedmed" in entry and "stock" in entry and entry["stock"].get("overhead-s"):
