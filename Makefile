@@ -10,11 +10,10 @@ setup:
 setup-dev:
 	scripts/setup.sh dev
 
+# The demo federation: generated chest CT at 3 sites (one with noisy labels), COPLE-Net, a few
+# rounds on CPU, held-out Dice printed per round; report in $(DEMO_DIR)/report.md.
 demo: setup
-	.venv/bin/fedmed demo-data $(DEMO_DIR)/data --sites 3 --cases 6 --seed 0
-	.venv/bin/fedmed data check $(DEMO_DIR)/data/site-A
-	.venv/bin/fedmed data check $(DEMO_DIR)/data/site-B
-	.venv/bin/fedmed data check $(DEMO_DIR)/data/site-C
+	.venv/bin/fedmed-sim --config configs/sim.toml --out $(DEMO_DIR)
 
 test: setup-dev
 	.venv/bin/ruff check .
