@@ -108,7 +108,7 @@ def test_data_without_action_is_a_usage_error(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.slow  # two interpreter starts that import torch
-def test_console_script_runs_the_makefile_demo_commands(tmp_path: Path) -> None:
+def test_console_scripts_generate_and_check_demo_data(tmp_path: Path) -> None:
     fedmed = BIN / "fedmed"
     out = tmp_path / "demo" / "data"
 
