@@ -44,24 +44,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: args.func(args), prog="fedmed")
 
 
-def _delegate(module_name: str, prog: str, argv: Sequence[str] | None) -> int:
-    module = importlib.import_module(module_name)
-    return int(module.main(list(sys.argv[1:] if argv is None else argv)) or 0)
+def _delegate(module_name: str, argv: Sequence[str] | None, *, entry: str = "main") -> int:
+    function = getattr(importlib.import_module(module_name), entry)
+    return int(function(list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedmed-server`` (the central side)."""
-    return _delegate("fedmed.server.cli", "fedmed-server", argv)
+    return _delegate("fedmed.server.cli", argv)
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedmed-client`` (a hospital site)."""
-    return _delegate("fedmed.client.cli", "fedmed-client", argv)
+    return _delegate("fedmed.client.cli", argv)
 
 
 def sim_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedmed-sim`` (a local simulated federation)."""
-    return _delegate("fedmed.simulation.cli", "fedmed-sim", argv)
+    return _delegate("fedmed.simulation.cli", argv, entry="console_main")
 
 
 if __name__ == "__main__":

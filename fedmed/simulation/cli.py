@@ -44,6 +44,7 @@ from .sites import SimData, pooled_federation, shifted_federation
 __all__ = [
     "build_parser",
     "configure_sim_logging",
+    "console_main",
     "format_record",
     "main",
     "parse_config",
@@ -330,7 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_sim(cfg, verbose=verbose)
         return 0
 
-    code = run_command(command, prog="fedmed-sim")
+    return run_command(command, prog="fedmed-sim")
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """The ``fedmed-sim`` console script: :func:`main`, then leave even if Flower hangs.
+
+    Only the console script may end the process; :func:`main` returns its code to callers.
+    """
+    code = main(argv)
     # Python names a thread after its target: "Thread-3 (server_th_with_start_checks)"
     stray = [t for t in threading.enumerate() if "server_th" in t.name and t.is_alive()]
     if code != 0 and stray:

@@ -48,8 +48,9 @@ __all__ = ["SiteResources", "run_federation", "simulation_env", "torch_threads"]
 
 logger = logging.getLogger(__name__)
 
-# Ray puts Unix sockets under RAY_TMPDIR/session_*/sockets/...: 107 bytes is the OS limit
-_MAX_RAY_TMPDIR = 60
+# Ray puts Unix sockets at RAY_TMPDIR/ray/session_<date>_<time>_<us>_<pid>/sockets/plasma_store
+# (about 64 bytes after RAY_TMPDIR) and the OS limit for such a path is 107 bytes.
+_MAX_RAY_TMPDIR = 40
 _CACHE_MODES = ("auto", "memory", "none")
 
 

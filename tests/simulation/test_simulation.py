@@ -4,6 +4,9 @@ engine plus the centralized baseline, and writes metrics, checkpoints and the re
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
@@ -21,8 +24,10 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def sim_out(demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim") / "out"
+def sim_out(demo_root):
+    # A short folder: Ray's socket paths under out/ray must stay below the OS's 107 bytes.
+    short = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    out = short / "out"
     argv = [
         "--data", str(demo_root / "site-A"), str(demo_root / "site-B"),
         "--holdout", str(demo_root / "holdout"),
@@ -33,8 +38,11 @@ def sim_out(demo_root, tmp_path_factory):
         "--local-steps", "2",
         "--centralized",
     ]  # fmt: skip
-    code = main(argv)
-    return code, out
+    try:
+        code = main(argv)
+        yield code, out
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_simulation_exits_0_and_logs_every_round(sim_out, capsys):
