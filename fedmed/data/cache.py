@@ -26,7 +26,6 @@ from fedmed.data.prefix import (
     apply_rest,
     item_nbytes,
     rest_is_safe,
-    run_transforms,
     split_transform,
 )
 from fedmed.errors import DataError
@@ -112,7 +111,7 @@ class CacheDataset:
             raise IndexError(f"index {index} out of range for {len(self.data)} items")
         if index < self.cached_count:
             return apply_rest(self.rest, self._cache[index], safe=self._safe_rest)
-        return run_transforms(self.rest, self.prefix(self.data[index]))
+        return self.rest(self.prefix(self.data[index]))
 
     @property
     def cache_nbytes(self) -> int:

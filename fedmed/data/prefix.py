@@ -34,7 +34,6 @@ __all__ = [
     "item_nbytes",
     "prefix_digest",
     "rest_is_safe",
-    "run_transforms",
     "split_transform",
 ]
 
@@ -86,22 +85,7 @@ def apply_rest(rest: Compose, item: Any, *, safe: bool | None = None) -> Any:
         data = dict(item)
     else:
         data = item
-    return run_transforms(rest, data)
-
-
-def run_transforms(pipeline: Compose, data: Any) -> Any:
-    """Apply ``pipeline`` step by step; once a step returns a list (``num_samples > 1``), the
-    following steps run on each sample and the result stays one flat list (MONAI's rule)."""
-    for transform in pipeline.transforms:
-        if isinstance(data, list):
-            out: list[Any] = []
-            for sample in data:
-                result = transform(sample)
-                out.extend(result if isinstance(result, list) else [result])
-            data = out
-        else:
-            data = transform(data)
-    return data
+    return rest(data)
 
 
 def _deep_copy(item: Any) -> Any:

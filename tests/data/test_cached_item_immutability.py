@@ -16,7 +16,6 @@ import torch
 
 import fedmed.transforms as T
 from fedmed.data import CacheDataset
-from fedmed.data.prefix import run_transforms
 
 KEYS = ("image", "label")
 
@@ -98,6 +97,6 @@ def test_steps_after_a_list_returning_step_run_on_every_sample(cases) -> None:
         ]
     ).set_random_state(0)
     prefix, rest = pipeline.split_deterministic()
-    samples = run_transforms(rest, prefix(cases[0]))
+    samples = rest(prefix(cases[0]))
     assert len(samples) == 3 and all(s["image"].shape == (1, 6, 6, 4) for s in samples)
     assert all(float(s["image"].min()) > -1000 for s in samples)
