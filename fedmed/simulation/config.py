@@ -48,7 +48,7 @@ DEMO_APP: Mapping[str, Any] = {
     "model": "coplenet",
     "model-features": "16,32,64,128,256",
     "patch-size": "64,64",
-    "local-epochs": 1,
+    "local-epochs": 2,
     "batch-size": 8,
     "lr": 0.003,
 }
