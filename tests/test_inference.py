@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from monai.data.utils import compute_importance_map
@@ -16,14 +14,7 @@ from fedmed.inference import (
     sliding_window_inference,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors run faster on one thread than on two contended ones; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _conv(spatial_dims: int, in_channels: int = 2, out_channels: int = 3) -> nn.Module:
