@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import pytest
+from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed.io.msd import load_site_dataset, split_cases
 from fedmed.task import TrainConfig, build_network, model_arrays, norm_layer_keys
-
-with warnings.catch_warnings():
-    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 CFG = TrainConfig(
     model="coplenet",

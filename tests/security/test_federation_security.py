@@ -7,23 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
+from fedmed.client.app import PartitionSites, make_client_app
+from fedmed.server.app import make_server_app
 from fedmed.server.report import MetricsLog
 from fedmed.server.settings import RunSettings
+from flwr.simulation import run_simulation
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.errors import FederationError
 from fedmed.security.dp import gaussian_epsilon
 from fedmed.security.pki import write_pki
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from fedmed.client.app import PartitionSites, make_client_app
-    from fedmed.server.app import make_server_app
-    from flwr.simulation import run_simulation
 
 pytestmark = [
     pytest.mark.slow,

@@ -3,20 +3,14 @@ rounds whose replies are errors (failed, retried, then a clear FederationError).
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
+from fedmed.client.app import PartitionSites, make_client_app
+from fedmed.server.app import make_server_app
 from fedmed.server.report import MetricsLog
 from fedmed.server.settings import RunSettings
+from flwr.simulation import run_simulation
 
 from fedmed.errors import FederationError
-
-with warnings.catch_warnings():
-    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from fedmed.client.app import PartitionSites, make_client_app
-    from fedmed.server.app import make_server_app
-    from flwr.simulation import run_simulation
 
 pytestmark = [
     pytest.mark.slow,

@@ -4,23 +4,18 @@ restart that resumes from the last checkpoint (no round lost or repeated)."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
+from fedmed.client.app import PartitionSites, make_client_app
+from fedmed.server.app import make_server_app
 from fedmed.server.checkpoint import CheckpointStore
+from fedmed.server.federation import train_config
 from fedmed.server.report import MetricsLog
 from fedmed.server.settings import RunSettings
+from flwr.simulation import run_simulation
 
 from fedmed.task import build_network, norm_layer_keys
-
-with warnings.catch_warnings():
-    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from fedmed.client.app import PartitionSites, make_client_app
-    from fedmed.server.app import make_server_app
-    from fedmed.server.federation import train_config
-    from flwr.simulation import run_simulation
 
 pytestmark = [
     pytest.mark.slow,

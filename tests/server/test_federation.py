@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
+from fedmed.server.federation import Federation, train_config
 from fedmed.server.settings import RunSettings
 
 from fedmed.errors import ConfigError
-
-with warnings.catch_warnings():
-    # flwr imports typer, which uses an API click 8.3 deprecates (pyproject only ignores flwr.*)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from fedmed.server.federation import Federation, train_config
 
 SMALL = {"model_features": "4,8,16,32,64", "patch_size": "32,32"}
 
