@@ -12,6 +12,9 @@ key                         type     default      meaning
 ==========================  =======  ===========  ==============================================
 ``num-rounds``              int      3            federated rounds to run (>= 1)
 ``min-sites``               int      2            valid replies a round needs to count (>= 1)
+``sites-per-round``         int      0            sites asked to train each round, sampled from
+                                                  the connected ones (0 = all; else >=
+                                                  ``min-sites``; see :mod:`.sampling`)
 ``join-timeout``            float    300          seconds to wait for ``min-sites`` sites to be
                                                   connected before a FederationError
 ``round-timeout``           float    600          seconds a round waits for replies
@@ -115,6 +118,7 @@ class RunSettings:
 
     num_rounds: int = field(default=3, metadata=_meta("num-rounds", int, min=1))
     min_sites: int = field(default=2, metadata=_meta("min-sites", int, min=1))
+    sites_per_round: int = field(default=0, metadata=_meta("sites-per-round", int, min=0))
     join_timeout: float = field(default=300.0, metadata=_meta("join-timeout", float, gt=0))
     round_timeout: float = field(default=600.0, metadata=_meta("round-timeout", float, gt=0))
     retry_failed_rounds: int = field(default=2, metadata=_meta("retry-failed-rounds", int, min=0))
@@ -160,6 +164,12 @@ class RunSettings:
         if self.model not in MODELS:
             raise ConfigError(
                 f"run config key 'model' is {self.model!r}: use one of {', '.join(MODELS)}"
+            )
+        if 0 < self.sites_per_round < self.min_sites:
+            raise ConfigError(
+                f"run config key 'sites-per-round' is {self.sites_per_round} but min-sites is "
+                f"{self.min_sites}: a round needs min-sites replies, so sample at least that "
+                "many (raise sites-per-round, lower min-sites, or 0 = all sites)"
             )
         _ = self.features, self.patch_shape  # parse now so errors surface at construction
         dp_params(self)  # DP keys checked together (noise needs a clip norm)
@@ -231,13 +241,17 @@ class RunSettings:
     def identity_hash(self) -> str:
         """sha256 of the settings that shape the trained weights (not timeouts or round count).
 
-        A run may be resumed only with the same identity hash.
+        A run may be resumed only with the same identity hash. ``sites-per-round`` counts
+        only when sampling is on, so runs without it keep the hash they had before the key
+        existed (and stay resumable).
         """
         ident = {
             f.metadata["key"]: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in _RESUMABLE_KEYS
         }
+        if not self.sites_per_round:
+            del ident["sites-per-round"]
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -1,0 +1,85 @@
+"""Per-round site sampling (``sites-per-round``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+
+import pytest
+from fedmed.server.sampling import sample_sites
+from fedmed.server.settings import _RESUMABLE_KEYS, RunSettings
+
+from fedmed.errors import ConfigError
+
+NODES = [9000 + 17 * i for i in range(64)]
+
+
+def test_zero_means_every_connected_site_sorted() -> None:
+    settings = RunSettings(min_sites=2)
+    assert sample_sites([5, 3, 9], settings, 1) == [3, 5, 9]
+
+
+def test_samples_the_configured_number_of_distinct_connected_sites() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8)
+    for server_round in range(1, 6):
+        picked = sample_sites(NODES, settings, server_round)
+        assert len(picked) == 8 == len(set(picked))
+        assert set(picked) <= set(NODES)
+        assert picked == sorted(picked)
+
+
+def test_fewer_connected_than_sites_per_round_asks_them_all() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8)
+    assert sample_sites([4, 2, 7], settings, 3) == [2, 4, 7]
+
+
+def test_same_seed_and_round_same_sample_whatever_the_node_order() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8, seed=7)
+    again = RunSettings(min_sites=2, sites_per_round=8, seed=7, num_rounds=99, out_dir="x")
+    assert sample_sites(NODES, settings, 4) == sample_sites(NODES[::-1], again, 4)
+
+
+def test_rounds_and_seeds_draw_different_samples() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8, seed=0)
+    by_round = {tuple(sample_sites(NODES, settings, r)) for r in range(1, 11)}
+    assert len(by_round) == 10
+    other = RunSettings(min_sites=2, sites_per_round=8, seed=1)
+    assert sample_sites(NODES, settings, 1) != sample_sites(NODES, other, 1)
+
+
+def test_every_site_gets_its_turn_roughly_uniformly() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8)
+    counts = Counter(n for r in range(1, 401) for n in sample_sites(NODES, settings, r))
+    assert set(counts) == set(NODES)
+    # expected 400 * 8 / 64 = 50 per site
+    assert min(counts.values()) >= 25 and max(counts.values()) <= 80
+
+
+def test_sites_per_round_below_min_sites_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'sites-per-round' is 2 but min-sites is 4"):
+        RunSettings(min_sites=4, sites_per_round=2)
+    with pytest.raises(ConfigError, match=r"sites-per-round.*must be >= 0"):
+        RunSettings.from_run_config({"sites-per-round": -1})
+
+
+def test_run_config_round_trip_and_identity_hash() -> None:
+    settings = RunSettings.from_run_config({"min-sites": 2, "sites-per-round": 8})
+    assert settings.sites_per_round == 8
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+    # sampling changes which sites train: not resumable with another value ...
+    assert settings.identity_hash() != RunSettings(min_sites=2, sites_per_round=4).identity_hash()
+    assert settings.identity_hash() != RunSettings(min_sites=2).identity_hash()
+
+
+def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
+    # the hash as computed before sites-per-round existed: older checkpoints stay resumable
+    settings = RunSettings(lr=0.002)
+    keys = {
+        f.metadata["key"]: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name not in _RESUMABLE_KEYS and f.name != "sites_per_round"
+    }
+    expected = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+    assert settings.identity_hash() == expected
