@@ -17,6 +17,7 @@ Example::
     fedmed-sim
     fedmed-sim --compare fedavg,fedprox,fedbn --centralized --rounds 5
     fedmed-sim --pooled /data/Task09 --split size-skew --alpha 0.3 --sites 8 --out runs/skew
+    fedmed-sim --sites 64 --sites-per-round 8 --out runs/many
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="settings file (e.g. configs/sim.toml)")
     p.add_argument("--out", metavar="DIR", help="output folder (default fedmed-sim-run)")
     p.add_argument("--sites", type=int, help="number of simulated sites")
+    p.add_argument(
+        "--sites-per-round",
+        type=int,
+        metavar="N",
+        help="sites sampled to train each round (0 = all; memory and time follow N)",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--model", help="coplenet, unet3d or lamp_unet")
     p.add_argument("--features", metavar="C1,C2,..", help="model channels per level")
@@ -98,6 +105,7 @@ def _app_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "local-epochs": args.local_epochs,
         "local-steps": args.local_steps,
         "lr": args.lr,
+        "sites-per-round": args.sites_per_round,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 

@@ -15,6 +15,7 @@ spells them out):
   (``hu-offset``, ``noise-sigma``, ``spacing-scale``).
 - ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``.
 - ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
+  ``min-sites`` defaults to every site, or to ``sites-per-round`` when sites are sampled.
 
 Example:
     >>> cfg = load_sim_config(None)
@@ -139,7 +140,9 @@ class SimConfig:
 def run_settings(cfg: SimConfig, label: str, *, out_dir: str, holdout: str) -> RunSettings:
     """The federation settings of run ``label`` (``fedbn`` -> FedAvg + FedBN, ...)."""
     values = dict(cfg.app)
-    values.setdefault("min-sites", cfg.sites)
+    sampled = values.get("sites-per-round", 0)
+    sampling = isinstance(sampled, int) and not isinstance(sampled, bool) and sampled > 0
+    values.setdefault("min-sites", min(cfg.sites, sampled) if sampling else cfg.sites)
     values.setdefault("seed", cfg.seed)
     strategy, _, extra = label.partition("+")
     fedbn = strategy == "fedbn" or extra == "fedbn"

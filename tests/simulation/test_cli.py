@@ -32,6 +32,14 @@ def test_flags_override_the_config():
     assert run_settings(cfg, "fedprox", out_dir="o", holdout="").proximal_mu == 0.01
 
 
+def test_sites_per_round_flag_samples_and_lowers_min_sites():
+    cfg, _ = parse_config(["--sites", "64", "--sites-per-round", "8"])
+    settings = run_settings(cfg, "fedavg", out_dir="o", holdout="")
+    assert (settings.sites_per_round, settings.min_sites) == (8, 8)
+    every = run_settings(parse_config(["--sites", "5"])[0], "fedavg", out_dir="o", holdout="")
+    assert (every.sites_per_round, every.min_sites) == (0, 5)
+
+
 def test_data_folders_set_the_number_of_sites(tmp_path):
     cfg, _ = parse_config(["--data", "a", "b"])
     assert cfg.sites == 2 and cfg.data.folders == ("a", "b")
