@@ -156,7 +156,11 @@ def estimate_cpu_memory(net: LAMPUNet, x: torch.Tensor) -> dict[str, object]:
 
 def bench_lamp(args: argparse.Namespace, volume: torch.Tensor | None) -> dict:
     cuda = torch.cuda.device_count()
-    devices = [f"cuda:{i}" for i in range(cuda)] if cuda else ["cpu", "cpu"]
+    if args.lamp_devices:
+        devices = args.lamp_devices.split(",")
+    else:
+        devices = [f"cuda:{i}" for i in range(cuda)] if cuda else ["cpu", "cpu"]
+    cuda = cuda and all(d.startswith("cuda") for d in devices)
     size, batch = args.lamp_size, args.lamp_batch
     x = torch.stack([fit(volume, (size,) * 3)[None] for _ in range(batch)])
     out: dict[str, object] = {"lamp_devices": devices}
@@ -291,9 +295,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--balance", choices=("time", "memory"), default="memory")
     parser.add_argument("--only", choices=("train", "lamp", "infer"), action="append")
+    parser.add_argument(
+        "--lamp-devices",
+        help="LAMP stage devices, e.g. cuda:0,cuda:0 on one GPU (default: every GPU, else cpu,cpu);"
+        " a device named twice reports the same peak for both stages",
+    )
+    parser.add_argument("--cople-batch", type=int, help="COPLE-Net batch (default 4; 2 quick)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.cople_batch, args.cople_size = (2, 64) if quick else (4, 256)
+    args.cople_batch = args.cople_batch or (2 if quick else 4)
+    args.cople_size = 64 if quick else 256
     args.patch = 32 if quick else 96
     args.unet_features = (8, 16, 32, 64, 80) if quick else (32, 64, 128, 256, 320)
     args.lamp_features = (4, 8, 16, 32, 64) if quick else (16, 32, 64, 128, 256)
