@@ -53,6 +53,13 @@ key                         type     default      meaning
 ``dp-noise-multiplier``     float    0.0          sites add N(0, (this * clip norm)^2) noise
 ``dp-delta``                float    1e-5         delta of the reported (epsilon, delta)
 ``dp-max-epsilon``          float    0.0          refuse rounds beyond this epsilon (0 = none)
+``secure-aggregation``      bool     false        SecAgg+: the server sees only the sum of the
+                                                  sites' updates (needs min-sites >= 3 and a
+                                                  mean-based strategy; see :mod:`.secagg`)
+``secagg-clip-range``       float    8.0          SecAgg+: each weighted update value is clipped
+                                                  to +-this before quantization
+``secagg-max-weight``       float    1000         SecAgg+: largest site weight (training
+                                                  samples) representable without overflow
 ==========================  =======  ===========  ==============================================
 
 Example:
@@ -76,12 +83,15 @@ from typing import Any
 from fedmed.errors import ConfigError
 from fedmed.security.guard import dp_params
 
-__all__ = ["MODELS", "STRATEGIES", "RunSettings"]
+__all__ = ["MODELS", "SECAGG_MIN_SITES", "SECAGG_STRATEGIES", "STRATEGIES", "RunSettings"]
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed-mean")
 MODELS = ("coplenet", "unet3d", "lamp_unet")
+# Strategies that need only the weighted mean of the updates: the one thing SecAgg+ reveals.
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+SECAGG_MIN_SITES = 3
 
 # Keys that do not change the training trajectory: a run may be resumed with other values.
 _RESUMABLE_KEYS = frozenset(
@@ -152,6 +162,11 @@ class RunSettings:
     )
     dp_delta: float = field(default=1e-5, metadata=_meta("dp-delta", float, gt=0, lt=1))
     dp_max_epsilon: float = field(default=0.0, metadata=_meta("dp-max-epsilon", float, min=0))
+    secure_aggregation: bool = field(default=False, metadata=_meta("secure-aggregation", bool))
+    secagg_clip_range: float = field(default=8.0, metadata=_meta("secagg-clip-range", float, gt=0))
+    secagg_max_weight: float = field(
+        default=1000.0, metadata=_meta("secagg-max-weight", float, gt=0)
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -171,6 +186,8 @@ class RunSettings:
                 f"{self.min_sites}: a round needs min-sites replies, so sample at least that "
                 "many (raise sites-per-round, lower min-sites, or 0 = all sites)"
             )
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         _ = self.features, self.patch_shape  # parse now so errors surface at construction
         dp_params(self)  # DP keys checked together (noise needs a clip norm)
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
@@ -180,6 +197,28 @@ class RunSettings:
                 "proximal-mu %s is used with strategy %r: the sites add the proximal term",
                 self.proximal_mu,
                 self.strategy,
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        if self.min_sites < SECAGG_MIN_SITES:
+            raise ConfigError(
+                f"run config key 'secure-aggregation' is true but min-sites is {self.min_sites}: "
+                f"SecAgg+ needs at least {SECAGG_MIN_SITES} sites in every round (with 2, each "
+                "site could subtract its own update from the sum and learn the other's); set "
+                f"min-sites >= {SECAGG_MIN_SITES} with that many sites, or secure-aggregation = "
+                "false"
+            )
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ConfigError(
+                f"run config key 'strategy' is {self.strategy!r}, which needs each site's "
+                "update, but secure-aggregation shows the server only their sum: use one of "
+                f"{', '.join(SECAGG_STRATEGIES)}, or secure-aggregation = false"
+            )
+        if self.max_update_norm > 0:
+            raise ConfigError(
+                "run config key 'max-update-norm' needs each site's update, but "
+                "secure-aggregation shows the server only their sum: set max-update-norm = 0 "
+                "(bound the updates at the sites with dp-clip-norm instead)"
             )
 
     @classmethod
