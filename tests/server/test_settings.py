@@ -79,3 +79,24 @@ def test_identity_hash_ignores_round_count_but_not_lr():
     base = RunSettings()
     assert base.identity_hash() == RunSettings(num_rounds=50, round_timeout=5).identity_hash()
     assert base.identity_hash() != RunSettings(lr=0.5).identity_hash()
+
+
+@pytest.mark.parametrize(
+    ("run_config", "match"),
+    [
+        ({"min-sites": 2}, "min-sites is 2: SecAgg\\+ needs at least 3 sites"),
+        ({"min-sites": 3, "strategy": "fedmedian"}, "'fedmedian', which needs each site's"),
+        ({"min-sites": 3, "max-update-norm": 5.0}, "'max-update-norm' needs each site's update"),
+    ],
+    ids=["two-sites", "median", "norm-bound"],
+)
+def test_secure_aggregation_refuses_what_needs_single_updates(run_config, match):
+    with pytest.raises(ConfigError, match=match):
+        RunSettings.from_run_config({"secure-aggregation": True, **run_config})
+
+
+def test_secure_aggregation_with_three_sites_and_fedprox_is_accepted():
+    settings = RunSettings.from_run_config(
+        {"secure-aggregation": True, "min-sites": 3, "strategy": "fedprox", "proximal-mu": 0.01}
+    )
+    assert settings.secure_aggregation and settings.secagg_clip_range == 8.0
