@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -343,18 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main(argv: Sequence[str] | None = None) -> int:
-    """The ``fedmed-sim`` console script: :func:`main`, then leave even if Flower hangs.
-
-    Only the console script may end the process; :func:`main` returns its code to callers.
-    """
-    code = main(argv)
-    # Python names a thread after its target: "Thread-3 (server_th_with_start_checks)"
-    stray = [t for t in threading.enumerate() if "server_th" in t.name and t.is_alive()]
-    if code != 0 and stray:
-        # Flower's simulation runs the server app in a non-daemon thread that polls for replies
-        # until round-timeout; after Ctrl-C or a failed run Ray is already shut down, so
-        # nothing is left to wait for: exit now instead of hanging at interpreter exit.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    """The ``fedmed-sim`` console script (the SuperLink and Ray run in child processes that
+    :func:`main` stops, so nothing is left to wait for when it returns)."""
+    return main(argv)

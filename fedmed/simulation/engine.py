@@ -1,21 +1,31 @@
-"""Run the fedmed server and client apps on Flower's simulation engine (Ray), in this process.
+"""Run the fedmed server and client apps on a Flower SuperLink in simulation mode (Ray).
 
-Entry point: Flower 1.41's Python simulation runtime (``flwr.simulation.run_simulation``) with
-``make_server_app(settings)`` and ``make_client_app(resolve_site=PartitionSites(folders))`` -
-the same apps a deployment runs. Why not ``flwr run APP local --federation-config ...`` (the
-simulation SuperLink)? It ships the app as a FAB whose settings travel as ``run_config``, but
-simulated nodes only know their ``partition-id``: the client app would need the site folders
-in ``run_config``, which ``RunSettings`` rightly refuses as unknown keys, so it would mean a
-forked app; it also leaves a detached SuperLink process running and adds 5-6 s of polling per
-message. ``run_simulation`` passes the typed :class:`RunSettings` straight to the server app
-(``run_config`` stays empty and unused), keeps every process a child of this one, and shuts Ray
-down when it returns. Flower marks it deprecated (a log line, suppressed here); the e2e tests
-pin the behaviour against the installed flwr.
+Entry point: Flower 1.41's supported simulation runtime, the one ``flwr run APP local`` uses.
+This module starts ``flower-superlink --simulation --insecure --isolation subprocess`` on a
+free 127.0.0.1 port (in-memory state, runtime dependency installation disabled), submits the
+fedmed app as a FAB through the Control API (``StartRun`` with the run's settings as
+``override_config`` and the simulation's size and resources as ``override_federation_config``,
+like ``flwr run --run-config ... --federation-config "num-supernodes=N ..."``), follows the run
+to its end and stops the SuperLink. The SuperLink's executor starts ``flwr-simulation``, which
+installs the FAB, fuses ``run_config`` (``flwr/simulation/app.py``: ``context.run_config =
+get_fused_config_from_dir(app_path, run.override_config)``; the simulated nodes get the same
+via ``DeprecatedRunInfoStore.register_context``) and runs Ray with the SuperLink's apps.
+
+The FAB is :mod:`fedmed.server.submit`'s shim pointed at :mod:`fedmed.simulation.apps`: the
+deployment's server app (``make_server_app(settings)``) and client app (``make_client_app``)
+with a resolver that finds site i's folder in the ``sim-sites`` run-config key (simulated
+nodes only know their ``partition-id``). ``RunSettings`` still refuses unknown keys: the
+``sim-`` keys are split off before it sees the rest. Why not ``flwr run`` itself: its local
+SuperLink listens on the fixed port 39091 with state in ``$FLWR_HOME/local-superlink`` and is
+left running detached, while this one is a child of this process on its own port.
 
 Process hygiene: telemetry and update checks off, runtime dependency installation off, Ray's
 temporary folder inside the output folder (or a short private one when that path is too long
-for Ray's Unix sockets, removed afterwards), and Ray shut down on return, error or Ctrl-C
-(which exits the process: see ``_exit_on_interrupt``).
+for Ray's Unix sockets, removed afterwards), Flower's home in the output folder, and the
+SuperLink's whole process tree (executor, ``flwr-simulation``, Ray's GCS, raylet and actors)
+stopped on return, error or Ctrl-C (:func:`fedmed.server.superlink.stop_process`). The run's
+log (Flower's, the server app's and, with ``verbose``, the sites') is kept in
+``<out-dir>/simulation.log``, the SuperLink's in ``<out-dir>/superlink.log``.
 
 Example:
     >>> run_federation(RunSettings(num_rounds=2, out_dir="out/fedavg"),
@@ -25,10 +35,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -36,8 +45,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 from fedmed.errors import ConfigError, FederationError
 
@@ -52,6 +62,8 @@ logger = logging.getLogger(__name__)
 # (about 64 bytes after RAY_TMPDIR) and the OS limit for such a path is 107 bytes.
 _MAX_RAY_TMPDIR = 40
 _CACHE_MODES = ("auto", "memory", "none")
+_APPS = "fedmed.simulation.apps"
+_START_TIMEOUT = 120.0  # seconds for the SuperLink to answer /health on a loaded machine
 
 
 @dataclass(frozen=True)
@@ -100,10 +112,10 @@ class SiteResources:
 
 
 @contextlib.contextmanager
-def simulation_env(workdir: str | Path) -> Iterator[Path]:
-    """Environment for one simulation: Flower home, Ray temp folder, no telemetry or installs.
-
-    Restores the previous environment on exit and removes a private Ray folder it made.
+def simulation_env(workdir: str | Path) -> Iterator[dict[str, str]]:
+    """Environment variables for one simulation's Flower processes (this process's own
+    environment is left alone): Flower home and Ray temp folder under ``workdir``, no
+    telemetry, update check or runtime installs. Removes a private Ray folder it made.
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,26 +126,19 @@ def simulation_env(workdir: str | Path) -> Iterator[Path]:
         logger.info("output path too long for Ray's sockets; Ray temp files in %s", private)
         ray_dir = private
     ray_dir.mkdir(parents=True, exist_ok=True)
-    values = {
-        "RAY_TMPDIR": str(ray_dir),
-        "FLWR_HOME": str(workdir / "flwr"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # else Ray warns about GPU env vars
-        "RAY_DEDUP_LOGS": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
     try:
-        yield ray_dir
+        yield {
+            "RAY_TMPDIR": str(ray_dir),
+            "FLWR_HOME": str(workdir / "flwr"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # else Ray warns about GPU env vars
+            "RAY_DEDUP_LOGS": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
     finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
 
@@ -156,46 +161,85 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's deprecation notice for ``run_simulation``: the choice is deliberate and
-    documented in this module; every other Flower warning still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _exit_on_interrupt() -> Iterator[None]:
-    """Ctrl-C during a simulation: shut Ray down and exit the process with status 130.
-
-    Flower 1.41's simulation runtime cannot be interrupted: a KeyboardInterrupt in the main
-    thread lands in a ThreadPoolExecutor's exit, which joins workers that only stop on an
-    event set after that join (seen: still running 60 s after SIGINT). So the handler stops
-    Ray (every actor, raylet and GCS process) itself and leaves with ``os._exit``.
+def simulation_fab() -> Any:
+    """The FAB a simulation runs: fedmed's shim app pointed at :mod:`.apps`, declaring every
+    run-settings key and the ``sim-`` keys (Flower refuses overrides the FAB does not declare).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    import json
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        print("fedmed-sim: interrupted; stopping Ray", file=sys.stderr, flush=True)
-        logging.getLogger("flwr").setLevel(logging.CRITICAL)  # its workers' dying-actor errors
-        _shutdown_ray()
-        sys.stdout.flush()
-        os._exit(130)
+    from fedmed.server.submit import fab_files, fab_from_files
 
-    previous = signal.signal(signal.SIGINT, handler)
+    from .apps import SIM_KEYS
+
+    files = fab_files(server_module=f"{_APPS}:server_app", client_module=f"{_APPS}:client_app")
+    pyproject = files["pyproject.toml"].decode()
+    # fab_files writes [tool.flwr.app.config] last: the simulation keys join that table
+    pyproject += "".join(f'"{key}" = {json.dumps(value)}\n' for key, value in SIM_KEYS.items())
+    config = tomllib.loads(pyproject)["tool"]["flwr"]["app"]["config"]
+    if not set(SIM_KEYS) <= set(config):
+        raise RuntimeError("fedmed.server.submit.fab_files no longer ends with the config table")
+    files["pyproject.toml"] = pyproject.encode()
+    return fab_from_files(files)
+
+
+def _federation_config(resources: SiteResources, sites: int, *, verbose: bool) -> Any:
+    from flwr.proto.federation_config_pb2 import SimulationConfig
+
+    config = SimulationConfig(
+        num_supernodes=sites,
+        client_resources_num_cpus=resources.num_cpus,
+        client_resources_num_gpus=resources.num_gpus,
+        init_args_num_cpus=resources.ray_cpus,
+        init_args_log_to_driver=verbose,
+        init_args_logging_level="INFO" if verbose else "WARNING",
+    )
+    if resources.num_gpus == 0:
+        config.init_args_num_gpus = 0
+    return config
+
+
+def _submit(client: Any, settings: RunSettings, run_config: dict[str, Any], federation: Any) -> int:
+    import httpx
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+
+    request = StartRunRequest(
+        fab=fab_to_proto(simulation_fab()),
+        override_config=user_config_to_proto(run_config),
+        federation="",
+        override_federation_config=federation,
+    )
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        response = client.StartRun(request)
+    except httpx.HTTPError as err:
+        raise FederationError(
+            f"the simulation SuperLink refused the run of {settings.out_dir}: {err}"
+        ) from err
+    if not response.HasField("run_id"):
+        raise FederationError(f"the simulation SuperLink did not start the run: {response.note}")
+    return int(response.run_id)
 
 
-def _shutdown_ray() -> None:
-    import ray
+def _run_timeout(settings: RunSettings) -> float:
+    """A bound on the whole run: joining, every round with its retries, and start-up."""
+    attempts = settings.retry_failed_rounds + 1
+    return settings.join_timeout + settings.num_rounds * attempts * settings.round_timeout + 600
 
-    if ray.is_initialized():
-        ray.shutdown()
+
+class _LogSink:
+    """Writes the run's streamed log to a file and, with ``echo``, to stderr."""
+
+    def __init__(self, path: Path, *, echo: bool) -> None:
+        self.path, self.echo = path, echo
+        self.lock = threading.Lock()
+        path.write_text("")
+
+    def __call__(self, text: str) -> None:
+        with self.lock, self.path.open("a", encoding="utf-8") as out:
+            out.write(text)
+        if self.echo:
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
 
 def run_federation(
@@ -208,7 +252,8 @@ def run_federation(
 ) -> None:
     """Simulate ``len(folders)`` sites (site i trains on ``folders[i]``) with ``settings``.
 
-    Raises FederationError when the run fails (the cause is chained); Ray is always shut down.
+    Raises FederationError when the run fails (Flower's reason and the log's tail in the
+    message); the SuperLink and everything it started are always stopped.
     """
     if settings.min_sites > len(folders):
         raise ConfigError(
@@ -216,53 +261,74 @@ def run_federation(
             "min-sites or add sites"
         )
     with warnings.catch_warnings():
-        # flwr imports typer, which uses an API click 8.3 deprecates
+        # flwr.cli imports typer, which uses an API click 8.3 deprecates
         warnings.simplefilter("ignore", DeprecationWarning)
-        from flwr.simulation import run_simulation
+        from fedmed.server.submit import control_client, wait_for_run
+        from fedmed.server.superlink import (
+            flower_env,
+            free_loopback_port,
+            start_process,
+            stop_process,
+            tail,
+            wait_for_health,
+        )
 
-        from fedmed.client.app import PartitionSites, make_client_app
-        from fedmed.server.app import make_server_app
+    from .apps import sim_run_config
 
-    resolve = PartitionSites(
-        tuple(str(Path(f).absolute()) for f in folders),
-        cache_mode=resources.site_cache_mode(len(folders)),
-        device="cuda" if resources.num_gpus > 0 else "cpu",
+    out_dir = settings.out_path.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config: dict[str, Any] = dict(settings.to_run_config())
+    run_config.update(
+        sim_run_config(
+            [str(Path(f).absolute()) for f in folders],
+            cache_mode=resources.site_cache_mode(len(folders)),
+            device="cuda" if resources.num_gpus > 0 else "cpu",
+            threads=resources.num_cpus,
+        )
     )
-    backend = {
-        "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
-        "init_args": {
-            "num_cpus": resources.ray_cpus,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.WARNING,
-        },
-    }
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    quiet = _DropDeprecation()
-    flwr_logger.addFilter(quiet)
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
-    try:
-        with (
-            simulation_env(workdir),
-            torch_threads(resources.num_cpus),
-            _exit_on_interrupt(),
-        ):
-            run_simulation(
-                server_app=make_server_app(settings),
-                client_app=make_client_app(resolve_site=resolve),
-                num_supernodes=len(folders),
-                backend_config=backend,
+    federation = _federation_config(resources, len(folders), verbose=verbose)
+    link_log, run_log = out_dir / "superlink.log", out_dir / "simulation.log"
+    link_log.unlink(missing_ok=True)
+    sink = _LogSink(run_log, echo=verbose)
+    with simulation_env(workdir) as extra:
+        env = flower_env(Path(extra["FLWR_HOME"]), extra)
+        port = free_loopback_port()
+        command = [
+            str(Path(sys.executable).parent / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ]
+        address = f"127.0.0.1:{port}"
+        proc = start_process(command, env=env, log_file=link_log, cwd=out_dir)
+        try:
+            wait_for_health(
+                address, ca_cert=None, timeout=_START_TIMEOUT, proc=proc, log_file=link_log
             )
-    except (KeyboardInterrupt, FederationError, ConfigError):
-        raise
-    except Exception as err:
+            # Flower's client factory prints "Using SuperLink: ..." to stdout
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                control_client(address, ca_cert=None) as client,
+            ):
+                run_id = _submit(client, settings, run_config, federation)
+                logger.info("simulation run %d submitted to %s", run_id, address)
+                outcome = wait_for_run(
+                    client,
+                    run_id,
+                    timeout=_run_timeout(settings),
+                    log_sink=sink,
+                    alive=lambda: proc.poll() is None,
+                )
+        finally:
+            stop_process(proc, timeout=10.0)
+    if not outcome.ok:
         raise FederationError(
-            f"simulation in {settings.out_dir} failed ({type(err).__name__}: {err}); rerun "
-            "with --verbose for Flower's and the sites' logs"
-        ) from err
-    finally:
-        _shutdown_ray()
-        flwr_logger.setLevel(level)
-        flwr_logger.removeFilter(quiet)
+            f"simulation in {settings.out_dir} ended {outcome.status}: "
+            f"{outcome.details or 'no reason given'}; log {run_log}:\n{tail(run_log, 15)}"
+        )

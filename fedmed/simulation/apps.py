@@ -1,0 +1,125 @@
+"""The apps a simulation SuperLink runs: fedmed's server and client apps, fed by ``run_config``.
+
+A simulation SuperLink (``flower-superlink --simulation``) gives its apps only the run's
+``run_config`` (the FAB's defaults fused with the submitted overrides) and, to each simulated
+node, ``node_config = {"partition-id": i, "num-partitions": n}``. So ``fedmed-sim`` submits
+its run settings plus a few simulation keys (:data:`SIM_KEYS`, prefix ``sim-``) and these two
+apps split them:
+
+- :data:`server_app` builds :class:`~fedmed.server.settings.RunSettings` from the fedmed keys
+  (unknown keys still refused) and runs ``fedmed.server.app.make_server_app(settings)``, the
+  deployment's server app;
+- :data:`client_app` is ``fedmed.client.app.make_client_app`` with a resolver that maps
+  ``partition-id`` i to the i-th folder of ``sim-sites`` (:class:`RunConfigSites`).
+
+==================  ======  ============================================================
+key                 type    meaning
+==================  ======  ============================================================
+``sim-sites``       str     JSON list of the sites' data folders (absolute paths)
+``sim-cache-mode``  str     the sites' volume cache: ``memory`` or ``none``
+``sim-device``      str     the sites' torch device (``cpu`` or ``cuda``)
+``sim-threads``     int     torch threads of the server process (held-out evaluation)
+==================  ======  ============================================================
+
+Example:
+    >>> sim, app = split_run_config({"num-rounds": 2, "sim-sites": '["/d/site-A"]'})
+    >>> sim["sim-sites"], app
+    ('["/d/site-A"]', {'num-rounds': 2})
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
+from fedmed.errors import ConfigError
+from fedmed.server.app import make_server_app
+from fedmed.server.settings import RunSettings
+
+__all__ = [
+    "SIM_KEYS",
+    "RunConfigSites",
+    "client_app",
+    "server_app",
+    "sim_run_config",
+    "split_run_config",
+]
+
+# The FAB's defaults for the simulation keys (every run overrides sim-sites).
+SIM_KEYS: Mapping[str, str | int] = {
+    "sim-sites": "[]",
+    "sim-cache-mode": "memory",
+    "sim-device": "cpu",
+    "sim-threads": 1,
+}
+
+
+def sim_run_config(
+    folders: list[str], *, cache_mode: str, device: str, threads: int
+) -> dict[str, str | int]:
+    """The simulation keys of one run (see the module docstring)."""
+    return {
+        "sim-sites": json.dumps(folders),
+        "sim-cache-mode": cache_mode,
+        "sim-device": device,
+        "sim-threads": threads,
+    }
+
+
+def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(simulation keys, fedmed run settings keys)`` of a run's ``run_config``."""
+    sim = {k: v for k, v in run_config.items() if k in SIM_KEYS}
+    app = {k: v for k, v in run_config.items() if k not in SIM_KEYS}
+    return sim, app
+
+
+def _folders(run_config: Mapping[str, Any]) -> tuple[str, ...]:
+    text = str(run_config.get("sim-sites", "[]"))
+    try:
+        folders = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"run config key 'sim-sites' is not a JSON list: {text[:80]!r}") from err
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        raise ConfigError(f"run config key 'sim-sites' must list folder names: {text[:80]!r}")
+    return tuple(folders)
+
+
+@dataclass(frozen=True)
+class RunConfigSites:
+    """Resolver: simulated node ``partition-id`` i trains on the i-th ``sim-sites`` folder.
+
+    Example:
+        >>> client = make_client_app(resolve_site=RunConfigSites())
+    """
+
+    def __call__(self, context: Context) -> SiteConfig:
+        cfg = context.run_config
+        resolve = PartitionSites(
+            _folders(cfg),
+            cache_mode=str(cfg.get("sim-cache-mode", "memory")),
+            device=str(cfg.get("sim-device", "cpu")),
+        )
+        return resolve(context)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    import torch
+
+    sim, app = split_run_config(context.run_config)
+    settings = RunSettings.from_run_config(app)
+    # the held-out evaluation runs here, beside the Ray actors: one thread per site's share
+    torch.set_num_threads(max(1, int(sim.get("sim-threads", 1))))
+    make_server_app(settings)(grid, context)
+
+
+client_app = make_client_app(resolve_site=RunConfigSites())

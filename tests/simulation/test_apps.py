@@ -1,0 +1,79 @@
+"""The simulation SuperLink's apps: run_config split, partition -> folder, the FAB they ship in."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import tomllib
+from fedmed.server.settings import RunSettings
+from flwr.app import Context, RecordDict
+
+from fedmed.errors import ConfigError
+from fedmed.simulation.apps import (
+    SIM_KEYS,
+    RunConfigSites,
+    sim_run_config,
+    split_run_config,
+)
+from fedmed.simulation.engine import simulation_fab
+
+
+def _context(partition: int, run_config: dict) -> Context:
+    return Context(
+        run_id=1,
+        node_id=99,
+        node_config={"partition-id": partition, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
+def test_split_keeps_sim_keys_away_from_the_run_settings():
+    run_config = {
+        **RunSettings(num_rounds=4).to_run_config(),
+        **sim_run_config(["/d/a", "/d/b"], cache_mode="none", device="cpu", threads=1),
+    }
+    sim, app = split_run_config(run_config)
+    assert set(sim) == set(SIM_KEYS)
+    assert RunSettings.from_run_config(app).num_rounds == 4
+    with pytest.raises(ConfigError, match="'sim-sites' is not a fedmed setting"):
+        RunSettings.from_run_config(run_config)
+
+
+def test_partition_id_picks_the_folder_and_names_the_site():
+    run_config = sim_run_config(
+        ["/d/site-A", "/d/site-B"], cache_mode="none", device="cpu", threads=1
+    )
+    site = RunConfigSites()(_context(1, run_config))
+    assert (site.name, site.data_dir, site.cache_mode, site.device) == (
+        "site-B",
+        "/d/site-B",
+        "none",
+        "cpu",
+    )
+    with pytest.raises(ConfigError, match="partition 2 has no site folder"):
+        RunConfigSites()(_context(2, run_config))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("not json", "not a JSON list"), ('{"a": 1}', "must list folder names")],
+)
+def test_bad_site_list_is_a_config_error(value, match):
+    with pytest.raises(ConfigError, match=match):
+        RunConfigSites()(_context(0, {"sim-sites": value}))
+
+
+def test_fab_declares_every_key_and_points_at_the_simulation_apps():
+    fab = simulation_fab()
+    with zipfile.ZipFile(io.BytesIO(fab.content)) as archive:
+        pyproject = tomllib.loads(archive.read("pyproject.toml").decode())
+        server = archive.read("fedmed_app/server_app.py").decode()
+        client = archive.read("fedmed_app/client_app.py").decode()
+    config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(config) == set(RunSettings().to_run_config()) | set(SIM_KEYS)
+    assert "from fedmed.simulation.apps import server_app as app" in server
+    assert "from fedmed.simulation.apps import client_app as app" in client
+    assert simulation_fab().hash_str == fab.hash_str

@@ -1,0 +1,97 @@
+"""The simulation SuperLink's process tree is stopped: after a failed run and after Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedmed.server.settings import RunSettings
+from fedmed.server.superlink import descendants
+
+from fedmed.errors import FederationError
+from fedmed.simulation.engine import SiteResources, run_federation
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+TINY = ["--features", "4,8,16,32,64", "--patch-size", "32,32", "--local-steps", "1"]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Ray's socket paths under <dir>/ray must stay below the OS's 107 bytes
+    path = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    living = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            living.append(pid)
+    return living
+
+
+def test_failed_run_names_the_reason_and_leaves_no_process(demo_root, short_dir):
+    before = set(descendants(os.getpid()))
+    settings = RunSettings(
+        num_rounds=1,
+        min_sites=2,
+        model_features="4,8,16,32,64",
+        patch_size="32,32",
+        out_dir=str(short_dir / "run"),
+        data_dir=str(short_dir / "no-such-holdout"),
+    )
+    folders = [demo_root / "site-A", demo_root / "site-B"]
+    with pytest.raises(FederationError, match=r"no-such-holdout.*not a folder"):
+        run_federation(settings, folders, SiteResources(), workdir=short_dir)
+    assert _alive(sorted(set(descendants(os.getpid())) - before)) == []
+    assert "not a folder" in (short_dir / "run" / "simulation.log").read_text()
+
+
+def test_ctrl_c_stops_the_superlink_and_ray(demo_root, short_dir):
+    out = short_dir / "out"
+    command = [
+        str(Path(sys.executable).parent / "fedmed-sim"),
+        "--data", str(demo_root / "site-A"), str(demo_root / "site-B"),
+        "--holdout", str(demo_root / "holdout"),
+        "--out", str(out),
+        "--rounds", "50",
+        *TINY,
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = out / "runs" / "fedavg" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        # round 1 logged: the SuperLink, flwr-simulation and Ray's actors are all up
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        tree = descendants(proc.pid)
+        commands = " ".join(Path(f"/proc/{p}/cmdline").read_text() for p in _alive(tree))
+        assert "flower-superlink" in commands and "raylet" in commands
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert _alive(tree) == []
