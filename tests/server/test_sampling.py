@@ -83,3 +83,16 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
     }
     expected = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
     assert settings.identity_hash() == expected
+
+
+def test_names_make_the_sample_independent_of_the_node_ids():
+    # a restarted simulation gives every site a new random node id: same names, same sites
+    settings = RunSettings(min_sites=2, sites_per_round=3, seed=5)
+    names = [f"site-{i:02d}" for i in range(12)]
+    first = dict(zip(range(100, 112), names, strict=True))
+    second = dict(zip([9_000_000 - 7 * i for i in range(12)], names, strict=True))
+    for server_round in (1, 2, 3):
+        picked = sample_sites(list(first), settings, server_round, names=first)
+        again = sample_sites(list(second), settings, server_round, names=second)
+        assert len(picked) == 3
+        assert sorted(first[n] for n in picked) == sorted(second[n] for n in again)
