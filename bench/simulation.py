@@ -2,15 +2,18 @@
 
     python bench/simulation.py                      # 4, 16, 32, 64 sites, 2 rounds each
     python bench/simulation.py --sites 4 16 --rounds 2
+    python bench/simulation.py --sites 16 64 --per-round 4 8   # sampled sites per round
 
 Each size runs the same small 3D U-Net (4/8/16 channels, 16^3 patches, one local step, batch 1)
-on demo sites of 2 tiny cases (24x24x16) with every site training every round (RunSettings has
-no per-round site sampling), ``max-parallel`` sites at a time, volume cache off
+on demo sites of 2 tiny cases (24x24x16), ``max-parallel`` sites at a time, volume cache off
 (``cache-mode = none``: a site's volumes are read when it trains, so nothing per site stays in
-the actors). Reports, per size, the mean round time (rounds after the first, whose actors
-import torch) and its per-site slope, and the peak resident memory of this process plus every
-process it started (Ray's GCS, raylet, actors), sampled from /proc every 0.2 s. Expected:
-round time linear in the sites trained per round, memory flat in the number of sites.
+the actors). Without ``--per-round`` every site trains every round; with it each run samples
+that many sites per round (``sites-per-round``), for every listed size it does not exceed.
+Reports, per run, the sites trained per round, the mean round time (rounds after the first,
+whose actors import torch) and its slope per site trained, and the peak resident memory of
+this process plus every process it started (the simulation SuperLink, ``flwr-simulation``,
+Ray's GCS, raylet and actors), sampled from /proc every 0.2 s. Expected: round time linear in
+the sites trained per round, memory flat in the number of sites.
 """
 
 from __future__ import annotations
@@ -89,6 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sites", type=int, nargs="+", default=[4, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-parallel", type=int, default=2)
+    p.add_argument(
+        "--per-round",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="K",
+        help="sites sampled per round (0 = every site; several values: one run each)",
+    )
     p.add_argument("--out", default="bench-simulation")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
@@ -98,11 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     resources = SiteResources(num_cpus=1, max_parallel=args.max_parallel, cache_mode="none")
     sizes = []
-    for n in args.sites:
-        run_dir = out / f"sites-{n}"
+    runs = [(n, k) for k in args.per_round for n in args.sites if k <= n]
+    for n, k in runs:
+        run_dir = out / (f"sites-{n}" if not k else f"sites-{n}-per-round-{k}")
         settings = RunSettings(
             num_rounds=args.rounds,
-            min_sites=n,
+            min_sites=k or n,
+            sites_per_round=k,
             model="unet3d",
             model_features="4,8,16",
             patch_size="16,16,16",
@@ -119,13 +132,16 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.monotonic() - started
         records = [r for r in MetricsLog(run_dir).read() if r.get("status") == "ok"]
         rounds = [float(r["duration-s"]) for r in records]
+        trained = [len(r["sites"]) for r in records]
         warm = rounds[1:] or rounds
         per_round = sum(warm) / len(warm)
         size = {
             "sites": n,
+            "sites-per-round": k,
+            "trained-per-round": trained,
             "round-s": [round(x, 2) for x in rounds],
             "warm-round-s": round(per_round, 2),
-            "s-per-site-trained": round(per_round / n, 3),
+            "s-per-site-trained": round(per_round / max(trained), 3),
             "peak-rss-mib": round(mem.peak / 2**20, 1),
             "wall-s": round(wall, 1),
         }
@@ -136,9 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "simulation",
         "max-parallel": args.max_parallel,
         "rounds": args.rounds,
+        "per-round": args.per_round,
         "sizes": sizes,
         "round-time-ratio": round(last["warm-round-s"] / first["warm-round-s"], 2),
         "sites-ratio": last["sites"] / first["sites"],
+        "trained-ratio": max(last["trained-per-round"]) / max(first["trained-per-round"]),
         "peak-rss-ratio": round(last["peak-rss-mib"] / first["peak-rss-mib"], 2),
     }
     print(json.dumps(result, sort_keys=True))
