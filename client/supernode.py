@@ -4,6 +4,10 @@ A SuperNode exits (code 305) when the SuperLink refuses its activation, e.g. aft
 restart while the site still counts as online (for about a minute), and retries on its own while
 the server is unreachable. :class:`SiteNode` restarts it with exponential backoff, at most
 ``max-restarts`` times in a row (the count resets after a SuperNode stayed up for a while).
+A SuperNode that stopped working but would stay alive (Flower's pull loop or heartbeat thread
+ended on an HTTP 500 from the SuperLink) exits by itself (:mod:`fedmed.client.liveness`) and
+is restarted the same way. It heartbeats every ``[connection] heartbeat-interval`` s (Flower's
+30 s by default): the server counts a site gone after two missed heartbeats.
 
 The SuperNode gets the site's ``--node-config`` as a TOML file (``state-dir/node-config.toml``):
 keys ``site``, ``data-dir``, ``cache-dir``, ``cache-mode``, ``device``, ``seed``, which the
@@ -39,6 +43,7 @@ from typing import IO
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fedmed.client.liveness import GUARD_PREFIX
 from fedmed.client.pinning import install_wrapper, site_pins, write_pins
 from fedmed.server.superlink import flower_env, start_process, stop_process, tail
 
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 # flwr_exit logs "Exit Code: 305" and "[code: 2004] ..." but the process exits with 1.
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 _FLOWER_API_CODE = re.compile(r"\[code: (\d+)\]\s*([^\n]*)")
+# The liveness guard's line when a SuperNode stopped working but would have stayed alive.
+_GUARD = re.compile(re.escape(GUARD_PREFIX) + r"\s*([^\n]*)")
 _STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset the restart count
 _PINS_ENV = "FEDMED_APP_PINS"
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
@@ -90,11 +97,15 @@ def write_node_config(config: SiteConfig) -> Path:
 
 def supernode_command(config: SiteConfig, node_config_file: Path) -> list[str]:
     """The SuperNode command line for a site: Flower's ``flower-supernode`` run through
-    :mod:`fedmed.client.fastpoll` (idle poll ``[connection] poll-interval`` instead of 3 s)."""
+    :mod:`fedmed.client.liveness` (heartbeat every ``[connection] heartbeat-interval``, exit
+    when it stops working) and :mod:`fedmed.client.fastpoll` (idle poll ``[connection]
+    poll-interval`` instead of 3 s)."""
     command = [
         sys.executable,
         "-m",
-        "fedmed.client.fastpoll",
+        "fedmed.client.liveness",
+        "--heartbeat-interval",
+        str(config.heartbeat_interval_s),
         "--poll-interval",
         str(config.poll_interval_s),
         "--",
@@ -208,6 +219,8 @@ class SiteNode:
         except OSError:
             return ""
         parts = []
+        if guard := _GUARD.findall(text):
+            parts.append(f"stopped working: {guard[-1].strip()}")
         if codes := _FLOWER_EXIT.findall(text):
             parts.append(f"Flower exit code {codes[-1]}")
         if api := _FLOWER_API_CODE.findall(text):

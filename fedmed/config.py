@@ -224,6 +224,7 @@ class SiteConfig:
     app_hashes: tuple[str, ...] = ()
     poll_interval_s: float = 0.5
     warm_start: bool = True
+    heartbeat_interval_s: float = 30.0
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
@@ -385,6 +386,12 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
             f"{path}: [connection] poll-interval = {poll_interval} must be at most 3 s "
             "(Flower's own idle poll)"
         )
+    heartbeat = conn.positive("heartbeat-interval", float, 30.0)
+    if not 10.0 <= heartbeat <= 1800.0:
+        raise ConfigError(
+            f"{path}: [connection] heartbeat-interval = {heartbeat} must be within 10-1800 s "
+            "(the bounds Flower's SuperLink accepts)"
+        )
     backoff_initial = conn.positive("backoff-initial", float, 2.0)
     backoff_max = conn.positive("backoff-max", float, 60.0)
     if backoff_max < backoff_initial:
@@ -422,6 +429,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         backoff_max_s=backoff_max,
         app_hashes=tuple(app_hashes),
         poll_interval_s=poll_interval,
+        heartbeat_interval_s=heartbeat,
         warm_start=top.get("warm-start", bool, True),
     )
     top.finish()

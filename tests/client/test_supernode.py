@@ -63,11 +63,12 @@ def test_node_config_file_parses_back_through_flower(tmp_path: Path) -> None:
 
 
 def test_supernode_command_uses_tls_site_key_and_own_port(tmp_path: Path) -> None:
-    config = _site_config(tmp_path)
+    config = _site_config(tmp_path, heartbeat_interval_s=12.0)
     command = supernode_command(config, tmp_path / "nc.toml")
 
-    assert command[:6] == [
-        sys.executable, "-m", "fedmed.client.fastpoll", "--poll-interval", "0.5", "--"
+    assert command[:8] == [
+        sys.executable, "-m", "fedmed.client.liveness", "--heartbeat-interval", "12.0",
+        "--poll-interval", "0.5", "--"
     ]  # fmt: skip
     assert command[command.index("--superlink") + 1] == "127.0.0.1:9"
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
