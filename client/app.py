@@ -20,10 +20,12 @@ Messages (the privacy contract: nothing else leaves the site):
 
 - ``query`` -> ConfigRecord ``site``: ``name``, ``num-train-cases``, ``num-val-cases``.
   The server asks each new node once and maps node ids to site names with it.
-- ``train`` (ArrayRecord ``arrays`` + ConfigRecord ``config``) -> exactly ArrayRecord
-  ``arrays`` (the same keys, shapes and dtypes as received) and MetricRecord ``metrics``
-  (``num-examples`` = training samples, ``num-steps``, ``train-loss``, ``val-dice``,
-  ``val-hd95``, ``train-seconds``).
+- ``train`` (the global arrays packed as ArrayRecord ``arrays`` + ConfigRecord
+  ``arrays-index``, see :mod:`fedmed.wire`, and ConfigRecord ``config``) -> exactly the model
+  arrays (the same keys, shapes and dtypes as received), packed the same way (ArrayRecord
+  ``arrays`` holding one ``packed`` array, ConfigRecord ``arrays-index`` with their keys,
+  dtypes, shapes and offsets), and MetricRecord ``metrics`` (``num-examples`` = training
+  samples, ``num-steps``, ``train-loss``, ``val-dice``, ``val-hd95``, ``train-seconds``).
   The message may also carry ConfigRecords ``signature`` (the site refuses a model whose
   signature fails; node config ``server-ca``) and ``privacy`` (DP: the reply is the clipped,
   noised update added to the global model): see :mod:`fedmed.security.guard`.
@@ -40,10 +42,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -60,9 +64,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from safetensors.numpy import load_file, save_file
 
+from fedmed import wire
 from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
 from fedmed.security.guard import SiteGuard
+from fedmed.security.secagg import is_secure_message, secure_train
 from fedmed.task import SiteTask, TrainConfig, ensure_app_logging
 
 __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
@@ -181,6 +187,39 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def _train_site(
+    site: SiteConfig,
+    context: Context,
+    received: dict[str, np.ndarray],
+    config: dict[str, Any],
+    records: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One local round: check the global model, train, protect. ``(arrays to send, metrics)``.
+
+    ``records`` holds the round's extra ConfigRecords by name (``signature``, ``privacy``).
+    """
+    cfg = TrainConfig.from_config(config)
+    logger.info("site %s round %d: training", site.name, cfg.server_round)
+    guard = SiteGuard.for_node(context.node_config, site=site.name, cache_dir=site.cache_dir)
+    signed = guard.check_global(
+        received, config, records.get("signature"), server_round=cfg.server_round
+    )
+    local = _load_local(context, site, cfg) if cfg.fedbn else {}
+    trained, metrics = _task(site, cfg).train_round(received, cfg, local_arrays=local)
+    if cfg.fedbn:
+        _save_local(context, site, cfg, {k: v for k, v in trained.items() if k not in received})
+    sent = guard.protect(
+        trained,
+        received,
+        records.get("privacy"),
+        server_round=cfg.server_round,
+        signature_status=signed,
+        num_examples=float(metrics.get("num-examples", 0)),
+    )
+    logger.info("site %s round %d: %s", site.name, cfg.server_round, metrics)
+    return sent, metrics
+
+
 def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
     """A ClientApp whose sites come from ``resolve_site`` (default: the node config)."""
     client_app = ClientApp()
@@ -209,36 +248,15 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
         try:
             site = resolve_site(context)
             name = site.name
-            cfg = TrainConfig.from_config(msg.content["config"])
-            logger.info("site %s round %d: training", name, cfg.server_round)
-            received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-            guard = SiteGuard.for_node(context.node_config, site=name, cache_dir=site.cache_dir)
-            extras = msg.content.config_records
-            signed = guard.check_global(
-                received,
-                dict(msg.content["config"]),
-                extras.get("signature"),
-                server_round=cfg.server_round,
-            )
-            local = _load_local(context, site, cfg) if cfg.fedbn else {}
-            trained, metrics = _task(site, cfg).train_round(received, cfg, local_arrays=local)
-            if cfg.fedbn:
-                _save_local(
-                    context, site, cfg, {k: v for k, v in trained.items() if k not in received}
-                )
-            sent = guard.protect(
-                trained,
-                received,
-                extras.get("privacy"),
-                server_round=cfg.server_round,
-                signature_status=signed,
-                num_examples=float(metrics.get("num-examples", 0)),
-            )
-            reply = ArrayRecord({k: Array(np.require(sent[k], requirements="C")) for k in received})
+            if is_secure_message(msg):  # a SecAgg+ stage: see fedmed.security.secagg
+                return secure_train(msg, context, functools.partial(_train_site, site))
+            received = wire.unpack_content(msg.content)
+            records = {k: dict(v) for k, v in msg.content.config_records.items()}
+            sent, metrics = _train_site(site, context, received, records["config"], records)
+            reply = wire.pack({k: sent[k] for k in received})
         except Exception as err:  # the reply must not carry paths: see _error_reply
             return _error_reply(msg, name, err)
-        logger.info("site %s round %d: %s", name, cfg.server_round, metrics)
-        content = RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)})
+        content = RecordDict({**reply, "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     return client_app

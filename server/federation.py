@@ -9,8 +9,9 @@ Each round:
 
 1. wait until ``min-sites`` sites are connected (at most ``join-timeout`` s, then
    FederationError); ask new sites their name with a ``query`` message (the site roster);
-2. send every connected site the global arrays (without normalization layers under FedBN)
-   and the round's :class:`~fedmed.task.TrainConfig`;
+2. send every connected site the global arrays (without normalization layers under FedBN;
+   packed into one Flower object, :mod:`fedmed.wire`) and the round's
+   :class:`~fedmed.task.TrainConfig`;
 3. collect replies until all answered or ``round-timeout``; check each one
    (:mod:`.validation`), dropping bad ones with a logged reason;
 4. with fewer than ``min-sites`` valid replies the attempt is logged as failed and the round
@@ -36,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedmed import wire
 from fedmed.errors import ConfigError, FederationError
 from fedmed.security.guard import ServerGuard
 from fedmed.task import TrainConfig, build_network, evaluate_folder, model_arrays, norm_layer_keys
@@ -46,6 +48,8 @@ from fedmed.task import TrainConfig, build_network, evaluate_folder, model_array
 from .aggregate import Aggregator, SiteUpdate
 from .checkpoint import CheckpointStore
 from .report import MetricsLog, write_report
+from .sampling import sample_sites
+from .secagg import SecureRound
 from .settings import RunSettings
 from .validation import InvalidReply, check_reply
 
@@ -53,6 +57,7 @@ __all__ = ["Federation", "FederationResult", "SiteInfo", "train_config"]
 
 logger = logging.getLogger(__name__)
 
+_REPLY_RECORDS = {wire.ARRAYS, wire.INDEX, "metrics"}
 HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | None]
 
 
@@ -96,10 +101,6 @@ class FederationResult:
     sites: dict[int, SiteInfo] = field(default_factory=dict)
 
 
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
-
 class Federation:
     """Runs the configured rounds on ``grid``; ``holdout_fn`` overrides held-out evaluation.
 
@@ -118,6 +119,7 @@ class Federation:
         self.log = MetricsLog(settings.out_path)
         self.aggregator = Aggregator(settings)
         self.guard = ServerGuard(settings, config_hash=settings.identity_hash())
+        self.secure = SecureRound(grid, settings) if settings.secure_aggregation else None
         self._holdout_fn = holdout_fn or self._evaluate_holdout
         model = build_network(train_config(settings, 0), seed=settings.seed)
         self.norm_keys = norm_layer_keys(model) if settings.fedbn else frozenset()
@@ -233,11 +235,16 @@ class Federation:
         )
         content = RecordDict(
             {
-                "arrays": ArrayRecord({k: _array(v) for k, v in sent.items()}),
+                **wire.pack(sent),  # all arrays in one Flower object: see fedmed.wire
                 "config": ConfigRecord(cfg.to_config()),
                 **{name: ConfigRecord(values) for name, values in extras.items()},
             }
         )
+        if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
+            names = {n: self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes}
+            return self.secure.attempt(
+                server_round, attempt, names, sent, cfg.to_config(), extras, started=started
+            )
         group = f"round-{server_round}.{attempt}"
         messages = [
             Message(
@@ -277,18 +284,16 @@ class Federation:
         if reply.has_error():
             raise InvalidReply(f"site error {reply.error.code}: {reply.error.reason}")
         content = reply.content
-        arrays_recs, metric_recs = content.array_records, content.metric_records
-        if (
-            set(content) != {"arrays", "metrics"}
-            or "arrays" not in arrays_recs
-            or ("metrics" not in metric_recs)
-        ):
+        if set(content) != _REPLY_RECORDS or "metrics" not in content.metric_records:
             raise InvalidReply(
-                f"reply must hold exactly ArrayRecord 'arrays' and MetricRecord 'metrics', "
-                f"got {sorted(content)}"
+                f"reply must hold exactly ArrayRecord {wire.ARRAYS!r}, ConfigRecord "
+                f"{wire.INDEX!r} and MetricRecord 'metrics', got {sorted(content)}"
             )
-        arrays = _to_numpy(arrays_recs["arrays"])
-        metrics = dict(metric_recs["metrics"])
+        try:
+            arrays = wire.unpack_content(content)
+        except wire.WireError as err:
+            raise InvalidReply(f"packed arrays: {err}") from err
+        metrics = dict(content.metric_records["metrics"])
         n = check_reply(arrays, metrics, sent, max_update_norm=self.settings.max_update_norm)
         scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return SiteUpdate(name, arrays, n, scalars)
@@ -343,9 +348,11 @@ class Federation:
         failed = 0
         for server_round in range(first, self.settings.num_rounds + 1):
             for attempt in range(1, self.settings.retry_failed_rounds + 2):
-                nodes = self.wait_for_sites()
+                connected = self.wait_for_sites()
+                names = {node: site.name for node, site in self.sites.items()}
+                nodes = sample_sites(connected, self.settings, server_round, names=names)
                 record, updates = self.run_round(server_round, attempt, nodes, weights)
-                if len(updates) >= self.settings.min_sites:
+                if record.get("contributors", len(updates)) >= self.settings.min_sites:
                     break
                 failed += 1
                 record["status"] = "failed"
@@ -353,7 +360,7 @@ class Federation:
                     "round %d attempt %d failed: %d valid replies, min-sites is %d",
                     server_round,
                     attempt,
-                    len(updates),
+                    record.get("contributors", len(updates)),
                     self.settings.min_sites,
                 )
                 record["dp"] = self.guard.privacy_spent()
@@ -390,10 +397,6 @@ class Federation:
         write_report(
             self.settings.out_path, self.log.read(), settings=self.settings.to_run_config()
         )
-
-
-def _array(value: np.ndarray) -> Array:
-    return Array(np.require(value, requirements="C"))
 
 
 def _score(record: Mapping[str, Any]) -> float | None:

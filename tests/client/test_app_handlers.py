@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
+from fedmed import wire
 from fedmed.io.msd import load_site_dataset, split_cases
 from fedmed.task import TrainConfig, build_network, model_arrays, norm_layer_keys
 
@@ -42,18 +43,14 @@ def _context(node_config: dict) -> Context:
 
 
 def _train_content(arrays: dict[str, np.ndarray], cfg: TrainConfig) -> RecordDict:
-    return RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "config": ConfigRecord(cfg.to_config()),
-        }
-    )
+    return RecordDict({**wire.pack(arrays), "config": ConfigRecord(cfg.to_config())})
 
 
 def _strings(content: RecordDict) -> list[str]:
+    """Strings in the content's ConfigRecords, except the packed arrays' index."""
     found = []
-    for record in content.values():
-        if isinstance(record, ConfigRecord):
+    for name, record in content.items():
+        if isinstance(record, ConfigRecord) and name != wire.INDEX:
             found += [v for v in record.values() if isinstance(v, str)]
     return found
 
@@ -117,8 +114,9 @@ def fedbn_round(demo_root, tmp_path_factory):
 def test_train_reply_holds_exactly_arrays_and_metrics(fedbn_round, demo_root):
     reply, shared, _, _, _ = fedbn_round
     assert not reply.has_error(), reply.error
-    assert set(reply.content) == {"arrays", "metrics"}
-    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert set(reply.content) == {"arrays", "arrays-index", "metrics"}
+    assert list(reply.content["arrays"]) == ["packed"]  # one Flower object for all arrays
+    arrays = wire.unpack_content(reply.content)
     assert set(arrays) == set(shared)
     assert all(
         arrays[k].shape == shared[k].shape and arrays[k].dtype == shared[k].dtype for k in shared
@@ -130,6 +128,10 @@ def test_train_reply_holds_exactly_arrays_and_metrics(fedbn_round, demo_root):
     )
     assert metrics["num-examples"] == 16 * len(train)  # 2D samples: every axial slice
     assert _strings(reply.content) == []
+    # the index names only the model's arrays and their dtypes
+    index = reply.content["arrays-index"]
+    assert index["keys"] == list(shared)
+    assert set(index["dtypes"]) == {v.dtype.str for v in shared.values()}
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ mods only act on the reply on its way out:
 
 - :func:`record_mod` (outermost, so it sees exactly what leaves the site) writes every reply a
   site sends under ``$FEDMED_E2E_RECORD_DIR/<site>/<n>-<type>/``: ``message.json`` (record
-  names and types, config/metric values, the error if any), ``arrays.npz`` (every array) and
-  ``raw.bin`` (the serialized bytes of every array, as Flower ships them).
+  names and types, config/metric values, the error if any), ``arrays.npz`` (every model array,
+  unpacked from fedmed's packed ArrayRecord with its index, :mod:`fedmed.wire`) and ``raw.bin``
+  (the serialized bytes of every Flower array, as Flower ships them).
 - :func:`fault_mod` makes site ``C`` misbehave (NaN weights in round 1, a wrong-shaped array
   in the first attempt of round 2) and site ``B`` slow in the first attempt of round 2 (it
   prints ``FEDMED-E2E slow B`` and sleeps, so a test can SIGKILL it mid-round).
@@ -30,8 +31,10 @@ from typing import Any
 
 import numpy as np
 from fedmed.client.app import make_client_app
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedmed import wire
 
 __all__ = ["RECORD_ENV", "SLOW_MARK", "app", "fault_mod", "record_mod"]
 
@@ -74,8 +77,12 @@ def _record(folder: Path, reply: Message) -> None:
                 keys = list(record.keys())
                 entry["records"][name] = {"type": kind, "keys": keys}
                 for key in keys:
-                    arrays[f"{name}/{key}"] = record[key].numpy()
                     raw += record[key].data
+                if name == wire.ARRAYS and wire.INDEX in reply.content:
+                    unpacked = wire.unpack_content(reply.content)
+                    arrays.update({f"{name}/{k}": v for k, v in unpacked.items()})
+                else:
+                    arrays.update({f"{name}/{k}": record[k].numpy() for k in keys})
             else:
                 values = {k: _jsonable(v) for k, v in record.items()}
                 entry["records"][name] = {"type": kind, "values": values}
@@ -109,7 +116,7 @@ def fault_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
     reply = call_next(msg, context)
     if site != "C" or msg.metadata.message_type != "train" or reply.has_error():
         return reply
-    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    arrays = wire.unpack_content(reply.content)
     first = next(k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating))
     if _round(msg) == 1:
         arrays[first] = np.full_like(arrays[first], np.nan)
@@ -117,12 +124,7 @@ def fault_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
         arrays[first] = np.zeros(arrays[first].size + 1, dtype=arrays[first].dtype)
     else:
         return reply
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-            "metrics": reply.content["metrics"],
-        }
-    )
+    content = RecordDict({**wire.pack(arrays), "metrics": reply.content["metrics"]})
     return Message(content, reply_to=msg)
 
 

@@ -75,8 +75,13 @@ def test_train_replies_hold_exactly_the_model_arrays_and_scalar_metrics(
             records = message["records"]
             assert {k: r["type"] for k, r in records.items()} == {
                 "arrays": "ArrayRecord",
+                "arrays-index": "ConfigRecord",
                 "metrics": "MetricRecord",
             }
+            assert records["arrays"]["keys"] == ["packed"]  # fedmed.wire: one Flower array
+            index = records["arrays-index"]["values"]
+            assert set(index) == {"format", "keys", "dtypes", "ndims", "dims", "offsets", "nbytes"}
+            assert set(index["keys"]) == set(global_shapes)
             shapes = {k.removeprefix("arrays/"): tuple(v.shape) for k, v in arrays.items()}
             assert shapes == global_shapes
             metrics = records["metrics"]["values"]

@@ -1,0 +1,231 @@
+"""Model arrays on the wire: all arrays of a message packed into one Flower ``Array``.
+
+Flower 1.41 ships every ``Array`` of an ``ArrayRecord`` as its own object, and every object is
+one HTTP request (plus an SQLite write at the SuperLink) on each hop: server app -> SuperLink ->
+SuperNode -> ClientApp and back. A model with 100 tensors costs some 200 requests per site per
+hop, each with its own framing and the risk of being pulled before it was pushed (Flower then
+backs off for 1 s, 2 s, 4 s ...). fedmed sends the model as:
+
+* ArrayRecord ``arrays`` holding exactly one ``Array`` ``packed``: a flat ``uint8`` array (in
+  NumPy's ``.npy`` serialization, so ``Array.numpy()`` still works on it) with the raw C-order
+  bytes of every array, each starting at a multiple of :data:`ALIGN` bytes;
+* ConfigRecord ``arrays-index``: ``format`` (:data:`FORMAT`), ``keys``, ``dtypes`` (NumPy dtype
+  strings with byte order, e.g. ``<f4``), ``ndims`` and ``dims`` (the shapes, flattened),
+  ``offsets`` (byte offset of each array in the payload) and ``nbytes`` (payload length).
+
+Both directions use it: the global model the server sends and the arrays a site returns.
+:func:`unpack` checks the index against the payload (lengths, dtypes, bounds, overlaps,
+duplicate keys) and raises :class:`WireError` naming the key and the bad value; the server
+turns that into a rejected reply with the reason.
+
+Example:
+    >>> records = pack({"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)})
+    >>> sorted(records)
+    ['arrays', 'arrays-index']
+    >>> unpack(records["arrays"], records["arrays-index"])["w"].shape
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common.constant import SType
+
+from fedmed.errors import FederationError
+
+__all__ = [
+    "ALIGN",
+    "ARRAYS",
+    "FORMAT",
+    "INDEX",
+    "PACKED",
+    "WireError",
+    "pack",
+    "unpack",
+    "unpack_content",
+]
+
+ARRAYS = "arrays"  # the ArrayRecord's name in a message
+INDEX = "arrays-index"  # the ConfigRecord's name in a message
+PACKED = "packed"  # the one Array in the ArrayRecord
+FORMAT = "fedmed-packed-1"
+ALIGN = 8  # every array starts at a multiple of this (float64/int64 views stay aligned)
+_KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain numbers only
+_FIELDS = ("keys", "dtypes", "ndims", "dims", "offsets")
+
+
+class WireError(FederationError):
+    """A packed message does not match its index (or is not a packed message at all)."""
+
+    exit_code = 6
+
+
+def _npy_header(nbytes: int) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (nbytes,)}
+    )
+    return header.getvalue()
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """``{"arrays": ArrayRecord({"packed": Array}), "arrays-index": ConfigRecord}`` for
+    ``arrays`` (in their iteration order); ValueError for a non-numeric dtype."""
+    keys, dtypes, ndims, dims, offsets = [], [], [], [], []
+    parts: list[Any] = []
+    offset = 0
+    for key, value in arrays.items():
+        array = np.require(value, requirements="C")
+        if array.dtype.kind not in _KINDS:
+            raise ValueError(
+                f"array {key!r} has dtype {array.dtype}: only bool, integer, float and complex "
+                "arrays can be sent"
+            )
+        pad = -offset % ALIGN
+        if pad:
+            parts.append(bytes(pad))
+            offset += pad
+        keys.append(str(key))
+        dtypes.append(array.dtype.str)
+        ndims.append(array.ndim)
+        dims.extend(int(d) for d in array.shape)
+        offsets.append(offset)
+        if array.nbytes:
+            parts.append(memoryview(array).cast("B"))
+            offset += array.nbytes
+    data = b"".join([_npy_header(offset), *parts])
+    packed = Array(dtype="uint8", shape=(offset,), stype=SType.NUMPY, data=data)
+    index = ConfigRecord(
+        {
+            "format": FORMAT,
+            "keys": keys,
+            "dtypes": dtypes,
+            "ndims": ndims,
+            "dims": dims,
+            "offsets": offsets,
+            "nbytes": offset,
+        }
+    )
+    return {ARRAYS: ArrayRecord({PACKED: packed}), INDEX: index}
+
+
+def _payload(record: ArrayRecord) -> np.ndarray:
+    names = list(record.keys())
+    if names != [PACKED]:
+        raise WireError(
+            f"ArrayRecord {ARRAYS!r} must hold exactly one array {PACKED!r} (fedmed's packed "
+            f"format), got {_few(names)}: the sender does not speak {FORMAT}"
+        )
+    array = record[PACKED]
+    if array.stype != SType.NUMPY or array.dtype != "uint8" or len(array.shape) != 1:
+        raise WireError(
+            f"array {PACKED!r} must be a flat uint8 NumPy array, got dtype {array.dtype}, "
+            f"shape {tuple(array.shape)}, serialization {array.stype!r}"
+        )
+    try:
+        payload = array.numpy()
+    except (ValueError, TypeError, OSError) as err:
+        raise WireError(f"array {PACKED!r} is not a readable .npy payload: {err}") from err
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise WireError(
+            f"array {PACKED!r} holds dtype {payload.dtype}, shape {payload.shape}: expected a "
+            "flat uint8 array"
+        )
+    return payload
+
+
+def _index_lists(index: Mapping[str, Any]) -> tuple[list[Any], ...]:
+    if index.get("format") != FORMAT:
+        raise WireError(
+            f"ConfigRecord {INDEX!r} has format {index.get('format')!r}, expected {FORMAT!r}"
+        )
+    missing = [name for name in (*_FIELDS, "nbytes") if name not in index]
+    if missing:
+        raise WireError(f"ConfigRecord {INDEX!r} lacks {', '.join(missing)}")
+    lists = tuple(index[name] for name in _FIELDS)
+    for name, values in zip(_FIELDS, lists, strict=True):
+        kind = str if name in ("keys", "dtypes") else int
+        if not isinstance(values, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in values
+        ):
+            raise WireError(
+                f"{INDEX!r} field {name!r} must be a list of {kind.__name__}, got {values!r:.80}"
+            )
+    if not isinstance(index["nbytes"], int):
+        raise WireError(f"{INDEX!r} field 'nbytes' must be an int, got {index['nbytes']!r}")
+    keys, dtypes, ndims, _, offsets = lists
+    if not len(keys) == len(dtypes) == len(ndims) == len(offsets):
+        raise WireError(
+            f"{INDEX!r} lists differ in length: {len(keys)} keys, {len(dtypes)} dtypes, "
+            f"{len(ndims)} ndims, {len(offsets)} offsets"
+        )
+    return lists
+
+
+def unpack(record: ArrayRecord, index: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of a packed ``record`` described by ``index`` (writable, in index order).
+
+    Raises:
+        WireError: the record is not fedmed's packed format or does not match the index.
+    """
+    payload = _payload(record)
+    keys, dtypes, ndims, dims, offsets = _index_lists(index)
+    if index["nbytes"] != payload.size:
+        raise WireError(
+            f"{INDEX!r} says the payload has {index['nbytes']!r} bytes but it has {payload.size}"
+        )
+    if sum(int(n) for n in ndims) != len(dims):
+        raise WireError(
+            f"{INDEX!r} ndims add up to {sum(int(n) for n in ndims)} but it lists {len(dims)} dims"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    end = 0
+    cursor = 0
+    for key, dtype_str, ndim, offset in zip(keys, dtypes, ndims, offsets, strict=True):
+        if key in arrays:
+            raise WireError(f"{INDEX!r} lists array {key!r} twice")
+        try:
+            dtype = np.dtype(dtype_str)
+        except TypeError as err:
+            raise WireError(f"array {key!r} has an unknown dtype {dtype_str!r}") from err
+        if dtype.kind not in _KINDS or dtype.str != dtype_str:
+            raise WireError(f"array {key!r} has dtype {dtype_str!r}: not a plain numeric dtype")
+        if ndim < 0:
+            raise WireError(f"array {key!r} has a negative ndim {ndim}")
+        shape = tuple(dims[cursor : cursor + ndim])
+        cursor += ndim
+        if any(d < 0 for d in shape):
+            raise WireError(f"array {key!r} has a negative dimension in shape {shape}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset < end or offset % ALIGN:
+            raise WireError(
+                f"array {key!r} starts at byte {offset}: offsets must be multiples of {ALIGN} "
+                f"and not overlap the previous array (which ends at {end})"
+            )
+        end = offset + nbytes
+        if end > payload.size:
+            raise WireError(
+                f"array {key!r} ({dtype_str}, shape {shape}) needs bytes [{offset}, {end}) but "
+                f"the payload has {payload.size}"
+            )
+        arrays[str(key)] = payload[offset:end].view(dtype).reshape(shape)
+    return arrays
+
+
+def unpack_content(content: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:func:`unpack` the ``arrays``/``arrays-index`` records of a message's content."""
+    if ARRAYS not in content or not isinstance(content[ARRAYS], ArrayRecord):
+        raise WireError(f"the message has no ArrayRecord {ARRAYS!r}")
+    if INDEX not in content or not isinstance(content[INDEX], ConfigRecord):
+        raise WireError(f"the message has no ConfigRecord {INDEX!r} (the packed arrays' index)")
+    return unpack(content[ARRAYS], content[INDEX])
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return f"[{shown}{f' and {len(names) - 3} more' if len(names) > 3 else ''}]"
