@@ -28,7 +28,7 @@ from types import FrameType
 
 from fedmed.cli.runner import configure_logging, run_command
 from fedmed.config import FederationConfig, load_federation_config
-from fedmed.errors import FederationError
+from fedmed.errors import ConfigError, FederationError
 
 __all__ = ["main", "run_server"]
 
@@ -45,6 +45,18 @@ def _with_insecure(config: FederationConfig) -> FederationConfig:
         config.server, insecure=True, ca_cert=None, server_cert=None, server_key=None
     )
     return dataclasses.replace(config, server=server)
+
+
+def _check_run_config(config: FederationConfig) -> None:
+    """Refuse a bad ``[app]`` table now, before any process starts (fedmed's app only)."""
+    if config.server.server_app != "fedmed.server.app":
+        return
+    from fedmed.server.settings import RunSettings
+
+    try:
+        RunSettings.from_run_config(config.app)
+    except ConfigError as err:
+        raise ConfigError(f"{config.path}: [app] {err}") from err
 
 
 def _write_log(text: str) -> None:
@@ -135,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         config = load_federation_config(args.config)
+        _check_run_config(config)
         if args.insecure:
             config = _with_insecure(config)
         if config.server.insecure:

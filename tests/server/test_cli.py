@@ -1,0 +1,51 @@
+"""fedmed-server refuses a bad [app] run config before it starts any process."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fedmed.server.cli import main
+
+from fedmed.security.pki import write_pki
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("certs")
+    write_pki(root, server_hosts=["127.0.0.1"], sites=["A", "B"])
+    return root
+
+
+def _federation(tmp_path: Path, certs: Path, app: str) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = 9092\nstate-dir = "{tmp_path / "state"}"\n'
+        f'certs-dir = "{certs}"\nmin-sites = 2\n'
+        f'[server.sites]\nA = "{certs / "siteA.pub"}"\nB = "{certs / "siteB.pub"}"\n'
+        f"[app]\n{app}"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("app", "match"),
+    [
+        ("secure-aggregation = true\n", r"\[app\] run config key 'secure-aggregation' is true"),
+        ('strategy = "krum"\n', r"\[app\] run config key 'strategy' is 'krum'"),
+    ],
+    ids=["secagg-two-sites", "unknown-strategy"],
+)
+def test_bad_run_config_exits_3_naming_file_and_key(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str], app: str, match: str
+) -> None:
+    config = _federation(tmp_path, certs, app)
+
+    code = main(["--config", str(config)])
+
+    assert code == 3
+    err = capsys.readouterr().err
+    assert str(config) in err
+    assert re.search(match, err), err
+    assert not (tmp_path / "state").exists(), "nothing may start for a bad config"
