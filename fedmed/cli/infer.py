@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from fedmed.cli.train import set_threads
 from fedmed.errors import ConfigError, DataError, ModelError
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti
 from fedmed.pipeline import HU_WINDOW, PipelineSettings, preprocessing
 from fedmed.predict import predict_volume
+from fedmed.security.at_rest import checkpoint_key, read_arrays
 from fedmed.task import TrainConfig, build_network, load_arrays, resolve_device
 from fedmed.train import load_checkpoint
 from fedmed.transforms import save_prediction
@@ -101,12 +101,13 @@ def load_model(
             pixdim=tuple(pixdim) if pixdim else None,
         )
     else:
-        try:
-            state = load_file(str(weights_file))
-        except (SafetensorError, OSError) as err:
+        try:  # sealed when the server ran with FEDMED_CHECKPOINT_KEY: the same key opens it
+            arrays = read_arrays(weights_file, key=checkpoint_key())
+        except (SafetensorError, OSError, ValueError) as err:
             raise ModelError(
                 f"checkpoint {weights_file} is not readable safetensors ({err})"
             ) from err
+        state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
         cfg = _config_from_weights(state, weights_file, patch_size)
         settings = PipelineSettings()
     if patch_size is not None and len(patch_size) == cfg.spatial_dims:

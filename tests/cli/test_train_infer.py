@@ -174,3 +174,27 @@ def test_both_commands_are_registered(capsys):
         main(["--help"])
     listing = capsys.readouterr().out
     assert "train" in listing and "infer" in listing
+
+
+def test_infer_opens_a_round_checkpoint_sealed_with_the_checkpoint_key(tmp_path, monkeypatch):
+    # Prepare: a server that ran with FEDMED_CHECKPOINT_KEY sealed its weights file
+    from fedmed.errors import SecurityError
+    from fedmed.security.at_rest import write_arrays
+    from fedmed.security.encryption import EncryptionKey
+
+    key = EncryptionKey.generate()
+    arrays = model_arrays(build_network(COPLE, seed=5))
+    round_dir = tmp_path / "run" / "checkpoints" / "round-0001"
+    round_dir.mkdir(parents=True)
+    write_arrays(round_dir / "weights.safetensors", arrays, key=key)
+    monkeypatch.delenv("FEDMED_CHECKPOINT_KEY", raising=False)
+    with pytest.raises(SecurityError, match="is encrypted: set FEDMED_CHECKPOINT_KEY"):
+        load_model(round_dir, device="cpu")
+    monkeypatch.setenv("FEDMED_CHECKPOINT_KEY", key.to_text())
+
+    # Execute
+    loaded = load_model(round_dir, device="cpu")
+
+    # Assert
+    state = loaded.model.state_dict()
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in arrays.items())
