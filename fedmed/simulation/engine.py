@@ -64,6 +64,8 @@ _MAX_RAY_TMPDIR = 40
 _CACHE_MODES = ("auto", "memory", "none")
 _APPS = "fedmed.simulation.apps"
 _START_TIMEOUT = 120.0  # seconds for the SuperLink to answer /health on a loaded machine
+_RAY_START_FAILURE = "The current node timed out during startup"
+_RAY_START_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -260,19 +262,6 @@ def run_federation(
             f"min-sites {settings.min_sites} exceeds the {len(folders)} simulated sites: lower "
             "min-sites or add sites"
         )
-    with warnings.catch_warnings():
-        # flwr.cli imports typer, which uses an API click 8.3 deprecates
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from fedmed.server.submit import control_client, wait_for_run
-        from fedmed.server.superlink import (
-            flower_env,
-            free_loopback_port,
-            start_process,
-            stop_process,
-            tail,
-            wait_for_health,
-        )
-
     from .apps import sim_run_config
 
     out_dir = settings.out_path.absolute()
@@ -287,9 +276,54 @@ def run_federation(
         )
     )
     federation = _federation_config(resources, len(folders), verbose=verbose)
-    link_log, run_log = out_dir / "superlink.log", out_dir / "simulation.log"
-    link_log.unlink(missing_ok=True)
+    run_log = out_dir / "simulation.log"
     sink = _LogSink(run_log, echo=verbose)
+    for attempt in range(1, _RAY_START_ATTEMPTS + 1):
+        outcome = _run_once(settings, run_config, federation, workdir=workdir, sink=sink)
+        if outcome.ok:
+            return
+        text = run_log.read_text(encoding="utf-8", errors="replace")
+        if _RAY_START_FAILURE not in text or attempt == _RAY_START_ATTEMPTS:
+            break
+        # Ray gives its raylet a fixed 30 s to register (ray/_private/node.py): on an
+        # overloaded machine that start fails before any round; the run resumes after round 0
+        logger.warning("Ray did not start in time (machine overloaded?); starting again")
+        sink("\n--- fedmed-sim: Ray did not start in time; starting the simulation again ---\n")
+    raise FederationError(
+        f"simulation in {settings.out_dir} ended {outcome.status}: "
+        f"{outcome.details or 'no reason given'}; log {run_log}:\n{_tail(run_log, 15)}"
+    )
+
+
+def _tail(path: Path, lines: int) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _run_once(
+    settings: RunSettings,
+    run_config: dict[str, Any],
+    federation: Any,
+    *,
+    workdir: str | Path,
+    sink: _LogSink,
+) -> Any:
+    """Start a simulation SuperLink, submit the run, follow it to its end, stop everything."""
+    with warnings.catch_warnings():
+        # flwr.cli imports typer, which uses an API click 8.3 deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fedmed.server.submit import control_client, wait_for_run
+        from fedmed.server.superlink import (
+            flower_env,
+            free_loopback_port,
+            start_process,
+            stop_process,
+            wait_for_health,
+        )
+
+    out_dir = settings.out_path.absolute()
+    link_log = out_dir / "superlink.log"
+    link_log.unlink(missing_ok=True)
     with simulation_env(workdir) as extra:
         env = flower_env(Path(extra["FLWR_HOME"]), extra)
         port = free_loopback_port()
@@ -318,7 +352,7 @@ def run_federation(
             ):
                 run_id = _submit(client, settings, run_config, federation)
                 logger.info("simulation run %d submitted to %s", run_id, address)
-                outcome = wait_for_run(
+                return wait_for_run(
                     client,
                     run_id,
                     timeout=_run_timeout(settings),
@@ -327,8 +361,3 @@ def run_federation(
                 )
         finally:
             stop_process(proc, timeout=10.0)
-    if not outcome.ok:
-        raise FederationError(
-            f"simulation in {settings.out_dir} ended {outcome.status}: "
-            f"{outcome.details or 'no reason given'}; log {run_log}:\n{tail(run_log, 15)}"
-        )
