@@ -28,13 +28,31 @@ Figures:
   sampled for ``--idle-window`` s before the runs) over the run's duration: what the messages
   themselves cost.
 
-The SuperNode-side settings (executor polling 0.1 s, app pinning) are fedmed's for both apps;
-the stock figure is therefore a lower bound for an unmodified Flower deployment.
+The SuperNode-side settings (executor polling 0.1 s, idle poll 0.5 s, short back-off for
+objects not there yet, app pinning, warm-start ClientApp processes) and the gateway (a message
+is handed out only once its objects arrived) are fedmed's for both apps; the stock figure is
+therefore a lower bound for an unmodified Flower deployment. What differs is the app: message
+count per round, the server's polling and the message encoding (fedmed packs all arrays of a
+message into one Flower object, :mod:`fedmed.wire`; stock sends one object per array).
+
+Options for issue #7's overhead figures, each a further fedmed run on the same federation and
+model, reported beside the plain one (``dp-added-s``, ``secagg-added-s``: what the option adds
+to the overhead per round):
+
+* ``--dp``: client-side DP (``dp-clip-norm`` 1.0, ``dp-noise-multiplier`` 1.0, ``dp-delta``
+  1e-5: each site clips its update and adds Gaussian noise, :mod:`fedmed.security.dp`);
+* ``--secagg``: ``secure-aggregation = true`` (SecAgg+ on Flower's legacy workflow: several
+  messages per site per round; the server sees only the sum).
+
+``--trace`` writes every SuperLink request (time, duration, path, bytes) to
+``WORK/trace.jsonl`` (:class:`fedmed.server.gateway.RequestTrace`) to see where a round's time
+goes.
 
 Usage::
 
     python bench/federation.py                       # demo data, COPLE-Net and 3D U-Net
     python bench/federation.py --data DIR --rounds 3 # DIR holds one MSD folder per site
+    python bench/federation.py --dp --secagg         # plus the DP and SecAgg+ overheads
 
 Ends with one JSON line of its figures.
 """
@@ -68,6 +86,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 MODULE = Path(__file__).stem
 STOCK_APP = {"server_module": f"{MODULE}:stock_server", "client_module": f"{MODULE}:stock_client"}
 SITES = ("A", "B", "C")
+# The privacy options of issue #7, each run as its own fedmed recipe beside the plain one.
+VARIANTS: dict[str, dict[str, Any]] = {
+    # client-side DP: each update clipped to L2 norm 1, noise std 1 x clip (fedmed.security.dp)
+    "fedmed-dp": {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5},
+    # SecAgg+ (Flower's legacy workflow; needs >= 3 sites): the server sees only the sum
+    "fedmed-secagg": {"secure-aggregation": True},
+}
 MODELS = {
     # small features and few steps: the point is the federation's overhead, not training
     "coplenet": {"model-features": "4,8,16,32,64", "patch-size": "32,32"},
@@ -250,8 +275,11 @@ def _model_bytes(model: str) -> int:
     return sum(a.nbytes for a in model_arrays(net).values())
 
 
-def _run_config(model: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _run_config(
+    model: str, args: argparse.Namespace, out: Path, recipe: str = "fedmed"
+) -> dict[str, Any]:
     return {
+        **VARIANTS.get(recipe, {}),
         "num-rounds": args.rounds,
         "min-sites": len(SITES),
         "model": model,
@@ -333,8 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--models", default="coplenet,unet3d")
     parser.add_argument("--recipes", default="fedmed,stock")
+    parser.add_argument(
+        "--dp",
+        action="store_true",
+        help="also run fedmed with client-side DP (clip 1.0, noise multiplier 1.0)",
+    )
+    parser.add_argument(
+        "--secagg", action="store_true", help="also run fedmed with secure-aggregation = true"
+    )
     parser.add_argument("--idle-window", type=float, default=10.0, help="idle traffic sample s")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument(
+        "--trace", action="store_true", help="log every SuperLink request to WORK/trace.jsonl"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "fedmed.server.submit"):
@@ -347,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p
     )
     os.environ["OMP_NUM_THREADS"] = "1"
+    if args.trace:
+        from fedmed.server.gateway import TRACE_ENV
+
+        os.environ[TRACE_ENV] = str(work / "trace.jsonl")
 
     from fedmed.client.supernode import SiteNode
     from fedmed.server.submit import build_fab, control_client, register_sites, wait_for_sites
@@ -386,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             stream_logs=False,
         )
     )
+    recipes = args.recipes.split(",")
+    recipes += [v for v, on in (("fedmed-dp", args.dp), ("fedmed-secagg", args.secagg)) if on]
     stock_fab, fedmed_fab = build_fab(**STOCK_APP), build_fab()
     proxies: dict[str, CountingProxy] = {}
     nodes: list[SiteNode] = []
@@ -437,18 +482,19 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models.split(","):
             size = _model_bytes(model)
             entry: dict[str, Any] = {"model-bytes": size, **MODELS[model]}
-            for recipe in args.recipes.split(","):
+            for recipe in recipes:
                 out = work / f"out-{model}-{recipe}"
                 before = {s: p.counts() for s, p in proxies.items()}
-                fab = fedmed_fab if recipe == "fedmed" else stock_fab
-                ok, seconds = _submit(link, pki.ca_cert, fab, _run_config(model, args, out))
+                fab = stock_fab if recipe == "stock" else fedmed_fab
+                run_config = _run_config(model, args, out, recipe)
+                ok, seconds = _submit(link, pki.ca_cert, fab, run_config)
                 if not ok:
-                    entry[recipe] = {"ok": False}
+                    entry[recipe] = {"ok": False, "out": str(out)}
                     continue
-                if recipe == "fedmed":
-                    rounds, overheads = _fedmed_overheads(out)
-                else:
+                if recipe == "stock":
                     rounds, overheads = _stock_overheads(out, args.rounds)
+                else:
+                    rounds, overheads = _fedmed_overheads(out)
                 traffic = _traffic(proxies, before, args.rounds)
                 down = max(t[0] for t in traffic.values())
                 up = max(t[1] for t in traffic.values())
@@ -468,10 +514,13 @@ def main(argv: list[str] | None = None) -> int:
                     "up-x-model-net": round((up - idle_up) / size, 3),
                 }
                 log.info("%s %s: %s", model, recipe, entry[recipe])
-            if "fedmed" in entry and "stock" in entry and entry["stock"].get("overhead-s"):
-                entry["overhead-ratio"] = round(
-                    entry["fedmed"]["overhead-s"] / entry["stock"]["overhead-s"], 3
-                )
+            plain = entry.get("fedmed", {}).get("overhead-s")
+            if plain is not None and entry.get("stock", {}).get("overhead-s"):
+                entry["overhead-ratio"] = round(plain / entry["stock"]["overhead-s"], 3)
+            for variant in VARIANTS:  # what the option adds per round, same run, same model
+                extra = entry.get(variant, {}).get("overhead-s")
+                if plain is not None and extra is not None:
+                    entry[f"{variant.removeprefix('fedmed-')}-added-s"] = round(extra - plain, 2)
             figures[model] = entry
     finally:
         for node in nodes:
@@ -481,23 +530,26 @@ def main(argv: list[str] | None = None) -> int:
         link.stop()
         for proxy in proxies.values():
             proxy.close()
-    _print_table(figures)
+    _print_table(figures, recipes)
     print(json.dumps({"bench": "federation", **figures}))
     return 0
 
 
-def _print_table(figures: dict[str, Any]) -> None:
+def _print_table(figures: dict[str, Any], recipes: list[str]) -> None:
     print(
-        f"\n{'model':10} {'recipe':7} {'round s':>8} {'overhead s':>11} {'down xM':>8} {'up xM':>7}"
+        f"\n{'model':10} {'recipe':13} {'round s':>8} {'overhead s':>11} {'down xM':>8} "
+        f"{'up xM':>7}"
     )
     for model in MODELS:
-        for recipe in ("fedmed", "stock"):
+        for recipe in recipes:
             r = figures.get(model, {}).get(recipe)
             if r and r.get("run-s") is not None:
                 print(
-                    f"{model:10} {recipe:7} {r['round-s']:8.2f} {r['overhead-s']:11.2f} "
+                    f"{model:10} {recipe:13} {r['round-s']:8.2f} {r['overhead-s']:11.2f} "
                     f"{r['down-x-model']:8.3f} {r['up-x-model']:7.3f}"
                 )
+            elif r:
+                print(f"{model:10} {recipe:13} FAILED (see {r.get('out')})")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """Flower's ``flower-supernode`` with a shorter idle poll (``[connection] poll-interval``).
 
-An idle SuperNode sleeps a hard-coded 3 s between two ``pull-messages`` requests (and 0.5 s
-while it waits for a reply to push), with no flag or environment variable to change it, so a
-message waits 1.5 s on average before the site even sees it (FLOWER.md, "Latency"). This
-module runs Flower's own ``flower-supernode`` entry point in-process after capping the
-``time.sleep`` that ``flwr.supernode.start_client_internal`` calls at ``poll_s`` seconds.
-Nothing else changes: same flags, same protocol, same process.
+An idle SuperNode sleeps a hard-coded 3 s between two ``pull-messages`` requests, with no flag
+or environment variable to change it, so a message waits 1.5 s on average before the site even
+sees it (FLOWER.md, "Latency"); while a message is in work it sleeps 0.5 s between checks for
+the ClientApp's reply and for its objects. This module runs Flower's own ``flower-supernode``
+entry point in-process after capping the ``time.sleep`` that
+``flwr.supernode.start_client_internal`` calls: sleeps of a second or more (the idle poll) at
+``poll_s``, shorter ones (local checks, no network) at ``busy_s`` (0.05 s).
 
-Uses a Flower internal (flwr pinned to 1.41; ``tests/client/test_fastpoll.py`` fails if the
+It also shortens Flower's back-off when an object of a message is not there yet
+(:func:`shorten_pull_backoff`: 1 s doubling to 10 s -> 0.05 s doubling to 0.5 s): a message is
+handed out before its arrays finished uploading, and the puller then sleeps a whole second or
+more for an upload that takes milliseconds. :mod:`fedmed.client.warmstart` does the same in
+the site's ClientApp processes. Nothing else changes: same flags, same protocol, same process.
+
+Uses Flower internals (flwr pinned to 1.41; ``tests/client/test_fastpoll.py`` fails if the
 module stops sleeping through its module-level ``time``).
 
 Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
@@ -25,38 +32,60 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["CappedSleep", "cap_supernode_sleep", "main"]
+__all__ = ["BUSY_S", "CappedSleep", "cap_supernode_sleep", "main", "shorten_pull_backoff"]
 
 SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
+INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
+BUSY_S = 0.05  # cap of the SuperNode's short (local) waits while a message is in work
+PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 10_000}
 
 
 class CappedSleep:
-    """Stands in for the ``time`` module: ``sleep(s)`` sleeps ``min(s, cap)``.
+    """Stands in for the ``time`` module: ``sleep(s)`` sleeps ``min(s, cap)`` for waits of a
+    second or more, ``min(s, busy_cap)`` for shorter ones.
 
     Example:
-        >>> CappedSleep(0.2).sleep(3)   # returns after 0.2 s
+        >>> CappedSleep(0.2).sleep(3)     # returns after 0.2 s
+        >>> CappedSleep(0.2).sleep(0.5)   # returns after 0.05 s
     """
 
-    def __init__(self, cap: float) -> None:
+    def __init__(self, cap: float, busy_cap: float = BUSY_S) -> None:
         self.cap = cap
+        self.busy_cap = busy_cap
 
     def sleep(self, seconds: float) -> None:
-        """Sleep at most ``cap`` seconds."""
-        time.sleep(min(seconds, self.cap))
+        """Sleep at most ``cap`` (long waits) or ``busy_cap`` (short waits) seconds."""
+        time.sleep(min(seconds, self.cap if seconds >= 1 else self.busy_cap))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def cap_supernode_sleep(poll_s: float) -> ModuleType:
-    """Make Flower's SuperNode loop sleep at most ``poll_s`` s; return the patched module."""
+def cap_supernode_sleep(poll_s: float, busy_s: float = BUSY_S) -> ModuleType:
+    """Make Flower's SuperNode loop sleep at most ``poll_s`` s when idle and ``busy_s`` s in
+    its short waits; return the patched module."""
     if not 0 < poll_s <= 3:
         raise ValueError(f"poll interval {poll_s} must be in (0, 3] seconds")
+    if not 0 < busy_s <= 0.5:
+        raise ValueError(f"busy wait {busy_s} must be in (0, 0.5] seconds")
     module = importlib.import_module(SUPERNODE_MODULE)
     if not isinstance(module.time, (ModuleType, CappedSleep)):
         raise RuntimeError(f"{SUPERNODE_MODULE}.time is not the time module: flwr moved")
-    module.time = CappedSleep(poll_s)
+    module.time = CappedSleep(poll_s, busy_s)
     return module
+
+
+def shorten_pull_backoff(**backoff: float) -> None:
+    """Make Flower's object pulls in this process retry an object that is not there yet after
+    0.05 s (doubling to 0.5 s) instead of 1 s (doubling to 10 s), with as many tries as fit in
+    Flower's overall ``max_time``; keyword arguments override :data:`PULL_BACKOFF`."""
+    module = importlib.import_module(INFLATABLE_MODULE)
+    values = {**PULL_BACKOFF, **backoff}
+    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        defaults = getattr(module, name).__kwdefaults__
+        if not defaults or not set(values) <= set(defaults):
+            raise RuntimeError(f"{INFLATABLE_MODULE}.{name} has no {sorted(values)}: flwr moved")
+        defaults.update(values)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -67,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rest and rest[0] == "--":
         rest = rest[1:]
     cap_supernode_sleep(args.poll_interval)
+    shorten_pull_backoff()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]

@@ -16,7 +16,10 @@ The decision is made by the socket a request arrived on (``scope["server"]``), n
 address, so a proxy or a forwarded header cannot widen it. TLS and site authentication apply on
 both sockets. The SuperLink's SQLite lock wait is raised from 5 s to 60 s
 (:func:`lengthen_sqlite_busy_timeout`): on a loaded machine Flower's 500 "database is locked"
-otherwise killed its own executor and stalled the run.
+otherwise killed its own executor and stalled the run. A message is handed out only once all
+its objects arrived (:func:`deliver_complete_messages`): Flower hands it out at once and the
+puller then backs off a second or more per missing object. With ``$FEDMED_GATEWAY_TRACE`` set
+to a file, every request is logged there as one JSON line (:class:`RequestTrace`; benchmarks).
 
 Run as a process (``server/superlink.py`` does this)::
 
@@ -32,16 +35,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "PUBLIC_ROUTES",
+    "TRACE_ENV",
     "PublicFilter",
+    "RequestTrace",
+    "deliver_complete_messages",
     "fleet_routes",
+    "incomplete_objects",
     "lengthen_sqlite_busy_timeout",
     "main",
     "open_socket",
@@ -55,6 +66,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_ROUTE = ("GET", "/health")
+TRACE_ENV = "FEDMED_GATEWAY_TRACE"  # a file: one JSON line per request (benchmarks)
+HOLD_INCOMPLETE_S = 30.0  # longest a message with objects still uploading is held back
 # Flower waits 5 s for SQLite's write lock, then answers 500 ("database is locked"); its own
 # executor dies on such an answer and the run stalls. Seen on a loaded 2-core machine.
 SQLITE_BUSY_TIMEOUT_MS = "60000"
@@ -130,6 +143,51 @@ class PublicFilter:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequestTrace:
+    """ASGI middleware writing one JSON line per HTTP request to ``path`` (for benchmarks):
+    wall-clock start ``t``, duration ``s``, ``port`` it arrived on, ``path``, ``status``,
+    request and response body bytes ``in``/``out``.
+
+    Example:
+        >>> app = RequestTrace(fastapi_app, Path("trace.jsonl"))
+    """
+
+    def __init__(self, app: ASGIApp, path: Path) -> None:
+        self.app = app
+        self.file = path.open("a", buffering=1)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, clock = time.time(), time.perf_counter()
+        sizes = {"in": 0, "out": 0, "status": 0}
+
+        async def counted_receive() -> MutableMapping[str, Any]:
+            message = await receive()
+            sizes["in"] += len(message.get("body", b""))
+            return message
+
+        async def counted_send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                sizes["status"] = message["status"]
+            sizes["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, counted_send)
+        finally:
+            server = scope.get("server") or ("", 0)
+            record = {
+                "t": round(start, 4),
+                "s": round(time.perf_counter() - clock, 4),
+                "port": server[1],
+                "path": scope.get("path", ""),
+                **sizes,
+            }
+            self.file.write(json.dumps(record) + "\n")
+
+
 def open_socket(host: str, port: int) -> socket.socket:
     """A bound TCP socket for ``host:port`` (uvicorn listens on it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -155,6 +213,102 @@ def lengthen_sqlite_busy_timeout(milliseconds: str = SQLITE_BUSY_TIMEOUT_MS) -> 
     )
 
 
+def incomplete_objects(store: Any, object_id: str) -> bool:
+    """Whether the object tree of ``object_id`` (a message) in Flower's SQL object store still
+    misses content or is not registered yet: Flower stores a pushed message, then registers
+    its tree, then receives the objects, in separate transactions. One recursive query."""
+    from sqlalchemy import func, literal, select
+
+    models = importlib.import_module("flwr.supercore.state.schema.objectstore_models")
+    stored, child = models.StoredObject, models.ObjectChild
+    tree = select(literal(object_id).label("id")).cte("tree", recursive=True)
+    tree = tree.union(select(child.child_id).join(tree, child.parent_id == tree.c.id))
+    size = select(func.count()).select_from(tree).scalar_subquery()
+    available = (
+        select(func.count())
+        .select_from(stored)
+        .join(tree, stored.object_id == tree.c.id)
+        .where(stored.is_available == 1)
+        .scalar_subquery()
+    )
+    with store.session() as session:
+        total, present = session.execute(select(size, available)).one()
+    return present < total
+
+
+def deliver_complete_messages(hold_s: float = HOLD_INCOMPLETE_S) -> None:
+    """Make the SuperLink hand out a message only once all its objects arrived.
+
+    Flower stores a pushed message first and its objects (the arrays) after, and delivers the
+    message at once: a site (Fleet ``pull-messages``) or the server app (Runtime
+    ``pull-messages``) that sees it before the upload ended gets "object unavailable" and backs
+    off 1 s, 2 s, 4 s ... (``flwr.supercore.constant.PULL_INITIAL_BACKOFF``), one message at a
+    time; seen as 1-5 s per round here. With this patch a message whose objects are
+    incomplete stays undelivered (polled again next time) for at most ``hold_s`` s since the
+    gateway first saw it so (then Flower's behaviour: deliver it anyway).
+    """
+    from sqlalchemy import select
+
+    sql_linkstate = importlib.import_module("flwr.server.superlink.linkstate.sql_linkstate")
+    models = importlib.import_module("flwr.supercore.state.schema.linkstate_models")
+    to_sint64 = importlib.import_module("flwr.supercore.utils").uint64_to_int64
+    cls = sql_linkstate.SqlLinkState
+    already = getattr(cls, "_fedmed_hold_s", None) is not None
+    cls._fedmed_hold_s = hold_s
+    if already:
+        return
+    original_ins, original_res = cls.get_message_ins, cls.get_message_res
+    first_seen: dict[str, float] = {}
+
+    def held(state: Any, message_ids: Sequence[str]) -> set[str]:
+        now = time.monotonic()
+        out = set()
+        for mid in message_ids:
+            if incomplete_objects(state.object_store, mid):
+                if now - first_seen.setdefault(mid, now) < cls._fedmed_hold_s:
+                    out.add(mid)
+            else:
+                first_seen.pop(mid, None)
+        if len(first_seen) > 10_000:  # forget what was delivered or deleted long ago
+            first_seen.clear()
+        return out
+
+    def get_message_ins(
+        self: Any, node_id: int, limit: int | None, *, run_id: int | None = None
+    ) -> list[Any]:
+        ins = models.MessageIns
+        stmt = select(ins.message_id).where(
+            ins.dst_node_id == to_sint64(node_id),
+            ins.delivered_at == "",
+            ins.created_at + ins.ttl > time.time(),
+        )
+        if run_id is not None:
+            stmt = stmt.where(ins.run_id == to_sint64(run_id))
+        stmt = stmt.order_by(ins.created_at.asc(), ins.message_id.asc())
+        with self.session() as session:
+            pending = session.scalars(stmt.limit(limit) if limit else stmt).all()
+        if pending and held(self, pending):
+            return []  # the site polls again shortly
+        return original_ins(self, node_id, limit, run_id=run_id)
+
+    def get_message_res(self: Any, message_ids: set[str], run_id: int) -> list[Any]:
+        res = models.MessageRes
+        ids = set(message_ids)
+        if ids:
+            with self.session() as session:
+                rows = session.execute(
+                    select(res.message_id, res.reply_to_message_id).where(
+                        res.reply_to_message_id.in_(ids), res.delivered_at == ""
+                    )
+                ).all()
+            reply_to = dict(rows)
+            ids -= {reply_to[mid] for mid in held(self, list(reply_to))}
+        return original_res(self, ids, run_id)
+
+    cls.get_message_ins = get_message_ins
+    cls.get_message_res = get_message_res
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m fedmed.server.gateway",
@@ -174,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     lengthen_sqlite_busy_timeout()
+    deliver_complete_messages()
     cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
@@ -190,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("fedmed gateway: the public and private ports must differ")
     private = open_socket(config.host, config.port)
     public = open_socket(args.public_host, args.public_port)
-    app = PublicFilter(create_app(config, cli.SuperLinkLifespan), public_port=args.public_port)
+    inner: ASGIApp = create_app(config, cli.SuperLinkLifespan)
+    if trace := os.environ.get(TRACE_ENV):
+        inner = RequestTrace(inner, Path(trace))
+    app = PublicFilter(inner, public_port=args.public_port)
     uvi_config = uvicorn.Config(
         app,
         reload=False,

@@ -9,7 +9,14 @@ import sys
 import time
 
 import pytest
-from fedmed.client.fastpoll import SUPERNODE_MODULE, CappedSleep, cap_supernode_sleep
+from fedmed.client.fastpoll import (
+    INFLATABLE_MODULE,
+    PULL_BACKOFF,
+    SUPERNODE_MODULE,
+    CappedSleep,
+    cap_supernode_sleep,
+    shorten_pull_backoff,
+)
 
 
 def test_capped_sleep_caps_and_passes_the_rest_of_time_through() -> None:
@@ -43,3 +50,26 @@ def test_fastpoll_runs_flowers_supernode_cli() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--superlink" in result.stdout
+
+
+def test_short_waits_use_the_busy_cap_and_long_ones_the_poll_cap() -> None:
+    start = time.monotonic()
+    CappedSleep(3.0, busy_cap=0.01).sleep(0.5)  # the SuperNode's wait for the ClientApp reply
+    assert time.monotonic() - start < 0.3
+    with pytest.raises(ValueError, match=r"busy wait 1.0 must be in \(0, 0.5\]"):
+        cap_supernode_sleep(0.2, busy_s=1.0)
+
+
+def test_pull_backoff_is_shortened_in_flowers_object_pulls() -> None:
+    module = importlib.import_module(INFLATABLE_MODULE)
+    functions = (module.pull_objects, module.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]
+    # Flower's defaults, which the shortening replaces (fails if a flwr upgrade moves them)
+    assert all(s["initial_backoff"] == 1 and s["backoff_cap"] == 10 for s in saved)
+    try:
+        shorten_pull_backoff()
+        for function in functions:
+            assert {k: function.__kwdefaults__[k] for k in PULL_BACKOFF} == PULL_BACKOFF
+    finally:
+        for function, defaults in zip(functions, saved, strict=True):
+            function.__kwdefaults__.update(defaults)

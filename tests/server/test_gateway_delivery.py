@@ -1,0 +1,122 @@
+"""The SuperLink hands out a message only once its objects arrived (gateway patch), on a real
+Flower SqlLinkState and object store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from fedmed.server.gateway import deliver_complete_messages, incomplete_objects
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+from flwr.superlink.federation.noop_federation_manager import (
+    NOOP_FEDERATION_ID,
+    NoOpFederationManager,
+)
+
+from fedmed import wire
+
+# Flower's SQL state runs alembic migrations, which warn about their own config
+pytestmark = pytest.mark.filterwarnings("ignore:No path_separator found:DeprecationWarning")
+
+
+@dataclass
+class Link:
+    state: SqlLinkState
+    store: SqlObjectStore
+    run: int
+    node: int
+
+
+@pytest.fixture
+def link(tmp_path, monkeypatch) -> Iterator[Link]:
+    # the patch is class-level: undo it after each test
+    for name in ("get_message_ins", "get_message_res"):
+        monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
+    monkeypatch.setattr(SqlLinkState, "_fedmed_hold_s", None, raising=False)
+    database = str(tmp_path / "state.db")
+    store = SqlObjectStore(database)
+    store.initialize()
+    state = SqlLinkState(database, NoOpFederationManager(), store)
+    state.initialize()
+    node = state.create_node(
+        owner_aid="a", owner_name="site", public_key=b"k" * 32, heartbeat_interval=30.0
+    )
+    state.activate_node(node, 30.0)
+    run = state.create_run(
+        None, None, None, {}, NOOP_FEDERATION_ID, None, None, TaskType.SERVER_APP
+    )
+    yield Link(state, store, run, node)
+
+
+def _push(link: Link, content: RecordDict, *, src: int, dst: int, reply_to: str = "") -> Message:
+    """Store the message and register its objects, as Flower's push-messages does."""
+    metadata = Metadata(
+        run_id=link.run, message_id="", src_node_id=src, dst_node_id=dst,
+        reply_to_message_id=reply_to, group_id="round-1.1", created_at=time.time(),
+        ttl=60.0 if reply_to else 600.0,  # a reply may not outlive its instruction
+        message_type="train",
+    )  # fmt: skip
+    message = Message(content=content, metadata=metadata)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    session = link.state.start_session(link.run)
+    stored, _ = link.state.store_message_and_object_tree(message, get_object_tree(message), session)
+    assert stored
+    return message
+
+
+def _upload(link: Link, message: Message) -> None:
+    for object_id, obj in get_all_nested_objects(message).items():
+        link.store.put(object_id, obj.deflate())
+
+
+def _content() -> RecordDict:
+    return RecordDict(
+        {**wire.pack({"w": np.ones(3, np.float32)}), "config": ConfigRecord({"a": 1})}
+    )
+
+
+def test_incomplete_objects_follows_the_upload(link):
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    assert incomplete_objects(link.store, message.object_id)
+    assert incomplete_objects(link.store, "0" * 64)  # not registered (yet)
+    _upload(link, message)
+    assert not incomplete_objects(link.store, message.object_id)
+
+
+def test_a_site_gets_the_message_only_after_its_objects_arrived(link):
+    deliver_complete_messages()
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    assert link.state.get_message_ins(node_id=link.node, limit=1) == []
+    _upload(link, message)
+    (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)
+    assert pulled.metadata.message_id == message.object_id
+
+
+def test_the_server_gets_a_reply_only_after_its_objects_arrived(link):
+    deliver_complete_messages()
+    ins = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    _upload(link, ins)
+    assert link.state.get_message_ins(node_id=link.node, limit=1)
+    content = RecordDict(
+        {**wire.pack({"w": np.zeros(3, np.float32)}), "metrics": MetricRecord({"n": 1})}
+    )
+    reply = _push(link, content, src=link.node, dst=SUPERLINK_NODE_ID, reply_to=ins.object_id)
+    assert link.state.get_message_res({ins.object_id}, link.run) == []
+    _upload(link, reply)
+    (pulled,) = link.state.get_message_res({ins.object_id}, link.run)
+    assert pulled.metadata.reply_to_message_id == ins.object_id
+
+
+def test_an_upload_that_never_ends_is_released_after_the_hold(link):
+    deliver_complete_messages(hold_s=0.0)
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)  # Flower's behaviour
+    assert pulled.metadata.message_id == message.object_id
