@@ -345,11 +345,11 @@ def _run_once(
             wait_for_health(
                 address, ca_cert=None, timeout=_START_TIMEOUT, proc=proc, log_file=link_log
             )
-            # Flower's client factory prints "Using SuperLink: ..." to stdout
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                control_client(address, ca_cert=None) as client,
-            ):
+            with contextlib.ExitStack() as stack:
+                # Flower's client factory prints "Using SuperLink: ..." to stdout (only it:
+                # fedmed-sim's round lines print while the run goes on)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    client = stack.enter_context(control_client(address, ca_cert=None))
                 run_id = _submit(client, settings, run_config, federation)
                 logger.info("simulation run %d submitted to %s", run_id, address)
                 return wait_for_run(

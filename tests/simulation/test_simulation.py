@@ -3,6 +3,8 @@ engine plus the centralized baseline, and writes metrics, checkpoints and the re
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -38,16 +40,22 @@ def sim_out(demo_root):
         "--local-steps", "2",
         "--centralized",
     ]  # fmt: skip
+    printed = io.StringIO()
     try:
-        code = main(argv)
-        yield code, out
+        with contextlib.redirect_stdout(printed):
+            code = main(argv)
+        yield code, out, printed.getvalue()
     finally:
         shutil.rmtree(short, ignore_errors=True)
 
 
-def test_simulation_exits_0_and_logs_every_round(sim_out, capsys):
-    code, out = sim_out
+def test_simulation_exits_0_and_logs_every_round(sim_out):
+    code, out, printed = sim_out
     assert code == 0
+    # one console line per round while the run goes on, then the report's path
+    assert "[fedavg] round 0 (initial model): held-out Dice" in printed
+    assert "[fedavg] round 2: held-out Dice" in printed and "site-B" in printed
+    assert "Using SuperLink" not in printed
     records = [json.loads(x) for x in (out / "runs/fedavg/metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["status"]) for r in records] == [(0, "initial"), (1, "ok"), (2, "ok")]
     for record in records[1:]:
@@ -59,12 +67,12 @@ def test_simulation_exits_0_and_logs_every_round(sim_out, capsys):
 
 
 def test_checkpoints_of_every_round(sim_out):
-    _, out = sim_out
+    _, out, _ = sim_out
     assert CheckpointStore(out / "runs/fedavg").verify_chain() == [0, 1, 2]
 
 
 def test_centralized_baseline_uses_the_same_budget(sim_out):
-    _, out = sim_out
+    _, out, _ = sim_out
     lines = (out / "centralized/metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -74,7 +82,7 @@ def test_centralized_baseline_uses_the_same_budget(sim_out):
 
 
 def test_comparison_report_and_plots(sim_out):
-    _, out = sim_out
+    _, out, _ = sim_out
     text = (out / "report.md").read_text()
     assert "| [fedavg](runs/fedavg/report.md) | 2 |" in text
     assert "| [centralized](centralized/report.md) | 2 |" in text
@@ -86,5 +94,5 @@ def test_comparison_report_and_plots(sim_out):
 
 
 def test_ray_temp_files_stay_in_the_output_folder(sim_out):
-    _, out = sim_out
+    _, out, _ = sim_out
     assert any((out / "ray").iterdir())
