@@ -54,6 +54,7 @@ from flwr.serverapp import Grid
 
 from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records
 
+from .aggregate import SiteUpdate
 from .settings import RunSettings
 
 __all__ = ["SecureRound", "SecureRoundResult", "apply_update"]
@@ -177,7 +178,7 @@ class SecureRound:
         keys = list(sent)
         fitins = FitIns(
             ndarrays_to_parameters([np.ascontiguousarray(sent[k]) for k in keys]),
-            flatten_records(config, keys, records),
+            flatten_records(config, sent, records),
         )
         run_id = int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0)
         proxies: list[ClientProxy] = [GridClientProxy(n, self.grid, run_id) for n in nodes]
@@ -201,8 +202,8 @@ class SecureRound:
         workflow(_PollingGrid(self.grid, self.settings.poll_interval), context)  # type: ignore[arg-type]
         result = SecureRoundResult(None, failures=strategy.failures)
         if strategy.aggregate is not None:
-            result.mean_update = {
-                k: np.asarray(v, dtype=np.float64)
+            result.mean_update = {  # legacy arrays lose 0-d shapes: restore them
+                k: np.asarray(v, dtype=np.float64).reshape(sent[k].shape)
                 for k, v in zip(keys, strategy.aggregate, strict=True)
             }
             result.metrics = strategy.metrics
@@ -218,6 +219,54 @@ class SecureRound:
             else "",
         )
         return result
+
+    def attempt(
+        self,
+        server_round: int,
+        attempt: int,
+        names: Mapping[int, str],
+        sent: Mapping[str, np.ndarray],
+        config: Mapping[str, Any],
+        records: Mapping[str, Mapping[str, Any]],
+        *,
+        started: float,
+    ) -> tuple[dict[str, Any], list[SiteUpdate]]:
+        """One round attempt for the federation loop: its log record and the one update.
+
+        ``names`` maps the asked node ids to site names. The update (if any) is the global
+        arrays moved by the mean update, weighted by the sites' training samples; the record's
+        ``contributors`` says how many sites it holds.
+        """
+        result = self.run(server_round, list(names), sent, config, records)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "attempt": attempt,
+            "secure-aggregation": True,
+            "sites": {},
+            "rejected": {},
+            "missing": [],
+        }
+        for node, name in names.items():
+            if node in result.metrics:
+                record["sites"][name] = result.metrics[node]
+            else:
+                record["missing"].append(name)
+        updates: list[SiteUpdate] = []
+        if result.mean_update is None:
+            reason = "; ".join(result.failures) or "too few sites answered"
+            record["rejected"]["secure-aggregate"] = f"SecAgg+ halted: {reason}"
+        elif not all(np.all(np.isfinite(v)) for v in result.mean_update.values()):
+            record["rejected"]["secure-aggregate"] = "the aggregate holds NaN or Inf values"
+        else:
+            total = sum(m.get("num-examples", 0.0) for m in result.metrics.values())
+            merged = apply_update(sent, result.mean_update)
+            updates.append(SiteUpdate("secure-aggregate", merged, total, {}))
+        record["contributors"] = result.contributors if updates else 0
+        if record["rejected"]:
+            logger.warning("round %d: %s", server_round, record["rejected"]["secure-aggregate"])
+        record["duration-s"] = round(time.monotonic() - started, 3)
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return record, updates
 
 
 def apply_update(

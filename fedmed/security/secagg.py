@@ -14,9 +14,10 @@ flattened into the config as ``record::key`` (:func:`flatten_records`), so the s
 server's signature and applies DP exactly as in a plain round.
 
 Example:
-    >>> flat = flatten_records({"server-round": 1}, ["w"], {"privacy": {"clip-norm": 1.0}})
+    >>> arrays = {"w": np.zeros((2, 3))}
+    >>> flat = flatten_records({"server-round": 1}, arrays, {"privacy": {"clip-norm": 1.0}})
     >>> split_records(flat)
-    ({'server-round': 1}, ['w'], {'privacy': {'clip-norm': 1.0}})
+    ({'server-round': 1}, {'w': (2, 3)}, {'privacy': {'clip-norm': 1.0}})
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "KEYS_CONFIG",
     "QUANTIZATION_RANGE",
     "RECORD_SEPARATOR",
+    "SHAPES_CONFIG",
     "SiteTrainFn",
     "flatten_records",
     "is_secure_message",
@@ -50,6 +52,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEYS_CONFIG = "fedmed.keys"
+SHAPES_CONFIG = "fedmed.shapes"  # Flower's legacy path turns 0-d arrays into shape (1,)
 RECORD_SEPARATOR = "::"
 QUANTIZATION_RANGE = 2**22  # Flower's default; 2**32 / 2**22 leaves room for 1024 sites
 
@@ -61,11 +64,15 @@ SiteTrainFn = Callable[
 
 
 def flatten_records(
-    config: Mapping[str, Any], keys: Sequence[str], records: Mapping[str, Mapping[str, Any]]
+    config: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    records: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """One legacy config dict: the round config, the array order and the extra records."""
+    """One legacy config dict: the round config, the arrays' names and shapes in order, and
+    the extra records."""
     flat = dict(config)
-    flat[KEYS_CONFIG] = ",".join(keys)
+    flat[KEYS_CONFIG] = ",".join(arrays)
+    flat[SHAPES_CONFIG] = ";".join("x".join(str(n) for n in a.shape) for a in arrays.values())
     for name, values in records.items():
         for key, value in values.items():
             flat[f"{name}{RECORD_SEPARATOR}{key}"] = value
@@ -74,20 +81,30 @@ def flatten_records(
 
 def split_records(
     flat: Mapping[str, Any],
-) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]]:
-    """Inverse of :func:`flatten_records`: ``(config, keys, records)``."""
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], dict[str, dict[str, Any]]]:
+    """Inverse of :func:`flatten_records`: ``(config, shapes by array name, records)``."""
     config: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
     keys: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     for key, value in flat.items():
         if key == KEYS_CONFIG:
             keys = str(value).split(",") if value else []
+        elif key == SHAPES_CONFIG:
+            shapes = [tuple(int(n) for n in part.split("x") if n) for part in str(value).split(";")]
         elif RECORD_SEPARATOR in key:
             name, sub = key.split(RECORD_SEPARATOR, 1)
             records.setdefault(name, {})[sub] = value
         else:
             config[key] = value
-    return config, keys, records
+    if not keys:
+        shapes = []
+    if len(shapes) != len(keys):
+        raise ValueError(
+            f"secure round names {len(keys)} arrays but gives {len(shapes)} shapes: server and "
+            "site run different fedmed versions"
+        )
+    return config, dict(zip(keys, shapes, strict=True)), records
 
 
 def quantization_tolerance(
@@ -114,16 +131,23 @@ def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
 
     def train_and_report_update(inner: Message, ctx: Context) -> Message:
         fitins = compat.recorddict_to_fitins(inner.content, keep_input=True)
-        config, keys, records = split_records(fitins.config)
+        config, shapes, records = split_records(fitins.config)
         arrays = parameters_to_ndarrays(fitins.parameters)
-        if len(keys) != len(arrays):
+        if len(shapes) != len(arrays):
             raise ValueError(
-                f"secure round carries {len(arrays)} arrays but names {len(keys)}: server and "
+                f"secure round carries {len(arrays)} arrays but names {len(shapes)}: server and "
                 "site run different fedmed versions"
             )
-        received = dict(zip(keys, arrays, strict=True))
+        received = {
+            k: a.reshape(shape) for (k, shape), a in zip(shapes.items(), arrays, strict=True)
+        }
+        keys = list(received)
         sent, metrics = train(ctx, received, config, records)
-        update = [sent[k].astype(np.float64) - received[k].astype(np.float64) for k in keys]
+        # at least 1-d: the masks are drawn per array shape, and a 0-d array comes back 1-d
+        update = [
+            np.atleast_1d(sent[k].astype(np.float64) - received[k].astype(np.float64))
+            for k in keys
+        ]
         num_examples = int(metrics.get("num-examples", 0))
         _warn_if_clipped(update, ctx, num_examples)
         fitres = FitRes(

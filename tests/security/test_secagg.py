@@ -17,16 +17,24 @@ from fedmed.security.secagg import (
 def test_records_round_trip_through_one_legacy_config() -> None:
     config = {"server-round": 3, "lr": 0.001, "model": "coplenet", "fedbn": False}
     records = {"signature": {"sig": b"\x01\x02", "scheme": "rsa"}, "privacy": {"clip-norm": 1.0}}
-    keys = ["enc.0.weight", "enc.0.bias", "head.weight"]
+    arrays = {"enc.0.weight": np.zeros((4, 1, 3, 3)), "bn.steps": np.zeros(()), "b": np.ones(4)}
 
-    flat = flatten_records(config, keys, records)
+    flat = flatten_records(config, arrays, records)
 
-    assert split_records(flat) == (config, keys, records)
-    assert flat["fedmed.keys"] == "enc.0.weight,enc.0.bias,head.weight"
+    shapes = {"enc.0.weight": (4, 1, 3, 3), "bn.steps": (), "b": (4,)}
+    assert split_records(flat) == (config, shapes, records)
+    assert flat["fedmed.keys"] == "enc.0.weight,bn.steps,b"
 
 
 def test_no_arrays_and_no_records_round_trip() -> None:
-    assert split_records(flatten_records({"a": 1}, [], {})) == ({"a": 1}, [], {})
+    assert split_records(flatten_records({"a": 1}, {}, {})) == ({"a": 1}, {}, {})
+
+
+def test_mismatched_names_and_shapes_are_refused() -> None:
+    flat = flatten_records({}, {"a": np.zeros(2), "b": np.zeros(3)}, {})
+    flat["fedmed.shapes"] = "2"
+    with pytest.raises(ValueError, match="names 2 arrays but gives 1 shapes"):
+        split_records(flat)
 
 
 @pytest.mark.parametrize("weights", [(12, 40, 7), (900, 1, 50)])
