@@ -19,7 +19,9 @@ Figures:
   stock: time between consecutive ``evaluate_fn`` calls (the whole round: train + evaluate)
   minus the largest train time and the largest evaluate time of the sites. Both include what a
   site pays per message outside the handler: Flower's polling, the ``flwr-clientapp`` process
-  start (imports) and loading the site's data.
+  start (imports) and loading the site's data. fedmed's ``cycle-overhead-s`` (with
+  ``--trace``) is the whole round like stock's: time between two rounds' train pushes (server
+  aggregation, checkpoint and report included) minus the slowest site's compute.
 * **bytes per site per round**: TLS bytes on the wire between each site and the SuperLink,
   counted by a TCP proxy in front of the public port (one per site): everything the site's
   SuperNode sent/received during the run (HTTP + TLS framing, heartbeats, idle polls, the FAB
@@ -319,6 +321,28 @@ def _fedmed_overheads(out: Path) -> tuple[list[float], list[float]]:
     return rounds, overheads
 
 
+def _cycle_overheads(trace: Path, window: tuple[float, float], out: Path) -> list[float]:
+    """fedmed's whole round (server aggregation, checkpoint and report included): the time
+    between two rounds' train pushes (from the SuperLink trace) minus the slowest site's
+    compute of the earlier round. The run's first push is the roster query."""
+    pushes = []
+    for line in trace.read_text().splitlines():
+        request = json.loads(line)
+        inside = window[0] <= request["t"] <= window[1]
+        if inside and request["path"] == "/v1/runtime/push-messages":
+            pushes.append(request["t"])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    slowest = [
+        max(m["train-seconds"] for m in r["sites"].values())
+        for r in records
+        if r.get("status") == "ok" and r.get("sites")
+    ]
+    starts = sorted(pushes)[1:]
+    if len(starts) != len(slowest):  # retried attempts or extra stages: no clean reading
+        return []
+    return [b - a - s for a, b, s in zip(starts, starts[1:], slowest, strict=False)]
+
+
 def _stock_overheads(out: Path, num_rounds: int) -> tuple[list[float], list[float]]:
     ticks = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     sites = [json.loads(x) for x in (out / "stock-sites.jsonl").read_text().splitlines()]
@@ -436,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[SiteNode] = []
     threads: list[threading.Thread] = []
     figures: dict[str, Any] = {"rounds": args.rounds, "local-steps": args.local_steps, "sites": 3}
+    figures["load-avg-start"] = [round(x, 2) for x in os.getloadavg()]  # a quiet machine?
     link.start()
     try:
         with control_client(link.address, ca_cert=pki.ca_cert) as client:
@@ -487,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
                 before = {s: p.counts() for s, p in proxies.items()}
                 fab = stock_fab if recipe == "stock" else fedmed_fab
                 run_config = _run_config(model, args, out, recipe)
+                window_start = time.time()
                 ok, seconds = _submit(link, pki.ca_cert, fab, run_config)
+                window = (window_start, time.time())
                 if not ok:
                     entry[recipe] = {"ok": False, "out": str(out)}
                     continue
@@ -513,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                     "down-x-model-net": round((down - idle_down) / size, 3),
                     "up-x-model-net": round((up - idle_up) / size, 3),
                 }
+                if args.trace and recipe in ("fedmed", "fedmed-dp"):
+                    cycles = _cycle_overheads(work / "trace.jsonl", window, out)
+                    if cycles:
+                        entry[recipe]["cycle-overhead-s"] = round(_mean(cycles), 2)
                 log.info("%s %s: %s", model, recipe, entry[recipe])
             plain = entry.get("fedmed", {}).get("overhead-s")
             if plain is not None and entry.get("stock", {}).get("overhead-s"):
@@ -530,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         link.stop()
         for proxy in proxies.values():
             proxy.close()
+    figures["load-avg-end"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(figures, recipes)
     print(json.dumps({"bench": "federation", **figures}))
     return 0
