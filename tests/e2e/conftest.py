@@ -16,6 +16,9 @@ from fedmed.config import ServerConfig, SiteConfig
 from fedmed.security.pki import PkiManifest, write_pki
 
 E2E_DIR = Path(__file__).resolve().parent
+# Sites heartbeat every 10 s (Flower's shortest, its default 30 s): a site that went away, or
+# that reconnects to a restarted SuperLink, is done with after 20 s instead of 60 s.
+HEARTBEAT_S = 10.0
 # The minimal app's shim (``build_fab(**MINIMAL_APP)``); sites here pin it next to fedmed's.
 MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
 
@@ -99,6 +102,7 @@ def _site_config(
         backoff_max_s=2.0,
         check_data=False,
         app_hashes=(minimal_app_hash(),),
+        heartbeat_interval_s=HEARTBEAT_S,
     )
 
 

@@ -1,17 +1,19 @@
 """Fault scenarios with real fedmed-server / fedmed-client processes on 127.0.0.1 (TLS + keys).
 
 Shared by ``test_faults*.py`` and ``test_privacy*.py``: each scenario runs once per pytest
-session (:func:`site_fault_run` is cached), leaves its folder behind for the tests to read and
-stops every process it started, by pid, before it returns (SIGTERM to each process group, then
-SIGKILL to any survivor, including grandchildren recorded while they ran).
+run, also under pytest-xdist (one worker runs it, the others wait for its outcome, see
+:func:`_once`), leaves its folder behind for the tests to read and stops every process it
+started, by pid, before it returns (SIGTERM to each process group, then SIGKILL to any
+survivor, including grandchildren recorded while they ran).
 
 Scenario "site faults" (:func:`site_fault_run`): sites A, B, C (min-sites 2) run
 ``fedmed_fault_app`` (production handlers + recording and fault mods); site D has a broken data
 folder. C sends NaN weights in round 1 and a wrong-shaped array in round 2 attempt 1; B is
 slow in round 2 attempt 1 and the test SIGKILLs its whole fedmed-client mid-round, so that
 attempt fails (only A is valid; B's reply is Flower's "Node Unavailable" error once its heartbeat
-expired, 34-60 s after the kill) and attempt 2, sent only to the sites online then, completes
-with A and C. B is started again as soon as attempt 1 failed and rejoins for a later round.
+expired: sites heartbeat every :data:`HEARTBEAT_S` = 10 s, so 16-20 s after the kill) and attempt
+2, sent only to the sites online then, completes with A and C. B is started again as soon as
+attempt 1 failed and rejoins for a later round.
 
 Scenario "server restart" (:func:`server_restart_run`): sites A and B with the production app;
 fedmed-server and every process under it are SIGKILLed while round 2 is in flight, then
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -40,8 +43,10 @@ from typing import Any
 from fedmed.security.pki import write_pki
 
 __all__ = [
+    "HEARTBEAT_S",
     "ROUND_TIMEOUT",
     "FaultRun",
+    "app_hash",
     "read_jsonl",
     "server_restart_run",
     "site_fault_run",
@@ -53,6 +58,9 @@ FAULT_APP = "fedmed_fault_app:app"
 RECORD_ENV = "FEDMED_E2E_RECORD_DIR"
 SLOW_MARK = "FEDMED-E2E slow B"
 ROUND_TIMEOUT = 300.0  # a cold clientapp takes ~50 s at load 10, minutes at load 30
+# Sites heartbeat every 10 s (Flower's shortest; its default is 30 s): a killed site counts as
+# gone after 16-20 s instead of 34-60 s, and a restarted server lets sites rejoin that much sooner.
+HEARTBEAT_S = 10.0
 # bound of each wait for a step of a scenario; a saturated machine (load 20) needs minutes
 WAIT = 900.0
 _SUPERNODE_PID = re.compile(r"SuperNode pid (\d+)")
@@ -162,6 +170,24 @@ class Procs:
                 proc.wait(timeout=30)
         return proc.returncode
 
+    def stop_all(self, procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> list:
+        """:meth:`stop` several at once (SIGTERM to all, then wait): they shut down in parallel."""
+        for proc in procs:
+            if proc.poll() is None:
+                self._note(descendants(proc.pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in procs:
+            if proc.poll() is None:  # still running after the grace period
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        return [proc.returncode for proc in procs]
+
     def close(self) -> None:
         for proc in reversed(self.started):
             self.stop(proc)
@@ -189,13 +215,27 @@ def _text(path: Path) -> str:
 
 # -- configs ------------------------------------------------------------------------------
 def make_demo_data(out: Path, sites: int) -> Path:
-    """Tiny demo federation (32x32x8 volumes, 3 cases per site, 1 held-out case)."""
-    subprocess.run(
-        [str(BIN / "fedmed"), "demo-data", str(out), "--sites", str(sites), "--cases", "3",
-         "--holdout", "1", "--shape", "32", "32", "8"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    """Tiny demo federation (32x32x8 volumes, 3 cases per site, 1 held-out case), the same
+    files as ``fedmed demo-data OUT --sites N --cases 3 --holdout 1 --shape 32 32 8``."""
+    from fedmed.data.demo import generate_demo_federation
+
+    generate_demo_federation(out, sites=sites, cases=3, seed=0, shape=(32, 32, 8), holdout=1)
     return out
+
+
+def app_hash(*, server_module: str, client_module: str) -> str:
+    """sha256 of the shim app fedmed-server would ship for these modules, computed the way a
+    freshly started process sees the tree (the FAB embeds server/settings.py's defaults, which
+    may have changed on disk since this pytest process imported them)."""
+    code = (
+        "from fedmed.server.submit import build_fab\n"
+        f"print(build_fab(server_module={server_module!r}, client_module={client_module!r})"
+        ".hash_str)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    )
+    return done.stdout.strip()
 
 
 def _app_hash(client_app: str) -> str | None:
@@ -204,9 +244,7 @@ def _app_hash(client_app: str) -> str | None:
 
     if "app_hashes" not in {f.name for f in dataclasses.fields(SiteConfig)}:
         return None
-    from fedmed.server.submit import build_fab
-
-    return build_fab(server_module="fedmed.server.app", client_module=client_app).hash_str
+    return app_hash(server_module="fedmed.server.app", client_module=client_app)
 
 
 def write_configs(
@@ -241,6 +279,7 @@ def write_configs(
             + f'[connection]\nserver-address = "127.0.0.1:{port}"\nca-cert = "certs/ca.pem"\n'
             f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
             "backoff-initial = 1.0\nbackoff-max = 2.0\nmax-restarts = 60\n"
+            f"heartbeat-interval = {HEARTBEAT_S}\n"
         )
     return federation, configs
 
@@ -304,21 +343,46 @@ def _procs() -> Iterator[Procs]:
         procs.close()
 
 
+def _shared_root(root: Path) -> Path:
+    """``root`` moved out of a pytest-xdist worker's own temp folder (``.../popen-gwN/x``) into
+    the one all workers of the run share (``.../x``), so each scenario runs once per run."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and root.parent.name.startswith("popen-gw"):
+        return root.parent.parent / root.name
+    return root
+
+
+def _dump(run: FaultRun) -> str:
+    fields = dataclasses.asdict(run)
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+
+def _load(text: str) -> FaultRun:
+    fields = json.loads(text)
+    if "error" in fields:
+        raise AssertionError(f"the scenario failed (in another pytest worker): {fields['error']}")
+    return FaultRun(**{**fields, "root": Path(fields["root"]), "data": Path(fields["data"])})
+
+
 def _once(scenario: Callable[[Path], FaultRun]) -> Callable[[Path], FaultRun]:
-    """Run ``scenario`` once per folder; a failure is raised again, not retried."""
-    outcomes: dict[Path, FaultRun | BaseException] = {}
+    """Run ``scenario`` once per folder and pytest run, also across pytest-xdist workers (the
+    first caller runs it under a file lock, the others wait and read its outcome); a failure
+    is raised again, not retried."""
 
     @functools.wraps(scenario)
     def wrapper(root: Path) -> FaultRun:
-        if root not in outcomes:
-            try:
-                outcomes[root] = scenario(root)
-            except Exception as err:
-                outcomes[root] = err
-        outcome = outcomes[root]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        root = _shared_root(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        outcome = root.parent / f"{root.name}.outcome.json"
+        with (root.parent / f"{root.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held while the scenario runs: others wait
+            if not outcome.exists():
+                try:
+                    run = scenario(root)
+                except Exception as err:
+                    outcome.write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+                    raise
+                outcome.write_text(_dump(run))
+        return _load(outcome.read_text())
 
     return wrapper
 
@@ -341,7 +405,7 @@ def _break_site(source: Path, target: Path) -> Path:
 
 @_once
 def site_fault_run(root: Path) -> FaultRun:
-    """Run the "site faults" scenario in ``root`` (once per session)."""
+    """Run the "site faults" scenario in ``root`` (once per pytest run)."""
     data = make_demo_data(root / "data", 3)
     broken = _break_site(data / "site-A", data / "site-D")
     folders = {s: data / f"site-{s}" for s in "ABCD"}
@@ -376,8 +440,8 @@ def site_fault_run(root: Path) -> FaultRun:
         events["server-exited"] = time.monotonic()
         procs.remember()
         server_code = procs.stop(server)
-        for site in "ABC":
-            codes[site].append(procs.stop(clients[site]))
+        for site, code in zip("ABC", procs.stop_all([clients[s] for s in "ABC"]), strict=True):
+            codes[site].append(code)
     return FaultRun(
         root=root,
         data=data,
@@ -392,7 +456,7 @@ def site_fault_run(root: Path) -> FaultRun:
 
 @_once
 def server_restart_run(root: Path) -> FaultRun:
-    """Run the "server restart" scenario in ``root`` (once per session)."""
+    """Run the "server restart" scenario in ``root`` (once per pytest run)."""
     data = make_demo_data(root / "data", 2)
     folders = {s: data / f"site-{s}" for s in "AB"}
     federation, configs = write_configs(
@@ -424,7 +488,8 @@ def server_restart_run(root: Path) -> FaultRun:
         events["server-exited"] = time.monotonic()
         procs.remember()
         codes.append(procs.stop(server))
-        site_codes = {s: [procs.stop(clients[s])] for s in "AB"}
+        stopped = procs.stop_all([clients[s] for s in "AB"])
+        site_codes = {s: [code] for s, code in zip("AB", stopped, strict=True)}
     return FaultRun(
         root=root,
         data=data,

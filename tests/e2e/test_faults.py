@@ -7,11 +7,13 @@ of them; see the harness docstring for the timeline.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fault_harness import ROUND_TIMEOUT, FaultRun, site_fault_run
+from fault_harness import HEARTBEAT_S, ROUND_TIMEOUT, FaultRun, site_fault_run
 from fedmed.server.checkpoint import CheckpointStore
 from safetensors.numpy import load_file
 
@@ -91,3 +93,13 @@ def test_killed_site_restarts_and_trains_in_a_later_round(run: FaultRun) -> None
     restarted = run.site_logs["B"].split("FEDMED-E2E restart of site B")[1]
     assert "SuperNode pid" in restarted
     assert "site B round 3: training" in restarted or "site B round 4: training" in restarted
+
+
+def test_sites_declare_their_configured_heartbeat_interval(run: FaultRun) -> None:
+    # [connection] heartbeat-interval reached Flower: the SuperLink expects a heartbeat from
+    # each site every HEARTBEAT_S (Flower's default 30 s), and counts it gone after twice that
+    database = run.root / "state" / "superlink.db"
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        intervals = [row[0] for row in db.execute("SELECT heartbeat_interval FROM node")]
+    assert len(intervals) == 3  # A, B, C registered; D never joined
+    assert set(intervals) == {HEARTBEAT_S}

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedmed.server.submit import build_fab
+from fault_harness import app_hash
 
 from fedmed.security.pki import write_pki
 
@@ -104,11 +104,11 @@ def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Pa
             f"check-data = {'false' if app == 'minimal' else 'true'}\n"
             f'[connection]\nserver-address = "127.0.0.1:{port}"\nca-cert = "certs/ca.pem"\n'
             f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
-            "backoff-initial = 1.0\nbackoff-max = 4.0\n"
+            "backoff-initial = 1.0\nbackoff-max = 4.0\nheartbeat-interval = 10.0\n"
         )
         if app == "minimal":  # sites pin the minimal app on top of the installed fedmed app
             text = sites[site].read_text()
-            digest = build_fab(**MINIMAL_APP).hash_str
+            digest = app_hash(**MINIMAL_APP)  # as the fedmed-server process will build it
             sites[site].write_text(
                 text.replace("[connection]", f'app-hash = ["{digest}"]\n[connection]')
             )
