@@ -25,7 +25,9 @@ for Ray's Unix sockets, removed afterwards), Flower's home in the output folder,
 SuperLink's whole process tree (executor, ``flwr-simulation``, Ray's GCS, raylet and actors)
 stopped on return, error or Ctrl-C (:func:`fedmed.server.superlink.stop_process`). The run's
 log (Flower's, the server app's and, with ``verbose``, the sites') is kept in
-``<out-dir>/simulation.log``, the SuperLink's in ``<out-dir>/superlink.log``.
+``<out-dir>/simulation.log``, the SuperLink's in ``<out-dir>/superlink.log``. Ray gives its
+raylet a fixed 30 s to start (``ray/_private/node.py``); when an overloaded machine misses
+that, the simulation is started once more and resumes after round 0.
 
 Example:
     >>> run_federation(RunSettings(num_rounds=2, out_dir="out/fedavg"),
