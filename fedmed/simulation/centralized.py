@@ -3,7 +3,8 @@
 Every site's training split (the same seeded by-patient split the sites use) is pooled into one
 :class:`~fedmed.task.SiteTask`, and the model trains in ``num-rounds`` chunks with the same
 sample budget as one federated round (``local-epochs`` epochs over the pooled data, or
-``local-steps`` x number of sites steps), starting from the same initial weights, and is
+``local-steps`` x number of sites steps; a share of that with ``sites-per-round``, see
+:func:`centralized_steps`), starting from the same initial weights, and is
 evaluated on the same held-out folder after each chunk. Like a site in a round, each chunk
 starts a fresh optimizer. Records go to ``<out>/metrics.jsonl`` in the federation's format
 (one site, ``pooled``), so the federation report draws them.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ from fedmed.server.report import MetricsLog, write_report
 from fedmed.server.settings import RunSettings
 from fedmed.task import SiteTask, build_network, evaluate_folder, model_arrays
 
-__all__ = ["pooled_training_folder", "train_centralized"]
+__all__ = ["centralized_steps", "pooled_training_folder", "train_centralized"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,26 @@ def pooled_training_folder(
     }
     (out / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def centralized_steps(settings: RunSettings, *, sites: int, samples_per_epoch: int) -> int:
+    """Optimizer steps per round-equivalent (0 = ``local-epochs`` whole epochs).
+
+    The budget of one federated round: ``local-steps`` x the sites that train in a round, or,
+    when ``sites-per-round`` samples fewer than all sites, that share of ``local-epochs`` pooled
+    epochs (the sampled sites see only their share of the pooled data).
+
+    Example:
+        >>> centralized_steps(RunSettings(local_steps=2), sites=3, samples_per_epoch=96)
+        6
+    """
+    trained = min(settings.sites_per_round or sites, sites)
+    if settings.local_steps:
+        return settings.local_steps * trained
+    if trained == sites:
+        return 0
+    per_epoch = math.ceil(samples_per_epoch / settings.batch_size)
+    return max(1, round(settings.local_epochs * per_epoch * trained / sites))
 
 
 def train_centralized(
@@ -90,7 +112,9 @@ def train_centralized(
 
     records = [{"round": 0, "status": "initial", "sites": {}, "holdout": evaluate(weights, cfg0)}]
     log.append(records[0])
-    steps = settings.local_steps * len(sites)
+    steps = centralized_steps(
+        settings, sites=len(sites), samples_per_epoch=task.samples_per_epoch(cfg0)
+    )
     for server_round in range(1, settings.num_rounds + 1):
         started = time.monotonic()
         cfg = train_config(settings, server_round)
