@@ -4,11 +4,12 @@
     python bench/simulation.py --sites 4 16 --rounds 2
     python bench/simulation.py --sites 16 64 --per-round 4 8   # sampled sites per round
 
-Each size runs the same small 3D U-Net (4/8/16 channels, 16^3 patches, one local step, batch 1)
-on demo sites of 2 tiny cases (24x24x16), ``max-parallel`` sites at a time, volume cache off
-(``cache-mode = none``: a site's volumes are read when it trains, so nothing per site stays in
-the actors). Without ``--per-round`` every site trains every round; with it each run samples
-that many sites per round (``sites-per-round``), for every listed size it does not exceed.
+Each size runs the same small 3D U-Net (4/8/16 channels, 16^3 patches, ``--local-steps`` steps,
+batch 1) on demo sites of 2 tiny cases (24x24x16), ``max-parallel`` sites at a time, volume
+cache off (``cache-mode = none``: a site's volumes are read when it trains, so nothing per site
+stays in the actors). Without ``--per-round`` every site trains every round; with it each run
+samples that many sites per round (``sites-per-round``), for every listed size it does not
+exceed.
 Reports, per run, the sites trained per round, the mean round time (rounds after the first,
 whose actors import torch) and its slope per site trained, and the peak resident memory of
 this process plus every process it started (the simulation SuperLink, ``flwr-simulation``,
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sites", type=int, nargs="+", default=[4, 16, 32, 64])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-parallel", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=1, help="optimizer steps per site and round")
     p.add_argument(
         "--per-round",
         type=int,
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             model="unet3d",
             model_features="4,8,16",
             patch_size="16,16,16",
-            local_steps=1,
+            local_steps=args.local_steps,
             batch_size=1,
             val_fraction=0.5,
             out_dir=str(run_dir),
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "simulation",
         "max-parallel": args.max_parallel,
         "rounds": args.rounds,
+        "local-steps": args.local_steps,
         "per-round": args.per_round,
         "sizes": sizes,
         "round-time-ratio": round(last["warm-round-s"] / first["warm-round-s"], 2),
