@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_harness import Procs, free_port, make_demo_data
 from safetensors.numpy import load_file
 
 from fedmed.security.pki import write_pki
@@ -32,45 +31,14 @@ SITES = ("A", "B", "C")
 RUN_TIMEOUT = 600.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    return proc.returncode
-
-
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run(
-        [str(BIN / "fedmed"), "demo-data", str(out), "--sites", "3", "--cases", "3",
-         "--holdout", "1", "--shape", "48", "48", "16"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    return out
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "data", sites=len(SITES))
 
 
 def _write_configs(root: Path, data: Path, *, secure: bool) -> tuple[Path, dict[str, Path]]:
     pki = write_pki(root / "certs", server_hosts=["127.0.0.1"], sites=list(SITES))
-    port = _free_port()
+    port = free_port()
     sites_table = "".join(f'{s} = "certs/site{s}.pub"\n' for s in SITES)
     federation = root / "federation.toml"
     federation.write_text(
@@ -88,7 +56,7 @@ def _write_configs(root: Path, data: Path, *, secure: bool) -> tuple[Path, dict[
             f'site = "{site}"\ndata-dir = "{data / f"site-{site}"}"\nstate-dir = "site-{site}"\n'
             f'device = "cpu"\n[connection]\nserver-address = "127.0.0.1:{port}"\n'
             f'ca-cert = "certs/ca.pem"\nprivate-key = "{pki.site_private_keys[site]}"\n'
-            f"runtime-port = {_free_port()}\nbackoff-initial = 1.0\nbackoff-max = 4.0\n"
+            f"runtime-port = {free_port()}\nbackoff-initial = 1.0\nbackoff-max = 4.0\n"
         )
     return federation, sites
 
@@ -97,16 +65,23 @@ def _run_federation(root: Path, data: Path, *, secure: bool) -> tuple[int | None
     root.mkdir(parents=True)
     federation, sites = _write_configs(root, data, secure=secure)
     server_log = root / "server.log"
-    procs = [_start([str(BIN / "fedmed-server"), "--config", str(federation)], server_log)]
+    procs = Procs({**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     try:
-        for site, config in sites.items():
-            args = [str(BIN / "fedmed-client"), "--site", site, "--config", str(config)]
-            procs.append(_start(args, root / f"client-{site}.log"))
+        server = procs.start([str(BIN / "fedmed-server"), "--config", str(federation)], server_log)
+        clients = [
+            procs.start(
+                [str(BIN / "fedmed-client"), "--site", site, "--config", str(config)],
+                root / f"client-{site}.log",
+            )
+            for site, config in sites.items()
+        ]
         with contextlib.suppress(subprocess.TimeoutExpired):
-            procs[0].wait(timeout=RUN_TIMEOUT + 120)
+            server.wait(timeout=RUN_TIMEOUT + 120)
+        code = procs.stop(server)
+        procs.stop_all(clients)
     finally:
-        codes = [_stop(proc) for proc in procs]
-    return codes[0], server_log.read_text()
+        procs.close()
+    return code, server_log.read_text()
 
 
 @pytest.fixture(scope="module")
