@@ -28,7 +28,9 @@ Figures:
   download) divided by the rounds (the largest site); compared with the model's size (the
   float32 arrays that travel). ``*-net`` subtracts the idle traffic (polls and heartbeats,
   sampled for ``--idle-window`` s before the runs) over the run's duration: what the messages
-  themselves cost.
+  themselves cost. ``*-cycle`` is the steady state: the bytes between two consecutive round
+  starts (idle polls and heartbeats of that time included, the run's start-up and end not),
+  mean over the rounds, largest site (fedmed: with ``--trace``).
 
 The SuperNode-side settings (executor polling 0.1 s, idle poll 0.5 s, short back-off for
 objects not there yet, app pinning, warm-start ClientApp processes) and the gateway (a message
@@ -62,7 +64,9 @@ Ends with one JSON line of its figures.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -215,6 +219,7 @@ class CountingProxy:
         self.target = target
         self.sent = 0  # site -> SuperLink
         self.received = 0  # SuperLink -> site
+        self.timeline: list[tuple[float, int, int]] = []  # (wall time, sent, received)
         self._lock = threading.Lock()
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -226,6 +231,12 @@ class CountingProxy:
     def counts(self) -> tuple[int, int]:
         with self._lock:
             return self.sent, self.received
+
+    def counts_at(self, when: float) -> tuple[int, int]:
+        """(sent, received) as they were at wall time ``when``."""
+        with self._lock:
+            at = bisect.bisect_right(self.timeline, (when, float("inf"), float("inf")))
+            return self.timeline[at - 1][1:] if at else (0, 0)
 
     def _accept(self) -> None:
         while True:
@@ -251,6 +262,7 @@ class CountingProxy:
                         self.sent += len(data)
                     else:
                         self.received += len(data)
+                    self.timeline.append((time.time(), self.sent, self.received))
         except OSError:
             pass
         finally:
@@ -321,10 +333,9 @@ def _fedmed_overheads(out: Path) -> tuple[list[float], list[float]]:
     return rounds, overheads
 
 
-def _cycle_overheads(trace: Path, window: tuple[float, float], out: Path) -> list[float]:
-    """fedmed's whole round (server aggregation, checkpoint and report included): the time
-    between two rounds' train pushes (from the SuperLink trace) minus the slowest site's
-    compute of the earlier round. The run's first push is the roster query."""
+def _train_pushes(trace: Path, window: tuple[float, float], out: Path) -> list[float]:
+    """Wall times of fedmed's train pushes in ``window`` (SuperLink trace); [] when they do
+    not map one to one onto the completed rounds (retries, SecAgg+ stages)."""
     pushes = []
     for line in trace.read_text().splitlines():
         request = json.loads(line)
@@ -332,15 +343,44 @@ def _cycle_overheads(trace: Path, window: tuple[float, float], out: Path) -> lis
         if inside and request["path"] == "/v1/runtime/push-messages":
             pushes.append(request["t"])
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r.get("status") == "ok" and r.get("sites")]
+    starts = sorted(pushes)[1:]  # the first push is the roster query
+    return starts if len(starts) == len(rounds) else []
+
+
+def _cycle_overheads(starts: list[float], out: Path) -> list[float]:
+    """fedmed's whole round (server aggregation, checkpoint and report included): the time
+    between two rounds' train pushes minus the slowest site's compute of the earlier round."""
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     slowest = [
         max(m["train-seconds"] for m in r["sites"].values())
         for r in records
         if r.get("status") == "ok" and r.get("sites")
     ]
-    starts = sorted(pushes)[1:]
-    if len(starts) != len(slowest):  # retried attempts or extra stages: no clean reading
-        return []
     return [b - a - s for a, b, s in zip(starts, starts[1:], slowest, strict=False)]
+
+
+def _cycle_traffic(
+    proxies: dict[str, CountingProxy], bounds: list[float]
+) -> tuple[float, float] | None:
+    """Bytes (down, up) per site per round in the steady state: everything a site's
+    connection carried between consecutive round starts (idle polls and heartbeats in that
+    time included), mean over the rounds, largest site."""
+    if len(bounds) < 2:
+        return None
+    per_site = []
+    for proxy in proxies.values():
+        marks = [proxy.counts_at(t) for t in bounds]
+        ups = [b[0] - a[0] for a, b in itertools.pairwise(marks)]
+        downs = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+        per_site.append((_mean(downs), _mean(ups)))
+    return max(d for d, _ in per_site), max(u for _, u in per_site)
+
+
+def _stock_bounds(out: Path, *, offset: float) -> list[float]:
+    """Wall times of the stock run's evaluate_fn calls (round 0, 1, ...): round boundaries."""
+    ticks = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    return [t["t"] + offset for t in sorted(ticks, key=lambda t: t["round"])]
 
 
 def _stock_overheads(out: Path, num_rounds: int) -> tuple[list[float], list[float]]:
@@ -540,10 +580,17 @@ def main(argv: list[str] | None = None) -> int:
                     "down-x-model-net": round((down - idle_down) / size, 3),
                     "up-x-model-net": round((up - idle_up) / size, 3),
                 }
-                if args.trace and recipe in ("fedmed", "fedmed-dp"):
-                    cycles = _cycle_overheads(work / "trace.jsonl", window, out)
-                    if cycles:
+                if recipe == "stock":  # round boundaries: the evaluate_fn calls
+                    bounds = _stock_bounds(out, offset=time.time() - time.monotonic())
+                elif args.trace and recipe in ("fedmed", "fedmed-dp"):
+                    bounds = _train_pushes(work / "trace.jsonl", window, out)
+                    if cycles := _cycle_overheads(bounds, out):
                         entry[recipe]["cycle-overhead-s"] = round(_mean(cycles), 2)
+                else:
+                    bounds = []
+                if steady := _cycle_traffic(proxies, bounds):
+                    entry[recipe]["down-x-model-cycle"] = round(steady[0] / size, 3)
+                    entry[recipe]["up-x-model-cycle"] = round(steady[1] / size, 3)
                 log.info("%s %s: %s", model, recipe, entry[recipe])
             plain = entry.get("fedmed", {}).get("overhead-s")
             if plain is not None and entry.get("stock", {}).get("overhead-s"):
