@@ -23,6 +23,14 @@ HEARTBEAT_S = 10.0
 MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n N``), end-to-end tests (the longest, mostly waiting) go first:
+    started last, one of them alone would keep the run going minutes after the rest ended.
+    Each worker sorts alike (a stable sort), so all see the same order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 def minimal_app_hash() -> str:
     """sha256 of the minimal app's shim FAB."""
     from fedmed.server.submit import build_fab
