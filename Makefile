@@ -17,7 +17,7 @@ demo: setup
 
 test: setup-dev
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 4 --dist loadfile
 
 lint: setup-dev
 	.venv/bin/ruff check .
