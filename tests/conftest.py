@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,3 +37,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def short_ray_tmpdir() -> Iterator[Path]:
+    """A short folder for RAY_TMPDIR, removed afterwards.
+
+    Ray's Unix sockets live about 64 bytes below RAY_TMPDIR and the OS allows 107, so pytest's
+    tmp folders (longer still under pytest-xdist's ``popen-gwN``) do not fit.
+    """
+    path = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

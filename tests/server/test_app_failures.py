@@ -22,9 +22,8 @@ pytestmark = [
 
 
 @pytest.fixture
-def ray_env(tmp_path, tmp_path_factory, monkeypatch):
-    # Ray's socket paths must stay under 107 bytes: a short folder beside tmp_path
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("r")))
+def ray_env(tmp_path, short_ray_tmpdir, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(short_ray_tmpdir))
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     return tmp_path

@@ -4,6 +4,9 @@ restart that resumes from the last checkpoint (no round lost or repeated)."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,12 +45,12 @@ def _simulate(settings: RunSettings, folders: tuple[str, ...]) -> None:
 def simulated(demo_root, tmp_path_factory):
     """Run 2 rounds, then the same run with num-rounds 3 (a restart that must resume)."""
     work = tmp_path_factory.mktemp("sim")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # AF_UNIX paths: <= 107 bytes
     mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_TMPDIR", str(work / "ray"))
+    mp.setenv("RAY_TMPDIR", str(ray_tmp))
     mp.setenv("FLWR_HOME", str(work / "flwr"))
     # silences Ray's FutureWarning about GPU env vars (pytest turns warnings into errors)
     mp.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    (work / "ray").mkdir()
     settings = RunSettings(
         num_rounds=2,
         min_sites=2,
@@ -71,6 +74,7 @@ def simulated(demo_root, tmp_path_factory):
         _simulate(RunSettings(**{**settings.__dict__, "num_rounds": 3}), folders)
     finally:
         mp.undo()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return settings, first
 
 
@@ -116,10 +120,12 @@ def test_report_is_drawn(simulated):
         assert (settings.out_path / png).stat().st_size > 1000
 
 
-def test_fedbn_never_sends_or_aggregates_norm_layers(demo_root, tmp_path_factory, monkeypatch):
+def test_fedbn_never_sends_or_aggregates_norm_layers(
+    demo_root, tmp_path_factory, monkeypatch, short_ray_tmpdir
+):
     # Prepare
     work = tmp_path_factory.mktemp("bn")
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("r")))
+    monkeypatch.setenv("RAY_TMPDIR", str(short_ray_tmpdir))
     monkeypatch.setenv("FLWR_HOME", str(work / "flwr"))
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     settings = RunSettings(

@@ -75,7 +75,14 @@ def test_ctrl_c_stops_the_superlink_and_ray(demo_root, short_dir):
         "--rounds", "50",
         *TINY,
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # as at a terminal: pytest-xdist workers ignore SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         metrics = out / "runs" / "fedavg" / "metrics.jsonl"
         deadline = time.monotonic() + 240
