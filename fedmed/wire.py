@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,7 @@ INDEX = "arrays-index"  # the ConfigRecord's name in a message
 PACKED = "packed"  # the one Array in the ArrayRecord
 FORMAT = "fedmed-packed-1"
 ALIGN = 8  # every array starts at a multiple of this (float64/int64 views stay aligned)
+_MAX_NDIM = 32  # numpy allows 64; no model weight comes near
 _KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain numbers only
 _FIELDS = ("keys", "dtypes", "ndims", "dims", "offsets")
 
@@ -195,13 +197,13 @@ def unpack(record: ArrayRecord, index: Mapping[str, Any]) -> dict[str, np.ndarra
             raise WireError(f"array {key!r} has an unknown dtype {dtype_str!r}") from err
         if dtype.kind not in _KINDS or dtype.str != dtype_str:
             raise WireError(f"array {key!r} has dtype {dtype_str!r}: not a plain numeric dtype")
-        if ndim < 0:
-            raise WireError(f"array {key!r} has a negative ndim {ndim}")
+        if not 0 <= ndim <= _MAX_NDIM:
+            raise WireError(f"array {key!r} has ndim {ndim}: it must be in [0, {_MAX_NDIM}]")
         shape = tuple(dims[cursor : cursor + ndim])
         cursor += ndim
         if any(d < 0 for d in shape):
             raise WireError(f"array {key!r} has a negative dimension in shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no silent wrap-around
         if offset < end or offset % ALIGN:
             raise WireError(
                 f"array {key!r} starts at byte {offset}: offsets must be multiples of {ALIGN} "
@@ -213,7 +215,10 @@ def unpack(record: ArrayRecord, index: Mapping[str, Any]) -> dict[str, np.ndarra
                 f"array {key!r} ({dtype_str}, shape {shape}) needs bytes [{offset}, {end}) but "
                 f"the payload has {payload.size}"
             )
-        arrays[str(key)] = payload[offset:end].view(dtype).reshape(shape)
+        try:
+            arrays[str(key)] = payload[offset:end].view(dtype).reshape(shape)
+        except (ValueError, TypeError) as err:
+            raise WireError(f"array {key!r} ({dtype_str}, shape {shape}): {err}") from err
     return arrays
 
 

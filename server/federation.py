@@ -9,7 +9,8 @@ Each round:
 
 1. wait until ``min-sites`` sites are connected (at most ``join-timeout`` s, then
    FederationError); ask new sites their name with a ``query`` message (the site roster);
-2. send every connected site the global arrays (without normalization layers under FedBN;
+   with ``sites-per-round`` pick that many of them (:mod:`.sampling`);
+2. send every picked site the global arrays (without normalization layers under FedBN;
    packed into one Flower object, :mod:`fedmed.wire`) and the round's
    :class:`~fedmed.task.TrainConfig`;
 3. collect replies until all answered or ``round-timeout``; check each one
@@ -18,7 +19,9 @@ Each round:
    retried (``retry-failed-rounds`` times, then FederationError); otherwise aggregate
    (:mod:`.aggregate`), evaluate on the held-out folder, checkpoint, log, redraw the report.
 
-A site that failed or timed out is simply asked again next round. A restarted server resumes
+With ``secure-aggregation`` steps 2-3 are SecAgg+'s four stages (:mod:`.secagg`): the only
+"reply" is the sites' weighted mean update, and the sites that sent masked updates count as the
+valid replies. A site that failed or timed out is simply asked again next round. A restarted server resumes
 after the last complete checkpoint with the same global weights and server-optimizer state.
 
 Example:
@@ -291,7 +294,7 @@ class Federation:
             )
         try:
             arrays = wire.unpack_content(content)
-        except wire.WireError as err:
+        except (wire.WireError, ValueError) as err:
             raise InvalidReply(f"packed arrays: {err}") from err
         metrics = dict(content.metric_records["metrics"])
         n = check_reply(arrays, metrics, sent, max_update_norm=self.settings.max_update_norm)

@@ -16,14 +16,19 @@ runs the workflow for the train stage of a round only:
 Updates, not weights, are aggregated: they are small, so SecAgg+'s clipping range (default
 +-8 for ``weight/max_weight * update``) costs nothing, while raw weights (BatchNorm variances,
 step counters) could exceed it. Quantization rounds each site's weighted value to
-``2 * clip / 2**22``; the mean is exact up to ``sites * step / sum(weights / max_weight)``
+``2 * clip / (2**22 - 1)``; the mean is exact up to ``sites * step / sum(weights / max_weight)``
 per value (:func:`fedmed.security.secagg.quantization_tolerance`).
 
 What SecAgg+ cannot coexist with (refused in :class:`~.settings.RunSettings`): fewer than 3
 sites, per-update robust strategies (median, trimmed mean) and the server-side update-norm
 bound. Dropouts after key sharing are recovered from the other sites' shares as long as the
-reconstruction threshold (two thirds of the shares) is met; otherwise the attempt fails and the
-round is retried like any other failed round.
+reconstruction threshold (two thirds of the shares) is met; a sum of fewer than ``min-sites``
+sites is never unmasked (a retry with more sites would otherwise reveal the difference): the
+attempt fails and the round is retried like any other failed round.
+
+Costs (bench/federation.py): each of the four stages is one message per site and may wait up to
+``round-timeout``; the legacy path sends one Flower object per array (not packed like
+:mod:`fedmed.wire`) and the masked vectors are int64, so a site uploads about 2.5x the model.
 
 Example:
     >>> result = SecureRound(grid, settings).run(1, nodes, sent, config, extras)
@@ -138,6 +143,10 @@ class _PollingGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
+        messages = list(messages)
+        if timeout is not None:  # Flower's default is 12 h: a stale stage must not linger
+            for message in messages:
+                message.metadata.ttl = timeout
         ids = [mid for mid in self._grid.push_messages(messages) if mid]
         pending, replies = set(ids), []
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
@@ -149,6 +158,29 @@ class _PollingGrid:
             if pending:
                 time.sleep(self._interval)
         return replies
+
+
+class _QuorumSecAggPlus(SecAggPlusWorkflow):
+    """SecAgg+ that never unmasks a sum of fewer than ``min_contributors`` sites.
+
+    Flower unmasks whenever the reconstruction threshold is met. fedmed retries a round that
+    had too few contributors with the same sites and the same local training, so unmasking
+    A+B and then A+B+C would hand the server C's update: stop before unmasking instead.
+    """
+
+    def __init__(self, *args: Any, min_contributors: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_contributors = min_contributors
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        if ok and len(state.active_node_ids) < self.min_contributors:
+            context.strategy.failures.append(  # type: ignore[attr-defined]
+                f"only {len(state.active_node_ids)} sites sent masked updates, min-sites is "
+                f"{self.min_contributors}: not unmasked"
+            )
+            return False
+        return ok
 
 
 class SecureRound:
@@ -191,15 +223,21 @@ class SecureRound:
             {WorkflowKey.CURRENT_ROUND: server_round}
         )
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        workflow = SecAggPlusWorkflow(
+        workflow = _QuorumSecAggPlus(
             num_shares=1.0,
             reconstruction_threshold=RECONSTRUCTION_FRACTION,
             max_weight=self.settings.secagg_max_weight,
             clipping_range=self.settings.secagg_clip_range,
             quantization_range=QUANTIZATION_RANGE,
             timeout=self.settings.round_timeout,
+            min_contributors=self.settings.min_sites,
         )
-        workflow(_PollingGrid(self.grid, self.settings.poll_interval), context)  # type: ignore[arg-type]
+        try:
+            workflow(_PollingGrid(self.grid, self.settings.poll_interval), context)  # type: ignore[arg-type]
+        except Exception as err:  # Flower indexes replies unchecked: a bad one fails the attempt
+            logger.exception("round %d: secure aggregation failed", server_round)
+            strategy.failures.append(f"{type(err).__name__}: {err}")
+            strategy.aggregate = None
         result = SecureRoundResult(None, failures=strategy.failures)
         if strategy.aggregate is not None:
             result.mean_update = {  # legacy arrays lose 0-d shapes: restore them

@@ -281,8 +281,9 @@ class RunSettings:
         """sha256 of the settings that shape the trained weights (not timeouts or round count).
 
         A run may be resumed only with the same identity hash. ``sites-per-round`` counts
-        only when sampling is on, so runs without it keep the hash they had before the key
-        existed (and stay resumable).
+        only when sampling is on and the ``secagg-*`` keys only with secure aggregation, so
+        runs without them keep the hash they had before the keys existed (and stay
+        resumable).
         """
         ident = {
             f.metadata["key"]: getattr(self, f.name)
@@ -291,6 +292,9 @@ class RunSettings:
         }
         if not self.sites_per_round:
             del ident["sites-per-round"]
+        if not self.secure_aggregation:  # likewise for runs from before SecAgg+ existed
+            for key in ("secure-aggregation", "secagg-clip-range", "secagg-max-weight"):
+                del ident[key]
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

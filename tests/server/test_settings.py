@@ -100,3 +100,14 @@ def test_secure_aggregation_with_three_sites_and_fedprox_is_accepted():
         {"secure-aggregation": True, "min-sites": 3, "strategy": "fedprox", "proximal-mu": 0.01}
     )
     assert settings.secure_aggregation and settings.secagg_clip_range == 8.0
+
+
+def test_secagg_keys_count_for_resume_only_when_secure_aggregation_is_on():
+    plain = RunSettings(min_sites=3)
+    assert RunSettings(min_sites=3, secagg_clip_range=4.0).identity_hash() == plain.identity_hash()
+    secure = RunSettings(min_sites=3, secure_aggregation=True)
+    assert secure.identity_hash() != plain.identity_hash()
+    assert (
+        RunSettings(min_sites=3, secure_aggregation=True, secagg_clip_range=4.0).identity_hash()
+        != secure.identity_hash()
+    )
