@@ -21,8 +21,9 @@ Each round:
 
 With ``secure-aggregation`` steps 2-3 are SecAgg+'s four stages (:mod:`.secagg`): the only
 "reply" is the sites' weighted mean update, and the sites that sent masked updates count as the
-valid replies. A site that failed or timed out is simply asked again next round. A restarted server resumes
-after the last complete checkpoint with the same global weights and server-optimizer state.
+valid replies. A site that failed or timed out is simply asked again next round. A restarted
+server resumes after the last complete checkpoint with the same global weights and
+server-optimizer state.
 
 Example:
     >>> result = Federation(grid, RunSettings(num_rounds=2, min_sites=2)).run()
