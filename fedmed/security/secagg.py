@@ -145,8 +145,7 @@ def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
         sent, metrics = train(ctx, received, config, records)
         # at least 1-d: the masks are drawn per array shape, and a 0-d array comes back 1-d
         update = [
-            np.atleast_1d(sent[k].astype(np.float64) - received[k].astype(np.float64))
-            for k in keys
+            np.atleast_1d(sent[k].astype(np.float64) - received[k].astype(np.float64)) for k in keys
         ]
         num_examples = int(metrics.get("num-examples", 0))
         _warn_if_clipped(update, ctx, num_examples)
