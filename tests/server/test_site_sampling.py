@@ -74,12 +74,14 @@ def test_run_config_round_trip_and_identity_hash() -> None:
 
 
 def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
-    # the hash as computed before sites-per-round existed: older checkpoints stay resumable
+    # the hash as computed before sites-per-round and the secagg keys existed: older
+    # checkpoints stay resumable
     settings = RunSettings(lr=0.002)
+    newer = {"sites_per_round", "secure_aggregation", "secagg_clip_range", "secagg_max_weight"}
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
         for f in dataclasses.fields(settings)
-        if f.name not in _RESUMABLE_KEYS and f.name != "sites_per_round"
+        if f.name not in _RESUMABLE_KEYS and f.name not in newer
     }
     expected = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
     assert settings.identity_hash() == expected
