@@ -233,10 +233,18 @@ class Federation:
         started = time.monotonic()
         sent = self._shared(weights)
         cfg = train_config(self.settings, server_round)
-        names = [self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes]
+        names = {n: self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes}
         extras = self.guard.train_records(
-            sent, cfg.to_config(), server_round=server_round, attempt=attempt, sites=names
+            sent,
+            cfg.to_config(),
+            server_round=server_round,
+            attempt=attempt,
+            sites=list(names.values()),
         )
+        if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
+            return self.secure.attempt(
+                server_round, attempt, names, sent, cfg.to_config(), extras, started=started
+            )
         content = RecordDict(
             {
                 **wire.pack(sent),  # all arrays in one Flower object: see fedmed.wire
@@ -244,11 +252,6 @@ class Federation:
                 **{name: ConfigRecord(values) for name, values in extras.items()},
             }
         )
-        if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
-            names = {n: self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes}
-            return self.secure.attempt(
-                server_round, attempt, names, sent, cfg.to_config(), extras, started=started
-            )
         group = f"round-{server_round}.{attempt}"
         messages = [
             Message(
@@ -265,8 +268,7 @@ class Federation:
             "missing": [],
         }
         updates: list[SiteUpdate] = []
-        for node in nodes:
-            name = self.sites[node].name if node in self.sites else f"node-{node}"
+        for node, name in names.items():
             reply = replies.get(node)
             if reply is None:
                 record["missing"].append(name)
