@@ -62,7 +62,7 @@ def _settings(out: Path, **extra: object) -> RunSettings:
         val_fraction=0.34,
         out_dir=str(out),
         join_timeout=120.0,
-        round_timeout=60.0,
+        round_timeout=300.0,  # a fresh Ray actor on a loaded CI runner is slow to start
         retry_failed_rounds=0,
         **extra,
     )
