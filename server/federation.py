@@ -353,14 +353,19 @@ class Federation:
         ident = self.settings.identity_hash()
         failed = 0
         for server_round in range(first, self.settings.num_rounds + 1):
+            avoid: set[int] = set()  # sites that failed this round: asked last on a retry
             for attempt in range(1, self.settings.retry_failed_rounds + 2):
                 connected = self.wait_for_sites()
                 names = {node: site.name for node, site in self.sites.items()}
-                nodes = sample_sites(connected, self.settings, server_round, names=names)
+                nodes = sample_sites(
+                    connected, self.settings, server_round, names=names, avoid=avoid
+                )
                 record, updates = self.run_round(server_round, attempt, nodes, weights)
                 if record.get("contributors", len(updates)) >= self.settings.min_sites:
                     break
                 failed += 1
+                bad = {*record.get("missing", ()), *record.get("rejected", ())}
+                avoid |= {n for n in nodes if names.get(n, f"node-{n}") in bad}
                 record["status"] = "failed"
                 logger.warning(
                     "round %d attempt %d failed: %d valid replies, min-sites is %d",

@@ -1,11 +1,13 @@
-"""Federation start-up checks that run before any message is sent (no grid needed)."""
+"""Federation start-up checks and the round loop's retries, without a grid."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedmed.server.aggregate import SiteUpdate
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import Federation, train_config
+from fedmed.server.sampling import sample_sites
 from fedmed.server.settings import RunSettings
 
 from fedmed.errors import ConfigError
@@ -43,3 +45,44 @@ def test_initial_weights_are_seeded(tmp_path):
     a = Federation(None, RunSettings(seed=3, **SMALL)).initial_weights  # type: ignore[arg-type]
     b = Federation(None, RunSettings(seed=3, **SMALL)).initial_weights  # type: ignore[arg-type]
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class _OneSiteNeverReplies(Federation):
+    """Four connected sites, two sampled per round; ``broken`` never replies."""
+
+    def __init__(self, settings: RunSettings, broken: int) -> None:
+        super().__init__(None, settings, holdout_fn=lambda weights, cfg: None)  # type: ignore[arg-type]
+        self.broken = broken
+        self.asked: list[list[int]] = []
+
+    def wait_for_sites(self) -> list[int]:
+        return [11, 12, 13, 14]
+
+    def run_round(self, server_round, attempt, nodes, weights):
+        self.asked.append(list(nodes))
+        record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
+        record["missing"] = [f"node-{n}" for n in nodes if n == self.broken]
+        updates = [
+            SiteUpdate(f"node-{n}", self._shared(weights), 4, {}) for n in nodes if n != self.broken
+        ]
+        return record, updates
+
+
+def test_a_retry_asks_other_sites_than_the_one_that_failed(tmp_path):
+    # Prepare: the site sampled first in round 1 never replies
+    settings = RunSettings(
+        num_rounds=1,
+        min_sites=2,
+        sites_per_round=2,
+        retry_failed_rounds=2,
+        out_dir=str(tmp_path / "out"),
+        **SMALL,
+    )
+    first = sample_sites([11, 12, 13, 14], settings, 1)
+    federation = _OneSiteNeverReplies(settings, broken=first[0])
+    # Execute
+    result = federation.run()
+    # Assert: attempt 1 failed with the broken site; attempt 2 drew two other sites and passed
+    assert federation.asked[0] == first
+    assert len(federation.asked) == 2 and first[0] not in federation.asked[1]
+    assert len(federation.asked[1]) == 2 and result.failed_attempts == 1

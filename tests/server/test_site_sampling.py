@@ -98,3 +98,16 @@ def test_names_make_the_sample_independent_of_the_node_ids():
         again = sample_sites(list(second), settings, server_round, names=second)
         assert len(picked) == 3
         assert sorted(first[n] for n in picked) == sorted(second[n] for n in again)
+
+
+def test_avoided_sites_are_drawn_only_to_fill_the_sample() -> None:
+    settings = RunSettings(min_sites=2, sites_per_round=8, seed=3)
+    first = sample_sites(NODES, settings, 5)
+    retry = sample_sites(NODES, settings, 5, avoid=first[:3])
+    assert len(retry) == 8 and not set(retry) & set(first[:3])
+    # only 9 connected and 3 of them failed: the 6 others plus 2 of the failed ones
+    nine = NODES[:9]
+    picked = sample_sites(nine, settings, 5, avoid=nine[:3])
+    assert len(picked) == 8 and set(nine[3:]) <= set(picked)
+    # no failures: the same draw as before (a resumed run asks the same sites)
+    assert sample_sites(NODES, settings, 5, avoid=()) == first
