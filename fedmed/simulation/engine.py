@@ -227,7 +227,9 @@ def _submit(client: Any, settings: RunSettings, run_config: dict[str, Any], fede
 def _run_timeout(settings: RunSettings) -> float:
     """A bound on the whole run: joining, every round with its retries, and start-up."""
     attempts = settings.retry_failed_rounds + 1
-    return settings.join_timeout + settings.num_rounds * attempts * settings.round_timeout + 600
+    stages = 4 if settings.secure_aggregation else 1  # SecAgg+: each stage waits round-timeout
+    per_round = attempts * stages * settings.round_timeout
+    return settings.join_timeout + settings.num_rounds * per_round + 600
 
 
 class _LogSink:

@@ -17,7 +17,7 @@ from fedmed.simulation.apps import (
     sim_run_config,
     split_run_config,
 )
-from fedmed.simulation.engine import simulation_fab
+from fedmed.simulation.engine import _run_timeout, simulation_fab
 
 
 def _context(partition: int, run_config: dict) -> Context:
@@ -77,3 +77,12 @@ def test_fab_declares_every_key_and_points_at_the_simulation_apps():
     assert "from fedmed.simulation.apps import server_app as app" in server
     assert "from fedmed.simulation.apps import client_app as app" in client
     assert simulation_fab().hash_str == fab.hash_str
+
+
+def test_run_timeout_covers_every_stage_of_a_secure_round() -> None:
+    base = {"num_rounds": 2, "min_sites": 3, "join_timeout": 5.0, "round_timeout": 10.0}
+    plain = RunSettings(**base, retry_failed_rounds=1)
+    secure = RunSettings(**base, retry_failed_rounds=1, secure_aggregation=True)
+    # join + rounds x attempts x stages x round-timeout + start-up margin
+    assert _run_timeout(plain) == 5 + 2 * 2 * 1 * 10 + 600
+    assert _run_timeout(secure) == 5 + 2 * 2 * 4 * 10 + 600
