@@ -14,9 +14,11 @@ backs off for 1 s, 2 s, 4 s ...). fedmed sends the model as:
   ``offsets`` (byte offset of each array in the payload) and ``nbytes`` (payload length).
 
 Both directions use it: the global model the server sends and the arrays a site returns.
-:func:`unpack` checks the index against the payload (lengths, dtypes, bounds, overlaps,
-duplicate keys) and raises :class:`WireError` naming the key and the bad value; the server
-turns that into a rejected reply with the reason.
+:func:`pack_array` / :func:`unpack_array` give the same packing as a plain NumPy array and
+index dict, for SecAgg+ rounds (Flower's legacy ``FitIns``). :func:`unpack` checks the index
+against the payload (lengths, dtypes, bounds, overlaps, duplicate keys) and raises
+:class:`WireError` naming the key and the bad value; the server turns that into a rejected
+reply with the reason.
 
 Example:
     >>> records = pack({"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)})
@@ -47,7 +49,9 @@ __all__ = [
     "PACKED",
     "WireError",
     "pack",
+    "pack_array",
     "unpack",
+    "unpack_array",
     "unpack_content",
 ]
 
@@ -75,9 +79,8 @@ def _npy_header(nbytes: int) -> bytes:
     return header.getvalue()
 
 
-def pack(arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord | ConfigRecord]:
-    """``{"arrays": ArrayRecord({"packed": Array}), "arrays-index": ConfigRecord}`` for
-    ``arrays`` (in their iteration order); ValueError for a non-numeric dtype."""
+def _layout(arrays: Mapping[str, np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
+    """The payload's parts (raw bytes, padding) and its index; ValueError for a bad dtype."""
     keys, dtypes, ndims, dims, offsets = [], [], [], [], []
     parts: list[Any] = []
     offset = 0
@@ -100,20 +103,32 @@ def pack(arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord | ConfigReco
         if array.nbytes:
             parts.append(memoryview(array).cast("B"))
             offset += array.nbytes
-    data = b"".join([_npy_header(offset), *parts])
-    packed = Array(dtype="uint8", shape=(offset,), stype=SType.NUMPY, data=data)
-    index = ConfigRecord(
-        {
-            "format": FORMAT,
-            "keys": keys,
-            "dtypes": dtypes,
-            "ndims": ndims,
-            "dims": dims,
-            "offsets": offsets,
-            "nbytes": offset,
-        }
-    )
-    return {ARRAYS: ArrayRecord({PACKED: packed}), INDEX: index}
+    index = {
+        "format": FORMAT,
+        "keys": keys,
+        "dtypes": dtypes,
+        "ndims": ndims,
+        "dims": dims,
+        "offsets": offsets,
+        "nbytes": offset,
+    }
+    return parts, index
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """``{"arrays": ArrayRecord({"packed": Array}), "arrays-index": ConfigRecord}`` for
+    ``arrays`` (in their iteration order); ValueError for a non-numeric dtype."""
+    parts, index = _layout(arrays)
+    data = b"".join([_npy_header(index["nbytes"]), *parts])
+    packed = Array(dtype="uint8", shape=(index["nbytes"],), stype=SType.NUMPY, data=data)
+    return {ARRAYS: ArrayRecord({PACKED: packed}), INDEX: ConfigRecord(index)}
+
+
+def pack_array(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The same packing as a flat ``uint8`` NumPy array and its index (a plain dict), for
+    transports that carry NumPy arrays, such as Flower's legacy ``FitIns`` (SecAgg+)."""
+    parts, index = _layout(arrays)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), index
 
 
 def _payload(record: ArrayRecord) -> np.ndarray:
@@ -175,7 +190,22 @@ def unpack(record: ArrayRecord, index: Mapping[str, Any]) -> dict[str, np.ndarra
     Raises:
         WireError: the record is not fedmed's packed format or does not match the index.
     """
-    payload = _payload(record)
+    return unpack_array(_payload(record), index)
+
+
+def unpack_array(payload: np.ndarray, index: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays of a flat ``uint8`` ``payload`` (see :func:`pack_array`) described by
+    ``index``: views into the payload, in index order.
+
+    Raises:
+        WireError: the payload does not match the index.
+    """
+    if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8 or payload.ndim != 1:
+        raise WireError(
+            f"the packed payload must be a flat uint8 array, got "
+            f"{getattr(payload, 'dtype', type(payload).__name__)} "
+            f"of shape {getattr(payload, 'shape', '?')}"
+        )
     keys, dtypes, ndims, dims, offsets = _index_lists(index)
     if index["nbytes"] != payload.size:
         raise WireError(

@@ -4,12 +4,13 @@ Flower 1.41 has SecAgg+ only on its legacy path (``SecAggPlusWorkflow`` driving 
 ``Strategy`` through a ``LegacyContext``; see FLOWER.md). fedmed keeps its own round loop and
 runs the workflow for the train stage of a round only:
 
-1. the global arrays travel as legacy ``FitIns`` (array order in the config key
-   ``fedmed.keys``; the round's ConfigRecords ``signature``/``privacy`` flattened into the
-   config as ``record::key``, see :func:`fedmed.security.secagg.flatten_records`);
-2. each site trains as usual and hands its *update* (trained minus received) and its number of
-   training samples to Flower's ``secaggplus_mod`` (:mod:`fedmed.security.secagg`), which
-   quantizes ``weight * update`` and masks it with pairwise and private masks;
+1. the global arrays travel as one legacy ``FitIns`` parameter, packed by
+   :func:`fedmed.wire.pack_array` (its index and the round's ConfigRecords ``signature``/
+   ``privacy`` flattened into the config, see :func:`fedmed.security.secagg.flatten_records`);
+2. each site trains as usual and hands its *update* (trained minus received, one flat vector)
+   and its number of training samples to Flower's ``secaggplus_mod``
+   (:mod:`fedmed.security.secagg`), which quantizes ``weight * update`` and masks it with
+   pairwise and private masks;
 3. the server sums the masked vectors; only the unmasked sum, i.e. the weighted mean update,
    ever exists here. Per-site scalar metrics still come back in the clear (they always do).
 
@@ -27,8 +28,8 @@ sites is never unmasked (a retry with more sites would otherwise reveal the diff
 attempt fails and the round is retried like any other failed round.
 
 Costs (bench/federation.py): each of the four stages is one message per site and may wait up to
-``round-timeout``; the legacy path sends one Flower object per array (not packed like
-:mod:`fedmed.wire`) and the masked vectors are int64, so a site uploads about 2.5x the model.
+``round-timeout``; the masked vector is int64 (the model is float32), so a site uploads about
+2.5x the model.
 
 Example:
     >>> result = SecureRound(grid, settings).run(1, nodes, sent, config, extras)
@@ -57,7 +58,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records
+from fedmed import wire
+from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records, split_update
 
 from .aggregate import SiteUpdate
 from .settings import RunSettings
@@ -207,11 +209,8 @@ class SecureRound:
     ) -> SecureRoundResult:
         """Send ``sent`` to ``nodes``; the mean update (None when the protocol halted)."""
         started = time.monotonic()
-        keys = list(sent)
-        fitins = FitIns(
-            ndarrays_to_parameters([np.ascontiguousarray(sent[k]) for k in keys]),
-            flatten_records(config, sent, records),
-        )
+        payload, index = wire.pack_array(sent)
+        fitins = FitIns(ndarrays_to_parameters([payload]), flatten_records(config, index, records))
         run_id = int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0)
         proxies: list[ClientProxy] = [GridClientProxy(n, self.grid, run_id) for n in nodes]
         strategy = _OneRoundStrategy(proxies, fitins)
@@ -240,11 +239,15 @@ class SecureRound:
             strategy.aggregate = None
         result = SecureRoundResult(None, failures=strategy.failures)
         if strategy.aggregate is not None:
-            result.mean_update = {  # legacy arrays lose 0-d shapes: restore them
-                k: np.asarray(v, dtype=np.float64).reshape(sent[k].shape)
-                for k, v in zip(keys, strategy.aggregate, strict=True)
-            }
-            result.metrics = strategy.metrics
+            try:
+                if len(strategy.aggregate) != 1:
+                    raise ValueError(
+                        f"the aggregate holds {len(strategy.aggregate)} vectors, expected one"
+                    )
+                result.mean_update = split_update(strategy.aggregate[0], sent)
+                result.metrics = strategy.metrics
+            except ValueError as err:
+                strategy.failures.append(str(err))
         result.seconds = time.monotonic() - started
         logger.info(
             "round %d: secure aggregation of %d of %d sites in %.1f s%s",

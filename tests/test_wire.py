@@ -10,7 +10,16 @@ from flwr.supercore.inflatable.inflatable_utils import (
     inflate_object_from_contents,
 )
 
-from fedmed.wire import ALIGN, FORMAT, WireError, pack, unpack, unpack_content
+from fedmed.wire import (
+    ALIGN,
+    FORMAT,
+    WireError,
+    pack,
+    pack_array,
+    unpack,
+    unpack_array,
+    unpack_content,
+)
 
 
 @pytest.fixture
@@ -125,3 +134,22 @@ def test_content_without_the_index_is_refused(arrays):
         unpack_content({"arrays": records["arrays"]})
     with pytest.raises(WireError, match="no ArrayRecord 'arrays'"):
         unpack_content({"arrays-index": records["arrays-index"]})
+
+
+def test_pack_array_is_the_same_packing_as_a_numpy_array(arrays):
+    payload, index = pack_array(arrays)
+    records = pack(arrays)
+    assert index == dict(records["arrays-index"])
+    np.testing.assert_array_equal(payload, records["arrays"]["packed"].numpy())
+    out = unpack_array(payload, index)
+    for key, value in arrays.items():
+        assert out[key].dtype == value.dtype and out[key].shape == value.shape, key
+        np.testing.assert_array_equal(out[key], value)
+
+
+def test_unpack_array_refuses_a_payload_that_is_not_flat_bytes(arrays):
+    payload, index = pack_array(arrays)
+    with pytest.raises(WireError, match="must be a flat uint8 array, got float32"):
+        unpack_array(payload.astype(np.float32), index)
+    with pytest.raises(WireError, match="says the payload has"):
+        unpack_array(payload[:-8], index)

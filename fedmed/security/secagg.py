@@ -8,21 +8,28 @@ then quantizes and masks what it returns. What the site hands to the mod is its 
 (trained minus received arrays) and its number of training samples (the weight); the mod
 clears the plain arrays from the reply before it leaves the site.
 
-The global arrays travel as legacy ``FitIns`` parameters; their names in order are the config
-key ``fedmed.keys`` and the round's extra ConfigRecords (``signature``, ``privacy``) are
-flattened into the config as ``record::key`` (:func:`flatten_records`), so the site checks the
-server's signature and applies DP exactly as in a plain round.
+The global arrays travel as one legacy ``FitIns`` parameter: fedmed's packed payload
+(:func:`fedmed.wire.pack_array`, one Flower object instead of one per array), its index as JSON
+in the config key ``fedmed.arrays-index``, and the round's extra ConfigRecords (``signature``,
+``privacy``) flattened into the config as ``record::key`` (:func:`flatten_records`), so the site
+checks the server's signature and applies DP exactly as in a plain round. The update goes back
+as one flat float64 vector in the order of the index (:func:`join_update`), which the server
+splits into arrays again (:func:`split_update`).
 
 Example:
     >>> arrays = {"w": np.zeros((2, 3))}
-    >>> flat = flatten_records({"server-round": 1}, arrays, {"privacy": {"clip-norm": 1.0}})
+    >>> flat = flatten_records({"round": 1}, {"keys": ["w"]}, {"privacy": {"clip-norm": 1.0}})
     >>> split_records(flat)
-    ({'server-round': 1}, {'w': (2, 3)}, {'privacy': {'clip-norm': 1.0}})
+    ({'round': 1}, {'keys': ['w']}, {'privacy': {'clip-norm': 1.0}})
+    >>> split_update(join_update({"w": np.ones((2, 3))}, arrays), arrays)["w"].shape
+    (2, 3)
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,23 +43,25 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_STATE,
 )
 
+from fedmed import wire
+
 __all__ = [
-    "KEYS_CONFIG",
+    "INDEX_CONFIG",
     "QUANTIZATION_RANGE",
     "RECORD_SEPARATOR",
-    "SHAPES_CONFIG",
     "SiteTrainFn",
     "flatten_records",
     "is_secure_message",
+    "join_update",
     "quantization_tolerance",
     "secure_train",
     "split_records",
+    "split_update",
 ]
 
 logger = logging.getLogger(__name__)
 
-KEYS_CONFIG = "fedmed.keys"
-SHAPES_CONFIG = "fedmed.shapes"  # Flower's legacy path turns 0-d arrays into shape (1,)
+INDEX_CONFIG = "fedmed.arrays-index"  # JSON: legacy configs hold scalars only, no lists
 RECORD_SEPARATOR = "::"
 QUANTIZATION_RANGE = 2**22  # Flower's default; 2**32 / 2**22 leaves room for 1024 sites
 
@@ -65,14 +74,13 @@ SiteTrainFn = Callable[
 
 def flatten_records(
     config: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray],
+    index: Mapping[str, Any],
     records: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """One legacy config dict: the round config, the arrays' names and shapes in order, and
-    the extra records."""
+    """One legacy config dict: the round config, the packed arrays' index and the extra
+    records."""
     flat = dict(config)
-    flat[KEYS_CONFIG] = ",".join(arrays)
-    flat[SHAPES_CONFIG] = ";".join("x".join(str(n) for n in a.shape) for a in arrays.values())
+    flat[INDEX_CONFIG] = json.dumps(dict(index), separators=(",", ":"))
     for name, values in records.items():
         for key, value in values.items():
             flat[f"{name}{RECORD_SEPARATOR}{key}"] = value
@@ -81,30 +89,66 @@ def flatten_records(
 
 def split_records(
     flat: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], dict[str, dict[str, Any]]]:
-    """Inverse of :func:`flatten_records`: ``(config, shapes by array name, records)``."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Inverse of :func:`flatten_records`: ``(config, arrays index, records)``.
+
+    Raises:
+        ValueError: the config carries no (or no readable) arrays index.
+    """
     config: dict[str, Any] = {}
     records: dict[str, dict[str, Any]] = {}
-    keys: list[str] = []
-    shapes: list[tuple[int, ...]] = []
+    index: Any = None
     for key, value in flat.items():
-        if key == KEYS_CONFIG:
-            keys = str(value).split(",") if value else []
-        elif key == SHAPES_CONFIG:
-            shapes = [tuple(int(n) for n in part.split("x") if n) for part in str(value).split(";")]
+        if key == INDEX_CONFIG:
+            try:
+                index = json.loads(str(value))
+            except ValueError as err:
+                raise ValueError(
+                    f"secure round config {INDEX_CONFIG!r} is not JSON: {err}"
+                ) from err
         elif RECORD_SEPARATOR in key:
             name, sub = key.split(RECORD_SEPARATOR, 1)
             records.setdefault(name, {})[sub] = value
         else:
             config[key] = value
-    if not keys:
-        shapes = []
-    if len(shapes) != len(keys):
+    if not isinstance(index, dict):
         raise ValueError(
-            f"secure round names {len(keys)} arrays but gives {len(shapes)} shapes: server and "
-            "site run different fedmed versions"
+            f"secure round config has no arrays index {INDEX_CONFIG!r}: server and site run "
+            "different fedmed versions"
         )
-    return config, dict(zip(keys, shapes, strict=True)), records
+    return config, index, records
+
+
+def join_update(
+    trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """``trained - received`` of every array of ``received``, flattened into one float64
+    vector in ``received``'s order: what a site hands to SecAgg+."""
+    parts = [
+        (np.asarray(trained[k], np.float64) - np.asarray(v, np.float64)).ravel()
+        for k, v in received.items()
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def split_update(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`join_update`: ``flat`` cut into float64 arrays shaped like ``like``.
+
+    Raises:
+        ValueError: ``flat`` does not hold exactly as many values as ``like``.
+    """
+    flat = np.asarray(flat, np.float64).ravel()
+    sizes = [math.prod(np.shape(v)) for v in like.values()]
+    if flat.size != sum(sizes):
+        raise ValueError(
+            f"the update holds {flat.size} values but the model has {sum(sizes)}: server and "
+            "site run different models or fedmed versions"
+        )
+    ends = np.cumsum(sizes)
+    return {
+        k: flat[end - size : end].reshape(np.shape(v))
+        for (k, v), size, end in zip(like.items(), sizes, ends, strict=True)
+    }
 
 
 def quantization_tolerance(
@@ -131,27 +175,21 @@ def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
 
     def train_and_report_update(inner: Message, ctx: Context) -> Message:
         fitins = compat.recorddict_to_fitins(inner.content, keep_input=True)
-        config, shapes, records = split_records(fitins.config)
-        arrays = parameters_to_ndarrays(fitins.parameters)
-        if len(shapes) != len(arrays):
+        config, index, records = split_records(fitins.config)
+        payloads = parameters_to_ndarrays(fitins.parameters)
+        if len(payloads) != 1:
             raise ValueError(
-                f"secure round carries {len(arrays)} arrays but names {len(shapes)}: server and "
-                "site run different fedmed versions"
+                f"secure round carries {len(payloads)} arrays, expected one packed payload: "
+                "server and site run different fedmed versions"
             )
-        received = {
-            k: a.reshape(shape) for (k, shape), a in zip(shapes.items(), arrays, strict=True)
-        }
-        keys = list(received)
+        received = wire.unpack_array(payloads[0], index)
         sent, metrics = train(ctx, received, config, records)
-        # at least 1-d: the masks are drawn per array shape, and a 0-d array comes back 1-d
-        update = [
-            np.atleast_1d(sent[k].astype(np.float64) - received[k].astype(np.float64)) for k in keys
-        ]
+        update = join_update(sent, received)
         num_examples = int(metrics.get("num-examples", 0))
         _warn_if_clipped(update, ctx, num_examples)
         fitres = FitRes(
             Status(Code.OK, "trained"),
-            ndarrays_to_parameters(update),
+            ndarrays_to_parameters([update]),
             num_examples,
             {k: float(v) for k, v in metrics.items()},
         )
@@ -160,7 +198,7 @@ def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
     return secaggplus_mod(msg, context, train_and_report_update)
 
 
-def _warn_if_clipped(update: Sequence[np.ndarray], context: Context, num_examples: int) -> None:
+def _warn_if_clipped(update: np.ndarray, context: Context, num_examples: int) -> None:
     """SecAgg+ clips ``weight * update`` silently: say so in the site's log when it happens."""
     state = context.state.config_records.get(RECORD_KEY_STATE)
     if state is None:
@@ -170,7 +208,7 @@ def _warn_if_clipped(update: Sequence[np.ndarray], context: Context, num_example
     if clip <= 0 or max_weight <= 0:
         return
     ratio = num_examples / max_weight
-    largest = max((float(np.max(np.abs(u))) for u in update if u.size), default=0.0)
+    largest = float(np.max(np.abs(update))) if update.size else 0.0
     if ratio > 1:
         logger.warning(
             "secure aggregation: %d training samples exceed secagg-max-weight %g: the sum may "

@@ -6,35 +6,51 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
+from fedmed import wire
 from fedmed.security.secagg import (
     QUANTIZATION_RANGE,
     flatten_records,
+    join_update,
     quantization_tolerance,
     split_records,
+    split_update,
 )
 
 
 def test_records_round_trip_through_one_legacy_config() -> None:
     config = {"server-round": 3, "lr": 0.001, "model": "coplenet", "fedbn": False}
     records = {"signature": {"sig": b"\x01\x02", "scheme": "rsa"}, "privacy": {"clip-norm": 1.0}}
-    arrays = {"enc.0.weight": np.zeros((4, 1, 3, 3)), "bn.steps": np.zeros(()), "b": np.ones(4)}
+    arrays = {"enc,0.weight": np.zeros((4, 1, 3, 3)), "bn.steps": np.zeros((), np.int64)}
+    payload, index = wire.pack_array(arrays)
 
-    flat = flatten_records(config, arrays, records)
+    flat = flatten_records(config, index, records)
 
-    shapes = {"enc.0.weight": (4, 1, 3, 3), "bn.steps": (), "b": (4,)}
-    assert split_records(flat) == (config, shapes, records)
-    assert flat["fedmed.keys"] == "enc.0.weight,bn.steps,b"
-
-
-def test_no_arrays_and_no_records_round_trip() -> None:
-    assert split_records(flatten_records({"a": 1}, {}, {})) == ({"a": 1}, {}, {})
+    # Flower's legacy FitIns config takes scalars only
+    assert all(isinstance(v, (bool, int, float, str, bytes)) for v in flat.values())
+    assert split_records(flat) == (config, index, records)
+    back = wire.unpack_array(payload, split_records(flat)[1])
+    assert list(back) == ["enc,0.weight", "bn.steps"] and back["bn.steps"].shape == ()
 
 
-def test_mismatched_names_and_shapes_are_refused() -> None:
-    flat = flatten_records({}, {"a": np.zeros(2), "b": np.zeros(3)}, {})
-    flat["fedmed.shapes"] = "2"
-    with pytest.raises(ValueError, match="names 2 arrays but gives 1 shapes"):
-        split_records(flat)
+def test_a_config_without_the_arrays_index_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"no arrays index 'fedmed\.arrays-index'"):
+        split_records({"server-round": 1})
+    with pytest.raises(ValueError, match=r"'fedmed\.arrays-index' is not JSON"):
+        split_records({"fedmed.arrays-index": "{nope"})
+
+
+def test_update_is_one_vector_and_splits_back_into_the_model_arrays() -> None:
+    received = {"w": np.ones((2, 3), np.float32), "steps": np.array(4, np.int64)}
+    trained = {"w": np.full((2, 3), 1.5, np.float32), "steps": np.array(6, np.int64)}
+
+    flat = join_update(trained, received)
+
+    assert flat.dtype == np.float64 and flat.shape == (7,)
+    back = split_update(flat, received)
+    assert back["w"].shape == (2, 3) and np.allclose(back["w"], 0.5)
+    assert back["steps"].shape == () and back["steps"] == 2.0
+    with pytest.raises(ValueError, match="holds 6 values but the model has 7"):
+        split_update(flat[:6], received)
 
 
 @pytest.mark.parametrize("weights", [(12, 40, 7), (900, 1, 50)])
