@@ -552,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                 before = {s: p.counts() for s, p in proxies.items()}
                 fab = stock_fab if recipe == "stock" else fedmed_fab
                 run_config = _run_config(model, args, out, recipe)
+                if recipe != "stock":  # as fedmed-server does: sites with TLS require signing
+                    run_config["signing-dir"] = str(pki.server_key.parent)
                 window_start = time.time()
                 ok, seconds = _submit(link, pki.ca_cert, fab, run_config)
                 window = (window_start, time.time())

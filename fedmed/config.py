@@ -201,7 +201,9 @@ class SiteConfig:
         private-key = "../../certs/siteA.key"
 
     ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
-    derived from its installed fedmed (see ``fedmed.client.pinning``).
+    derived from its installed fedmed (see ``fedmed.client.pinning``). With TLS the site
+    refuses global models the server did not sign with a certificate of the federation CA
+    (``ca-cert``); ``require-signed-models = false`` accepts unsigned ones.
     """
 
     path: Path
@@ -225,10 +227,15 @@ class SiteConfig:
     poll_interval_s: float = 0.5
     warm_start: bool = True
     heartbeat_interval_s: float = 30.0
+    require_signed_models: bool = True
 
     def node_config(self) -> dict[str, str | int]:
-        """The SuperNode's ``--node-config`` (``context.node_config`` in the client app)."""
-        return {
+        """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
+
+        ``server-ca`` (the federation CA, so the site refuses global models that the server did
+        not sign) is there unless the site runs insecure or ``require-signed-models = false``.
+        """
+        node = {
             "site": self.site,
             "data-dir": str(self.data_dir),
             "cache-dir": str(self.cache_dir),
@@ -236,6 +243,9 @@ class SiteConfig:
             "device": self.device,
             "seed": self.seed,
         }
+        if self.require_signed_models and self.ca_cert is not None and not self.insecure:
+            node["server-ca"] = str(self.ca_cert)
+        return node
 
 
 def _parse_app(path: Path, data: Any) -> dict[str, str | int | float | bool]:
@@ -431,6 +441,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         poll_interval_s=poll_interval,
         heartbeat_interval_s=heartbeat,
         warm_start=top.get("warm-start", bool, True),
+        require_signed_models=top.get("require-signed-models", bool, True),
     )
     top.finish()
     conn.finish()

@@ -5,8 +5,9 @@ Starts a SuperLink (TLS and site authentication on unless ``--insecure``) whose 
 registration stay on a private 127.0.0.1 control port (:mod:`fedmed.server.gateway`); registers
 the allow-listed site keys over the private port, waits for ``min-sites`` sites (bounded),
 submits the fedmed app (a shim FAB, the same for every run) with the ``[app]`` table as Flower's
-override run config, streams the run's logs and exits 0 when the run completed. Ctrl-C or
-SIGTERM stops the run and every process this command started.
+override run config (plus ``signing-dir`` = the server's certs folder unless ``[app]`` sets it:
+sites with TLS refuse unsigned models), streams the run's logs and exits 0 when the run
+completed. Ctrl-C or SIGTERM stops the run and every process this command started.
 
 Example::
 
@@ -57,6 +58,28 @@ def _check_run_config(config: FederationConfig) -> None:
         RunSettings.from_run_config(config.app)
     except ConfigError as err:
         raise ConfigError(f"{config.path}: [app] {err}") from err
+
+
+def _with_default_signing(config: FederationConfig) -> FederationConfig:
+    """Sign global models with the server's TLS key unless ``[app]`` says otherwise.
+
+    With TLS, sites refuse unsigned models by default (``require-signed-models``), so fedmed's
+    app gets ``signing-dir`` = the folder of ``server.key``/``server.pem`` when ``[app]`` has
+    no ``signing-dir`` key (``signing-dir = ""`` turns signing off).
+    """
+    server = config.server
+    if (
+        server.server_app != "fedmed.server.app"
+        or server.insecure
+        or "signing-dir" in config.app
+        or server.server_key is None
+        or server.server_cert is None
+    ):
+        return config
+    folder = server.server_key.parent
+    if (server.server_key.name, server.server_cert) != ("server.key", folder / "server.pem"):
+        return config
+    return dataclasses.replace(config, app={**config.app, "signing-dir": str(folder)})
 
 
 def _write_log(text: str) -> None:
@@ -150,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_run_config(config)
         if args.insecure:
             config = _with_insecure(config)
+        config = _with_default_signing(config)
         if config.server.insecure:
             print(
                 "fedmed-server: WARNING: --insecure: no TLS, no site authentication. Model "

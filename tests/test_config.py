@@ -152,10 +152,18 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "cache-mode": "memory",
         "device": "cpu",
         "seed": 0,
+        "server-ca": str(tmp_path / "certs" / "ca.pem"),  # refuse unsigned global models
     }
     assert config.runtime_port == 9094
     assert config.max_restarts == 20
     assert config.app_hashes == ()
+
+
+def test_site_may_accept_unsigned_models_and_insecure_sites_cannot_verify(tmp_path: Path) -> None:
+    text = SITE.replace('data-dir = "data"', 'data-dir = "data"\nrequire-signed-models = false')
+    assert "server-ca" not in load_site_config(_write(tmp_path, text)).node_config()
+    text = SITE.replace("[connection]", "[connection]\ninsecure = true")
+    assert "server-ca" not in load_site_config(_write(tmp_path, text)).node_config()
 
 
 def test_site_config_reads_app_hashes(tmp_path: Path) -> None:

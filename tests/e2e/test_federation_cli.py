@@ -157,6 +157,19 @@ def test_cli_federation_with_fedmed_app_on_demo_data(federation_run) -> None:
     assert [line["round"] for line in completed][-2:] == [1, 2]
     assert set(completed[-1]["sites"]) == {"A", "B"}
     assert (root / "out" / "checkpoints").is_dir()
+    # signed by default: the server signed with its TLS key, each site checked it against the CA
+    verify = subprocess.run(
+        [str(BIN / "fedmed"), "verify", str(root / "out"), "--ca", str(root / "certs" / "ca.pem"),
+         "--require-signatures"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for site in ("A", "B"):
+        audit = root / f"site-{site}" / "cache" / "audit.jsonl"
+        trained = [json.loads(x) for x in audit.read_text().splitlines()]
+        trained = [x for x in trained if x.get("event") == "train"]
+        assert [x["round"] for x in trained][-2:] == [1, 2], trained
+        assert {x["signature"] for x in trained} == {"verified"}
 
 
 def test_sigterm_stops_the_server_and_its_superlink(tmp_path: Path) -> None:

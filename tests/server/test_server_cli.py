@@ -1,4 +1,5 @@
-"""fedmed-server refuses a bad [app] run config before it starts any process."""
+"""fedmed-server: a bad [app] run config is refused before any process starts; models are
+signed by default with TLS."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from fedmed.server.cli import main
+from fedmed.server.cli import _with_default_signing, _with_insecure, main
 
+from fedmed.config import load_federation_config
 from fedmed.security.pki import write_pki
 
 
@@ -49,3 +51,24 @@ def test_bad_run_config_exits_3_naming_file_and_key(
     assert str(config) in err
     assert re.search(match, err), err
     assert not (tmp_path / "state").exists(), "nothing may start for a bad config"
+
+
+@pytest.mark.parametrize(
+    ("app", "expected"),
+    [
+        ("num-rounds = 1\n", "certs"),  # TLS: sign with the server's key (sites require it)
+        ('signing-dir = ""\n', ""),  # explicitly off
+        ('signing-dir = "/keys"\n', "/keys"),  # the operator's choice stands
+    ],
+    ids=["default", "off", "own"],
+)
+def test_models_are_signed_by_default_with_tls(
+    tmp_path: Path, certs: Path, app: str, expected: str
+) -> None:
+    config = load_federation_config(_federation(tmp_path, certs, app))
+
+    signed = _with_default_signing(config).app.get("signing-dir")
+
+    assert signed == (str(certs) if expected == "certs" else expected)
+    insecure = _with_insecure(config)  # no TLS: sites cannot verify, nothing is added
+    assert _with_default_signing(insecure).app == insecure.app
