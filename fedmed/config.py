@@ -232,8 +232,9 @@ class SiteConfig:
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
 
-        ``server-ca`` (the federation CA, so the site refuses global models that the server did
-        not sign) is there unless the site runs insecure or ``require-signed-models = false``.
+        ``server-ca`` is the federation CA, so the site refuses global models that the server
+        did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
+        ``require-signed-models = false`` and absent when the site runs insecure.
         """
         node = {
             "site": self.site,
@@ -243,8 +244,8 @@ class SiteConfig:
             "device": self.device,
             "seed": self.seed,
         }
-        if self.require_signed_models and self.ca_cert is not None and not self.insecure:
-            node["server-ca"] = str(self.ca_cert)
+        if self.ca_cert is not None and not self.insecure:
+            node["server-ca"] = str(self.ca_cert) if self.require_signed_models else ""
         return node
 
 

@@ -128,7 +128,7 @@ def pack_array(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, 
     """The same packing as a flat ``uint8`` NumPy array and its index (a plain dict), for
     transports that carry NumPy arrays, such as Flower's legacy ``FitIns`` (SecAgg+)."""
     parts, index = _layout(arrays)
-    return np.frombuffer(b"".join(parts), dtype=np.uint8).copy(), index
+    return np.frombuffer(bytearray(b"".join(parts)), dtype=np.uint8), index
 
 
 def _payload(record: ArrayRecord) -> np.ndarray:
@@ -148,12 +148,7 @@ def _payload(record: ArrayRecord) -> np.ndarray:
         payload = array.numpy()
     except (ValueError, TypeError, OSError) as err:
         raise WireError(f"array {PACKED!r} is not a readable .npy payload: {err}") from err
-    if payload.dtype != np.uint8 or payload.ndim != 1:
-        raise WireError(
-            f"array {PACKED!r} holds dtype {payload.dtype}, shape {payload.shape}: expected a "
-            "flat uint8 array"
-        )
-    return payload
+    return payload  # its dtype and shape are checked by unpack_array
 
 
 def _index_lists(index: Mapping[str, Any]) -> tuple[list[Any], ...]:

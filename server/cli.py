@@ -66,6 +66,10 @@ def _with_default_signing(config: FederationConfig) -> FederationConfig:
     With TLS, sites refuse unsigned models by default (``require-signed-models``), so fedmed's
     app gets ``signing-dir`` = the folder of ``server.key``/``server.pem`` when ``[app]`` has
     no ``signing-dir`` key (``signing-dir = ""`` turns signing off).
+
+    Raises:
+        ConfigError: TLS is on, ``[app]`` has no ``signing-dir`` and the server's key and
+            certificate are not a folder's ``server.key`` + ``server.pem`` (what a signer reads).
     """
     server = config.server
     if (
@@ -78,7 +82,13 @@ def _with_default_signing(config: FederationConfig) -> FederationConfig:
         return config
     folder = server.server_key.parent
     if (server.server_key.name, server.server_cert) != ("server.key", folder / "server.pem"):
-        return config
+        raise ConfigError(
+            f"{config.path}: [server] server-key/server-cert ({server.server_key}, "
+            f"{server.server_cert}) are not one folder's server.key + server.pem, so global "
+            "models cannot be signed by default and sites with TLS would refuse them: set [app] "
+            'signing-dir to a folder holding server.key + server.pem, or signing-dir = "" (and '
+            "require-signed-models = false in the sites' configs)"
+        )
     return dataclasses.replace(config, app={**config.app, "signing-dir": str(folder)})
 
 
@@ -174,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.insecure:
             config = _with_insecure(config)
         config = _with_default_signing(config)
+        if not config.server.insecure and config.app.get("signing-dir") == "":
+            print(
+                'fedmed-server: WARNING: [app] signing-dir = "": global models are not signed '
+                "and sites with TLS refuse them unless their config sets "
+                "require-signed-models = false",
+                file=sys.stderr,
+            )
         if config.server.insecure:
             print(
                 "fedmed-server: WARNING: --insecure: no TLS, no site authentication. Model "

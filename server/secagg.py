@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg+) of a round: the server learns only the weighted mean update.
 
 Flower 1.41 has SecAgg+ only on its legacy path (``SecAggPlusWorkflow`` driving a legacy
-``Strategy`` through a ``LegacyContext``; see FLOWER.md). fedmed keeps its own round loop and
+``Strategy`` through a ``LegacyContext``). fedmed keeps its own round loop and
 runs the workflow for the train stage of a round only:
 
 1. the global arrays travel as one legacy ``FitIns`` parameter, packed by
@@ -59,6 +59,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedmed import wire
+from fedmed.errors import FederationError
 from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records, split_update
 
 from .aggregate import SiteUpdate
@@ -165,9 +166,10 @@ class _PollingGrid:
 class _QuorumSecAggPlus(SecAggPlusWorkflow):
     """SecAgg+ that never unmasks a sum of fewer than ``min_contributors`` sites.
 
-    Flower unmasks whenever the reconstruction threshold is met. fedmed retries a round that
-    had too few contributors with the same sites and the same local training, so unmasking
-    A+B and then A+B+C would hand the server C's update: stop before unmasking instead.
+    Flower unmasks whenever the reconstruction threshold is met. A retry of a round that had
+    too few contributors may ask overlapping sites, which train the same way again (same global
+    model, same seeds), so unmasking A+B and then A+B+C would hand the server C's update: stop
+    before unmasking instead.
     """
 
     def __init__(self, *args: Any, min_contributors: int, **kwargs: Any) -> None:
@@ -239,15 +241,21 @@ class SecureRound:
             strategy.aggregate = None
         result = SecureRoundResult(None, failures=strategy.failures)
         if strategy.aggregate is not None:
+            # Fatal, not a failed attempt: a sum was unmasked, and a retry over overlapping sites
+            # would unmask another one (their difference is a site's update).
             try:
                 if len(strategy.aggregate) != 1:
                     raise ValueError(
                         f"the aggregate holds {len(strategy.aggregate)} vectors, expected one"
                     )
                 result.mean_update = split_update(strategy.aggregate[0], sent)
-                result.metrics = strategy.metrics
             except ValueError as err:
-                strategy.failures.append(str(err))
+                raise FederationError(
+                    f"round {server_round}: the securely aggregated update does not fit the "
+                    f"model ({err}); the run stops rather than unmask another sum: run the "
+                    "same fedmed version at the server and every site"
+                ) from err
+            result.metrics = strategy.metrics
         result.seconds = time.monotonic() - started
         logger.info(
             "round %d: secure aggregation of %d of %d sites in %.1f s%s",

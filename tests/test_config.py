@@ -161,7 +161,7 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
 
 def test_site_may_accept_unsigned_models_and_insecure_sites_cannot_verify(tmp_path: Path) -> None:
     text = SITE.replace('data-dir = "data"', 'data-dir = "data"\nrequire-signed-models = false')
-    assert "server-ca" not in load_site_config(_write(tmp_path, text)).node_config()
+    assert load_site_config(_write(tmp_path, text)).node_config()["server-ca"] == ""
     text = SITE.replace("[connection]", "[connection]\ninsecure = true")
     assert "server-ca" not in load_site_config(_write(tmp_path, text)).node_config()
 

@@ -116,7 +116,9 @@ class ServerGuard:
         if self.signer is None:
             logger.warning(
                 "signing-dir is not set: global models and checkpoints are NOT signed; sites "
-                "with server-ca set will refuse them"
+                "with server-ca set (fedmed-client with TLS, unless require-signed-models = "
+                "false) will refuse them: set [app] signing-dir to the folder of server.key + "
+                "server.pem"
             )
         if self.dp.enabled and self.dp.noise_multiplier == 0:
             logger.warning("dp-clip-norm without dp-noise-multiplier: updates are clipped, no DP")
@@ -240,8 +242,12 @@ class SiteGuard:
 
     @classmethod
     def for_node(cls, node_config: Mapping[str, Any], *, site: str, cache_dir: str) -> SiteGuard:
-        """From node config ``server-ca`` (else ``$FEDMED_SERVER_CA``); audit in cache-dir."""
-        ca = str(node_config.get("server-ca", "") or os.environ.get(CA_ENV_VAR, ""))
+        """From node config ``server-ca`` (absent: ``$FEDMED_SERVER_CA``; empty: no check);
+        audit in cache-dir."""
+        if "server-ca" in node_config:
+            ca = str(node_config["server-ca"] or "")
+        else:
+            ca = os.environ.get(CA_ENV_VAR, "")
         return cls(site=site, ca_file=ca or None, audit_dir=cache_dir or None)
 
     def check_global(

@@ -13,8 +13,8 @@ The global arrays travel as one legacy ``FitIns`` parameter: fedmed's packed pay
 in the config key ``fedmed.arrays-index``, and the round's extra ConfigRecords (``signature``,
 ``privacy``) flattened into the config as ``record::key`` (:func:`flatten_records`), so the site
 checks the server's signature and applies DP exactly as in a plain round. The update goes back
-as one flat float64 vector in the order of the index (:func:`join_update`), which the server
-splits into arrays again (:func:`split_update`).
+as one flat float64 vector in sorted key order (:func:`join_update`), which the server splits
+into arrays again (:func:`split_update`).
 
 Example:
     >>> arrays = {"w": np.zeros((2, 3))}
@@ -123,11 +123,20 @@ def join_update(
     trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
 ) -> np.ndarray:
     """``trained - received`` of every array of ``received``, flattened into one float64
-    vector in ``received``'s order: what a site hands to SecAgg+."""
-    parts = [
-        (np.asarray(trained[k], np.float64) - np.asarray(v, np.float64)).ravel()
-        for k, v in received.items()
-    ]
+    vector in sorted key order: what a site hands to SecAgg+.
+
+    The order is the keys' sorted order, not the message's: the signature covers the arrays by
+    name, not the order of the index, so a reordered index cannot scramble the aggregate.
+
+    Raises:
+        ValueError: an array is complex (SecAgg+ sums real numbers).
+    """
+    parts = []
+    for key in sorted(received):
+        if np.iscomplexobj(received[key]) or np.iscomplexobj(trained[key]):
+            raise ValueError(f"array {key!r} is complex: secure aggregation sums real values")
+        delta = np.asarray(trained[key], np.float64) - np.asarray(received[key], np.float64)
+        parts.append(delta.ravel())
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -138,17 +147,19 @@ def split_update(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, 
         ValueError: ``flat`` does not hold exactly as many values as ``like``.
     """
     flat = np.asarray(flat, np.float64).ravel()
-    sizes = [math.prod(np.shape(v)) for v in like.values()]
+    keys = sorted(like)
+    sizes = [math.prod(np.shape(like[k])) for k in keys]
     if flat.size != sum(sizes):
         raise ValueError(
             f"the update holds {flat.size} values but the model has {sum(sizes)}: server and "
             "site run different models or fedmed versions"
         )
     ends = np.cumsum(sizes)
-    return {
-        k: flat[end - size : end].reshape(np.shape(v))
-        for (k, v), size, end in zip(like.items(), sizes, ends, strict=True)
+    parts = {
+        k: flat[end - size : end].reshape(np.shape(like[k]))
+        for k, size, end in zip(keys, sizes, ends, strict=True)
     }
+    return {k: parts[k] for k in like}
 
 
 def quantization_tolerance(

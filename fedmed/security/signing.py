@@ -274,7 +274,9 @@ def verify_global(
     if not signed:
         raise SignatureError(
             f"{what} is unsigned but this site requires signed models (server-ca is set): "
-            "the server must run with signing-dir set"
+            "the server must sign ([app] signing-dir in federation.toml; fedmed-server sets it "
+            "to certs-dir by default), or the site's config must say "
+            "require-signed-models = false"
         )
     payload = verifier.verify(signed, what=what)
     expected = _global_payload(arrays, config, server_round)

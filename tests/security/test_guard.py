@@ -74,6 +74,8 @@ def test_node_config_or_environment_names_the_ca(tmp_path, certs, monkeypatch) -
         SiteGuard.for_node({"server-ca": str(certs / "ca.pem")}, site="A", cache_dir="").audit
         is None
     )
+    # an empty server-ca (require-signed-models = false) wins over the environment
+    assert SiteGuard.for_node({"server-ca": ""}, site="A", cache_dir="").verifier is None
 
 
 def test_site_applies_dp_and_audits_what_it_sent(tmp_path, sent) -> None:

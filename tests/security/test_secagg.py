@@ -75,3 +75,22 @@ def test_tolerance_bounds_the_error_of_flowers_quantized_weighted_mean(weights) 
 
     assert 0 < error <= bound
     assert bound < 1e-3
+
+
+def test_update_order_is_the_keys_sorted_order_not_the_messages() -> None:
+    # the signature covers arrays by name: a reordered index must not scramble the aggregate
+    received = {"b": np.zeros(2), "a": np.zeros(3)}
+    trained = {"a": np.arange(3.0), "b": np.array([7.0, 8.0])}
+    reordered = {"a": received["a"], "b": received["b"]}
+
+    flat = join_update(trained, received)
+
+    np.testing.assert_array_equal(flat, [0.0, 1.0, 2.0, 7.0, 8.0])
+    np.testing.assert_array_equal(flat, join_update(trained, reordered))
+    assert list(split_update(flat, received)) == ["b", "a"]
+    np.testing.assert_array_equal(split_update(flat, received)["b"], [7.0, 8.0])
+
+
+def test_complex_arrays_cannot_be_securely_aggregated() -> None:
+    with pytest.raises(ValueError, match="array 'z' is complex"):
+        join_update({"z": np.ones(2, np.complex64)}, {"z": np.zeros(2, np.complex64)})

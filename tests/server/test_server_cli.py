@@ -3,6 +3,7 @@ signed by default with TLS."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from fedmed.server.cli import _with_default_signing, _with_insecure, main
 
 from fedmed.config import load_federation_config
+from fedmed.errors import ConfigError
 from fedmed.security.pki import write_pki
 
 
@@ -72,3 +74,28 @@ def test_models_are_signed_by_default_with_tls(
     assert signed == (str(certs) if expected == "certs" else expected)
     insecure = _with_insecure(config)  # no TLS: sites cannot verify, nothing is added
     assert _with_default_signing(insecure).app == insecure.app
+
+
+def test_explicit_server_key_files_need_an_explicit_signing_dir(
+    tmp_path: Path, certs: Path
+) -> None:
+    # the key and certificate under other names: the default signer could not read them
+    own = tmp_path / "tls"
+    own.mkdir()
+    (own / "link.key").write_bytes((certs / "server.key").read_bytes())
+    (own / "link.pem").write_bytes((certs / "server.pem").read_bytes())
+    path = _federation(tmp_path, certs, "num-rounds = 1\n")
+    text = path.read_text().replace(
+        f'certs-dir = "{certs}"\n',
+        f'certs-dir = "{certs}"\nserver-key = "{own / "link.key"}"\n'
+        f'server-cert = "{own / "link.pem"}"\n',
+    )
+    path.write_text(text)
+    config = load_federation_config(path)
+
+    with pytest.raises(
+        ConfigError, match=r"not one folder's server.key \+ server.pem.*signing-dir"
+    ):
+        _with_default_signing(config)
+    explicit = load_federation_config(path).app | {"signing-dir": ""}
+    assert _with_default_signing(dataclasses.replace(config, app=explicit)).app == explicit
