@@ -19,10 +19,18 @@ from fedmed.client.fastpoll import (
 )
 
 
-def test_capped_sleep_caps_and_passes_the_rest_of_time_through() -> None:
-    start = time.monotonic()
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The seconds passed to time.sleep during the test (nothing actually sleeps)."""
+    calls: list[float] = []
+    monkeypatch.setattr(time, "sleep", calls.append)
+    return calls
+
+
+def test_capped_sleep_caps_and_passes_the_rest_of_time_through(slept) -> None:
     CappedSleep(0.05).sleep(3)
-    assert time.monotonic() - start < 1.0
+    CappedSleep(0.05).sleep(0.02)
+    assert slept == [0.05, 0.02]
     assert CappedSleep(0.05).monotonic is time.monotonic
 
 
@@ -52,10 +60,10 @@ def test_fastpoll_runs_flowers_supernode_cli() -> None:
     assert "--superlink" in result.stdout
 
 
-def test_short_waits_use_the_busy_cap_and_long_ones_the_poll_cap() -> None:
-    start = time.monotonic()
+def test_short_waits_use_the_busy_cap_and_long_ones_the_poll_cap(slept) -> None:
     CappedSleep(3.0, busy_cap=0.01).sleep(0.5)  # the SuperNode's wait for the ClientApp reply
-    assert time.monotonic() - start < 0.3
+    CappedSleep(3.0, busy_cap=0.01).sleep(2.0)  # an idle poll: under the poll cap, unchanged
+    assert slept == [0.01, 2.0]
     with pytest.raises(ValueError, match=r"busy wait 1.0 must be in \(0, 0.5\]"):
         cap_supernode_sleep(0.2, busy_s=1.0)
 

@@ -156,12 +156,12 @@ def test_a_tampered_app_is_refused_by_both_sites_without_a_hang(federation, tmp_
     sizes = {n.config.site: n.log_file.stat().st_size for n in federation.nodes}
 
     # Execute
+    # (the minimal app waits 60 s for replies; a hang would overrun the 120 s bound and fail)
     outcome, result, seconds = federation.run(tampered, tmp_path / "out", timeout=120)
 
     # Assert: the run ends (minimal app: errors are not replies), no site trained
     assert outcome.ok, outcome
     assert result["rounds"] == [{"round": 1, "sites": [], "w": 0.0}]
-    assert seconds < 90
     for node in federation.nodes:
         with node.log_file.open("rb") as fh:
             fh.seek(sizes[node.config.site])
