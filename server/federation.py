@@ -51,7 +51,8 @@ from fedmed.task import TrainConfig, build_network, evaluate_folder, model_array
 
 from .aggregate import Aggregator, SiteUpdate
 from .checkpoint import CheckpointStore
-from .report import MetricsLog, write_report
+from .polling import exchange
+from .report import MetricsLog, attempt_record, completed_records, write_report
 from .sampling import sample_sites
 from .secagg import SecureRound
 from .settings import RunSettings
@@ -207,20 +208,14 @@ class Federation:
     # -- messaging -----------------------------------------------------------------------
     def _exchange(self, messages: list[Message], *, timeout: float) -> dict[int, Message]:
         """Push ``messages`` and pull replies until all arrived or ``timeout``; by node id."""
-        ids = list(self.grid.push_messages(messages))
-        pending = {
-            mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True) if mid
-        }
-        replies: dict[int, Message] = {}
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    replies[node] = reply
-            if pending:
-                time.sleep(self.settings.poll_interval)
-        return replies
+        answered = exchange(
+            self.grid, messages, timeout=timeout, interval=self.settings.poll_interval
+        )
+        return {sent.metadata.dst_node_id: reply for sent, reply in answered}
+
+    def _site_name(self, node: int) -> str:
+        """The site's name from the roster, ``node-<id>`` for a node that did not say it."""
+        return self.sites[node].name if node in self.sites else f"node-{node}"
 
     # -- one round -----------------------------------------------------------------------
     def _shared(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -233,7 +228,7 @@ class Federation:
         started = time.monotonic()
         sent = self._shared(weights)
         cfg = train_config(self.settings, server_round)
-        names = {n: self.sites[n].name if n in self.sites else f"node-{n}" for n in nodes}
+        names = {n: self._site_name(n) for n in nodes}
         extras = self.guard.train_records(
             sent,
             cfg.to_config(),
@@ -242,9 +237,25 @@ class Federation:
             sites=list(names.values()),
         )
         if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
-            return self.secure.attempt(
-                server_round, attempt, names, sent, cfg.to_config(), extras, started=started
+            record, updates = self.secure.attempt(
+                server_round, attempt, names, sent, cfg.to_config(), extras
             )
+        else:
+            record, updates = self._plain_attempt(server_round, attempt, names, sent, cfg, extras)
+        record["duration-s"] = round(time.monotonic() - started, 3)
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return record, updates
+
+    def _plain_attempt(
+        self,
+        server_round: int,
+        attempt: int,
+        names: Mapping[int, str],
+        sent: Mapping[str, np.ndarray],
+        cfg: TrainConfig,
+        extras: Mapping[str, Mapping[str, Any]],
+    ) -> tuple[dict[str, Any], list[SiteUpdate]]:
+        """A train message to each site in ``names``; every reply checked on its own."""
         content = RecordDict(
             {
                 **wire.pack(sent),  # all arrays in one Flower object: see fedmed.wire
@@ -257,16 +268,10 @@ class Federation:
             Message(
                 content, node, MessageType.TRAIN, group_id=group, ttl=self.settings.round_timeout
             )
-            for node in nodes
+            for node in names
         ]
         replies = self._exchange(messages, timeout=self.settings.round_timeout)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "attempt": attempt,
-            "sites": {},
-            "rejected": {},
-            "missing": [],
-        }
+        record = attempt_record(server_round, attempt)
         updates: list[SiteUpdate] = []
         for node, name in names.items():
             reply = replies.get(node)
@@ -282,8 +287,6 @@ class Federation:
                 continue
             updates.append(update)
             record["sites"][name] = dict(update.metrics)
-        record["duration-s"] = round(time.monotonic() - started, 3)
-        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return record, updates
 
     def _parse(self, reply: Message, name: str, sent: Mapping[str, np.ndarray]) -> SiteUpdate:
@@ -297,7 +300,7 @@ class Federation:
             )
         try:
             arrays = wire.unpack_content(content)
-        except (wire.WireError, ValueError) as err:
+        except wire.WireError as err:
             raise InvalidReply(f"packed arrays: {err}") from err
         metrics = dict(content.metric_records["metrics"])
         n = check_reply(arrays, metrics, sent, max_update_norm=self.settings.max_update_norm)
@@ -338,10 +341,7 @@ class Federation:
             )
         self.aggregator.load_state_arrays(latest.server_state)
         self.log.truncate_after(latest.round)
-        if not any(
-            r["round"] == latest.round and r.get("status") in ("ok", "initial")
-            for r in self.log.read()
-        ):
+        if not any(r["round"] == latest.round for r in completed_records(self.log.read())):
             self.log.append(latest.meta["metrics"])
         logger.info("resuming after round %d from %s", latest.round, latest.path)
         self.guard.start(first_round=latest.round + 1, num_rounds=self.settings.num_rounds)
@@ -364,8 +364,8 @@ class Federation:
                 if record.get("contributors", len(updates)) >= self.settings.min_sites:
                     break
                 failed += 1
-                bad = {*record.get("missing", ()), *record.get("rejected", ())}
-                avoid |= {n for n in nodes if names.get(n, f"node-{n}") in bad}
+                bad = {*record["missing"], *record["rejected"]}
+                avoid |= {n for n in nodes if self._site_name(n) in bad}
                 record["status"] = "failed"
                 logger.warning(
                     "round %d attempt %d failed: %d valid replies, min-sites is %d",

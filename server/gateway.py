@@ -259,6 +259,7 @@ def deliver_complete_messages(hold_s: float = HOLD_INCOMPLETE_S) -> None:
         return
     original_ins, original_res = cls.get_message_ins, cls.get_message_res
     first_seen: dict[str, float] = {}
+    released: set[str] = set()  # delivered incomplete after the hold (warned once)
 
     def held(state: Any, message_ids: Sequence[str]) -> set[str]:
         now = time.monotonic()
@@ -267,10 +268,19 @@ def deliver_complete_messages(hold_s: float = HOLD_INCOMPLETE_S) -> None:
             if incomplete_objects(state.object_store, mid):
                 if now - first_seen.setdefault(mid, now) < cls._fedmed_hold_s:
                     out.add(mid)
+                elif mid not in released:
+                    released.add(mid)
+                    log.warning(
+                        "message %s: objects still missing after %.0f s; delivered anyway "
+                        "(the puller waits for them as Flower does)",
+                        mid[:12],
+                        cls._fedmed_hold_s,
+                    )
             else:
                 first_seen.pop(mid, None)
         if len(first_seen) > 10_000:  # forget what was delivered or deleted long ago
             first_seen.clear()
+            released.clear()
         return out
 
     def get_message_ins(

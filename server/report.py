@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fedmed.security.dp import privacy_report_lines
 
-__all__ = ["MetricsLog", "json_safe", "write_report"]
+__all__ = ["MetricsLog", "attempt_record", "completed_records", "json_safe", "write_report"]
 
 
 class MetricsLog:
@@ -94,8 +94,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _completed(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def completed_records(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The initial model's record and those of completed rounds (no failed attempts)."""
     return [r for r in records if r.get("status") in ("ok", "initial")]
+
+
+def attempt_record(server_round: int, attempt: int) -> dict[str, Any]:
+    """A round attempt's record before its replies are in: no sites, none rejected or missing
+    (the round loop adds ``status``, ``duration-s`` and ``time``)."""
+    return {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}, "missing": []}
 
 
 def _plot(
@@ -138,7 +145,7 @@ def write_report(
     """Redraw ``report.md`` and its two PNG plots in ``out_dir``; return the report's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = _completed(records)
+    done = completed_records(records)
     holdout = [
         (int(r["round"]), float(r["holdout"]["dice"]))
         for r in done

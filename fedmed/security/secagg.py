@@ -147,18 +147,17 @@ def split_update(flat: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, 
         ValueError: ``flat`` does not hold exactly as many values as ``like``.
     """
     flat = np.asarray(flat, np.float64).ravel()
-    keys = sorted(like)
-    sizes = [math.prod(np.shape(like[k])) for k in keys]
-    if flat.size != sum(sizes):
+    total = sum(math.prod(np.shape(v)) for v in like.values())
+    if flat.size != total:
         raise ValueError(
-            f"the update holds {flat.size} values but the model has {sum(sizes)}: server and "
+            f"the update holds {flat.size} values but the model has {total}: server and "
             "site run different models or fedmed versions"
         )
-    ends = np.cumsum(sizes)
-    parts = {
-        k: flat[end - size : end].reshape(np.shape(like[k]))
-        for k, size, end in zip(keys, sizes, ends, strict=True)
-    }
+    parts, start = {}, 0
+    for key in sorted(like):  # join_update's order
+        size = math.prod(np.shape(like[key]))
+        parts[key] = flat[start : start + size].reshape(np.shape(like[key]))
+        start += size
     return {k: parts[k] for k in like}
 
 

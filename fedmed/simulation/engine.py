@@ -293,15 +293,12 @@ def run_federation(
         # overloaded machine that start fails before any round; the run resumes after round 0
         logger.warning("Ray did not start in time (machine overloaded?); starting again")
         sink("\n--- fedmed-sim: Ray did not start in time; starting the simulation again ---\n")
+    from fedmed.server.superlink import tail
+
     raise FederationError(
         f"simulation in {settings.out_dir} ended {outcome.status}: "
-        f"{outcome.details or 'no reason given'}; log {run_log}:\n{_tail(run_log, 15)}"
+        f"{outcome.details or 'no reason given'}; log {run_log}:\n{tail(run_log, 15)}"
     )
-
-
-def _tail(path: Path, lines: int) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _run_once(

@@ -158,17 +158,8 @@ class Procs:
         return pids
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int | None:
-        if proc.poll() is None:
-            self._note(descendants(proc.pid))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        return proc.returncode
+        """SIGTERM ``proc``'s process group, SIGKILL after ``timeout``; its exit code."""
+        return self.stop_all([proc], timeout)[0]
 
     def stop_all(self, procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> list:
         """:meth:`stop` several at once (SIGTERM to all, then wait): they shut down in parallel."""

@@ -14,7 +14,7 @@ from fedmed.client.app import PartitionSites, make_client_app
 from fedmed.server.app import make_server_app
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import train_config
-from fedmed.server.report import MetricsLog
+from fedmed.server.report import MetricsLog, completed_records
 from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
@@ -86,7 +86,7 @@ def _completed(records: list[dict]) -> list[dict]:
     for record in records:
         if record["status"] == "failed":
             assert record["rejected"] or record["missing"], record
-    return [r for r in records if r["status"] != "failed"]
+    return completed_records(records)
 
 
 def test_two_rounds_are_logged_with_both_sites(simulated):

@@ -115,8 +115,10 @@ def test_the_server_gets_a_reply_only_after_its_objects_arrived(link):
     assert pulled.metadata.reply_to_message_id == ins.object_id
 
 
-def test_an_upload_that_never_ends_is_released_after_the_hold(link):
+def test_an_upload_that_never_ends_is_released_after_the_hold(link, caplog):
     deliver_complete_messages(hold_s=0.0)
     message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
-    (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)  # Flower's behaviour
+    with caplog.at_level("WARNING", logger="fedmed.server.gateway"):
+        (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)  # Flower's behaviour
     assert pulled.metadata.message_id == message.object_id
+    assert f"message {message.object_id[:12]}: objects still missing" in caplog.text
