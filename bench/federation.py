@@ -321,42 +321,38 @@ def _submit(link: Any, ca: Path, fab: Any, run_config: dict[str, Any]) -> tuple[
     return outcome.ok, time.monotonic() - start
 
 
-def _fedmed_overheads(out: Path) -> tuple[list[float], list[float]]:
-    rounds, overheads = [], []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("status") != "ok" or not record.get("sites"):
-            continue
-        slowest = max(m["train-seconds"] for m in record["sites"].values())
-        rounds.append(record["duration-s"])
-        overheads.append(record["duration-s"] - slowest)
-    return rounds, overheads
+def _trained_rounds(out: Path) -> list[tuple[float, float]]:
+    """Per completed round of a fedmed run: (``duration-s``, the slowest site's
+    ``train-seconds``), from its ``metrics.jsonl``."""
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        (r["duration-s"], max(m["train-seconds"] for m in r["sites"].values()))
+        for r in records
+        if r.get("status") == "ok" and r.get("sites")
+    ]
 
 
-def _train_pushes(trace: Path, window: tuple[float, float], out: Path) -> list[float]:
+def _fedmed_overheads(trained: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    return [d for d, _ in trained], [d - slowest for d, slowest in trained]
+
+
+def _train_pushes(trace: Path, window: tuple[float, float], rounds: int) -> list[float]:
     """Wall times of fedmed's train pushes in ``window`` (SuperLink trace); [] when they do
-    not map one to one onto the completed rounds (retries, SecAgg+ stages)."""
+    not map one to one onto the ``rounds`` completed rounds (retries, SecAgg+ stages)."""
     pushes = []
     for line in trace.read_text().splitlines():
         request = json.loads(line)
         inside = window[0] <= request["t"] <= window[1]
         if inside and request["path"] == "/v1/runtime/push-messages":
             pushes.append(request["t"])
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rounds = [r for r in records if r.get("status") == "ok" and r.get("sites")]
     starts = sorted(pushes)[1:]  # the first push is the roster query
-    return starts if len(starts) == len(rounds) else []
+    return starts if len(starts) == rounds else []
 
 
-def _cycle_overheads(starts: list[float], out: Path) -> list[float]:
+def _cycle_overheads(starts: list[float], trained: list[tuple[float, float]]) -> list[float]:
     """fedmed's whole round (server aggregation, checkpoint and report included): the time
     between two rounds' train pushes minus the slowest site's compute of the earlier round."""
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    slowest = [
-        max(m["train-seconds"] for m in r["sites"].values())
-        for r in records
-        if r.get("status") == "ok" and r.get("sites")
-    ]
+    slowest = [s for _, s in trained]
     return [b - a - s for a, b, s in zip(starts, starts[1:], slowest, strict=False)]
 
 
@@ -563,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe == "stock":
                     rounds, overheads = _stock_overheads(out, args.rounds)
                 else:
-                    rounds, overheads = _fedmed_overheads(out)
+                    trained = _trained_rounds(out)
+                    rounds, overheads = _fedmed_overheads(trained)
                 traffic = _traffic(proxies, before, args.rounds)
                 down = max(t[0] for t in traffic.values())
                 up = max(t[1] for t in traffic.values())
@@ -585,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe == "stock":  # round boundaries: the evaluate_fn calls
                     bounds = _stock_bounds(out, offset=time.time() - time.monotonic())
                 elif args.trace and recipe in ("fedmed", "fedmed-dp"):
-                    bounds = _train_pushes(work / "trace.jsonl", window, out)
-                    if cycles := _cycle_overheads(bounds, out):
+                    bounds = _train_pushes(work / "trace.jsonl", window, len(trained))
+                    if cycles := _cycle_overheads(bounds, trained):
                         entry[recipe]["cycle-overhead-s"] = round(_mean(cycles), 2)
                 else:
                     bounds = []
