@@ -1,4 +1,5 @@
-"""Dice, HD95 and RVE cross-checked against MONAI, and their documented edge cases."""
+"""Dice, HD95, NSD and RVE cross-checked against MONAI, their documented edge cases (worst-case
+surface distances for missed and spurious structures), flags and counted summaries."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
 from fedmed.metrics import (
+    combine_classes,
     dice_per_class,
     dice_score,
     evaluate_case,
     hd95,
     hd95_per_class,
+    image_diagonal_mm,
+    normalized_surface_dice,
+    nsd_per_class,
     relative_volume_error,
     rve_per_class,
     summarize,
@@ -124,26 +129,82 @@ def test_dice_edge_cases_match_monai(ndim: int, kind: str, ignore_empty: bool) -
 
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("kind", EDGE)
-def test_hd95_edge_cases_match_monai(ndim: int, kind: str) -> None:
+def test_hd95_edge_cases_match_monai_unless_exactly_one_mask_is_empty(ndim: int, kind: str) -> None:
     pred, label = _masks(kind, (10,) * ndim)
     spacing = (0.5, 2.0, 3.0)[:ndim]
     ours = hd95_per_class(pred, label, num_classes=2, spacing=spacing)
-    np.testing.assert_allclose(ours, _monai_hd95(pred, label, 2, spacing), equal_nan=True)
+    if kind in ("empty-pred", "empty-label"):  # fedmed departs: worst case, not nan
+        diagonal = math.sqrt(sum((10 * s) ** 2 for s in spacing))
+        np.testing.assert_allclose(ours, [diagonal])
+    else:
+        np.testing.assert_allclose(ours, _monai_hd95(pred, label, 2, spacing), equal_nan=True)
+
+
+def _monai_nsd(pred, label, num_classes: int, spacing, tolerance: float) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compute_surface_dice(
+            _monai_onehot(pred, num_classes),
+            _monai_onehot(label, num_classes),
+            [tolerance] * (num_classes - 1),
+            include_background=False,
+            spacing=spacing,
+            use_subvoxels=False,
+        )
+    return out[0].numpy()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.5])
+def test_nsd_matches_monai_on_random_cases(case: str, tolerance: float) -> None:
+    shape, spacing = CASES[case]
+    pred, label = _blobs(shape, 3, 3), _blobs(shape, 3, 103)
+    ours = nsd_per_class(pred, label, num_classes=3, spacing=spacing, tolerance_mm=tolerance)
+    ref = _monai_nsd(pred, label, 3, spacing or (1.0,) * len(shape), tolerance)
+    assert ((ours > 0) & (ours < 1)).all()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", EDGE)
+def test_nsd_edge_cases_match_monai(ndim: int, kind: str) -> None:
+    pred, label = _masks(kind, (10,) * ndim)
+    spacing = (0.5, 2.0, 3.0)[:ndim]
+    ours = nsd_per_class(pred, label, num_classes=2, spacing=spacing, tolerance_mm=1.0)
+    np.testing.assert_allclose(ours, _monai_nsd(pred, label, 2, spacing, 1.0), equal_nan=True)
 
 
 def test_documented_edge_case_values() -> None:
+    diagonal = math.hypot(8 * 0.5, 8 * 2.0)
     pred, label = _masks("both-empty", (8, 8))
-    assert dice_score(pred, label) == 1.0
+    m = evaluate_case(pred, label, num_classes=2, spacing=(0.5, 2.0))
+    assert m["dice_1"] == 1.0 and m["rve_1"] == 0.0
+    assert math.isnan(m["hd95_1"]) and math.isnan(m["nsd_1"])
     assert math.isnan(dice_score(pred, label, ignore_empty=True))
-    assert math.isnan(hd95(pred, label))
-    assert relative_volume_error(pred, label) == 0.0
+    assert (m["missed_1"], m["spurious_1"], m["both_empty_1"]) == (False, False, True)
     pred, label = _masks("empty-pred", (8, 8))
-    assert dice_score(pred, label) == 0.0
-    assert math.isnan(hd95(pred, label))
-    assert relative_volume_error(pred, label) == -1.0
+    m = evaluate_case(pred, label, num_classes=2, spacing=(0.5, 2.0))
+    assert (m["dice_1"], m["nsd_1"], m["rve_1"]) == (0.0, 0.0, -1.0)
+    assert m["hd95_1"] == pytest.approx(diagonal)
+    assert (m["missed_1"], m["spurious_1"], m["both_empty_1"]) == (True, False, False)
     pred, label = _masks("empty-label", (8, 8))
-    assert dice_score(pred, label) == 0.0
-    assert math.isnan(relative_volume_error(pred, label))
+    m = evaluate_case(pred, label, num_classes=2, spacing=(0.5, 2.0))
+    assert (m["dice_1"], m["nsd_1"]) == (0.0, 0.0) and math.isnan(m["rve_1"])
+    assert m["hd95_1"] == pytest.approx(diagonal)
+    assert (m["missed_1"], m["spurious_1"], m["both_empty_1"]) == (False, True, False)
+    assert image_diagonal_mm((8, 8), (0.5, 2.0)) == pytest.approx(diagonal)
+
+
+def test_evaluate_case_agrees_with_the_single_metric_functions() -> None:
+    pred, label = _blobs((20, 18, 12), 3, 21), _blobs((20, 18, 12), 3, 22)
+    spacing = (0.8, 0.8, 5.0)
+    m = evaluate_case(pred, label, num_classes=3, spacing=spacing, nsd_tolerance_mm=3.0)
+    for c in (1, 2):
+        p, g = pred == c, label == c
+        assert m[f"dice_{c}"] == dice_score(p, g)
+        assert m[f"hd95_{c}"] == hd95(p, g, spacing=spacing)
+        assert m[f"nsd_{c}"] == normalized_surface_dice(p, g, spacing=spacing, tolerance_mm=3.0)
+        assert m[f"rve_{c}"] == relative_volume_error(p, g)
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.6, 0.9, 4.0)], ids=str)
@@ -200,7 +261,8 @@ def test_onehot_and_label_map_inputs_agree_and_tensors_are_accepted() -> None:
         torch.as_tensor(pred), torch.as_tensor(label), num_classes=3, spacing=(1.0, 1.0, 2.0)
     )
     assert from_maps == from_onehot == from_tensors
-    assert set(from_maps) == {"dice_1", "hd95_1", "rve_1", "dice_2", "hd95_2", "rve_2"}
+    names = ("dice", "hd95", "nsd", "rve", "missed", "spurious", "both_empty")
+    assert set(from_maps) == {f"{n}_{c}" for n in names for c in (1, 2)}
 
 
 def test_include_background_adds_class_0() -> None:
@@ -210,16 +272,18 @@ def test_include_background_adds_class_0() -> None:
     assert values[0] == pytest.approx(dice_score(pred == 0, label == 0))
 
 
-def test_summarize_skips_nan_and_counts_values() -> None:
+def test_summarize_means_defined_values_and_counts_them() -> None:
     per_case = [
-        {"dice_1": 0.5, "hd95_1": 2.0},
-        {"dice_1": 1.0, "hd95_1": math.nan},
-        {"dice_1": 0.0, "hd95_1": math.nan},
+        {"case": "a", "dice_1": 0.5, "hd95_1": 2.0, "both_empty_1": False},
+        {"case": "b", "dice_1": 1.0, "hd95_1": math.nan, "both_empty_1": True},
+        {"case": "c", "dice_1": 0.0, "hd95_1": math.nan, "both_empty_1": True},
     ]
     out = summarize(per_case)
     assert out["dice_1"] == pytest.approx(0.5)
     assert out["hd95_1"] == pytest.approx(2.0)
-    assert (out["dice_1_n"], out["hd95_1_n"], out["num_cases"]) == (3, 1, 3)
+    assert (out["dice_1_n"], out["hd95_1_n"], out["n_cases"]) == (3, 1, 3)
+    assert (out["n_both_empty_1"], out["n_both_empty"], out["n_missed"]) == (2, 2, 0)
+    assert "case" not in out
     all_nan = summarize([{"hd95_1": math.nan}])
     assert math.isnan(all_nan["hd95_1"]) and all_nan["hd95_1_n"] == 0
 
@@ -248,13 +312,149 @@ def test_public_api_is_pinned() -> None:
     import fedmed.metrics as module
 
     assert sorted(module.__all__) == [
+        "DEFAULT_NSD_TOLERANCE_MM",
+        "FLAGS",
+        "METRICS",
+        "combine_classes",
         "dice_per_class",
         "dice_score",
         "evaluate_case",
         "hd95",
         "hd95_per_class",
+        "image_diagonal_mm",
+        "normalized_surface_dice",
+        "nsd_per_class",
         "relative_volume_error",
         "rve_per_class",
         "summarize",
     ]
     assert all(hasattr(module, name) for name in module.__all__)
+
+
+# --- worst-case surface distances, NSD on a geometry computed by hand, counted summaries ---
+
+
+def _cube(shape: tuple[int, ...], start: int, n: int) -> np.ndarray:
+    """A 3D cube of side ``n`` starting at ``start`` along axis 0 and at 1 laterally."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[start : start + n, 1 : 1 + n, 1 : 1 + n] = True
+    return mask
+
+
+# Two 6-voxel cubes offset by k = 2 voxels along axis 0 (0.5 mm), lateral spacing 3 mm. Each
+# surface has 152 voxels: per axis-0 layer a 20-voxel ring, plus 16 interior voxels at each end.
+# From one cube's surface to the other's: the 80 ring voxels of the 4 shared layers are at 0,
+# the 20 ring voxels one layer out at 0.5 mm, the 20 ring voxels of the outer layer and the 32
+# end-face interior voxels at k * 0.5 = 1.0 mm (the lateral way out is at least 3 mm).
+CUBES_SPACING = (0.5, 3.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "expected"),
+    [(0.0, 80 / 152), (0.25, 80 / 152), (0.5, 100 / 152), (0.75, 100 / 152), (1.0, 1.0)],
+    ids=["zero", "below-one-layer", "one-layer", "below-offset", "at-offset"],
+)
+def test_nsd_of_offset_cubes_equals_the_hand_count(tolerance: float, expected: float) -> None:
+    pred, label = _cube((12, 8, 8), 2, 6), _cube((12, 8, 8), 4, 6)
+    nsd = normalized_surface_dice(pred, label, spacing=CUBES_SPACING, tolerance_mm=tolerance)
+    assert nsd == pytest.approx(expected, abs=1e-12)
+    assert hd95(pred, label, spacing=CUBES_SPACING) == pytest.approx(1.0)
+
+
+def test_nsd_with_unbounded_tolerance_is_one_and_identical_masks_score_one() -> None:
+    pred, label = _blobs((20, 18, 12), 2, 31) == 1, _blobs((20, 18, 12), 2, 32) == 1
+    assert normalized_surface_dice(pred, label, spacing=(1, 1, 4), tolerance_mm=math.inf) == 1.0
+    assert normalized_surface_dice(pred, label, spacing=(1, 1, 4), tolerance_mm=0.5) < 1.0
+    assert normalized_surface_dice(label, label, tolerance_mm=0.0) == 1.0
+
+
+def _lesion_case(shape: tuple[int, int, int], shift: int) -> tuple[np.ndarray, np.ndarray]:
+    label = np.zeros(shape, dtype=np.int64)
+    label[4:10, 4:10, 2:6] = 1
+    return np.roll(label, shift, axis=0), label
+
+
+def test_a_missed_lesion_makes_mean_hd95_worse_than_a_rough_prediction() -> None:
+    # Prepare: one well-predicted case; the second either roughly predicted or missed
+    spacing = (1.0, 1.0, 3.0)
+    good = _lesion_case((24, 24, 8), 0)
+    rough = _lesion_case((24, 24, 8), 3)
+    missed = (np.zeros_like(rough[1]), rough[1])
+    # Execute
+    with_rough = summarize(
+        [evaluate_case(*c, num_classes=2, spacing=spacing) for c in (good, rough)]
+    )
+    with_miss = summarize(
+        [evaluate_case(*c, num_classes=2, spacing=spacing) for c in (good, missed)]
+    )
+    # Assert: the miss scores the diagonal and is counted, so predicting nothing never wins
+    diagonal = image_diagonal_mm((24, 24, 8), spacing)
+    assert with_miss["hd95_1"] == pytest.approx((0.0 + diagonal) / 2)
+    assert with_miss["hd95_1"] > with_rough["hd95_1"]
+    assert with_miss["nsd_1"] < with_rough["nsd_1"]
+    assert (with_miss["hd95_1_n"], with_miss["n_cases"], with_miss["n_missed"]) == (2, 2, 1)
+    assert with_rough["n_missed"] == 0
+
+
+def test_a_spurious_prediction_scores_the_diagonal_and_is_counted() -> None:
+    spacing = (1.0, 1.0, 3.0)
+    pred, _ = _lesion_case((24, 24, 8), 0)
+    empty = np.zeros_like(pred)
+    out = summarize([evaluate_case(pred, empty, num_classes=2, spacing=spacing)])
+    assert out["hd95_1"] == pytest.approx(image_diagonal_mm((24, 24, 8), spacing))
+    assert (out["nsd_1"], out["dice_1"]) == (0.0, 0.0)
+    assert math.isnan(out["rve_1"]) and out["rve_1_n"] == 0
+    assert (out["n_spurious"], out["n_missed"], out["n_both_empty"]) == (1, 0, 0)
+
+
+def test_both_empty_cases_are_counted_apart_and_left_out_of_surface_means() -> None:
+    spacing = (1.0, 1.0, 3.0)
+    good = _lesion_case((24, 24, 8), 1)
+    empty = np.zeros((24, 24, 8), dtype=np.int64)
+    alone = summarize([evaluate_case(*good, num_classes=2, spacing=spacing)])
+    both = summarize(
+        [evaluate_case(*c, num_classes=2, spacing=spacing) for c in (good, (empty, empty))]
+    )
+    assert both["hd95_1"] == alone["hd95_1"] and both["nsd_1"] == alone["nsd_1"]
+    assert (both["hd95_1_n"], both["nsd_1_n"], both["dice_1_n"], both["n_cases"]) == (1, 1, 2, 2)
+    assert (both["n_both_empty"], both["n_both_empty_1"], both["n_missed"]) == (1, 1, 0)
+
+
+def test_combine_classes_means_defined_values_and_counts_flags() -> None:
+    # Prepare: class 1 predicted exactly, class 2 missed, class 3 absent from both
+    label = np.zeros((16, 16, 6), dtype=np.int64)
+    label[2:6, 2:6, 1:4] = 1
+    label[9:13, 9:13, 1:4] = 2
+    pred = np.where(label == 1, 1, 0)
+    m = evaluate_case(pred, label, num_classes=4, spacing=(1.0, 1.0, 2.0))
+    # Execute
+    record = combine_classes(m, [1, 2, 3])
+    kept = combine_classes(m, [1, 2, 3], keep_classes=True)
+    # Assert
+    diagonal = image_diagonal_mm((16, 16, 6), (1.0, 1.0, 2.0))
+    assert record["dice"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
+    assert record["hd95"] == pytest.approx(diagonal / 2)  # class 3 is both-empty: left out
+    assert record["nsd"] == pytest.approx(0.5)
+    assert (record["missed"], record["spurious"], record["both_empty"]) == (1, 0, 1)
+    assert kept["missed_2"] is True and kept["hd95_2"] == pytest.approx(diagonal)
+    assert summarize([kept, kept])["n_missed"] == 2
+
+
+def test_evaluate_case_classes_picks_the_classes_evaluated() -> None:
+    pred, label = _blobs((12, 12, 4), 3, 41), _blobs((12, 12, 4), 3, 42)
+    m = evaluate_case(pred, label, num_classes=3, classes=[2])
+    assert sorted(m) == sorted(f"{n}_2" for n in (*("dice", "hd95", "nsd", "rve"), *FLAG_NAMES))
+    with pytest.raises(ValueError, match=r"classes \[3\] must lie in 0\.\.2"):
+        evaluate_case(pred, label, num_classes=3, classes=[3])
+
+
+FLAG_NAMES = ("missed", "spurious", "both_empty")
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, math.nan], ids=["negative", "nan"])
+def test_nsd_rejects_a_bad_tolerance(tolerance: float) -> None:
+    pred, label = _masks("identical", (10, 10))
+    with pytest.raises(ValueError, match="NSD tolerance must be >= 0 mm"):
+        normalized_surface_dice(pred, label, tolerance_mm=tolerance)
+    with pytest.raises(ValueError, match="NSD tolerance must be >= 0 mm"):
+        evaluate_case(pred, label, num_classes=2, nsd_tolerance_mm=tolerance)
