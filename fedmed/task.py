@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from torch import nn
 
 from fedmed.errors import ConfigError, DataError, ModelError
 from fedmed.io.msd import split_cases
-from fedmed.metrics import evaluate_case
+from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, combine_classes, evaluate_case, summarize
 from fedmed.nets import build_model
 from fedmed.pipeline import (
     PatchSamples,
@@ -211,43 +211,47 @@ def load_arrays(
     )
 
 
-def _mean_over_classes(metrics: Mapping[str, float], name: str, classes: int) -> float:
-    values = [metrics[f"{name}_{c}"] for c in range(1, classes)]
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
+def evaluate_model(
+    model: nn.Module,
+    volumes: Volumes,
+    cfg: TrainConfig,
+    *,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+) -> dict[str, Any]:
+    """Dice, HD95 (mm), NSD and volume error of ``model`` on preprocessed labelled ``volumes``.
 
+    Each case record (``cases``) has ``case``, ``dice``, ``hd95``, ``nsd``, ``rve`` (means over
+    the foreground classes where defined) and ``missed``, ``spurious``, ``both_empty`` (the
+    number of foreground classes so flagged; see :mod:`fedmed.metrics` for the edge cases),
+    plus the per-class keys (``dice_1``, ``missed_1``, ...) when ``out_channels > 2``. The
+    summary (:func:`fedmed.metrics.summarize`) gives each metric's mean over the cases where it
+    is defined with its count (``dice``, ``dice_n``, ``hd95``, ``hd95_n``, ...), ``n_cases``,
+    ``n_missed``, ``n_spurious`` and ``n_both_empty``.
 
-def evaluate_model(model: nn.Module, volumes: Volumes, cfg: TrainConfig) -> dict[str, Any]:
-    """Dice and HD95 (mm) of ``model`` on preprocessed labelled ``volumes``.
-
-    Returns ``{"dice": mean, "hd95": mean, "cases": [{"case", "dice", "hd95"}, ...]}``; the
-    means skip NaN (HD95 is NaN when a mask is empty).
+    Example:
+        >>> result = evaluate_model(model, volumes, cfg, nsd_tolerance_mm=2.0)
+        >>> result["hd95"], result["hd95_n"], result["n_missed"], result["cases"][0]["nsd"]
     """
+    classes = list(range(1, cfg.out_channels))
     per_case = []
     for index in range(len(volumes)):
         item = volumes[index]
         pred = predict_volume(model, item["image"], cfg)
         spacing = item.get("image_meta", {}).get("spacing")
         m = evaluate_case(
-            pred.numpy(), item["label"][0].numpy(), num_classes=cfg.out_channels, spacing=spacing
+            pred.numpy(),
+            item["label"][0].numpy(),
+            num_classes=cfg.out_channels,
+            spacing=spacing,
+            nsd_tolerance_mm=nsd_tolerance_mm,
         )
         per_case.append(
             {
                 "case": str(item.get("case_id", index)),
-                "dice": _mean_over_classes(m, "dice", cfg.out_channels),
-                "hd95": _mean_over_classes(m, "hd95", cfg.out_channels),
+                **combine_classes(m, classes, keep_classes=cfg.out_channels > 2),
             }
         )
-    return {**_summary(per_case), "cases": per_case}
-
-
-def _summary(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    dice = [c["dice"] for c in per_case if not math.isnan(c["dice"])]
-    hd = [c["hd95"] for c in per_case if not math.isnan(c["hd95"])]
-    return {
-        "dice": float(np.mean(dice)) if dice else math.nan,
-        "hd95": float(np.mean(hd)) if hd else math.nan,
-    }
+    return {**summarize(per_case), "cases": per_case}
 
 
 def evaluate_folder(

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, ModelError
+from fedmed.metrics import image_diagonal_mm
+from fedmed.pipeline import PipelineSettings, cached_volumes, load_cases
 from fedmed.predict import adapt_norm_statistics, predict_volume
 from fedmed.task import (
     SiteTask,
     TrainConfig,
     build_network,
     evaluate_folder,
+    evaluate_model,
     load_arrays,
     model_arrays,
     norm_layer_keys,
@@ -111,7 +116,9 @@ def test_train_round_returns_every_array_and_scalar_metrics(site_task):
     slices = 16 * site_task.num_train_cases  # 2D samples: every axial slice of the training cases
     assert metrics["num-examples"] == slices
     assert 0.0 <= metrics["val-dice"] <= 1.0
-    assert all(isinstance(v, float) for v in metrics.values())
+    assert 0.0 <= metrics["val-nsd"] <= 1.0
+    assert metrics["val-n_cases"] == site_task.num_val_cases
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
 
 
 @pytest.mark.slow
@@ -138,11 +145,79 @@ def test_fedbn_local_layers_are_loaded_before_training(site_task):
     assert not np.allclose(with_local[key], without[key])
 
 
-def test_evaluate_folder_reports_each_case(demo_root):
+def test_evaluate_folder_reports_each_case_with_counts(demo_root):
     weights = model_arrays(build_network(SMALL, seed=0))
     result = evaluate_folder(weights, demo_root / "holdout", SMALL, device="cpu")
     assert [c["case"] for c in result["cases"]] == ["holdout_patient_000", "holdout_patient_001"]
-    assert 0.0 <= result["dice"] <= 1.0
+    assert 0.0 <= result["dice"] <= 1.0 and 0.0 <= result["nsd"] <= 1.0
+    assert result["n_cases"] == 2 and result["dice_n"] == 2
+    assert result["n_missed"] + result["n_spurious"] + result["n_both_empty"] <= 2
+    case_keys = {"case", "dice", "hd95", "nsd", "rve", "missed", "spurious", "both_empty"}
+    assert all(set(c) == case_keys for c in result["cases"])
+
+
+class _Constant(nn.Module):
+    """Predicts class ``winner`` at every pixel (2D logits, as COPLE-Net gives them)."""
+
+    def __init__(self, out_channels: int, winner: int) -> None:
+        super().__init__()
+        self.out_channels, self.winner = out_channels, winner
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], self.out_channels, *x.shape[2:])
+        logits[:, self.winner] = 4.0
+        return logits + self.bias
+
+
+@pytest.fixture(scope="module")
+def holdout_volumes(demo_root):
+    return cached_volumes(load_cases([demo_root / "holdout"]), PipelineSettings())
+
+
+def test_a_model_that_predicts_nothing_scores_the_worst_hd95_not_nan(holdout_volumes):
+    # Execute
+    result = evaluate_model(_Constant(2, winner=0), holdout_volumes, SMALL)
+    # Assert: every lesion missed, each scored at its image diagonal and counted
+    for index, case in enumerate(result["cases"]):
+        item = holdout_volumes[index]
+        diagonal = image_diagonal_mm(item["label"].shape[1:], item["image_meta"]["spacing"])
+        assert case["hd95"] == pytest.approx(diagonal)
+        assert (case["dice"], case["nsd"], case["rve"], case["missed"]) == (0.0, 0.0, -1.0, 1)
+    assert (result["n_cases"], result["n_missed"], result["hd95_n"], result["nsd_n"]) == (
+        2,
+        2,
+        2,
+        2,
+    )
+    assert result["hd95"] > 10.0 and result["nsd"] == 0.0
+
+
+def test_evaluate_model_passes_the_nsd_tolerance(holdout_volumes):
+    everywhere = _Constant(2, winner=1)  # surface = the image border, far from the lesions
+    strict = evaluate_model(everywhere, holdout_volumes, SMALL, nsd_tolerance_mm=0.0)
+    loose = evaluate_model(everywhere, holdout_volumes, SMALL, nsd_tolerance_mm=math.inf)
+    assert strict["nsd"] < 0.5 and loose["nsd"] == 1.0
+    assert strict["hd95"] == loose["hd95"] and strict["n_missed"] == 0
+
+
+def test_evaluate_model_keeps_per_class_keys_for_more_than_two_classes(holdout_volumes):
+    # Prepare: three classes, the model predicts class 2 everywhere; labels hold only class 1
+    cfg = TrainConfig(**{**SMALL.__dict__, "out_channels": 3})
+    # Execute
+    result = evaluate_model(_Constant(3, winner=2), holdout_volumes, cfg)
+    # Assert: class 1 missed, class 2 spurious, in each case record and in the counts
+    case = result["cases"][0]
+    assert (case["missed_1"], case["spurious_2"], case["missed"], case["spurious"]) == (
+        True,
+        True,
+        1,
+        1,
+    )
+    assert case["dice_1"] == 0.0 and case["nsd_2"] == 0.0 and math.isnan(case["rve_2"])
+    assert case["hd95"] == pytest.approx((case["hd95_1"] + case["hd95_2"]) / 2)
+    assert (result["n_missed"], result["n_spurious"], result["n_missed_1"]) == (2, 2, 2)
+    assert result["dice_2_n"] == 2 and result["rve_2_n"] == 0
 
 
 def test_adapt_norm_statistics_estimates_batchnorm_from_images():
