@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "fedmed.cli.certs",
     "fedmed.cli.train",
     "fedmed.cli.infer",
+    "fedmed.cli.evaluate",
     "fedmed.cli.verify",
 )
 
