@@ -8,7 +8,7 @@ key            meaning
 =============  =====================================================================
 ``site``       the site's name (what the server's roster and report show)
 ``data-dir``   the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs)
-``cache-dir``  folder for the disk cache and FedBN's local layers (optional)
+``cache-dir``  folder for the disk cache and the site's state of a run (optional)
 ``cache-mode`` ``memory`` (default), ``disk`` or ``none``
 ``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ...
 =============  =====================================================================
@@ -29,12 +29,17 @@ Messages (the privacy contract: nothing else leaves the site):
   The message may also carry ConfigRecords ``signature`` (the site refuses a model whose
   signature fails; node config ``server-ca``) and ``privacy`` (DP: the reply is the clipped,
   noised update added to the global model): see :mod:`fedmed.security.guard`.
+- ``evaluate`` (end of run) -> the site's cross-site evaluation summaries: see
+  :mod:`.evaluate`.
 - On any failure the reply is an error naming only the exception type and the site; the
   traceback (which may hold file paths) stays in the site's log.
 
-FedBN: the server leaves the normalization layers out of ``arrays``; the site keeps its own
-in ``context.state`` (ArrayRecord ``fedbn-local``) and, when ``cache-dir`` is set, in
-``<cache-dir>/fedbn-<model>.safetensors`` so they survive a restart.
+Each train message is one round at the site (:func:`fedmed.siteround.run_site_round`): the
+received global model is evaluated on the validation split first (``global-val-*``, what the
+server selects its best model by), then trained. What the site keeps between rounds of a run
+(SiloBN statistics under ``fedbn``, SCAFFOLD's control variate, Ditto's personal model) is a
+:class:`~fedmed.siteround.SiteState` stored under the run's ``run-id``
+(:mod:`.local_state`), never reused by another run.
 
 Example:
     >>> client_app = make_client_app(resolve_site=lambda ctx: SiteConfig("A", "demo/site-A"))
@@ -51,8 +56,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -62,20 +65,31 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from safetensors.numpy import load_file, save_file
 
 from fedmed import wire
 from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
-from fedmed.task import SiteTask, TrainConfig, ensure_app_logging
+from fedmed.siteround import run_site_round
+from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
+from fedmed.task import (
+    SiteTask,
+    TrainConfig,
+    build_network,
+    ensure_app_logging,
+    model_arrays,
+    site_volume_mm3,
+)
+
+from .evaluate import evaluate_message
+from .local_state import StateStore
 
 __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
 
 logger = logging.getLogger(__name__)
 
-_LOCAL_STATE = "fedbn-local"
 _TASKS: dict[tuple[str, str, str, str, float, int], SiteTask] = {}
 
 
@@ -93,6 +107,17 @@ class SiteConfig:
     cache_dir: str = ""
     cache_mode: str = "memory"
     device: str = "auto"
+    disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
+    share_models: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.disclosure_floor, bool) or not (
+            isinstance(self.disclosure_floor, int) and self.disclosure_floor >= 1
+        ):
+            raise ConfigError(
+                f"site setting 'disclosure-floor' is {self.disclosure_floor!r}: give the fewest "
+                f"cases (>= 1) a summary may describe, e.g. {DEFAULT_DISCLOSURE_FLOOR}"
+            )
 
 
 SiteResolver = Callable[[Context], SiteConfig]
@@ -112,6 +137,8 @@ def site_from_node_config(context: Context) -> SiteConfig:
         cache_dir=str(cfg.get("cache-dir", "")),
         cache_mode=str(cfg.get("cache-mode", "memory")),
         device=str(cfg.get("device", "auto")),
+        disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
+        share_models=cfg.get("share-models", False) is True,
     )
 
 
@@ -129,6 +156,8 @@ class PartitionSites:
     folders: tuple[str, ...]
     cache_mode: str = "memory"
     device: str = "cpu"
+    disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
+    share_models: bool = False
 
     def __call__(self, context: Context) -> SiteConfig:
         pid = int(context.node_config["partition-id"])
@@ -138,7 +167,14 @@ class PartitionSites:
                 f"<= {len(self.folders)} or more folders"
             )
         folder = str(self.folders[pid])
-        return SiteConfig(Path(folder).name, folder, cache_mode=self.cache_mode, device=self.device)
+        return SiteConfig(
+            Path(folder).name,
+            folder,
+            cache_mode=self.cache_mode,
+            device=self.device,
+            disclosure_floor=self.disclosure_floor,
+            share_models=self.share_models,
+        )
 
 
 def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
@@ -156,31 +192,6 @@ def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
     return _TASKS[key]
 
 
-def _local_file(site: SiteConfig, cfg: TrainConfig) -> Path | None:
-    return Path(site.cache_dir) / f"fedbn-{cfg.model}.safetensors" if site.cache_dir else None
-
-
-def _load_local(context: Context, site: SiteConfig, cfg: TrainConfig) -> dict[str, np.ndarray]:
-    if _LOCAL_STATE in context.state.array_records:
-        return {k: v.numpy() for k, v in context.state.array_records[_LOCAL_STATE].items()}
-    path = _local_file(site, cfg)
-    if path is not None and path.is_file():
-        return load_file(str(path))
-    return {}
-
-
-def _save_local(
-    context: Context, site: SiteConfig, cfg: TrainConfig, local: Mapping[str, np.ndarray]
-) -> None:
-    context.state[_LOCAL_STATE] = ArrayRecord({k: Array(v) for k, v in local.items()})
-    path = _local_file(site, cfg)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: np.require(v, requirements="C") for k, v in local.items()}, str(tmp))
-        tmp.replace(path)
-
-
 def _error_reply(msg: Message, site: str, err: Exception) -> Message:
     logger.exception("site %s: %s message failed", site, msg.metadata.message_type)
     reason = f"{type(err).__name__} at site {site}; details are in the site's log"
@@ -194,7 +205,9 @@ def _train_site(
     config: dict[str, Any],
     records: Mapping[str, Mapping[str, Any]],
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """One local round: check the global model, train, protect. ``(arrays to send, metrics)``.
+    """One local round: check the global model, train, protect. ``(arrays to send, metrics)``;
+    the arrays hold the model's keys and, under SCAFFOLD, the site's control-variate change
+    (:mod:`fedmed.scaffold`).
 
     ``records`` holds the round's extra ConfigRecords by name (``signature``, ``privacy``).
     """
@@ -204,20 +217,22 @@ def _train_site(
     signed = guard.check_global(
         received, config, records.get("signature"), server_round=cfg.server_round
     )
-    local = _load_local(context, site, cfg) if cfg.fedbn else {}
-    trained, metrics = _task(site, cfg).train_round(received, cfg, local_arrays=local)
-    if cfg.fedbn:
-        _save_local(context, site, cfg, {k: v for k, v in trained.items() if k not in received})
+    task = _task(site, cfg)
+    received, server_control = split_controls(received)
+    store = StateStore(context, cache_dir=site.cache_dir)
+    state = store.load(cfg.run_id, reference=model_arrays(build_network(cfg)))
+    result = run_site_round(task, received, cfg, state, server_control=server_control or None)
+    store.save(result.state)
     sent = guard.protect(
-        trained,
+        result.arrays,
         received,
         records.get("privacy"),
         server_round=cfg.server_round,
         signature_status=signed,
-        num_examples=float(metrics.get("num-examples", 0)),
+        num_examples=float(result.metrics.get("num-examples", 0)),
     )
-    logger.info("site %s round %d: %s", site.name, cfg.server_round, metrics)
-    return sent, metrics
+    logger.info("site %s round %d: %s", site.name, cfg.server_round, result.metrics)
+    return join_controls(sent, result.control_delta), result.metrics
 
 
 def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
@@ -239,6 +254,8 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
         info = ConfigRecord(
             {"name": site.name, "num-train-cases": len(train), "num-val-cases": len(val)}
         )
+        if cfg.aggregation_weight == "voxels":  # the most this site may weigh, announced once
+            info["num-train-voxels"] = site_volume_mm3(train)
         return Message(RecordDict({"site": info}), reply_to=msg)
 
     @client_app.train()
@@ -257,6 +274,19 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
         except Exception as err:  # the reply must not carry paths: see _error_reply
             return _error_reply(msg, name, err)
         content = RecordDict({**reply, "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        ensure_app_logging()
+        name = f"node-{context.node_id}"
+        try:
+            site = resolve_site(context)
+            name = site.name
+            cfg = TrainConfig.from_config(msg.content.config_records["config"])
+            content = evaluate_message(msg, context, site, _task(site, cfg))
+        except Exception as err:  # the reply must not carry paths: see _error_reply
+            return _error_reply(msg, name, err)
         return Message(content, reply_to=msg)
 
     return client_app

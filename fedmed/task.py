@@ -4,8 +4,8 @@ The server app and the client app stay thin over this module:
 
 - :class:`TrainConfig` is what the server sends each round (a Flower ``ConfigRecord``) and all
   a site needs to train: model, patch, epochs/steps, learning rate, FedProx ``mu``, FedBN.
-- :func:`build_network`, :func:`model_arrays`, :func:`norm_layer_keys` make the global model,
-  its state as numpy arrays, and the normalization-layer keys FedBN keeps at each site.
+- :func:`build_network`, :func:`model_arrays`, :func:`local_norm_keys` make the global model,
+  its state as numpy arrays, and the normalization statistics a site keeps under ``fedbn``.
 - :class:`SiteTask` trains one round on a site's data folder and evaluates on its validation
   split; :func:`evaluate_folder` runs a model on a labelled folder (the server's held-out set);
   the predictions come from :mod:`fedmed.predict` (which ``fedmed infer`` uses too).
@@ -25,10 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from torch import nn
 
 from fedmed.errors import ConfigError, DataError, ModelError
 from fedmed.io.msd import split_cases
+from fedmed.io.nifti import read_nifti_header
 from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, combine_classes, evaluate_case, summarize
 from fedmed.nets import build_model
 from fedmed.pipeline import (
@@ -50,7 +52,7 @@ from fedmed.pipeline import (
     patch_loader,
 )
 from fedmed.predict import adapt_norm_statistics, predict_volume
-from fedmed.train import LocalTrainer
+from fedmed.train import LocalTrainer, TrainResult
 from fedmed.train import TrainConfig as LocalConfig
 
 __all__ = [
@@ -62,14 +64,20 @@ __all__ = [
     "evaluate_model",
     "load_arrays",
     "local_config",
+    "local_norm_keys",
     "model_arrays",
-    "norm_layer_keys",
     "resolve_device",
+    "site_volume_mm3",
 ]
 
 logger = logging.getLogger(__name__)
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# SiloBN: only the running statistics of batch norm stay at a site (instance norm, group norm
+# and layer norm keep none; their affine weights are shared like every other weight).
+_LOCAL_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+AGGREGATION_WEIGHTS = ("cases", "voxels")
+# What a site reports of a validation summary each round (as ``val-<key>``).
+REPORTED_SUMMARY = ("dice", "hd95", "nsd", "n_cases", "n_missed", "n_spurious", "n_both_empty")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,11 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     server_round: int = 0
+    run_id: str = ""
+    aggregation_weight: str = "cases"
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
+    ditto_lambda: float = 0.0
+    scaffold: bool = False
 
     @property
     def spatial_dims(self) -> int:
@@ -131,11 +144,18 @@ class TrainConfig:
                     value = int(value)
                 elif isinstance(default, float):
                     value = float(value)
+                elif isinstance(default, str):
+                    value = str(value)
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"round config {key!r} is invalid: {value!r}") from err
             values[name] = value
         if values.get("patch_size") is None:
             raise ConfigError("round config 'patch-size' is empty")
+        if values["aggregation_weight"] not in AGGREGATION_WEIGHTS:
+            raise ConfigError(
+                f"round config 'aggregation-weight' is {values['aggregation_weight']!r}: the "
+                f"site knows {', '.join(AGGREGATION_WEIGHTS)}; update fedmed at the site"
+            )
         return cls(**values)
 
 
@@ -170,14 +190,27 @@ def build_network(cfg: TrainConfig, *, seed: int | None = None) -> nn.Module:
         return build_model(cfg.model, **options)
 
 
-def norm_layer_keys(model: nn.Module) -> frozenset[str]:
-    """state_dict keys of normalization layers (BatchNorm/InstanceNorm/GroupNorm/LayerNorm)."""
+def local_norm_keys(model: nn.Module) -> frozenset[str]:
+    """state_dict keys a site keeps under ``fedbn`` (SiloBN, Andreux et al. 2020): the running
+    statistics of every batch-norm layer. The affine weights are shared, so the global model
+    is one that the sites trained; a site's own statistics make its personalized model."""
     keys = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, _NORM_TYPES):
-            for name in module.state_dict():
-                keys.add(f"{prefix}.{name}" if prefix else name)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for name in _LOCAL_NORM_BUFFERS:
+                if getattr(module, name, None) is not None:
+                    keys.add(f"{prefix}.{name}" if prefix else name)
     return frozenset(keys)
+
+
+def site_volume_mm3(cases: Sequence[Mapping[str, str]]) -> float:
+    """Total volume (mm^3) of the cases' images, from their NIfTI headers: the aggregation
+    weight ``voxels`` (voxels at 1 mm isotropic spacing)."""
+    total = 0.0
+    for case in cases:
+        shape, affine = read_nifti_header(case["image"])
+        total += math.prod(shape[:3]) * abs(float(np.linalg.det(affine[:3, :3])))
+    return total
 
 
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
@@ -216,9 +249,10 @@ def evaluate_model(
     volumes: Volumes,
     cfg: TrainConfig,
     *,
-    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    nsd_tolerance_mm: float | None = None,
 ) -> dict[str, Any]:
-    """Dice, HD95 (mm), NSD and volume error of ``model`` on preprocessed labelled ``volumes``.
+    """Dice, HD95 (mm), NSD and volume error of ``model`` on preprocessed labelled ``volumes``
+    (NSD at ``nsd_tolerance_mm``, default the run's ``cfg.nsd_tolerance_mm``).
 
     Each case record (``cases``) has ``case``, ``dice``, ``hd95``, ``nsd``, ``rve`` (means over
     the foreground classes where defined) and ``missed``, ``spurious``, ``both_empty`` (the
@@ -232,6 +266,7 @@ def evaluate_model(
         >>> result = evaluate_model(model, volumes, cfg, nsd_tolerance_mm=2.0)
         >>> result["hd95"], result["hd95_n"], result["n_missed"], result["cases"][0]["nsd"]
     """
+    tolerance = cfg.nsd_tolerance_mm if nsd_tolerance_mm is None else nsd_tolerance_mm
     classes = list(range(1, cfg.out_channels))
     per_case = []
     for index in range(len(volumes)):
@@ -243,7 +278,7 @@ def evaluate_model(
             item["label"][0].numpy(),
             num_classes=cfg.out_channels,
             spacing=spacing,
-            nsd_tolerance_mm=nsd_tolerance_mm,
+            nsd_tolerance_mm=tolerance,
         )
         per_case.append(
             {
@@ -310,18 +345,87 @@ class SiteTask:
             settings = PipelineSettings(
                 cache_mode=cache_mode, cache_dir=Path(cache_dir) if cache_dir else None
             )
-        train, val = split_cases(load_cases([data_dir]), val_fraction=val_fraction, seed=seed)
+        cases = load_cases([data_dir])
+        train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
         if not train:
             raise DataError(f"{data_dir}: no training cases after the validation split")
         self.device = resolve_device(device)
         self.settings = settings
         self.num_train_cases, self.num_val_cases = len(train), len(val)
+        self.train_cases = train
         self.train = cached_volumes(train, settings)
         self.val = cached_volumes(val, settings)
+        self._volume_mm3: float | None = None
 
     def samples_per_epoch(self, cfg: TrainConfig) -> int:
         """Training samples in one local epoch (2D: every axial slice; 3D: patches per case)."""
         return len(PatchSamples(self.train, cfg.patch_size, seed=0))
+
+    def aggregation_weight(self, cfg: TrainConfig) -> float:
+        """What this site's update weighs in the average: its training cases, or (``voxels``)
+        the volume of its training images in mm^3."""
+        if cfg.aggregation_weight == "voxels":
+            if self._volume_mm3 is None:
+                self._volume_mm3 = site_volume_mm3(self.train_cases)
+            return self._volume_mm3
+        return float(self.num_train_cases)
+
+    def model(
+        self,
+        cfg: TrainConfig,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        local_arrays: Mapping[str, np.ndarray] | None = None,
+    ) -> nn.Module:
+        """The network with ``arrays`` loaded over the site's own ``local_arrays``, on the
+        site's device."""
+        model = build_network(cfg, seed=cfg.seed)
+        if local_arrays:
+            load_arrays(model, local_arrays, partial=True)
+        load_arrays(model, arrays, partial=True)
+        return model.to(self.device)
+
+    def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
+        """Validation summary of ``model`` as flat metrics (:data:`REPORTED_SUMMARY`: Dice,
+        HD95, NSD and the case counts); empty when the site has no validation cases."""
+        if not len(self.val):
+            return {}
+        summary = evaluate_model(model, self.val, cfg)
+        return {
+            k: float(summary[k])
+            for k in REPORTED_SUMMARY
+            if k in summary and math.isfinite(summary[k])
+        }
+
+    def fit(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        proximal_mu: float | None = None,
+        anchor: Mapping[str, torch.Tensor] | None = None,
+        seed_salt: int = 0,
+        steps: int | None = None,
+    ) -> TrainResult:
+        """Train ``model`` in place for one round of ``cfg`` (or ``steps`` optimizer steps),
+        on patches drawn with the round's seed; ``proximal_mu``/``anchor`` override FedProx."""
+        round_seed = int(
+            np.random.default_rng([cfg.seed, cfg.server_round, seed_salt]).integers(2**31)
+        )
+        batches = patch_loader(
+            self.train, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=round_seed
+        )
+        options = local_config(cfg)
+        if proximal_mu is not None:
+            options = dataclasses.replace(options, proximal_mu=proximal_mu)
+        if steps is not None:
+            options = dataclasses.replace(options, steps=steps)
+        trainer = LocalTrainer(model, config=options, device=self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed)
+            # anchor None: the FedProx anchor is the model as loaded (global weights, plus the
+            # site's own normalization statistics under FedBN)
+            return trainer.fit(batches, global_weights=anchor, progress=False)
 
     def train_round(
         self,
@@ -333,38 +437,28 @@ class SiteTask:
         """Train from ``global_arrays`` (plus the site's own ``local_arrays``, FedBN) and
         evaluate on the validation split.
 
-        Returns every array of the trained model and scalar metrics: ``num-examples``
-        (training samples per epoch), ``num-steps``, ``train-loss``, ``val-dice`` and
-        ``val-hd95`` (when the site has validation cases and they are defined),
+        Returns every array of the trained model and scalar metrics: ``num-examples`` (the
+        aggregation weight: training cases, or mm^3 with ``aggregation-weight = voxels``),
+        ``num-samples`` (patches or slices trained on), ``num-steps``, ``train-loss``, the
+        validation summary as ``val-<key>`` (``val-dice``, ``val-hd95``, ``val-nsd``, counts),
         ``train-seconds``.
         """
         start = time.perf_counter()
-        model = build_network(cfg, seed=cfg.seed)
-        if local_arrays:
-            load_arrays(model, local_arrays, partial=True)
-        load_arrays(model, global_arrays, partial=True)
-        round_seed = int(np.random.default_rng([cfg.seed, cfg.server_round]).integers(2**31))
-        batches = patch_loader(
-            self.train, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=round_seed
-        )
-        trainer = LocalTrainer(model, config=local_config(cfg), device=self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(round_seed)
-            # global_weights=None: the FedProx anchor is the model as loaded (global weights,
-            # plus the site's own normalization layers under FedBN)
-            result = trainer.fit(batches, progress=False)
-        metrics: dict[str, float] = {
-            "num-examples": float(result.num_examples),
+        model = self.model(cfg, global_arrays, local_arrays=local_arrays)
+        result = self.fit(model, cfg)
+        metrics = self.round_metrics(cfg, result)
+        metrics.update({f"val-{k}": v for k, v in self.evaluate(model, cfg).items()})
+        metrics["train-seconds"] = time.perf_counter() - start
+        return model_arrays(model), metrics
+
+    def round_metrics(self, cfg: TrainConfig, result: TrainResult) -> dict[str, float]:
+        """The training figures of a round's reply (see :meth:`train_round`)."""
+        return {
+            "num-examples": self.aggregation_weight(cfg),
+            "num-samples": float(result.steps * cfg.batch_size),
             "num-steps": float(result.steps),
             "train-loss": float(result.loss),
         }
-        if len(self.val):
-            summary = evaluate_model(model, self.val, cfg)
-            metrics.update(
-                {f"val-{k}": v for k, v in summary.items() if k != "cases" and math.isfinite(v)}
-            )
-        metrics["train-seconds"] = time.perf_counter() - start
-        return model_arrays(model), metrics
 
 
 def local_config(cfg: TrainConfig) -> LocalConfig:

@@ -144,11 +144,20 @@ def _payload(record: ArrayRecord) -> np.ndarray:
             f"array {PACKED!r} must be a flat uint8 NumPy array, got dtype {array.dtype}, "
             f"shape {tuple(array.shape)}, serialization {array.stype!r}"
         )
+    data = array.data if isinstance(array.data, (bytes, bytearray, memoryview)) else b""
+    declared = math.prod(int(d) for d in array.shape) if array.shape else 0
+    header = len(_npy_header(declared))
+    if len(data) != header + declared:  # before NumPy reads a header that may ask for terabytes
+        raise WireError(
+            f"array {PACKED!r} declares {declared} bytes but carries {max(0, len(data) - header)}"
+        )
     try:
         payload = array.numpy()
-    except (ValueError, TypeError, OSError) as err:
+    except Exception as err:  # whatever NumPy makes of a crafted header
         raise WireError(f"array {PACKED!r} is not a readable .npy payload: {err}") from err
-    return payload  # its dtype and shape are checked by unpack_array
+    if payload.dtype != np.uint8 or payload.shape != (declared,):
+        raise WireError(f"array {PACKED!r} holds {payload.dtype} {payload.shape}, not its header's")
+    return payload
 
 
 def _index_lists(index: Mapping[str, Any]) -> tuple[list[Any], ...]:
@@ -216,9 +225,13 @@ def unpack_array(payload: np.ndarray, index: Mapping[str, Any]) -> dict[str, np.
     for key, dtype_str, ndim, offset in zip(keys, dtypes, ndims, offsets, strict=True):
         if key in arrays:
             raise WireError(f"{INDEX!r} lists array {key!r} twice")
+        if len(dtype_str) > 8:  # '<f4', '|b1', '<c16': anything longer is not a plain number
+            raise WireError(
+                f"array {key!r} has dtype {dtype_str[:40]!r}: not a plain numeric dtype"
+            )
         try:
             dtype = np.dtype(dtype_str)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise WireError(f"array {key!r} has an unknown dtype {dtype_str!r}") from err
         if dtype.kind not in _KINDS or dtype.str != dtype_str:
             raise WireError(f"array {key!r} has dtype {dtype_str!r}: not a plain numeric dtype")

@@ -11,8 +11,14 @@ same trajectory).
   that a server-side Adam/Yogi step applies (Reddi et al., 2021; same formulas as Flower's).
 - fedmedian: coordinate-wise median; trimmed-mean: coordinate-wise mean after cutting
   ``trim-fraction`` of the values at each end (both unweighted, robust to outliers).
-- FedBN is not a rule here: the server never sends or receives the normalization layers, so
-  they never reach the aggregator (see ``fedmed.task.norm_layer_keys``).
+- scaffold: FedAvg of the models, plus the server control variate moved by the sites' control
+  changes (:mod:`fedmed.scaffold`), kept in the server state like the optimizer's.
+- FedBN is not a rule here: the server never sends or receives the sites' normalization
+  statistics, so they never reach the aggregator (see ``fedmed.task.local_norm_keys``).
+
+Weights are the sites' ``num-examples`` as validated (:mod:`.validation`): positive, finite and
+no more than each site announced; their sum must be a positive finite number, or the
+aggregation refuses (a ValueError the round loop reports).
 
 Arrays are averaged in float64 and cast back to the global model's dtype; integer buffers
 (e.g. BatchNorm's ``num_batches_tracked``) are rounded.
@@ -28,9 +34,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedmed.scaffold import update_server_control
 
 from .settings import RunSettings
 
@@ -58,8 +66,9 @@ class SiteUpdate:
 
     site: str
     arrays: Arrays
-    num_examples: int
+    num_examples: float
     metrics: Mapping[str, float]
+    controls: Arrays = field(default_factory=dict)
 
 
 def _cast_like(value: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -82,9 +91,15 @@ def weighted_average(
 ) -> Arrays:
     """Per-key average of ``arrays_list`` weighted by ``weights`` (FedAvg)."""
     _check_nonempty(arrays_list)
-    if len(weights) != len(arrays_list) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"weights {list(weights)} must be one non-negative value per update")
     w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        total = float(w.sum())
+    if len(w) != len(arrays_list) or not np.isfinite(w).all() or w.min() < 0:
+        raise ValueError(
+            f"weights {list(weights)} must be one finite non-negative value per update"
+        )
+    if not (np.isfinite(total) and total > 0):
+        raise ValueError(f"weights {list(weights)} sum to {total}: not a positive finite number")
     first = arrays_list[0]
     return {
         key: _cast_like(np.tensordot(w / w.sum(), _stack(arrays_list, key), axes=1), ref)
@@ -189,8 +204,9 @@ class Aggregator:
         [2.0]
     """
 
-    def __init__(self, settings: RunSettings) -> None:
+    def __init__(self, settings: RunSettings, *, controls: Arrays | None = None) -> None:
         self.settings = settings
+        self.control: Arrays = dict(controls or {})  # SCAFFOLD's server control variate
         self.optimizer: ServerOptimizer | None = None
         if settings.strategy in ("fedadam", "fedyogi"):
             self.optimizer = ServerOptimizer(
@@ -214,11 +230,23 @@ class Aggregator:
             return self.optimizer.step(current, averaged)
         return averaged
 
+    def update_control(self, updates: Sequence[SiteUpdate], *, num_sites: int) -> None:
+        """SCAFFOLD: move the server control variate by the sites' control changes."""
+        if self.control:
+            deltas = [u.controls for u in updates]
+            self.control = update_server_control(self.control, deltas, num_sites=num_sites)
+
     def state_arrays(self) -> Arrays:
         """Server-side state to checkpoint (empty for stateless rules)."""
-        return self.optimizer.state_arrays() if self.optimizer is not None else {}
+        state = self.optimizer.state_arrays() if self.optimizer is not None else {}
+        state.update({f"c/{k}": v for k, v in self.control.items()})
+        return state
 
     def load_state_arrays(self, state: Mapping[str, np.ndarray]) -> None:
         """Restore state saved by :meth:`state_arrays`."""
         if self.optimizer is not None:
             self.optimizer.load_state_arrays(state)
+        if self.control:
+            for key in self.control:
+                if f"c/{key}" in state:
+                    self.control[key] = np.asarray(state[f"c/{key}"], np.float32)

@@ -184,6 +184,17 @@ class CheckpointStore:
             )
         return json.loads(previous.read_text())["weights_sha256"]
 
+    def set_score(self, round_: int, score: float) -> bool:
+        """Record round ``round_``'s validation score (model selection); when it beats the best
+        so far, ``best.json`` points at that round. Returns whether it did."""
+        meta = json.loads((self.round_dir(round_) / _META).read_text())
+        best = self.best_pointer()
+        if best is not None and best.get("score") is not None and score <= best["score"]:
+            return False
+        pointer = {"round": round_, "hash": meta["weights_sha256"], "score": score}
+        _write_json(self.root / "best.json", pointer)
+        return True
+
     def best_pointer(self) -> dict[str, Any] | None:
         """The content of ``best.json``, or None before any scored round."""
         path = self.root / "best.json"

@@ -7,23 +7,31 @@ polls ``pull_messages`` every ``poll-interval`` (0.1 s).
 
 Each round:
 
-1. wait until ``min-sites`` sites are connected (at most ``join-timeout`` s, then
-   FederationError); ask new sites their name with a ``query`` message (the site roster);
-   with ``sites-per-round`` pick that many of them (:mod:`.sampling`);
-2. send every picked site the global arrays (without normalization layers under FedBN;
-   packed into one Flower object, :mod:`fedmed.wire`) and the round's
-   :class:`~fedmed.task.TrainConfig`;
-3. collect replies until all answered or ``round-timeout``; check each one
-   (:mod:`.validation`), dropping bad ones with a logged reason;
+1. wait until ``min-sites`` sites are connected and in the roster (at most ``join-timeout`` s,
+   then FederationError); new nodes are asked who they are (:mod:`.roster`: the name comes
+   from the key a site authenticated with); with ``sites-per-round`` pick that many of them
+   (:mod:`.sampling`);
+2. send every picked site the global arrays (without the sites' normalization statistics
+   under FedBN; with SCAFFOLD's control variate) packed into one Flower object
+   (:mod:`fedmed.wire`), the round's :class:`~fedmed.task.TrainConfig` and the run's identity;
+3. collect replies until all answered or ``round-timeout``; check each one on its own
+   (:mod:`.attempt`, :mod:`.validation`), dropping bad ones with a logged reason;
 4. with fewer than ``min-sites`` valid replies the attempt is logged as failed and the round
    retried (``retry-failed-rounds`` times, then FederationError); otherwise aggregate
-   (:mod:`.aggregate`), evaluate on the held-out folder, checkpoint, log, redraw the report.
+   (:mod:`.aggregate`), evaluate on the held-out folder (reported, never used to choose a
+   model), checkpoint, log, redraw the report.
+
+Model selection uses validation data only: every site evaluates the global model it receives
+on its validation split before it trains (federated evaluation); those scores, arriving with
+round r + 1, choose whether checkpoint r is the best (:mod:`.selection`). The final model is
+scored by the end-of-run evaluation (:mod:`.evaluation`), which also writes the cross-site
+table.
 
 With ``secure-aggregation`` steps 2-3 are SecAgg+'s four stages (:mod:`.secagg`): the only
 "reply" is the sites' weighted mean update, and the sites that sent masked updates count as the
 valid replies. A site that failed or timed out is simply asked again next round. A restarted
 server resumes after the last complete checkpoint with the same global weights and
-server-optimizer state.
+server-side state (optimizer, SCAFFOLD control variate).
 
 Example:
     >>> result = Federation(grid, RunSettings(num_rounds=2, min_sites=2)).run()
@@ -33,7 +41,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,32 +51,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedmed import wire
 from fedmed.errors import ConfigError, FederationError
+from fedmed.scaffold import join_controls
 from fedmed.security.guard import ServerGuard
-from fedmed.task import TrainConfig, build_network, evaluate_folder, model_arrays, norm_layer_keys
+from fedmed.task import TrainConfig, build_network, evaluate_folder, local_norm_keys, model_arrays
 
 from .aggregate import Aggregator, SiteUpdate
+from .attempt import ReplyBounds, run_plain_attempt
 from .checkpoint import CheckpointStore
+from .evaluation import run_final_evaluation
 from .polling import exchange
-from .report import MetricsLog, attempt_record, completed_records, write_report
+from .report import MetricsLog, completed_records, write_report
+from .roster import Roster, SiteInfo, registered_names
 from .sampling import sample_sites
 from .secagg import SecureRound
+from .selection import record_selection
 from .settings import RunSettings
-from .validation import InvalidReply, check_reply
+from .validation import default_update_bound
 
 __all__ = ["Federation", "FederationResult", "SiteInfo", "train_config"]
 
 logger = logging.getLogger(__name__)
 
-_REPLY_RECORDS = {wire.ARRAYS, wire.INDEX, "metrics"}
 HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | None]
 
 
-def train_config(settings: RunSettings, server_round: int) -> TrainConfig:
+def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") -> TrainConfig:
     """The round instructions the sites receive."""
     return TrainConfig(
         model=settings.model,
@@ -83,17 +96,12 @@ def train_config(settings: RunSettings, server_round: int) -> TrainConfig:
         val_fraction=settings.val_fraction,
         seed=settings.seed,
         server_round=server_round,
+        run_id=run_id,
+        aggregation_weight=settings.aggregation_weight,
+        nsd_tolerance_mm=settings.nsd_tolerance_mm,
+        ditto_lambda=settings.ditto_lambda,
+        scaffold=settings.strategy == "scaffold",
     )
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """A connected site as its query reply described it (name and case counts only)."""
-
-    node_id: int
-    name: str
-    num_train_cases: int = 0
-    num_val_cases: int = 0
 
 
 @dataclass
@@ -119,16 +127,34 @@ class Federation:
     ) -> None:
         self.grid = grid
         self.settings = settings
-        self.sites: dict[int, SiteInfo] = {}
+        self.roster = Roster(max_site_cases=settings.max_site_cases)
         self.store = CheckpointStore(settings.out_path)
         self.log = MetricsLog(settings.out_path)
-        self.aggregator = Aggregator(settings)
         self.guard = ServerGuard(settings, config_hash=settings.identity_hash())
         self.secure = SecureRound(grid, settings) if settings.secure_aggregation else None
         self._holdout_fn = holdout_fn or self._evaluate_holdout
         model = build_network(train_config(settings, 0), seed=settings.seed)
-        self.norm_keys = norm_layer_keys(model) if settings.fedbn else frozenset()
+        self.local_keys = local_norm_keys(model) if settings.fedbn else frozenset()
         self.initial_weights = model_arrays(model)
+        self.param_keys = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+        controls = None
+        if settings.strategy == "scaffold":
+            controls = {
+                n: np.zeros(tuple(p.shape), np.float32)
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+        self.aggregator = Aggregator(settings, controls=controls)
+        self.run_id = ""  # sha256 of round 0's checkpoint, set by _start
+
+    @property
+    def sites(self) -> dict[int, SiteInfo]:
+        """The roster: node id -> site."""
+        return self.roster.sites
+
+    def config(self, server_round: int) -> TrainConfig:
+        """The round's :class:`TrainConfig`, with this run's identity."""
+        return train_config(self.settings, server_round, run_id=self.run_id)
 
     # -- held-out evaluation -------------------------------------------------------------
     def _evaluate_holdout(
@@ -136,90 +162,87 @@ class Federation:
     ) -> dict[str, Any] | None:
         if not self.settings.data_dir:
             return None
-        # FedBN: the global model has no shared norm statistics; estimate them on the
-        # held-out images (AdaBN) so its Dice means something
-        return evaluate_folder(weights, self.settings.data_dir, cfg, adapt_norm=cfg.fedbn)
+        # FedBN (SiloBN): the global model's affine weights are the sites'; its batch-norm
+        # statistics are estimated on the held-out images (AdaBN), never on their labels
+        result = evaluate_folder(weights, self.settings.data_dir, cfg, adapt_norm=cfg.fedbn)
+        if cfg.fedbn:
+            result["norm-statistics"] = "held-out images (AdaBN)"
+        return result
 
     # -- sites ---------------------------------------------------------------------------
     def wait_for_sites(self) -> list[int]:
-        """Node ids of connected sites once at least ``min-sites`` are there."""
+        """Node ids of the connected sites in the roster once at least ``min-sites`` are."""
         deadline = time.monotonic() + self.settings.join_timeout
         logged = -1
         while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.settings.min_sites:
-                self._query_new(nodes)
-                return nodes
-            if len(nodes) != logged:
+            connected = sorted(self.grid.get_node_ids())
+            self._update_roster(connected)
+            known = [n for n in connected if n in self.sites]
+            if len(known) >= self.settings.min_sites:
+                return known
+            if len(known) != logged:
                 logger.info(
                     "%d of min-sites %d sites connected; waiting",
-                    len(nodes),
+                    len(known),
                     self.settings.min_sites,
                 )
-                logged = len(nodes)
+                logged = len(known)
             if time.monotonic() >= deadline:
+                unnamed = len(connected) - len(known)
                 raise FederationError(
-                    f"only {len(nodes)} of min-sites {self.settings.min_sites} sites connected "
-                    f"after join-timeout {self.settings.join_timeout:g} s: start the missing "
-                    "sites (fedmed-client --site NAME) or lower min-sites"
+                    f"only {len(known)} of min-sites {self.settings.min_sites} sites connected "
+                    f"after join-timeout {self.settings.join_timeout:g} s"
+                    + (f" ({unnamed} more did not say which site they are)" if unnamed else "")
+                    + ": start the missing sites (fedmed-client --site NAME), check their "
+                    "logs, or lower min-sites"
                 )
             time.sleep(min(1.0, self.settings.poll_interval * 10))
 
-    def _query_new(self, nodes: list[int]) -> None:
-        new = [n for n in nodes if n not in self.sites]
-        if not new:
+    def _update_roster(self, connected: list[int]) -> None:
+        if all(n in self.sites for n in connected) and len(connected) == len(self.sites):
             return
-        content = RecordDict({"config": ConfigRecord(train_config(self.settings, 0).to_config())})
-        messages = [
-            Message(
-                content, node, MessageType.QUERY, group_id="roster", ttl=self.settings.round_timeout
-            )
-            for node in new
-        ]
-        replies = self._exchange(messages, timeout=min(self.settings.round_timeout, 120.0))
-        taken = {s.name for s in self.sites.values()}
-        for node in new:
-            reply = replies.get(node)
-            if reply is None or reply.has_error() or "site" not in reply.content:
-                # not in the roster: the site is asked again before the next round
-                why = reply.error.reason if reply is not None and reply.has_error() else "no reply"
-                logger.warning("node %d did not say which site it is (%s)", node, why)
-                continue
-            info = reply.content["site"]
-            name = str(info.get("name", "")) or f"node-{node}"
-            if name in taken:  # two nodes claiming one name: keep both apart
-                name = f"{name}#{node}"
-            taken.add(name)
-            site = SiteInfo(
-                node,
-                name,
-                int(info.get("num-train-cases", 0)),
-                int(info.get("num-val-cases", 0)),
-            )
-            self.sites[node] = site
-            logger.info(
-                "site %s joined (node %d, %d train / %d val cases)",
-                name,
-                node,
-                site.num_train_cases,
-                site.num_val_cases,
-            )
+        try:
+            registered = registered_names(self.grid.get_nodes())
+        except Exception as err:  # a grid without node details: names are self-declared
+            logger.warning("cannot read node registrations (%s): names are self-declared", err)
+            registered = {}
+        self.roster.update(
+            connected,
+            registered,
+            lambda messages: self._exchange(messages, min(self.settings.round_timeout, 120.0)),
+            config=self.config(0).to_config(),
+            ttl=self.settings.round_timeout,
+        )
 
     # -- messaging -----------------------------------------------------------------------
-    def _exchange(self, messages: list[Message], *, timeout: float) -> dict[int, Message]:
+    def _exchange(self, messages: list[Message], timeout: float) -> dict[int, Message]:
         """Push ``messages`` and pull replies until all arrived or ``timeout``; by node id."""
         answered = exchange(
             self.grid, messages, timeout=timeout, interval=self.settings.poll_interval
         )
         return {sent.metadata.dst_node_id: reply for sent, reply in answered}
 
-    def _site_name(self, node: int) -> str:
-        """The site's name from the roster, ``node-<id>`` for a node that did not say it."""
-        return self.sites[node].name if node in self.sites else f"node-{node}"
-
     # -- one round -----------------------------------------------------------------------
     def _shared(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: v for k, v in weights.items() if k not in self.norm_keys}
+        return {k: v for k, v in weights.items() if k not in self.local_keys}
+
+    def _bounds(self, sent: Mapping[str, np.ndarray]) -> ReplyBounds:
+        settings = self.settings
+        rule = settings.update_bound_rule
+        if rule == "fixed":
+            bound = settings.max_update_norm
+        elif rule == "default":
+            noised = sum(v.size for k, v in sent.items() if k in self.param_keys)
+            noise = settings.dp_noise_multiplier * settings.dp_clip_norm * math.sqrt(noised)
+            bound = default_update_bound(sent, keys=self.param_keys, dp_noise_norm=noise)
+        else:
+            bound = 0.0
+        voxels = settings.aggregation_weight == "voxels"
+        max_weight = {
+            node: site.num_train_voxels if voxels else float(site.num_train_cases)
+            for node, site in self.sites.items()
+        }
+        return ReplyBounds(bound, max_weight, whole_weight=not voxels, norm_keys=self.param_keys)
 
     def run_round(
         self, server_round: int, attempt: int, nodes: list[int], weights: Mapping[str, np.ndarray]
@@ -227,8 +250,8 @@ class Federation:
         """One attempt: send, collect, validate. Returns the log record and valid updates."""
         started = time.monotonic()
         sent = self._shared(weights)
-        cfg = train_config(self.settings, server_round)
-        names = {n: self._site_name(n) for n in nodes}
+        cfg = self.config(server_round)
+        names = {n: self.roster.name_of(n) for n in nodes}
         extras = self.guard.train_records(
             sent,
             cfg.to_config(),
@@ -241,71 +264,21 @@ class Federation:
                 server_round, attempt, names, sent, cfg.to_config(), extras
             )
         else:
-            record, updates = self._plain_attempt(server_round, attempt, names, sent, cfg, extras)
+            payload = join_controls(sent, self.aggregator.control)
+            record, updates = run_plain_attempt(
+                self._exchange,
+                server_round,
+                attempt,
+                names,
+                payload,
+                cfg,
+                extras,
+                self._bounds(sent),
+                timeout=self.settings.round_timeout,
+            )
         record["duration-s"] = round(time.monotonic() - started, 3)
         record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return record, updates
-
-    def _plain_attempt(
-        self,
-        server_round: int,
-        attempt: int,
-        names: Mapping[int, str],
-        sent: Mapping[str, np.ndarray],
-        cfg: TrainConfig,
-        extras: Mapping[str, Mapping[str, Any]],
-    ) -> tuple[dict[str, Any], list[SiteUpdate]]:
-        """A train message to each site in ``names``; every reply checked on its own."""
-        content = RecordDict(
-            {
-                **wire.pack(sent),  # all arrays in one Flower object: see fedmed.wire
-                "config": ConfigRecord(cfg.to_config()),
-                **{name: ConfigRecord(values) for name, values in extras.items()},
-            }
-        )
-        group = f"round-{server_round}.{attempt}"
-        messages = [
-            Message(
-                content, node, MessageType.TRAIN, group_id=group, ttl=self.settings.round_timeout
-            )
-            for node in names
-        ]
-        replies = self._exchange(messages, timeout=self.settings.round_timeout)
-        record = attempt_record(server_round, attempt)
-        updates: list[SiteUpdate] = []
-        for node, name in names.items():
-            reply = replies.get(node)
-            if reply is None:
-                record["missing"].append(name)
-                logger.warning("round %d: site %s did not reply in time", server_round, name)
-                continue
-            try:
-                update = self._parse(reply, name, sent)
-            except InvalidReply as err:
-                record["rejected"][name] = str(err)
-                logger.warning("round %d: reply of site %s dropped: %s", server_round, name, err)
-                continue
-            updates.append(update)
-            record["sites"][name] = dict(update.metrics)
-        return record, updates
-
-    def _parse(self, reply: Message, name: str, sent: Mapping[str, np.ndarray]) -> SiteUpdate:
-        if reply.has_error():
-            raise InvalidReply(f"site error {reply.error.code}: {reply.error.reason}")
-        content = reply.content
-        if set(content) != _REPLY_RECORDS or "metrics" not in content.metric_records:
-            raise InvalidReply(
-                f"reply must hold exactly ArrayRecord {wire.ARRAYS!r}, ConfigRecord "
-                f"{wire.INDEX!r} and MetricRecord 'metrics', got {sorted(content)}"
-            )
-        try:
-            arrays = wire.unpack_content(content)
-        except wire.WireError as err:
-            raise InvalidReply(f"packed arrays: {err}") from err
-        metrics = dict(content.metric_records["metrics"])
-        n = check_reply(arrays, metrics, sent, max_update_norm=self.settings.max_update_norm)
-        scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
-        return SiteUpdate(name, arrays, n, scalars)
 
     # -- the run -------------------------------------------------------------------------
     def _start(self) -> tuple[dict[str, np.ndarray], int]:
@@ -317,12 +290,11 @@ class Federation:
         ident = self.settings.identity_hash()
         latest = self.store.load_latest()
         if latest is None:
-            cfg = train_config(self.settings, 0)
+            cfg = self.config(0)
             holdout = self._holdout_fn(self.initial_weights, cfg)
             record = {"round": 0, "status": "initial", "sites": {}, "holdout": holdout}
-            ckpt = self.store.save(
-                0, self.initial_weights, metrics=record, config_hash=ident, score=_score(record)
-            )
+            ckpt = self.store.save(0, self.initial_weights, metrics=record, config_hash=ident)
+            self.run_id = ckpt.hash
             self.guard.start(first_round=1, num_rounds=self.settings.num_rounds)
             self.guard.after_attempt(record, [], ckpt)
             self.log.truncate_after(-1)
@@ -339,6 +311,7 @@ class Federation:
                 f"checkpoint {latest.path} does not fit model {self.settings.model!r}: use a new "
                 "out-dir"
             )
+        self.run_id = latest.hash if latest.round == 0 else self._round_zero_hash()
         self.aggregator.load_state_arrays(latest.server_state)
         self.log.truncate_after(latest.round)
         if not any(r["round"] == latest.round for r in completed_records(self.log.read())):
@@ -347,79 +320,87 @@ class Federation:
         self.guard.start(first_round=latest.round + 1, num_rounds=self.settings.num_rounds)
         return dict(latest.weights), latest.round + 1
 
+    def _round_zero_hash(self) -> str:
+        meta = json.loads((self.store.round_dir(0) / "meta.json").read_text())
+        return str(meta["weights_sha256"])
+
     def run(self) -> FederationResult:
         """Run (or resume) every round; FederationError when a round cannot be completed."""
         weights, first = self._start()
-        ident = self.settings.identity_hash()
         failed = 0
         for server_round in range(first, self.settings.num_rounds + 1):
-            avoid: set[int] = set()  # sites that failed this round: asked last on a retry
-            for attempt in range(1, self.settings.retry_failed_rounds + 2):
-                connected = self.wait_for_sites()
-                names = {node: site.name for node, site in self.sites.items()}
-                nodes = sample_sites(
-                    connected, self.settings, server_round, names=names, avoid=avoid
-                )
-                record, updates = self.run_round(server_round, attempt, nodes, weights)
-                if record.get("contributors", len(updates)) >= self.settings.min_sites:
-                    break
-                failed += 1
-                bad = {*record["missing"], *record["rejected"]}
-                avoid |= {n for n in nodes if self._site_name(n) in bad}
-                record["status"] = "failed"
-                logger.warning(
-                    "round %d attempt %d failed: %d valid replies, min-sites is %d",
-                    server_round,
-                    attempt,
-                    record.get("contributors", len(updates)),
-                    self.settings.min_sites,
-                )
-                record["dp"] = self.guard.privacy_spent()
-                self.log.append(record)
-                self.guard.after_attempt(record, updates)
-                self._report()
-            else:
+            record, updates, retries = self._attempts(server_round, weights)
+            failed += retries
+            try:
+                shared = self.aggregator.aggregate(self._shared(weights), updates)
+            except ValueError as err:  # e.g. weights that do not sum to a finite number
                 raise FederationError(
-                    f"round {server_round} had fewer than min-sites {self.settings.min_sites} "
-                    f"valid replies in {self.settings.retry_failed_rounds + 1} attempts (see "
-                    f"{self.log.path}): check the sites' logs, raise round-timeout or lower "
-                    "min-sites"
-                )
-            shared = self.aggregator.aggregate(self._shared(weights), updates)
+                    f"round {server_round}: the valid replies cannot be aggregated ({err})"
+                ) from err
+            self.aggregator.update_control(updates, num_sites=max(1, len(self.sites)))
             weights = {**weights, **shared}
             record["status"] = "ok"
-            record["holdout"] = self._holdout_fn(weights, train_config(self.settings, server_round))
+            record_selection(self.store, record, server_round - 1)
+            record["holdout"] = self._holdout_fn(weights, self.config(server_round))
             record["dp"] = self.guard.privacy_spent()
             ckpt = self.store.save(
                 server_round,
                 weights,
                 metrics=record,
-                config_hash=ident,
+                config_hash=self.settings.identity_hash(),
                 server_state=self.aggregator.state_arrays(),
-                score=_score(record),
             )
             self.log.append(record)
             self.guard.after_attempt(record, updates, ckpt)
             self._report()
             logger.info("round %d done: %s", server_round, _summary_line(record))
+        self.evaluate_final(weights)
+        self._report()
         return FederationResult(weights, self.settings.num_rounds, failed, dict(self.sites))
+
+    def evaluate_final(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The end-of-run evaluation (:mod:`.evaluation`): scores the final round, writes the
+        cross-site table."""
+        run_final_evaluation(self, weights)
+
+    def _attempts(
+        self, server_round: int, weights: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, Any], list[SiteUpdate], int]:
+        """Attempts of one round until ``min-sites`` valid replies: (record, updates, failed
+        attempts); FederationError after ``retry-failed-rounds`` retries."""
+        avoid: set[int] = set()  # sites that failed this round: asked last on a retry
+        for attempt in range(1, self.settings.retry_failed_rounds + 2):
+            connected = self.wait_for_sites()
+            nodes = sample_sites(
+                connected, self.settings, server_round, names=self.roster.names(), avoid=avoid
+            )
+            record, updates = self.run_round(server_round, attempt, nodes, weights)
+            if record.get("contributors", len(updates)) >= self.settings.min_sites:
+                return record, updates, attempt - 1
+            bad = {*record["missing"], *record["rejected"]}
+            avoid |= {n for n in nodes if self.roster.name_of(n) in bad}
+            record["status"] = "failed"
+            logger.warning(
+                "round %d attempt %d failed: %d valid replies, min-sites is %d",
+                server_round,
+                attempt,
+                record.get("contributors", len(updates)),
+                self.settings.min_sites,
+            )
+            record["dp"] = self.guard.privacy_spent()
+            self.log.append(record)
+            self.guard.after_attempt(record, updates)
+            self._report()
+        raise FederationError(
+            f"round {server_round} had fewer than min-sites {self.settings.min_sites} "
+            f"valid replies in {self.settings.retry_failed_rounds + 1} attempts (see "
+            f"{self.log.path}): check the sites' logs, raise round-timeout or lower min-sites"
+        )
 
     def _report(self) -> None:
         write_report(
             self.settings.out_path, self.log.read(), settings=self.settings.to_run_config()
         )
-
-
-def _score(record: Mapping[str, Any]) -> float | None:
-    """Held-out Dice, else the sites' validation Dice weighted by samples, else None."""
-    holdout = record.get("holdout")
-    if holdout and holdout.get("dice") is not None and np.isfinite(holdout["dice"]):
-        return float(holdout["dice"])
-    sites = [m for m in (record.get("sites") or {}).values() if "val-dice" in m]
-    if not sites:
-        return None
-    weights = [m.get("num-examples", 1.0) for m in sites]
-    return float(np.average([m["val-dice"] for m in sites], weights=weights))
 
 
 def _summary_line(record: Mapping[str, Any]) -> str:

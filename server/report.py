@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedmed.security.dp import privacy_report_lines
+from fedmed.text import markdown_cell
 
 __all__ = ["MetricsLog", "attempt_record", "completed_records", "json_safe", "write_report"]
 
@@ -135,6 +136,44 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def cross_site_lines(out: Path, *, metric: str = "dice") -> list[str]:
+    """The report's cross-site section from ``cross_site.json`` (empty when there is none)."""
+    path = out / "cross_site.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    entries = [e for e in data.get("entries", []) if e.get("metric", metric) == metric]
+    models = sorted({e["model"] for e in entries})
+    splits = sorted({e["data"] for e in entries}, key=lambda d: (d != "holdout", d))
+    lines = [
+        "",
+        "## Cross-site evaluation",
+        "",
+        f"Mean {metric} [bootstrap 95% interval] (n cases) of every model on every site's "
+        "validation split and the held-out set; a site discloses nothing below its disclosure "
+        f"floor. Best round (by validation): {data.get('best-round')}. Missing sites: "
+        f"{', '.join(markdown_cell(m) for m in data.get('missing', [])) or 'none'}.",
+        "",
+        "![cross-site](cross_site.png)",
+        "",
+        "| model | " + " | ".join(markdown_cell(s) for s in splits) + " |",
+        "| --- |" + " --- |" * len(splits),
+    ]
+    cells = {(e["model"], e["data"]): e for e in entries}
+    for model in models:
+        row = []
+        for split in splits:
+            e = cells.get((model, split))
+            if e is None:
+                row.append("-")
+            elif e.get("status") == "ok":
+                row.append(f"{e['mean']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}] ({e['n']})")
+            else:
+                row.append(markdown_cell(e.get("status", "-")))
+        lines.append(f"| {markdown_cell(model)} | " + " | ".join(row) + " |")
+    return lines
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     records: Sequence[Mapping[str, Any]],
@@ -163,30 +202,53 @@ def write_report(
 
     lines = [f"# {title}", ""]
     rounds_ok = [r for r in records if r.get("status") == "ok"]
+    records = [r for r in records if r.get("status") != "evaluation"] + [
+        r for r in records if r.get("status") == "evaluation"
+    ]
     failed = [r for r in records if r.get("status") == "failed"]
     lines.append(f"Completed rounds: {len(rounds_ok)}; failed attempts: {len(failed)}.")
-    if holdout:
-        best_round, best_dice = max(holdout, key=lambda p: p[1])
-        lines.append(f"Best held-out Dice: {best_dice:.4f} (round {best_round}).")
+    chosen = [r["selection"] for r in records if (r.get("selection") or {}).get("best")]
+    if chosen:
+        best_round = chosen[-1]["round"]
+        test = dict(holdout).get(best_round)
+        lines.append(
+            f"Best model (by the sites' validation Dice {chosen[-1]['val-dice']:.4f}): round "
+            f"{best_round}; its held-out Dice: {_fmt(test)}."
+        )
     lines += ["", "![held-out Dice](holdout_dice.png)", "", "![site Dice](site_dice.png)", ""]
     lines += [
+        "Model selection uses the sites' validation Dice of each round's global model (measured "
+        "before they train on it); the held-out set is the test set: reported, never used to "
+        "choose a model.",
+        "",
         "## Rounds",
         "",
-        "| round | attempt | status | held-out Dice | held-out HD95 | sites |",
+        "| round | attempt | status | held-out Dice | held-out HD95 | validation Dice of the "
+        "round before | sites (val Dice after local training) |",
     ]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         h = r.get("holdout") or {}
         sites = ", ".join(
-            f"{s}: {_fmt((m or {}).get('val-dice'))}"
+            f"{markdown_cell(s)}: {_fmt((m or {}).get('val-dice'))}"
             for s, m in sorted((r.get("sites") or {}).items())
         )
-        notes = [f"{s} rejected ({why})" for s, why in sorted((r.get("rejected") or {}).items())]
-        notes += [f"{s} no reply" for s in r.get("missing") or []]
+        notes = [
+            f"{markdown_cell(s)} rejected ({markdown_cell(why)})"
+            for s, why in sorted((r.get("rejected") or {}).items())
+        ]
+        notes += [f"{markdown_cell(s)} no reply" for s in r.get("missing") or []]
+        notes += [
+            f"{markdown_cell(s)} failed ({markdown_cell(why)})"
+            for s, why in sorted((r.get("failed") or {}).items())
+        ]
         cell = "; ".join([x for x in [sites, *notes] if x]) or "-"
+        sel = r.get("selection") or {}
+        best = ", best" if sel.get("best") else ""
+        chosen = f"{_fmt(sel.get('val-dice'))} (round {sel['round']}{best})" if sel else "-"
         lines.append(
             f"| {r.get('round')} | {r.get('attempt', '-')} | {r.get('status')} | "
-            f"{_fmt(h.get('dice'))} | {_fmt(h.get('hd95'))} | {cell} |"
+            f"{_fmt(h.get('dice'))} | {_fmt(h.get('hd95'))} | {chosen} | {cell} |"
         )
     last = next((r for r in reversed(done) if r.get("holdout")), None)
     if last and last["holdout"].get("cases"):
@@ -194,12 +256,14 @@ def write_report(
         lines.append("| --- | --- | --- |")
         for case in last["holdout"]["cases"]:
             lines.append(
-                f"| {case['case']} | {_fmt(case.get('dice'))} | {_fmt(case.get('hd95'))} |"
+                f"| {markdown_cell(case['case'])} | {_fmt(case.get('dice'))} | "
+                f"{_fmt(case.get('hd95'))} |"
             )
+    lines += cross_site_lines(out)
     lines += privacy_report_lines(records)
     if settings:
         lines += ["", "## Settings", "", "| key | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(settings.items())]
+        lines += [f"| {k} | {markdown_cell(v)} |" for k, v in sorted(settings.items())]
     path = out / "report.md"
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -20,8 +20,15 @@ key                         type     default      meaning
 ``round-timeout``           float    600          seconds a round waits for replies
 ``retry-failed-rounds``     int      2            retries of a round with too few valid replies
 ``strategy``                str      "fedavg"     fedavg, fedprox, fedadam, fedyogi, fedmedian,
-                                                  trimmed-mean
-``fedbn``                   bool     false        keep normalization layers at each site
+                                                  trimmed-mean, scaffold (control variates at
+                                                  the server and each site, Karimireddy 2020)
+``fedbn``                   bool     false        keep the normalization *statistics* at each
+                                                  site (SiloBN: affine weights are shared, so
+                                                  the global model exists; see fedmed.task)
+``aggregation-weight``      str      "cases"      what ``num-examples`` counts: training cases,
+                                                  or ``voxels`` (the training images' volume in
+                                                  mm^3, i.e. voxels at 1 mm isotropic)
+``max-site-cases``          int      100000       the most training cases a site may announce
 ``proximal-mu``             float    0.0          FedProx proximal term (sent to the sites)
 ``server-lr``               float    0.01         FedAdam/FedYogi server learning rate (eta)
 ``server-beta1``            float    0.9          FedAdam/FedYogi first-moment decay
@@ -43,9 +50,24 @@ key                         type     default      meaning
 ``data-dir``                str      ""           server held-out folder ("" = none; then
                                                   ``best`` follows the sites' mean val Dice)
 ``out-dir``                 str      "fedmed-run" checkpoints, metrics.jsonl, report.md
-``max-update-norm``         float    0.0          L2 bound on a site's update (0 = no bound)
+``max-update-norm``         float    -1           L2 bound on a site's update: -1 = the default
+                                                  rule (fedmed.server.validation), 0 = none
 ``poll-interval``           float    0.1          seconds between reply polls
 ``seed``                    int      0            seeds the initial model and site splits
+``nsd-tolerance-mm``        float    2.0          normalized surface Dice tolerance (mm)
+``cross-site-evaluation``   bool     true         at the end: every model on every site's
+                                                  validation split and the held-out set
+``finetune-epochs``         int      1            end of run: local fine-tuning of the final
+                                                  global model at each site (0 = none)
+``ditto-lambda``            float    0.0          Ditto: each site also trains a personal model
+                                                  tied to the global one by this weight (0 = off)
+``local-baselines``         bool     false        end of run: each site trains a local-only
+                                                  model with the samples it used in the run
+``reference-models``        str      ""           JSON {label: safetensors path} of models the
+                                                  end-of-run evaluation includes (centralized)
+``evaluation-timeout``      float    0            seconds for the end-of-run evaluation (0 =
+                                                  round-timeout x 2, x num-rounds with
+                                                  local-baselines)
 ``signing-dir``             str      ""           folder with server.key + server.pem (``fedmed
                                                   certs``): sign global models and checkpoints
 ``dp-clip-norm``            float    0.0          sites clip their update to this L2 norm (0 =
@@ -83,11 +105,27 @@ from typing import Any
 from fedmed.errors import ConfigError
 from fedmed.security.guard import dp_params
 
-__all__ = ["MODELS", "SECAGG_MIN_SITES", "SECAGG_STRATEGIES", "STRATEGIES", "RunSettings"]
+__all__ = [
+    "AGGREGATION_WEIGHTS",
+    "MODELS",
+    "SECAGG_MIN_SITES",
+    "SECAGG_STRATEGIES",
+    "STRATEGIES",
+    "RunSettings",
+]
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed-mean")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "trimmed-mean",
+    "scaffold",
+)
+AGGREGATION_WEIGHTS = ("cases", "voxels")
 MODELS = ("coplenet", "unet3d", "lamp_unet")
 # Strategies that need only the weighted mean of the updates: the one thing SecAgg+ reveals.
 SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -107,8 +145,18 @@ _RESUMABLE_KEYS = frozenset(
         "max_update_norm",
         "signing_dir",
         "dp_max_epsilon",
+        "max_site_cases",
+        "nsd_tolerance_mm",
+        "cross_site_evaluation",
+        "finetune_epochs",
+        "local_baselines",
+        "reference_models",
+        "evaluation_timeout",
     }
 )
+# Keys that shape training but came later: left out of the identity hash at their default, so
+# runs from before they existed keep their hash (and stay resumable).
+_NEW_TRAINING_KEYS = {"aggregation-weight": "cases", "ditto-lambda": 0.0}
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -134,6 +182,8 @@ class RunSettings:
     retry_failed_rounds: int = field(default=2, metadata=_meta("retry-failed-rounds", int, min=0))
     strategy: str = field(default="fedavg", metadata=_meta("strategy", str))
     fedbn: bool = field(default=False, metadata=_meta("fedbn", bool))
+    aggregation_weight: str = field(default="cases", metadata=_meta("aggregation-weight", str))
+    max_site_cases: int = field(default=100_000, metadata=_meta("max-site-cases", int, min=1))
     proximal_mu: float = field(default=0.0, metadata=_meta("proximal-mu", float, min=0))
     server_lr: float = field(default=0.01, metadata=_meta("server-lr", float, gt=0))
     server_beta1: float = field(default=0.9, metadata=_meta("server-beta1", float, min=0, lt=1))
@@ -152,9 +202,18 @@ class RunSettings:
     val_fraction: float = field(default=0.2, metadata=_meta("val-fraction", float, gt=0, lt=1))
     data_dir: str = field(default="", metadata=_meta("data-dir", str))
     out_dir: str = field(default="fedmed-run", metadata=_meta("out-dir", str))
-    max_update_norm: float = field(default=0.0, metadata=_meta("max-update-norm", float, min=0))
+    max_update_norm: float = field(default=-1.0, metadata=_meta("max-update-norm", float, min=-1))
     poll_interval: float = field(default=0.1, metadata=_meta("poll-interval", float, gt=0))
     seed: int = field(default=0, metadata=_meta("seed", int))
+    nsd_tolerance_mm: float = field(default=2.0, metadata=_meta("nsd-tolerance-mm", float, gt=0))
+    cross_site_evaluation: bool = field(default=True, metadata=_meta("cross-site-evaluation", bool))
+    finetune_epochs: int = field(default=1, metadata=_meta("finetune-epochs", int, min=0))
+    ditto_lambda: float = field(default=0.0, metadata=_meta("ditto-lambda", float, min=0))
+    local_baselines: bool = field(default=False, metadata=_meta("local-baselines", bool))
+    reference_models: str = field(default="", metadata=_meta("reference-models", str))
+    evaluation_timeout: float = field(
+        default=0.0, metadata=_meta("evaluation-timeout", float, min=0)
+    )
     signing_dir: str = field(default="", metadata=_meta("signing-dir", str))
     dp_clip_norm: float = field(default=0.0, metadata=_meta("dp-clip-norm", float, min=0))
     dp_noise_multiplier: float = field(
@@ -179,6 +238,23 @@ class RunSettings:
         if self.model not in MODELS:
             raise ConfigError(
                 f"run config key 'model' is {self.model!r}: use one of {', '.join(MODELS)}"
+            )
+        if self.aggregation_weight not in AGGREGATION_WEIGHTS:
+            raise ConfigError(
+                f"run config key 'aggregation-weight' is {self.aggregation_weight!r}: use one of "
+                f"{', '.join(AGGREGATION_WEIGHTS)}"
+            )
+        if -1.0 < self.max_update_norm < 0.0:
+            raise ConfigError(
+                f"run config key 'max-update-norm' is {self.max_update_norm}: give -1 (the "
+                "default rule), 0 (no bound) or a positive L2 norm"
+            )
+        _ = self.reference_model_paths  # parse now so errors surface at construction
+        if self.strategy == "scaffold" and self.dp_clip_norm > 0:
+            raise ConfigError(
+                "run config key 'strategy' is 'scaffold' but DP is on (dp-clip-norm > 0): the "
+                "sites' control variates would leave them without noise; use fedavg or fedprox "
+                "with DP"
             )
         if 0 < self.sites_per_round < self.min_sites:
             raise ConfigError(
@@ -213,6 +289,12 @@ class RunSettings:
                 f"run config key 'strategy' is {self.strategy!r}, which needs each site's "
                 "update, but secure-aggregation shows the server only their sum: use one of "
                 f"{', '.join(SECAGG_STRATEGIES)}, or secure-aggregation = false"
+            )
+        if self.strategy == "scaffold":
+            raise ConfigError(
+                "run config key 'strategy' is 'scaffold', whose control variates the server "
+                "must see per site, but secure-aggregation shows only sums: use fedavg or "
+                "fedprox, or secure-aggregation = false"
             )
         if self.max_update_norm > 0:
             raise ConfigError(
@@ -273,6 +355,41 @@ class RunSettings:
         return parsed
 
     @property
+    def update_bound_rule(self) -> str:
+        """``default``, ``off`` or ``fixed``: how ``max-update-norm`` bounds an update."""
+        if self.secure_aggregation or self.max_update_norm == 0:
+            return "off"
+        return "default" if self.max_update_norm < 0 else "fixed"
+
+    @property
+    def evaluation_deadline(self) -> float:
+        """Seconds the end-of-run evaluation may take (``evaluation-timeout`` or derived)."""
+        if self.evaluation_timeout > 0:
+            return self.evaluation_timeout
+        return self.round_timeout * (max(2, self.num_rounds) if self.local_baselines else 2)
+
+    @property
+    def reference_model_paths(self) -> dict[str, Path]:
+        """``reference-models`` parsed: label -> checkpoint path."""
+        if not self.reference_models.strip():
+            return {}
+        try:
+            parsed = json.loads(self.reference_models)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"run config key 'reference-models' is not JSON: {self.reference_models[:80]!r}"
+                ': give {"centralized": "/path/model.safetensors"}'
+            ) from err
+        if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+        ):
+            raise ConfigError(
+                "run config key 'reference-models' must map labels to checkpoint paths, got "
+                f"{self.reference_models[:80]!r}"
+            )
+        return {k: Path(v) for k, v in parsed.items()}
+
+    @property
     def out_path(self) -> Path:
         """``out-dir`` as a path."""
         return Path(self.out_dir)
@@ -294,6 +411,9 @@ class RunSettings:
             del ident["sites-per-round"]
         if not self.secure_aggregation:  # likewise for runs from before SecAgg+ existed
             for key in ("secure-aggregation", "secagg-clip-range", "secagg-max-weight"):
+                del ident[key]
+        for key, default in _NEW_TRAINING_KEYS.items():
+            if ident[key] == default:
                 del ident[key]
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()

@@ -49,3 +49,17 @@ def short_ray_tmpdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower builds a ``Message`` with the run id of the task running in the process (a server
+    app's); outside one, tests that build messages the server sends set it here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_task_id", "_run_id", "_node_id")
+    before = {name: getattr(TaskIdentity, name) for name in names}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    for name, value in before.items():
+        setattr(TaskIdentity, name, value)

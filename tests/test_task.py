@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, ModelError
+from fedmed.io.nifti import read_nifti_header
 from fedmed.metrics import image_diagonal_mm
 from fedmed.pipeline import PipelineSettings, cached_volumes, load_cases
 from fedmed.predict import adapt_norm_statistics, predict_volume
@@ -20,8 +21,9 @@ from fedmed.task import (
     evaluate_folder,
     evaluate_model,
     load_arrays,
+    local_norm_keys,
     model_arrays,
-    norm_layer_keys,
+    site_volume_mm3,
 )
 
 SMALL = TrainConfig(
@@ -56,24 +58,22 @@ def test_build_network_is_seeded_and_leaves_global_rng_alone():
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_norm_layer_keys_cover_batchnorm_params_and_buffers():
+def test_local_norm_keys_are_the_batchnorm_statistics_only():
+    # SiloBN: affine weights (and group/instance norm, which keep no statistics) are shared
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.GroupNorm(1, 2))
-    assert norm_layer_keys(model) == {
-        "1.weight",
-        "1.bias",
-        "1.running_mean",
-        "1.running_var",
-        "1.num_batches_tracked",
-        "2.weight",
-        "2.bias",
-    }
+    assert local_norm_keys(model) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
 
 
-def test_norm_layer_keys_of_coplenet_are_a_strict_subset():
+def test_local_norm_keys_of_coplenet_leave_every_parameter_shared():
     model = build_network(SMALL)
-    keys = norm_layer_keys(model)
-    assert keys and keys < set(model.state_dict())
-    assert all(".weight" in k or ".bias" in k or "running" in k or "batches" in k for k in keys)
+    keys = local_norm_keys(model)
+    params = {name for name, _ in model.named_parameters()}
+    assert keys and keys < set(model.state_dict()) and not keys & params
+
+
+def test_local_norm_keys_of_the_unets_are_empty():
+    # instance norm keeps no running statistics: under fedbn every array is shared
+    assert not local_norm_keys(build_network(TrainConfig(model="unet3d", patch_size=(16,) * 3)))
 
 
 def test_load_arrays_refuses_wrong_shapes_and_keys():
@@ -113,8 +113,9 @@ def test_train_round_returns_every_array_and_scalar_metrics(site_task):
     )
     assert any(not np.array_equal(arrays[k], start[k]) for k in start)
     assert metrics["num-steps"] == 2
-    slices = 16 * site_task.num_train_cases  # 2D samples: every axial slice of the training cases
-    assert metrics["num-examples"] == slices
+    # the aggregation weight is the site's training cases; the samples trained on beside it
+    assert metrics["num-examples"] == site_task.num_train_cases
+    assert metrics["num-samples"] == 2 * SMALL.batch_size
     assert 0.0 <= metrics["val-dice"] <= 1.0
     assert 0.0 <= metrics["val-nsd"] <= 1.0
     assert metrics["val-n_cases"] == site_task.num_val_cases
@@ -129,11 +130,20 @@ def test_train_round_is_deterministic(site_task):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_voxels_weight_is_the_training_images_volume(site_task):
+    cfg = TrainConfig(**{**SMALL.__dict__, "aggregation_weight": "voxels"})
+    expected = site_volume_mm3(site_task.train_cases)
+    assert site_task.aggregation_weight(cfg) == pytest.approx(expected)
+    shape, affine = read_nifti_header(site_task.train_cases[0]["image"])
+    one = np.prod(shape[:3]) * abs(np.linalg.det(affine[:3, :3]))
+    assert expected == pytest.approx(one * site_task.num_train_cases, rel=0.5)
+
+
 @pytest.mark.slow
-def test_fedbn_local_layers_are_loaded_before_training(site_task):
-    # Prepare: the server sends everything but the norm layers, the site has its own
+def test_fedbn_local_statistics_are_loaded_before_training(site_task):
+    # Prepare: the server sends everything but the statistics, the site has its own
     model = build_network(SMALL, seed=0)
-    norm = norm_layer_keys(model)
+    norm = local_norm_keys(model)
     full = model_arrays(model)
     shared = {k: v for k, v in full.items() if k not in norm}
     local = {k: (v + 1 if v.dtype.kind == "f" else v) for k, v in full.items() if k in norm}
@@ -241,7 +251,7 @@ def test_adapt_norm_statistics_estimates_batchnorm_from_images():
 
 def test_evaluate_folder_with_adapted_norm_layers(demo_root):
     model = build_network(SMALL, seed=0)
-    norm = norm_layer_keys(model)
+    norm = local_norm_keys(model)
     shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
     result = evaluate_folder(shared, demo_root / "holdout", SMALL, device="cpu", adapt_norm=True)
     assert len(result["cases"]) == 2 and 0.0 <= result["dice"] <= 1.0
@@ -256,5 +266,5 @@ def test_unets_train_on_3d_patches(site_task, model):
     start = model_arrays(build_network(cfg, seed=0))
     arrays, metrics = site_task.train_round(start, cfg)
     assert set(arrays) == set(start)
-    assert metrics["num-examples"] == 4 * site_task.num_train_cases  # 4 patches per case
-    assert norm_layer_keys(build_network(cfg))  # instance-norm affine layers: FedBN keeps them
+    assert metrics["num-examples"] == site_task.num_train_cases
+    assert metrics["num-samples"] == cfg.batch_size

@@ -213,6 +213,11 @@ class ServerGuard:
         if checkpoint is not None and self.signer is not None:
             sign_checkpoint(checkpoint.path, self.signer, audit_sha256=self.audit.head)
 
+    def record_file(self, event: str, path: Path, sha256: str) -> None:
+        """An audit line for a result file of the run (``cross-site``: ``cross_site.json``),
+        so ``fedmed verify`` can check it was not changed afterwards."""
+        self.audit.append(event, file=path.name, sha256=sha256)
+
 
 def _count_events(path: Path, event: str) -> int:
     if not path.is_file():

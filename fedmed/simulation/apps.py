@@ -19,6 +19,10 @@ key                 type    meaning
 ``sim-cache-mode``  str     the sites' volume cache: ``memory`` or ``none``
 ``sim-device``      str     the sites' torch device (``cpu`` or ``cuda``)
 ``sim-threads``     int     torch threads of the server process (held-out evaluation)
+``sim-disclosure-``  int     the sites' disclosure floor (:class:`SitePolicy`)
+``floor``
+``sim-share-``       bool    whether the sites let their own models travel
+``models``
 ==================  ======  ============================================================
 
 Example:
@@ -41,10 +45,12 @@ from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
 from fedmed.errors import ConfigError
 from fedmed.server.app import make_server_app
 from fedmed.server.settings import RunSettings
+from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
 
 __all__ = [
     "SIM_KEYS",
     "RunConfigSites",
+    "SitePolicy",
     "client_app",
     "server_app",
     "sim_run_config",
@@ -52,23 +58,54 @@ __all__ = [
 ]
 
 # The FAB's defaults for the simulation keys (every run overrides sim-sites).
-SIM_KEYS: Mapping[str, str | int] = {
+SIM_KEYS: Mapping[str, str | int | bool] = {
     "sim-sites": "[]",
     "sim-cache-mode": "memory",
     "sim-device": "cpu",
     "sim-threads": 1,
+    "sim-disclosure-floor": DEFAULT_DISCLOSURE_FLOOR,
+    "sim-share-models": False,
 }
 
 
+@dataclass(frozen=True)
+class SitePolicy:
+    """What every simulated site allows (in a deployment, each site's own config decides):
+    the fewest cases a summary may describe, and whether its own models may travel.
+
+    Example:
+        >>> SitePolicy(disclosure_floor=1).share_models
+        False
+    """
+
+    disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
+    share_models: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.disclosure_floor, bool) or self.disclosure_floor < 1:
+            raise ConfigError(
+                f"sites disclosure-floor is {self.disclosure_floor!r}: give the fewest cases "
+                f"(>= 1) a summary may describe, e.g. {DEFAULT_DISCLOSURE_FLOOR}"
+            )
+
+
 def sim_run_config(
-    folders: list[str], *, cache_mode: str, device: str, threads: int
-) -> dict[str, str | int]:
+    folders: list[str],
+    *,
+    cache_mode: str,
+    device: str,
+    threads: int,
+    policy: SitePolicy | None = None,
+) -> dict[str, str | int | bool]:
     """The simulation keys of one run (see the module docstring)."""
+    policy = policy or SitePolicy()
     return {
         "sim-sites": json.dumps(folders),
         "sim-cache-mode": cache_mode,
         "sim-device": device,
         "sim-threads": threads,
+        "sim-disclosure-floor": policy.disclosure_floor,
+        "sim-share-models": policy.share_models,
     }
 
 
@@ -104,6 +141,8 @@ class RunConfigSites:
             _folders(cfg),
             cache_mode=str(cfg.get("sim-cache-mode", "memory")),
             device=str(cfg.get("sim-device", "cpu")),
+            disclosure_floor=int(cfg.get("sim-disclosure-floor", DEFAULT_DISCLOSURE_FLOOR)),
+            share_models=cfg.get("sim-share-models", False) is True,
         )
         return resolve(context)
 

@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from fedmed.io.msd import DATASET_JSON, load_site_dataset, split_cases
 from fedmed.server.report import MetricsLog, write_report
 from fedmed.server.settings import RunSettings
 from fedmed.task import SiteTask, build_network, evaluate_folder, model_arrays
 
-__all__ = ["centralized_steps", "pooled_training_folder", "train_centralized"]
+__all__ = ["CENTRALIZED_MODEL", "centralized_steps", "pooled_training_folder", "train_centralized"]
+
+CENTRALIZED_MODEL = "model.safetensors"  # the baseline's final weights, in its out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,8 @@ def train_centralized(
         records.append(record)
         if on_record is not None:
             on_record(record)
+    final = {k: np.require(v, requirements="C") for k, v in weights.items()}
+    save_file(final, str(out / CENTRALIZED_MODEL))
     write_report(
         out, log.read(), title="fedmed centralized baseline", settings=settings.to_run_config()
     )

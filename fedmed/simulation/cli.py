@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import signal
@@ -88,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="pooled split: iid, label-skew or size-skew")
     p.add_argument("--alpha", type=float, help="Dirichlet alpha of the skewed splits")
     p.add_argument("--centralized", action="store_true", help="also train on the pooled data")
+    p.add_argument(
+        "--local-baselines",
+        action="store_true",
+        help="each site also trains a local-only model (as many samples as in the run)",
+    )
+    p.add_argument(
+        "--disclosure-floor",
+        type=int,
+        metavar="N",
+        help="fewest cases a site's evaluation summary may describe (default 5)",
+    )
+    p.add_argument(
+        "--share-models",
+        action="store_true",
+        help="the sites let their own models travel for cross-site evaluation",
+    )
     p.add_argument("--num-cpus", type=int, help="CPU cores per site")
     p.add_argument("--num-gpus", type=float, help="GPU fraction per site (0 = CPU)")
     p.add_argument("--max-parallel", type=int, help="sites training at once")
@@ -144,14 +161,21 @@ def parse_config(argv: Sequence[str]) -> tuple[SimConfig, bool]:
     ):
         if value is not None:
             res = dataclasses.replace(res, **{name: value})
+    policy = cfg.policy
+    if args.disclosure_floor is not None:
+        policy = dataclasses.replace(policy, disclosure_floor=args.disclosure_floor)
+    if args.share_models:
+        policy = dataclasses.replace(policy, share_models=True)
     cfg = SimConfig(
         out=args.out or cfg.out,
         sites=sites,
         seed=args.seed if args.seed is not None else cfg.seed,
         strategies=strategies,
         centralized=args.centralized or cfg.centralized,
+        local_baselines=args.local_baselines or cfg.local_baselines,
         data=data,
         resources=res,
+        policy=policy,
         app={**cfg.app, **_app_overrides(args)},
     )
     return cfg, args.verbose
@@ -254,7 +278,7 @@ def _fresh(folder: Path) -> None:
 
 def run_sim(cfg: SimConfig, *, verbose: bool = False) -> Path:
     """Run every configured strategy (and the baseline); return the comparison report's path."""
-    from .centralized import train_centralized
+    from .centralized import CENTRALIZED_MODEL, train_centralized
     from .engine import run_federation, torch_threads
     from .report import write_comparison
 
@@ -266,19 +290,9 @@ def run_sim(cfg: SimConfig, *, verbose: bool = False) -> Path:
         logger.warning("no held-out folder: the report has no held-out Dice (give --holdout)")
     runs: dict[str, list[dict[str, Any]]] = {}
     links: dict[str, str] = {}
-    for label in cfg.strategies:
-        run_dir = out / "runs" / label
-        _fresh(run_dir)
-        settings = run_settings(cfg, label, out_dir=str(run_dir), holdout=holdout)
-        print(f"fedmed-sim: {label}: {cfg.sites} sites x {settings.num_rounds} rounds -> {run_dir}")
-        started = time.monotonic()
-        with _RoundPrinter(label, run_dir) as printer:
-            run_federation(settings, data.sites, cfg.resources, workdir=out, verbose=verbose)
-        runs[label] = printer.log.read()
-        links[label] = f"runs/{label}/report.md"
-        print(f"fedmed-sim: {label} finished in {time.monotonic() - started:.0f} s")
     central = None
-    if cfg.centralized:
+    references = ""
+    if cfg.centralized:  # first: its model joins each run's cross-site evaluation
         central_dir = out / "centralized"
         _fresh(central_dir)
         settings = run_settings(cfg, "fedavg", out_dir=str(central_dir), holdout=holdout)
@@ -291,6 +305,27 @@ def run_sim(cfg: SimConfig, *, verbose: bool = False) -> Path:
                 on_record=lambda r: print(format_record("centralized", r), flush=True),
             )
         links["centralized"] = "centralized/report.md"
+        references = json.dumps({"centralized": str(central_dir / CENTRALIZED_MODEL)})
+    for label in cfg.strategies:
+        run_dir = out / "runs" / label
+        _fresh(run_dir)
+        settings = run_settings(
+            cfg, label, out_dir=str(run_dir), holdout=holdout, references=references
+        )
+        print(f"fedmed-sim: {label}: {cfg.sites} sites x {settings.num_rounds} rounds -> {run_dir}")
+        started = time.monotonic()
+        with _RoundPrinter(label, run_dir) as printer:
+            run_federation(
+                settings,
+                data.sites,
+                cfg.resources,
+                workdir=out,
+                verbose=verbose,
+                policy=cfg.policy,
+            )
+        runs[label] = printer.log.read()
+        links[label] = f"runs/{label}/report.md"
+        print(f"fedmed-sim: {label} finished in {time.monotonic() - started:.0f} s")
     report = write_comparison(
         out,
         runs,

@@ -5,7 +5,9 @@ spells them out):
 
 - ``[sim]``: ``out`` (output folder), ``sites``, ``seed``, ``strategies`` (run labels: a
   strategy name from :data:`~fedmed.server.settings.STRATEGIES`, or ``fedbn`` = FedAvg keeping
-  normalization layers local, or ``fedprox+fedbn``), ``centralized`` (bool).
+  normalization statistics local, ``fedprox+fedbn``, or ``ditto`` = FedAvg with Ditto personal
+  models, ``ditto-lambda`` 0.1 unless ``[app]`` sets it), ``centralized`` (bool),
+  ``local-baselines`` (bool: each site also trains a local-only model, same budget).
 - ``[data]``: ``source`` (``demo``, ``folders`` or ``pooled``), ``folders`` (one per site),
   ``pooled`` (one folder split by patient), ``holdout`` (the server's held-out folder),
   ``split`` (``iid``, ``label-skew``, ``size-skew``), ``alpha``, ``holdout-fraction`` (pooled
@@ -14,6 +16,9 @@ spells them out):
 - ``[data.shift.site-B]`` ...: a :class:`~fedmed.simulation.sites.ScannerShift` for that site
   (``hu-offset``, ``noise-sigma``, ``spacing-scale``).
 - ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``.
+- ``[sites]``: what every simulated site allows (:class:`~fedmed.simulation.apps.SitePolicy`):
+  ``disclosure-floor`` (fewest cases a summary may describe, default 5), ``share-models``
+  (the sites' own models may travel for cross-site evaluation, default false).
 - ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
   ``min-sites`` defaults to every site, or to ``sites-per-round`` when sites are sampled.
 
@@ -36,6 +41,7 @@ from fedmed.data.demo import site_name
 from fedmed.errors import ConfigError
 from fedmed.server.settings import STRATEGIES, RunSettings
 
+from .apps import SitePolicy
 from .engine import SiteResources
 from .partition import SPLIT_METHODS
 from .sites import ScannerShift
@@ -56,8 +62,9 @@ DEMO_APP: Mapping[str, Any] = {
     "batch-size": 8,
     "lr": 0.001,
 }
-_RUN_LABELS = (*STRATEGIES, "fedbn", "fedprox+fedbn")
+_RUN_LABELS = (*STRATEGIES, "fedbn", "fedprox+fedbn", "ditto")
 _DEFAULT_MU = 0.01
+_DEFAULT_DITTO_LAMBDA = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,10 @@ class SimConfig:
     seed: int = 0
     strategies: tuple[str, ...] = ("fedavg",)
     centralized: bool = False
+    local_baselines: bool = False
     data: DataSpec = field(default_factory=DataSpec)
     resources: SiteResources = field(default_factory=SiteResources)
+    policy: SitePolicy = field(default_factory=SitePolicy)
     app: Mapping[str, Any] = field(default_factory=lambda: dict(DEMO_APP))
 
     def __post_init__(self) -> None:
@@ -140,8 +149,11 @@ class SimConfig:
         run_settings(self, self.strategies[0], out_dir=self.out, holdout="")  # validate [app]
 
 
-def run_settings(cfg: SimConfig, label: str, *, out_dir: str, holdout: str) -> RunSettings:
-    """The federation settings of run ``label`` (``fedbn`` -> FedAvg + FedBN, ...)."""
+def run_settings(
+    cfg: SimConfig, label: str, *, out_dir: str, holdout: str, references: str = ""
+) -> RunSettings:
+    """The federation settings of run ``label`` (``fedbn`` -> FedAvg + FedBN, ...);
+    ``references`` is the ``reference-models`` JSON (the centralized baseline's checkpoint)."""
     values = dict(cfg.app)
     sampled = values.get("sites-per-round", 0)
     sampling = isinstance(sampled, int) and not isinstance(sampled, bool) and sampled > 0
@@ -149,7 +161,9 @@ def run_settings(cfg: SimConfig, label: str, *, out_dir: str, holdout: str) -> R
     values.setdefault("seed", cfg.seed)
     strategy, _, extra = label.partition("+")
     fedbn = strategy == "fedbn" or extra == "fedbn"
-    values["strategy"] = "fedavg" if strategy == "fedbn" else strategy
+    if strategy == "ditto":
+        values.setdefault("ditto-lambda", _DEFAULT_DITTO_LAMBDA)
+    values["strategy"] = "fedavg" if strategy in ("fedbn", "ditto") else strategy
     values["fedbn"] = fedbn or bool(values.get("fedbn", False))
     if strategy == "fedprox":
         values.setdefault("proximal-mu", _DEFAULT_MU)
@@ -157,6 +171,9 @@ def run_settings(cfg: SimConfig, label: str, *, out_dir: str, holdout: str) -> R
         values["proximal-mu"] = 0.0
     values["out-dir"] = out_dir
     values["data-dir"] = holdout
+    values["local-baselines"] = cfg.local_baselines or bool(values.get("local-baselines"))
+    if references:
+        values["reference-models"] = references
     return RunSettings.from_run_config(values)
 
 
@@ -199,10 +216,12 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from err
     where = str(path)
-    unknown = sorted(set(doc) - {"sim", "data", "resources", "app"})
+    unknown = sorted(set(doc) - {"sim", "data", "resources", "sites", "app"})
     if unknown:
-        raise ConfigError(f"{where}: unknown tables {unknown}: use sim, data, resources, app")
-    sim, data, res = (_table(doc, n, where) for n in ("sim", "data", "resources"))
+        raise ConfigError(
+            f"{where}: unknown tables {unknown}: use sim, data, resources, sites, app"
+        )
+    sim, data, res, site = (_table(doc, n, where) for n in ("sim", "data", "resources", "sites"))
     shift_tables = data.pop("shift", {})
     if not isinstance(shift_tables, dict):
         raise ConfigError(f"{where}: [data.shift] must hold one table per site")
@@ -236,10 +255,15 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
         seed=_take(sim, "seed", int, "sim", base.seed),
         strategies=_take(sim, "strategies", tuple, "sim", base.strategies),
         centralized=_take(sim, "centralized", bool, "sim", False),
+        local_baselines=_take(sim, "local-baselines", bool, "sim", False),
         data=spec,
         resources=resources,
+        policy=SitePolicy(
+            disclosure_floor=_take(site, "disclosure-floor", int, "sites", 5),
+            share_models=_take(site, "share-models", bool, "sites", False),
+        ),
         app={**DEMO_APP, **_table(doc, "app", where)},
     )
-    for table, name in ((sim, "sim"), (data, "data"), (res, "resources")):
+    for table, name in ((sim, "sim"), (data, "data"), (res, "resources"), (site, "sites")):
         _no_more(table, name)
     return cfg

@@ -56,6 +56,8 @@ from fedmed.errors import ConfigError, FederationError
 if TYPE_CHECKING:
     from fedmed.server.settings import RunSettings
 
+    from .apps import SitePolicy
+
 __all__ = ["SiteResources", "run_federation", "simulation_env", "torch_threads"]
 
 logger = logging.getLogger(__name__)
@@ -255,8 +257,10 @@ def run_federation(
     *,
     workdir: str | Path,
     verbose: bool = False,
+    policy: SitePolicy | None = None,
 ) -> None:
-    """Simulate ``len(folders)`` sites (site i trains on ``folders[i]``) with ``settings``.
+    """Simulate ``len(folders)`` sites (site i trains on ``folders[i]``) with ``settings``;
+    ``policy`` is what the simulated sites allow (disclosure floor, models travelling).
 
     Raises FederationError when the run fails (Flower's reason and the log's tail in the
     message); the SuperLink and everything it started are always stopped.
@@ -277,6 +281,7 @@ def run_federation(
             cache_mode=resources.site_cache_mode(len(folders)),
             device="cuda" if resources.num_gpus > 0 else "cpu",
             threads=resources.num_cpus,
+            policy=policy,
         )
     )
     federation = _federation_config(resources, len(folders), verbose=verbose)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -11,8 +12,9 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
 from fedmed.io.msd import load_site_dataset, split_cases
-from fedmed.task import TrainConfig, build_network, model_arrays, norm_layer_keys
+from fedmed.task import TrainConfig, build_network, local_norm_keys, model_arrays
 
+RUN = "ab" * 32  # the run's identity: its round-0 checkpoint's sha256
 CFG = TrainConfig(
     model="coplenet",
     model_features=(4, 8, 16, 32, 64),
@@ -20,6 +22,7 @@ CFG = TrainConfig(
     local_steps=1,
     batch_size=2,
     val_fraction=0.34,
+    run_id=RUN,
 )
 
 
@@ -99,10 +102,10 @@ def test_partition_sites_maps_partition_to_folder(demo_root):
 
 @pytest.fixture(scope="module")
 def fedbn_round(demo_root, tmp_path_factory):
-    """One FedBN train message: the server left the norm layers out of the arrays."""
+    """One FedBN train message: the server left the norm statistics out of the arrays."""
     cache = tmp_path_factory.mktemp("cache")
     model = build_network(CFG, seed=0)
-    norm = norm_layer_keys(model)
+    norm = local_norm_keys(model)
     shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
     cfg = TrainConfig(**{**CFG.__dict__, "fedbn": True, "server_round": 1})
     ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), "cache-dir": str(cache)})
@@ -122,11 +125,13 @@ def test_train_reply_holds_exactly_arrays_and_metrics(fedbn_round, demo_root):
         arrays[k].shape == shared[k].shape and arrays[k].dtype == shared[k].dtype for k in shared
     )
     metrics = dict(reply.content["metrics"])
-    assert {"num-examples", "num-steps", "train-loss", "val-dice"} <= set(metrics)
+    assert {"num-examples", "num-steps", "train-loss", "val-dice", "global-val-dice"} <= set(
+        metrics
+    )
     train, _ = split_cases(
         load_site_dataset(demo_root / "site-A").cases, val_fraction=CFG.val_fraction, seed=CFG.seed
     )
-    assert metrics["num-examples"] == 16 * len(train)  # 2D samples: every axial slice
+    assert metrics["num-examples"] == len(train)  # the aggregation weight: training cases
     assert _strings(reply.content) == []
     # the index names only the model's arrays and their dtypes
     index = reply.content["arrays-index"]
@@ -135,8 +140,53 @@ def test_train_reply_holds_exactly_arrays_and_metrics(fedbn_round, demo_root):
 
 
 @pytest.mark.slow
-def test_fedbn_layers_stay_at_the_site(fedbn_round):
+def test_fedbn_statistics_stay_at_the_site_under_the_runs_identity(fedbn_round):
     _, _, norm, ctx, cache = fedbn_round
-    local = ctx.state["fedbn-local"]
-    assert set(local) == set(norm)
-    assert (cache / "fedbn-coplenet.safetensors").is_file()
+    stored = ctx.state["site-state"]
+    assert {k.removeprefix("norm/") for k in stored if k.startswith("norm/")} == set(norm)
+    assert ctx.state["site-state-run"]["run-id"] == RUN
+    assert (cache / "site-state" / f"{RUN[:16]}.safetensors").is_file()
+
+
+def _evaluate(demo_root, node_config: dict, options: dict) -> Message:
+    final = model_arrays(build_network(CFG, seed=1))
+    content = RecordDict(
+        {
+            **wire.pack({f"global-final::{k}": v for k, v in final.items()}),
+            "config": ConfigRecord(CFG.to_config()),
+            "evaluation": ConfigRecord(options),
+        }
+    )
+    ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), **node_config})
+    return make_client_app()(_message(content, "evaluate"), ctx)
+
+
+@pytest.mark.slow
+def test_evaluate_discloses_nothing_below_the_disclosure_floor(demo_root):
+    # Execute: one validation case, the default floor of 5
+    reply = _evaluate(demo_root, {}, {"own-models": False})
+    # Assert: every entry withheld, no per-case value, no arrays back
+    assert not reply.has_error(), reply.error
+    entries = json.loads(reply.content["results"]["entries"])
+    assert {(e["model"], e["data"]) for e in entries} == {("global-final", "val:A")}
+    assert all(e["status"] == "too few cases" and "mean" not in e for e in entries)
+    assert wire.ARRAYS not in reply.content
+    assert set(reply.content["metrics"]) == {"global-final-val-dice", "global-final-val-n_cases"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [False, True], ids=["models-stay", "models-travel"])
+def test_evaluate_builds_the_sites_own_models(demo_root, share):
+    options = {"own-models": True, "finetune-epochs": 1, "send-models": True}
+    reply = _evaluate(demo_root, {"disclosure-floor": 1, "share-models": share}, options)
+    assert not reply.has_error(), reply.error
+    entries = json.loads(reply.content["results"]["entries"])
+    by_model = {e["model"] for e in entries if e["status"] == "ok"}
+    assert by_model == {"global-final", "finetuned@A"}
+    dice = [e for e in entries if e["metric"] == "dice"]
+    assert all(0.0 <= e["ci_low"] <= e["mean"] <= e["ci_high"] <= 1.0 for e in dice)
+    # the site's own model leaves it only when its config allows
+    assert (wire.ARRAYS in reply.content) == share
+    if share:
+        keys = wire.unpack_content(reply.content)
+        assert all(k.startswith("finetuned@A::") for k in keys)

@@ -62,7 +62,7 @@ def test_trimmed_mean_ignores_one_outlier():
 
 
 def test_weighted_average_refuses_bad_weights(updates):
-    with pytest.raises(ValueError, match="one non-negative value per update"):
+    with pytest.raises(ValueError, match="one finite non-negative value per update"):
         weighted_average([u.arrays for u in updates], [1.0])
 
 
@@ -116,3 +116,26 @@ def test_server_optimizer_state_round_trips():
     clone.load_state_arrays(opt.state_arrays())
     target = {"w": np.full(3, 2.0, np.float32)}
     np.testing.assert_array_equal(opt.step(cur, target)["w"], clone.step(cur, target)["w"])
+
+
+def test_weights_that_overflow_their_sum_are_refused(updates):
+    # two sites claiming 1.7e308 each: today the sum overflowed and zeroed the model
+    with pytest.raises(ValueError, match="not a positive finite number"):
+        weighted_average([u.arrays for u in updates[:2]], [1.7e308, 1.7e308])
+
+
+def test_scaffold_moves_the_server_control_by_the_mean_change_over_all_sites():
+    # Prepare: 4 sites in the federation, 2 sent control changes this round
+    controls = {"w": np.zeros(3, np.float32)}
+    agg = Aggregator(RunSettings(strategy="scaffold"), controls=controls)
+    ups = [
+        SiteUpdate("A", {"w": np.ones(3)}, 1, {}, {"w": np.full(3, 2.0, np.float32)}),
+        SiteUpdate("B", {"w": np.ones(3)}, 1, {}, {"w": np.full(3, 6.0, np.float32)}),
+    ]
+    # Execute
+    agg.update_control(ups, num_sites=4)
+    # Assert: c += (2 + 6) / 4, and it survives a checkpoint round trip
+    assert np.allclose(agg.control["w"], 2.0)
+    restored = Aggregator(RunSettings(strategy="scaffold"), controls=controls)
+    restored.load_state_arrays(agg.state_arrays())
+    assert np.allclose(restored.control["w"], 2.0)

@@ -3,6 +3,7 @@ restart that resumes from the last checkpoint (no round lost or repeated)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from fedmed.server.report import MetricsLog, completed_records
 from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
-from fedmed.task import build_network, norm_layer_keys
+from fedmed.task import build_network, local_norm_keys
 
 pytestmark = [
     pytest.mark.slow,
@@ -132,7 +133,43 @@ def test_report_is_drawn(simulated):
         assert (settings.out_path / png).stat().st_size > 1000
 
 
-def test_fedbn_never_sends_or_aggregates_norm_layers(
+def test_the_end_of_run_evaluation_writes_the_cross_site_table(simulated):
+    settings, _ = simulated
+    data = json.loads((settings.out_path / "cross_site.json").read_text())
+    assert data["round"] == 3 and data["sites"] == ["site-A", "site-B"] and data["missing"] == []
+    entries = data["entries"]
+    required = {"model", "data", "metric", "n", "status"}
+    assert all(required <= set(e) for e in entries)
+    # one validation case per site: below the default disclosure floor, nothing but its count
+    val = [e for e in entries if e["data"].startswith("val:")]
+    assert {e["data"] for e in val} == {"val:site-A", "val:site-B"}
+    assert all(e["status"] == "too few cases" and "mean" not in e for e in val)
+    # the server's held-out set: the global models (and the fine-tuned ones, which stay home)
+    holdout = {(e["model"], e["metric"]): e for e in entries if e["data"] == "holdout"}
+    final = holdout["global-final", "dice"]
+    assert final["n"] == 2 and final["ci_low"] <= final["mean"] <= final["ci_high"]
+    assert ("global-best", "dice") in holdout
+    assert {m for m, _ in holdout} == {"global-final", "global-best"}
+    # its hash is in the audit chain, its heatmap and table in the report
+    digest = hashlib.sha256((settings.out_path / "cross_site.json").read_bytes()).hexdigest()
+    audit = (settings.out_path / "audit.jsonl").read_text()
+    assert f'"sha256": "{digest}"' in audit
+    assert (settings.out_path / "cross_site.png").stat().st_size > 1000
+    assert "## Cross-site evaluation" in (settings.out_path / "report.md").read_text()
+
+
+def test_the_best_checkpoint_is_chosen_on_validation_data(simulated):
+    settings, _ = simulated
+    records = MetricsLog(settings.out_dir).read()
+    scored = {r["selection"]["round"]: r["selection"] for r in records if r.get("selection")}
+    assert set(scored) == {0, 1, 2, 3}
+    best = json.loads((CheckpointStore(settings.out_dir).root / "best.json").read_text())
+    # the best validation score, whatever the held-out (test) Dice of the rounds says
+    top = max(scored.values(), key=lambda s: s["val-dice"])
+    assert best["score"] == pytest.approx(top["val-dice"])
+
+
+def test_fedbn_keeps_only_statistics_at_the_sites(
     demo_root, tmp_path_factory, monkeypatch, short_ray_tmpdir
 ):
     # Prepare
@@ -156,11 +193,17 @@ def test_fedbn_never_sends_or_aggregates_norm_layers(
     )
     # Execute
     _simulate(settings, (str(demo_root / "site-A"), str(demo_root / "site-B")))
-    # Assert: norm layers of the global model are the initial ones, the rest was trained
+    # Assert: the statistics of the global model are the initial ones, the rest was trained,
+    # the normalization layers' affine weights included (SiloBN: the global model exists)
     store = CheckpointStore(settings.out_dir)
     initial, trained = store.load(0).weights, store.load(1).weights
-    norm = norm_layer_keys(build_network(train_config(settings, 0)))
-    assert all(np.array_equal(initial[k], trained[k]) for k in norm)
-    assert any(not np.array_equal(initial[k], trained[k]) for k in set(initial) - norm)
-    record = MetricsLog(settings.out_dir).read()[-1]
+    model = build_network(train_config(settings, 0))
+    stats = local_norm_keys(model)
+    assert all(np.array_equal(initial[k], trained[k]) for k in stats)
+    affine = {
+        k for k in initial if k.endswith(".weight") and k.replace("weight", "running_var") in stats
+    }
+    assert affine and all(not np.array_equal(initial[k], trained[k]) for k in affine)
+    record = completed_records(MetricsLog(settings.out_dir).read())[-1]
     assert record["status"] == "ok" and set(record["sites"]) == {"site-A", "site-B"}
+    assert record["holdout"]["norm-statistics"] == "held-out images (AdaBN)"

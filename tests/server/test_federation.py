@@ -58,6 +58,9 @@ class _OneSiteNeverReplies(Federation):
     def wait_for_sites(self) -> list[int]:
         return [11, 12, 13, 14]
 
+    def evaluate_final(self, weights) -> None:
+        pass
+
     def run_round(self, server_round, attempt, nodes, weights):
         self.asked.append(list(nodes))
         record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
@@ -86,3 +89,35 @@ def test_a_retry_asks_other_sites_than_the_one_that_failed(tmp_path):
     assert federation.asked[0] == first
     assert len(federation.asked) == 2 and first[0] not in federation.asked[1]
     assert len(federation.asked[1]) == 2 and result.failed_attempts == 1
+
+
+def test_fedbn_shares_affine_weights_so_sites_change_the_held_out_result(tmp_path, demo_root):
+    # Prepare: under fedbn the server sends every parameter, only batch-norm statistics stay
+    settings = RunSettings(
+        fedbn=True, data_dir=str(demo_root / "holdout"), out_dir=str(tmp_path), **SMALL
+    )
+    fed = Federation(None, settings)  # type: ignore[arg-type]
+    shared = fed._shared(fed.initial_weights)
+    affine = [k for k in shared if k.rsplit(".", 1)[0] + ".running_var" in fed.local_keys]
+    assert affine and not set(shared) & fed.local_keys
+    # two sites whose normalization layers learned other affine weights
+    updates = [
+        SiteUpdate(
+            site,
+            {k: (v + shift if k in affine else v) for k, v in shared.items()},
+            1,
+            {},
+        )
+        for site, shift in (("A", 2.0), ("B", 4.0))
+    ]
+    # Execute
+    merged = {**fed.initial_weights, **fed.aggregator.aggregate(shared, updates)}
+    cfg = train_config(settings, 1)
+    before = fed._evaluate_holdout(fed.initial_weights, cfg)
+    after = fed._evaluate_holdout(merged, cfg)
+    # Assert: the global model carries the sites' affine weights, and the held-out result
+    # (reported as the global model with held-out statistics) follows them
+    assert all(np.allclose(merged[k], fed.initial_weights[k] + 3.0) for k in affine)
+    assert after["norm-statistics"] == "held-out images (AdaBN)"
+    key = lambda r: [(c["dice"], c["hd95"], c["nsd"]) for c in r["cases"]]  # noqa: E731
+    assert key(before) != key(after)

@@ -49,14 +49,19 @@ def test_torn_last_line_is_skipped(tmp_path):
 
 
 def test_report_has_plots_table_and_best_round(tmp_path):
-    # Prepare
+    # Prepare: round 2 has the better held-out (test) Dice, round 1 the better validation Dice
     records = [_record(1, dice=0.4), _record(2, status="failed"), _record(2, dice=0.8)]
+    records[2]["selection"] = {"round": 1, "val-dice": 0.6, "val-cases": 3, "best": True}
     # Execute
     path = write_report(tmp_path, records, settings={"strategy": "fedavg"})
     # Assert
     text = path.read_text()
     assert "Completed rounds: 2; failed attempts: 1." in text
-    assert "Best held-out Dice: 0.8000 (round 2)." in text
+    # the best model is the one chosen on validation data, shown with its test result
+    assert (
+        "Best model (by the sites' validation Dice 0.6000): round 1; its held-out Dice: 0.4000"
+        in text
+    )
     assert "C rejected (update norm 9 exceeds max-update-norm 1)" in text
     assert "| strategy | fedavg |" in text
     for png in ("holdout_dice.png", "site_dice.png"):
@@ -66,5 +71,15 @@ def test_report_has_plots_table_and_best_round(tmp_path):
 def test_report_without_holdout_still_draws(tmp_path):
     records = [{"round": 1, "status": "ok", "sites": {"A": {"val-dice": 0.3}}, "holdout": None}]
     text = write_report(tmp_path, records).read_text()
-    assert "Completed rounds: 1" in text and "Best held-out" not in text
+    assert "Completed rounds: 1" in text and "Best model" not in text
     assert (tmp_path / "site_dice.png").is_file()
+
+
+def test_names_and_reasons_from_sites_cannot_break_the_report(tmp_path):
+    record = _record(1)
+    record["sites"] = {"A|x\n## forged": {"val-dice": 0.5}}
+    record["rejected"] = {"B": "evil\n| 1 | ok |\x1b[2J"}
+    text = write_report(tmp_path, [record]).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1  # the round's row stays one row
+    assert "\x1b" not in text and "A\\|x\\n## forged" in rows[0]

@@ -77,7 +77,14 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
     # the hash as computed before sites-per-round and the secagg keys existed: older
     # checkpoints stay resumable
     settings = RunSettings(lr=0.002)
-    newer = {"sites_per_round", "secure_aggregation", "secagg_clip_range", "secagg_max_weight"}
+    newer = {
+        "sites_per_round",
+        "secure_aggregation",
+        "secagg_clip_range",
+        "secagg_max_weight",
+        "aggregation_weight",
+        "ditto_lambda",
+    }
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
         for f in dataclasses.fields(settings)
