@@ -26,7 +26,7 @@ Example:
     >>> ledger = PrivacyLedger()
     >>> entry = LedgerEntry(run="7", round=1, mode="record", noise_multiplier=1.0,
     ...                     sample_rate=0.08, steps=50)
-    >>> may_train(site_budget=3.0, run_budget=0.0,
+    >>> may_train(site_budget=8.0, run_budget=0.0,
     ...           spent_after_next=ledger.epsilon_if(entry, delta=1e-5),
     ...           run_spent_after_next=ledger.epsilon_if(entry, delta=1e-5, run="7"))
     (True, '')
@@ -59,7 +59,9 @@ __all__ = [
     "LEDGER_MODES",
     "LedgerEntry",
     "PrivacyLedger",
+    "aggregate_noise_multiplier",
     "composed_epsilon",
+    "gaussian_epsilon",
     "may_train",
     "recompute_epsilon",
     "record_epsilon",
@@ -124,6 +126,40 @@ def record_epsilon(
     if noise_multiplier <= 0:
         return math.inf if steps > 0 else 0.0
     return composed_epsilon([(_record_event(noise_multiplier, sample_rate), steps)], delta=delta)
+
+
+def gaussian_epsilon(
+    *, noise_multiplier: float, rounds: int, delta: float, adjacency: str = "replace-one"
+) -> float:
+    """Epsilon at ``delta`` of ``rounds`` Gaussian releases with noise ``noise_multiplier * C``
+    of a quantity with L2 sensitivity ``C`` (add-remove) or ``2C`` (replace-one).
+
+    Example:
+        >>> round(gaussian_epsilon(noise_multiplier=1.0, rounds=1, delta=1e-5,
+        ...                        adjacency="add-remove"), 2)
+        4.73
+    """
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return composed_epsilon([(_site_event(noise_multiplier, adjacency), rounds)], delta=delta)
+
+
+def aggregate_noise_multiplier(
+    noise_multiplier: float, *, noised_for: int, survivors: int
+) -> float:
+    """The noise multiplier a securely aggregated sum carries when each site added its share
+    for ``noised_for`` sites and ``survivors`` sites' updates are in the sum:
+    ``sigma * sqrt(survivors / noised_for)``. Account with it when it is below ``sigma``.
+
+    Example:
+        >>> round(aggregate_noise_multiplier(1.0, noised_for=4, survivors=3), 3)
+        0.866
+    """
+    if noised_for < 1 or survivors < 0:
+        raise ValueError(f"need noised_for >= 1 and survivors >= 0, got {noised_for}, {survivors}")
+    return noise_multiplier * math.sqrt(survivors / noised_for)
 
 
 @dataclass(frozen=True)

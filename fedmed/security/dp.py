@@ -24,8 +24,9 @@ Under SecAgg+ (the server sets ``secure_sites`` n and ``min_secure_sites`` m in 
 ``privacy`` record) the noise is *distributed*: each site adds std ``sigma * C / sqrt(m)``, so
 the unmasked sum of the s >= m sites that stay carries ``sigma * C * sqrt(s / m) >= sigma * C``
 and the stated epsilon holds whichever allowed sites drop out. With m = n a dropped site's share
-is missing: the sum carries ``sigma * C * sqrt((n - d) / n)`` (:func:`aggregate_noise_multiplier`
-gives the multiplier to account with). Distributed noise needs equal aggregation weights:
+is missing: the sum carries ``sigma * C * sqrt((n - d) / n)``
+(:func:`~fedmed.security.accountant.aggregate_noise_multiplier` gives the multiplier to account
+with). Distributed noise needs equal aggregation weights:
 :func:`reduce_metrics` sends ``num-examples = 1``.
 
 Integer arrays (BatchNorm's ``num_batches_tracked``) are sent unchanged; BatchNorm running
@@ -52,16 +53,14 @@ import numpy as np
 
 from fedmed.errors import ConfigError
 
-from .accountant import ADJACENCIES, LedgerEntry, PrivacyLedger
+from .accountant import ADJACENCIES, LedgerEntry, gaussian_epsilon
 
 __all__ = [
     "DP_MODES",
     "RELEASED_METRICS",
     "DpParams",
-    "aggregate_noise_multiplier",
     "clip_update",
     "expected_noise_norm",
-    "gaussian_epsilon",
     "privacy_report_lines",
     "privatize",
     "reduce_metrics",
@@ -255,39 +254,6 @@ class DpParams:
         return LedgerEntry(
             run=run, round=server_round, mode=self.mode, noise_multiplier=self.noise_multiplier
         )
-
-
-def gaussian_epsilon(
-    *, noise_multiplier: float, rounds: int, delta: float, adjacency: str = "replace-one"
-) -> float:
-    """Epsilon at ``delta`` of ``rounds`` Gaussian releases with noise ``noise_multiplier * C``
-    of a quantity with L2 sensitivity ``C`` (add-remove) or ``2C`` (replace-one).
-
-    Example:
-        >>> round(gaussian_epsilon(noise_multiplier=1.0, rounds=1, delta=1e-5,
-        ...                        adjacency="add-remove"), 2)
-        4.73
-    """
-    if rounds <= 0:
-        return 0.0
-    entry = LedgerEntry(run="", round=0, mode="site", noise_multiplier=noise_multiplier)
-    return PrivacyLedger([entry] * rounds).epsilon(delta=delta, adjacency=adjacency)
-
-
-def aggregate_noise_multiplier(
-    noise_multiplier: float, *, noised_for: int, survivors: int
-) -> float:
-    """The noise multiplier a securely aggregated sum carries when each site added its share
-    for ``noised_for`` sites and ``survivors`` sites' updates are in the sum:
-    ``sigma * sqrt(survivors / noised_for)``. Account with it when it is below ``sigma``.
-
-    Example:
-        >>> round(aggregate_noise_multiplier(1.0, noised_for=4, survivors=3), 3)
-        0.866
-    """
-    if noised_for < 1 or survivors < 0:
-        raise ValueError(f"need noised_for >= 1 and survivors >= 0, got {noised_for}, {survivors}")
-    return noise_multiplier * math.sqrt(survivors / noised_for)
 
 
 def expected_noise_norm(

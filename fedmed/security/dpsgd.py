@@ -128,6 +128,19 @@ class DpSgdConfig:
             raise DataError("the site has no training patients: nothing to train on")
         return min(1.0, self.expected_patients_per_step / num_patients)
 
+    def ledger_entry(self, *, num_patients: int, run: str, server_round: int) -> LedgerEntry:
+        """The round this config trains, for the site's
+        :class:`~fedmed.security.accountant.PrivacyLedger`: check it with ``epsilon_if`` before
+        training, ``add`` it before the update leaves the site."""
+        return LedgerEntry(
+            run=run,
+            round=server_round,
+            mode="record",
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate(num_patients),
+            steps=self.steps,
+        )
+
 
 @dataclass(frozen=True)
 class DpSgdResult:
@@ -144,17 +157,6 @@ class DpSgdResult:
     empty_steps: int
     clipped_fraction: float
     loss: float | None
-
-    def ledger_entry(self, *, run: str, server_round: int) -> LedgerEntry:
-        """This round for the site's :class:`~fedmed.security.accountant.PrivacyLedger`."""
-        return LedgerEntry(
-            run=run,
-            round=server_round,
-            mode="record",
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-        )
 
 
 def check_dp_model(model: nn.Module) -> None:

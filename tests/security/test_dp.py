@@ -12,17 +12,17 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 
 from fedmed.errors import ConfigError
+from fedmed.security.accountant import aggregate_noise_multiplier, gaussian_epsilon
 from fedmed.security.dp import (
     DpParams,
-    aggregate_noise_multiplier,
     clip_update,
     expected_noise_norm,
-    gaussian_epsilon,
     privacy_report_lines,
     privatize,
     reduce_metrics,
     update_norm,
 )
+from fedmed.security.secagg import flatten_records, split_records
 
 
 def _arrays(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -96,6 +96,16 @@ def test_distributed_noise_sums_to_sigma_c_over_the_secure_sites() -> None:
     assert float(np.std(sums)) == pytest.approx(sigma * clip, rel=0.10)
     assert float(np.std(share["w"])) == pytest.approx(sigma * clip / math.sqrt(sites), rel=0.01)
     assert params.noise_std == pytest.approx(sigma * clip / math.sqrt(sites))
+
+
+def test_secure_round_privacy_record_survives_the_secagg_config_flattening() -> None:
+    params = DpParams(clip_norm=1.0, noise_multiplier=1.1).secure(5, min_sites=4)
+
+    flat = flatten_records({"round": 1}, {}, {"privacy": params.to_record()})
+    _, _, records = split_records(flat)
+
+    assert DpParams.from_record(records["privacy"]) == params
+    assert DpParams.from_record(records["privacy"]).noise_std == pytest.approx(1.1 / 2)
 
 
 def test_noise_for_the_fewest_survivors_keeps_sigma_when_sites_drop() -> None:

@@ -132,8 +132,9 @@ def test_round_samples_at_q_and_reports_this_rounds_epsilon() -> None:
     assert result.records == len(calls)
     assert abs(len(calls) / (40 * 50) - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 2000)
     assert result.epsilon == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
-    entry = result.ledger_entry(run="r", server_round=2)
-    assert (entry.mode, entry.steps, entry.sample_rate) == ("record", 40, pytest.approx(0.1))
+    entry = config.ledger_entry(num_patients=50, run="r", server_round=2)
+    assert (entry.mode, entry.steps, entry.noise_multiplier) == ("record", 40, 1.0)
+    assert entry.sample_rate == result.sample_rate
 
 
 def test_without_noise_or_clipping_it_is_plain_sgd_on_the_batch() -> None:

@@ -18,7 +18,7 @@ from flwr.simulation import run_simulation
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.errors import FederationError
-from fedmed.security.dp import gaussian_epsilon
+from fedmed.security.accountant import gaussian_epsilon
 from fedmed.security.pki import write_pki
 
 pytestmark = [
