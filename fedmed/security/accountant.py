@@ -46,18 +46,19 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
-from fedmed.errors import DataError
+from fedmed.errors import DataError, FederationError
 
 __all__ = [
     "ADJACENCIES",
     "LEDGER_FILE",
     "LEDGER_MODES",
     "LedgerEntry",
+    "PrivacyBudgetExhausted",
     "PrivacyLedger",
     "aggregate_noise_multiplier",
     "composed_epsilon",
@@ -285,6 +286,14 @@ class PrivacyLedger:
     ) -> float:
         """:meth:`epsilon` as it would be after ``entry``: what a site checks before a round."""
         return self.epsilon(delta=delta, run=run, adjacency=adjacency, extra=(entry,))
+
+
+class PrivacyBudgetExhausted(FederationError):
+    """A site refuses a round that would exceed a privacy budget (the message is
+    :func:`may_train`'s reason). Its class name is what a site's error reply names, so the server
+    can tell a refusal from a failure."""
+
+    exit_code: ClassVar[int] = 6
 
 
 def may_train(

@@ -10,10 +10,11 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from fedmed.errors import DataError
+from fedmed.errors import DataError, FederationError
 from fedmed.security.accountant import (
     LEDGER_FILE,
     LedgerEntry,
+    PrivacyBudgetExhausted,
     PrivacyLedger,
     may_train,
     recompute_epsilon,
@@ -164,3 +165,14 @@ def test_site_mode_record_states_its_adjacency(adjacency: str, multiplier: float
     )
     assert record["dp-epsilon"] == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
     assert recompute_epsilon(record) == pytest.approx(record["dp-epsilon"], rel=1e-12)
+
+
+def test_a_refusal_is_a_federation_error_with_its_own_name() -> None:
+    ok, reason = may_train(
+        site_budget=1.0, run_budget=0.0, spent_after_next=2.0, run_spent_after_next=2.0
+    )
+
+    with pytest.raises(FederationError, match="privacy budget exhausted") as info:
+        raise PrivacyBudgetExhausted(reason)
+    assert not ok and type(info.value).__name__ == "PrivacyBudgetExhausted"
+    assert info.value.exit_code == 6
