@@ -5,6 +5,11 @@ Block by block the same network as the authors' reference (HiLab-git/COPLE-Net, 
 10,521,666 parameters. Module names differ from the reference (loops instead of four
 hand-written bridge/down/up blocks), so the reference's checkpoint keys do not load as is.
 
+``norm="group"`` replaces every batch norm by a group norm (``GROUP_NORM_GROUPS`` groups, fewer
+where a layer has fewer channels): the variant DP-SGD needs, since batch norm mixes the records
+of a batch (:mod:`fedmed.security.dpsgd`). Same parameters and state_dict keys for the weights;
+group norm keeps no running statistics.
+
 Example:
     >>> net = COPLENet(in_channels=1, out_channels=2)
     >>> net(torch.zeros(2, 1, 64, 64)).shape
@@ -16,23 +21,52 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
-__all__ = ["COPLENet"]
+__all__ = ["GROUP_NORM_GROUPS", "COPLENet"]
+
+GROUP_NORM_GROUPS = 8
+
+Norm = Callable[[int], nn.Module]  # channels -> normalization layer
+
+
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(channels, GROUP_NORM_GROUPS), channels)
+
+
+def _norm_factory(norm: type[nn.Module] | Literal["batch", "group"]) -> Norm:
+    """``norm(channels)`` builder; nn.GroupNorm's (groups, channels) signature handled here."""
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group" or norm is nn.GroupNorm:
+        return _group_norm
+    if isinstance(norm, type) and issubclass(norm, nn.Module):
+        return norm
+    raise ValueError(
+        f"norm must be 'batch', 'group' or a normalization class, got {norm!r}; 'group' for DP-SGD"
+    )
 
 
 class ConvNormAct(nn.Sequential):
-    """``kernel_size`` convolution, batch norm, activation (the reference's ``ConvLayer``)."""
+    """``kernel_size`` convolution, norm, activation (the reference's ``ConvLayer``)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, kernel_size: int = 1, act: type[nn.Module]
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 1,
+        norm: Norm,
+        act: type[nn.Module],
     ) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2),
-            nn.BatchNorm2d(out_channels),
+            norm(out_channels),
             act(),
         )
 
@@ -55,15 +89,22 @@ class SEBlock(nn.Module):
 
 
 class ConvBlock(nn.Sequential):
-    """conv3-BN-act, dropout, conv3-BN-act, squeeze-excitation (reference: ``ConvBNActBlock``)."""
+    """conv3-norm-act, dropout, conv3-norm-act, squeeze-excitation (reference:
+    ``ConvBNActBlock``)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, dropout: float, act: type[nn.Module]
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        dropout: float,
+        norm: Norm,
+        act: type[nn.Module],
     ) -> None:
         super().__init__(
-            ConvNormAct(in_channels, out_channels, kernel_size=3, act=act),
+            ConvNormAct(in_channels, out_channels, kernel_size=3, norm=norm, act=act),
             nn.Dropout(dropout),
-            ConvNormAct(out_channels, out_channels, kernel_size=3, act=act),
+            ConvNormAct(out_channels, out_channels, kernel_size=3, norm=norm, act=act),
             SEBlock(out_channels, act=act),
         )
 
@@ -72,12 +113,18 @@ class DownBlock(nn.Module):
     """Concatenated max- and average-pooling, a ``ConvBlock``, and a residual around it."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, dropout: float, act: type[nn.Module]
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        dropout: float,
+        norm: Norm,
+        act: type[nn.Module],
     ) -> None:
         super().__init__()
         self.max_pool = nn.MaxPool2d(2)
         self.avg_pool = nn.AvgPool2d(2)
-        self.conv = ConvBlock(2 * in_channels, out_channels, dropout=dropout, act=act)
+        self.conv = ConvBlock(2 * in_channels, out_channels, dropout=dropout, norm=norm, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([self.max_pool(x), self.avg_pool(x)], dim=1)
@@ -94,12 +141,13 @@ class UpBlock(nn.Module):
         out_channels: int,
         *,
         dropout: float,
+        norm: Norm,
         act: type[nn.Module],
     ) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(in_channels, skip_channels, kernel_size=1)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv = ConvBlock(2 * skip_channels, out_channels, dropout=dropout, act=act)
+        self.conv = ConvBlock(2 * skip_channels, out_channels, dropout=dropout, norm=norm, act=act)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         joined = torch.cat([skip, self.up(self.reduce(x))], dim=1)
@@ -107,9 +155,10 @@ class UpBlock(nn.Module):
 
 
 class ASPP(nn.Module):
-    """Four parallel convolutions (kernels 1,3,3,3; dilations 1,2,4,6), concat, 1x1 conv-BN-act."""
+    """Four parallel convolutions (kernels 1,3,3,3; dilations 1,2,4,6), concat, 1x1
+    conv-norm-act."""
 
-    def __init__(self, channels: int, *, act: type[nn.Module]) -> None:
+    def __init__(self, channels: int, *, norm: Norm, act: type[nn.Module]) -> None:
         super().__init__()
         branch = channels // 4
         self.branches = nn.ModuleList(
@@ -118,7 +167,7 @@ class ASPP(nn.Module):
             )
             for kernel, dilation in ((1, 1), (3, 2), (3, 4), (3, 6))
         )
-        self.fuse = ConvNormAct(4 * branch, 4 * branch, kernel_size=1, act=act)
+        self.fuse = ConvNormAct(4 * branch, 4 * branch, kernel_size=1, norm=norm, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([branch(x) for branch in self.branches], dim=1))
@@ -149,11 +198,14 @@ class COPLENet(nn.Module):
         dropout: dropout of the five encoder levels; the decoder reuses levels 3..0, i.e.
             (0.4, 0.3, 0, 0) with the default.
         act: activation class, instantiated without arguments.
+        norm: ``"batch"`` (the reference), ``"group"`` (for DP-SGD: group norm, see the module
+            docstring) or a normalization class built as ``norm(channels)``.
 
     Example:
         >>> net = COPLENet(in_channels=1, out_channels=2, features=(8, 16, 32, 64, 128))
         >>> net(torch.zeros(1, 1, 32, 32)).shape
         torch.Size([1, 2, 32, 32])
+        >>> net = COPLENet(features=(8, 16, 32, 64, 128), norm="group")
     """
 
     def __init__(
@@ -164,6 +216,7 @@ class COPLENet(nn.Module):
         features: Sequence[int] = (32, 64, 128, 256, 512),
         dropout: Sequence[float] = (0.0, 0.0, 0.3, 0.4, 0.5),
         act: type[nn.Module] = nn.LeakyReLU,
+        norm: type[nn.Module] | Literal["batch", "group"] = "batch",
     ) -> None:
         super().__init__()
         if in_channels <= 0 or out_channels <= 0:
@@ -171,16 +224,17 @@ class COPLENet(nn.Module):
                 f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
             )
         f = _validate(features, dropout)
+        layers = {"norm": _norm_factory(norm), "act": act}
         self.features = f
-        self.in_conv = ConvBlock(in_channels, f[0], dropout=dropout[0], act=act)
+        self.in_conv = ConvBlock(in_channels, f[0], dropout=dropout[0], **layers)
         self.downs = nn.ModuleList(
-            DownBlock(f[i], f[i + 1], dropout=dropout[i + 1], act=act) for i in range(4)
+            DownBlock(f[i], f[i + 1], dropout=dropout[i + 1], **layers) for i in range(4)
         )
-        self.bridges = nn.ModuleList(ConvNormAct(f[i], f[i] // 2, act=act) for i in range(4))
-        self.aspp = ASPP(f[4], act=act)
+        self.bridges = nn.ModuleList(ConvNormAct(f[i], f[i] // 2, **layers) for i in range(4))
+        self.aspp = ASPP(f[4], **layers)
         # Decoder level i (deepest first) joins level i+1's output with bridge i's halved skip.
         self.ups = nn.ModuleList(
-            UpBlock(f[i + 1], f[i] // 2, f[i], dropout=dropout[i], act=act)
+            UpBlock(f[i + 1], f[i] // 2, f[i], dropout=dropout[i], **layers)
             for i in reversed(range(4))
         )
         self.out_conv = nn.Conv2d(f[0], out_channels, kernel_size=3, padding=1)

@@ -1,31 +1,49 @@
-"""Differential privacy for site updates: clipping, Gaussian noise and an RDP accountant.
+"""Differential privacy settings, and site-level DP: a site's whole update clipped and noised.
 
-Each round a site computes its update ``u = trained - global`` over the floating-point arrays
-it was sent, clips it to L2 norm ``clip_norm`` (``u * min(1, C / ||u||)``), adds Gaussian noise
-with standard deviation ``noise_multiplier * clip_norm`` to every coordinate and sends
-``global + u_noised``. The noise is added at the site, so the guarantee holds against the
-server and anyone who sees the message, not only against readers of the final model.
-Integer arrays (e.g. BatchNorm's ``num_batches_tracked``) are sent unchanged; BatchNorm running
-statistics are floats and get noise too: prefer ``fedbn = true`` (they stay at the site) or
-instance-norm models with DP.
+Three modes (run config ``dp-mode``):
 
-Accounting: every round is one Gaussian mechanism with sensitivity ``clip_norm`` and noise
-multiplier ``sigma`` (site-level DP, neighbouring = the site's contribution present or absent,
-no subsampling amplification since every site trains every round), so after ``T`` rounds the
-Renyi DP at order ``a`` is ``T * a / (2 sigma^2)``, converted to ``(epsilon, delta)`` with the
-bound of Canonne, Kamath & Steinke 2020 (Prop. 12 of arXiv:2004.00010 v4), minimised over the
-same orders as Google's ``dp_accounting.rdp.RdpAccountant`` (and Flower's accountant, which
-uses it). Against a server that compares one site's update with a *replaced* dataset the
-sensitivity doubles: the same epsilon then holds for ``sigma / 2``.
+- ``record``: DP-SGD inside each site (:mod:`fedmed.security.dpsgd`); the unit is the patient,
+  ``dp-clip-norm`` bounds one patient's gradient, each site accounts for its own epsilon
+  (:mod:`fedmed.security.accountant`) and refuses rounds beyond its budget.
+- ``site``: each round a site computes ``u = trained - global`` over the floating-point arrays
+  it was sent, clips it to L2 norm ``C = dp-clip-norm`` (``u * min(1, C / ||u||)``), adds
+  Gaussian noise of std ``sigma * C`` to every coordinate (``sigma = dp-noise-multiplier``) and
+  sends ``global + u_noised``. The noise is added at the site, so the guarantee holds against
+  the coordinator and anyone who sees the message. The unit is the site's whole contribution.
+- ``off``. Without ``dp-mode``, ``dp-clip-norm > 0`` means ``site`` (the meaning it had before
+  modes existed), otherwise ``off``.
+
+Site-level accounting: one Gaussian release per round (every train attempt counts), composed
+by Google's ``dp_accounting`` RDP accountant; no subsampling amplification (the server picks
+sites openly). ``dp-adjacency`` (site mode): ``replace-one`` (default; sensitivity ``2C``: the
+coordinator sees which sites send, so what it can compare is a site's update against the same
+site with other data) or ``add-remove`` (sensitivity ``C``: a site's contribution present or
+absent). At sigma 1.1, delta 1e-5, 10 rounds: epsilon 42.6 replace-one, 16.9 add-remove.
+
+Under SecAgg+ (the server sets ``secure_sites`` n and ``min_secure_sites`` m in the round's
+``privacy`` record) the noise is *distributed*: each site adds std ``sigma * C / sqrt(m)``, so
+the unmasked sum of the s >= m sites that stay carries ``sigma * C * sqrt(s / m) >= sigma * C``
+and the stated epsilon holds whichever allowed sites drop out. With m = n a dropped site's share
+is missing: the sum carries ``sigma * C * sqrt((n - d) / n)``
+(:func:`~fedmed.security.accountant.aggregate_noise_multiplier` gives the multiplier to account
+with). Distributed noise needs equal aggregation weights:
+:func:`reduce_metrics` sends ``num-examples = 1``.
+
+Integer arrays (BatchNorm's ``num_batches_tracked``) are sent unchanged; BatchNorm running
+statistics are floats and get noise too: prefer ``fedbn = true`` or group/instance norm models.
 
 Example:
-    >>> params = DpParams(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
-    >>> round(gaussian_epsilon(noise_multiplier=1.0, rounds=1, delta=1e-5), 2)
-    4.73
+    >>> params = DpParams(clip_norm=1.0, noise_multiplier=1.1, delta=1e-5)
+    >>> params.mode, params.adjacency
+    ('site', 'replace-one')
+    >>> round(params.epsilon(10), 1)
+    42.6
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,36 +53,64 @@ import numpy as np
 
 from fedmed.errors import ConfigError
 
+from .accountant import ADJACENCIES, LedgerEntry, gaussian_epsilon
+
 __all__ = [
-    "RDP_ORDERS",
+    "DP_MODES",
+    "RELEASED_METRICS",
     "DpParams",
     "clip_update",
-    "gaussian_epsilon",
+    "expected_noise_norm",
     "privacy_report_lines",
     "privatize",
+    "reduce_metrics",
     "update_norm",
 ]
 
-RDP_ORDERS: tuple[float, ...] = tuple(
-    [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+logger = logging.getLogger(__name__)
+
+DP_MODES = ("record", "site", "off")
+# What a site's metrics may hold under DP: the public aggregation weight, the configured step
+# count, and the privacy record (parameters and the epsilon computed from them).
+RELEASED_METRICS = (
+    "num-examples",
+    "num-steps",
+    "dp-epsilon",
+    "dp-delta",
+    "dp-noise-multiplier",
+    "dp-sample-rate",
+    "dp-steps",
+    "dp-epsilon-total",
 )
 
 
 @dataclass(frozen=True)
 class DpParams:
-    """Client-side DP settings of a federation; ``clip_norm = 0`` turns DP off.
+    """A federation's DP settings (run config ``dp-*``), validated; mode ``off`` turns DP off.
+
+    ``mode`` ``""`` resolves to ``site`` when ``clip_norm > 0``, else ``off``; ``adjacency``
+    ``""`` to ``replace-one`` (site) or ``add-remove`` (record). ``clip_norm`` is per patient
+    in record mode, per update in site mode. ``patients_per_step`` is DP-SGD's expected
+    patients per step (record mode). ``secure_sites`` / ``min_secure_sites`` are set by the
+    server for a SecAgg+ round (distributed noise, site mode).
 
     Example:
         >>> DpParams(clip_norm=0.5, noise_multiplier=1.1).enabled
         True
-        >>> DpParams.from_record(DpParams(clip_norm=0.5).to_record()).clip_norm
-        0.5
+        >>> DpParams.from_record(DpParams(mode="record", clip_norm=1.0, noise_multiplier=1.0)
+        ...                      .to_record()).mode
+        'record'
     """
 
     clip_norm: float = 0.0
     noise_multiplier: float = 0.0
     delta: float = 1e-5
     max_epsilon: float = 0.0
+    mode: str = ""
+    adjacency: str = ""
+    patients_per_step: float = 8.0
+    secure_sites: int = 0
+    min_secure_sites: int = 0
 
     def __post_init__(self) -> None:
         checks = (
@@ -72,46 +118,120 @@ class DpParams:
             ("dp-noise-multiplier", self.noise_multiplier, self.noise_multiplier >= 0),
             ("dp-delta", self.delta, 0 < self.delta < 1),
             ("dp-max-epsilon", self.max_epsilon, self.max_epsilon >= 0),
+            ("dp-patients-per-step", self.patients_per_step, self.patients_per_step > 0),
         )
         for key, value, ok in checks:
-            if not ok or value != value:
+            if not ok or value != value or value == math.inf:
                 raise ConfigError(
                     f"run config key {key!r} is {value!r}: clip norm, noise multiplier and max "
-                    "epsilon must be >= 0 and delta in (0, 1)"
+                    "epsilon must be finite and >= 0, delta in (0, 1), patients per step > 0"
                 )
-        if self.noise_multiplier > 0 and self.clip_norm == 0:
+        mode = self.mode or ("site" if self.clip_norm > 0 else "off")
+        if mode not in DP_MODES:
             raise ConfigError(
-                f"run config key 'dp-noise-multiplier' is {self.noise_multiplier} but "
-                "'dp-clip-norm' is 0: noise needs a clipping bound; set dp-clip-norm > 0"
+                f"run config key 'dp-mode' is {self.mode!r}: use 'record' (DP-SGD per patient "
+                "at each site), 'site' (each site's update clipped and noised) or 'off'"
             )
+        object.__setattr__(self, "mode", mode)
+        self._check_mode()
+        adjacency = self.adjacency or ("add-remove" if mode == "record" else "replace-one")
+        if adjacency not in ADJACENCIES:
+            raise ConfigError(
+                f"run config key 'dp-adjacency' is {self.adjacency!r}: use 'replace-one' or "
+                "'add-remove'"
+            )
+        if mode == "record" and adjacency != "add-remove":
+            raise ConfigError(
+                "run config key 'dp-adjacency' is 'replace-one' but dp-mode is 'record': "
+                "record-level epsilon is for one patient added or removed (dp-accounting has no "
+                "replace-one accountant for Poisson sampling); remove dp-adjacency"
+            )
+        object.__setattr__(self, "adjacency", adjacency)
+        self._check_secure()
+
+    def _check_mode(self) -> None:
+        if self.mode == "off":
+            for key, value in (
+                ("dp-clip-norm", self.clip_norm),
+                ("dp-noise-multiplier", self.noise_multiplier),
+                ("dp-max-epsilon", self.max_epsilon),
+            ):
+                if value > 0:
+                    raise ConfigError(
+                        f"run config key {key!r} is {value:g} but DP is off (dp-mode "
+                        f"{self.mode!r}, dp-clip-norm {self.clip_norm:g}): set dp-mode = "
+                        "'record' or 'site' with dp-clip-norm > 0, or remove the dp-* keys"
+                    )
+        elif self.clip_norm == 0:
+            unit = "one patient's gradient" if self.mode == "record" else "a site's update"
+            raise ConfigError(
+                f"dp-mode is {self.mode!r} but run config key 'dp-clip-norm' is 0: set the "
+                f"L2 bound on {unit}, e.g. dp-clip-norm = 1.0"
+            )
+        elif self.mode == "record" and self.noise_multiplier == 0:
+            raise ConfigError(
+                "dp-mode is 'record' but run config key 'dp-noise-multiplier' is 0: DP-SGD "
+                "without noise protects nobody; set it > 0, e.g. 1.0"
+            )
+
+    def _check_secure(self) -> None:
+        n, m = self.secure_sites, self.min_secure_sites
+        if n < 0 or m < 0 or m > n or (n > 0 and self.mode != "site"):
+            raise ConfigError(
+                f"privacy record has dp-secure-sites {n} and dp-min-secure-sites {m}: need "
+                "0 <= min <= sites, and distributed noise only in dp-mode 'site'; server and "
+                "site run different fedmed versions?"
+            )
+        if n > 0 and m == 0:
+            object.__setattr__(self, "min_secure_sites", n)
 
     @property
     def enabled(self) -> bool:
-        """True when sites clip (and, with a noise multiplier, add noise)."""
-        return self.clip_norm > 0
+        """True unless ``mode`` is ``off``."""
+        return self.mode != "off"
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the noise one site adds per coordinate in site mode (distributed under
+        SecAgg+: its share for ``min_secure_sites`` sites)."""
+        std = self.noise_multiplier * self.clip_norm
+        return std / math.sqrt(self.min_secure_sites) if self.secure_sites else std
+
+    def secure(self, sites: int, *, min_sites: int = 0) -> DpParams:
+        """These settings for a SecAgg+ round of ``sites`` sites of which at least
+        ``min_sites`` (default: all) must stay for the sum to be unmasked."""
+        return dataclasses.replace(self, secure_sites=sites, min_secure_sites=min_sites)
 
     def epsilon(self, rounds: int) -> float:
-        """Privacy spent after ``rounds`` rounds at ``delta`` (inf without noise)."""
-        if rounds <= 0:
-            return 0.0
-        if self.noise_multiplier == 0:
-            return math.inf
+        """Site-level epsilon after ``rounds`` releases at ``delta`` under ``adjacency``
+        (inf without noise). Record mode: each site's ledger knows its epsilon, not this."""
+        if self.mode != "site":
+            raise ValueError(f"DpParams.epsilon is site-level; dp-mode is {self.mode!r}")
         return gaussian_epsilon(
-            noise_multiplier=self.noise_multiplier, rounds=rounds, delta=self.delta
+            noise_multiplier=self.noise_multiplier,
+            rounds=rounds,
+            delta=self.delta,
+            adjacency=self.adjacency,
         )
 
-    def to_record(self) -> dict[str, float]:
+    def to_record(self) -> dict[str, float | int | str]:
         """The ConfigRecord ``privacy`` a train message carries."""
         return {
+            "dp-mode": self.mode,
             "dp-clip-norm": float(self.clip_norm),
             "dp-noise-multiplier": float(self.noise_multiplier),
             "dp-delta": float(self.delta),
             "dp-max-epsilon": float(self.max_epsilon),
+            "dp-adjacency": self.adjacency,
+            "dp-patients-per-step": float(self.patients_per_step),
+            "dp-secure-sites": int(self.secure_sites),
+            "dp-min-secure-sites": int(self.min_secure_sites),
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any] | None) -> DpParams:
-        """Parse :meth:`to_record`'s output; an absent record means DP off."""
+        """Parse :meth:`to_record`'s output; an absent record means DP off (a record without
+        ``dp-mode``, from an older server, means site mode when it clips)."""
         if not record:
             return cls()
         return cls(
@@ -119,23 +239,45 @@ class DpParams:
             noise_multiplier=float(record.get("dp-noise-multiplier", 0.0)),
             delta=float(record.get("dp-delta", 1e-5)),
             max_epsilon=float(record.get("dp-max-epsilon", 0.0)),
+            mode=str(record.get("dp-mode", "")),
+            adjacency=str(record.get("dp-adjacency", "")),
+            patients_per_step=float(record.get("dp-patients-per-step", 8.0)),
+            secure_sites=int(record.get("dp-secure-sites", 0)),
+            min_secure_sites=int(record.get("dp-min-secure-sites", 0)),
+        )
+
+    def ledger_entry(self, *, run: str, server_round: int) -> LedgerEntry:
+        """A site-mode (or DP-off) round as a :class:`~fedmed.security.accountant.LedgerEntry`:
+        the noise the released update or secure sum carries at the least."""
+        if self.mode == "record":
+            raise ValueError("record-mode rounds come from dp_sgd_round's result")
+        return LedgerEntry(
+            run=run, round=server_round, mode=self.mode, noise_multiplier=self.noise_multiplier
         )
 
 
-def gaussian_epsilon(*, noise_multiplier: float, rounds: int, delta: float) -> float:
-    """Epsilon at ``delta`` of ``rounds`` compositions of the Gaussian mechanism (RDP)."""
-    if noise_multiplier <= 0:
-        return math.inf
-    best = math.inf
-    for order in RDP_ORDERS:
-        rdp = rounds * order / (2.0 * noise_multiplier**2)
-        if delta**2 + math.expm1(-rdp) > 0:
-            return 0.0
-        if order <= 1.01:
-            continue
-        eps = rdp + math.log1p(-1.0 / order) - math.log(delta * order) / (order - 1)
-        best = min(best, eps)
-    return max(0.0, best)
+def expected_noise_norm(
+    num_params: int,
+    noise_multiplier: float,
+    clip_norm: float,
+    *,
+    steps: int = 1,
+    lr: float = 1.0,
+    expected_batch: float = 1.0,
+) -> float:
+    """Expected L2 norm of the DP noise in an update of ``num_params`` values.
+
+    Site mode (defaults): ``sigma * C * sqrt(d)``, e.g. the bound an update-norm check must
+    allow for beyond ``C``; the norm of d Gaussians concentrates within ``sigma * C`` of it.
+    Record mode with plain SGD: ``steps`` steps of noise ``lr * sigma * C / expected_batch``:
+    ``lr * sigma * C * sqrt(steps * d) / expected_batch`` (momentum or Adam change it).
+
+    Example:
+        >>> round(expected_noise_norm(10_521_666, 1.1, 1.0))
+        3568
+    """
+    per_step = lr * noise_multiplier * clip_norm / expected_batch
+    return per_step * math.sqrt(steps * num_params)
 
 
 def _floating(arrays: Mapping[str, np.ndarray]) -> list[str]:
@@ -171,11 +313,14 @@ def privatize(
     *,
     rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The arrays a DP site sends for the keys of ``received``, and metrics about it.
+    """The arrays a site-mode DP site sends for the keys of ``received``, and metrics about it.
 
-    Metrics: ``dp-update-norm`` (before clipping) and ``dp-clipped`` (1.0 when it was clipped).
-    Draws noise from ``rng`` (default: a fresh OS-seeded generator: never a fixed seed).
+    Noise std is :attr:`DpParams.noise_std` (a share of it under SecAgg+). Metrics, for the
+    site's own log only: ``dp-update-norm`` (before clipping) and ``dp-clipped`` (1.0 when it
+    was clipped). Draws noise from ``rng`` (default: a fresh OS-seeded generator).
     """
+    if params.mode != "site":
+        raise ValueError(f"privatize is site-level DP; dp-mode is {params.mode!r}")
     rng = rng or np.random.default_rng()
     floats = set(_floating(received))
     # in the arrays' own dtype (float32 for the nets): float64 copies of a 10M-weight model
@@ -183,7 +328,7 @@ def privatize(
     update = {k: np.subtract(trained[k], received[k], dtype=received[k].dtype) for k in floats}
     norm = update_norm(update)
     scale = min(1.0, params.clip_norm / norm) if norm > 0 else 1.0
-    std = params.noise_multiplier * params.clip_norm
+    std = params.noise_std
     out: dict[str, np.ndarray] = {}
     for key, base in received.items():
         if key not in floats:
@@ -203,26 +348,82 @@ def privatize(
     return out, metrics
 
 
+def reduce_metrics(
+    metrics: Mapping[str, float], params: DpParams, *, num_train_cases: int
+) -> dict[str, float]:
+    """What of a site's round metrics may leave it under DP (all of them with DP off).
+
+    Kept: ``num-examples`` replaced by a public value (the site's number of training cases,
+    which the roster already announced; ``1`` in a SecAgg+ round with distributed noise, whose
+    sum must weight sites equally), ``num-steps`` (set by the run config) and the ``dp-*``
+    privacy record. Dropped: everything else, e.g. ``train-loss`` (a function of the training
+    patients), ``val-dice`` / ``val-hd95`` (of the validation patients: with a handful of them a
+    noised Dice would be noise) and ``train-seconds`` (a timing side channel of the batch
+    sizes). The site's log keeps the full metrics.
+
+    Example:
+        >>> reduce_metrics({"num-examples": 812.0, "train-loss": 0.4, "val-dice": 0.7},
+        ...                DpParams(clip_norm=1.0, noise_multiplier=1.0), num_train_cases=20)
+        {'num-examples': 20.0}
+    """
+    if not params.enabled:
+        return dict(metrics)
+    if num_train_cases < 1:
+        raise ValueError(f"num_train_cases must be >= 1, got {num_train_cases}")
+    kept = {k: float(v) for k, v in metrics.items() if k in RELEASED_METRICS}
+    kept["num-examples"] = 1.0 if params.secure_sites else float(num_train_cases)
+    dropped = sorted(set(metrics) - set(kept))
+    if dropped:
+        logger.info("DP (%s mode): metrics kept at the site: %s", params.mode, ", ".join(dropped))
+    return kept
+
+
 def privacy_report_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown section (leading blank line) on the privacy spent, from the records' ``dp``."""
-    spent = [(r.get("round"), r["dp"]) for r in records if r.get("dp")]
-    if not spent:
-        return []
-    lines = [
-        "",
-        "## Differential privacy",
-        "",
-        "Client-side clipping + Gaussian noise; site-level (epsilon, delta) from an RDP "
-        "accountant. Every train attempt counts, failed ones too.",
-        "",
-        "| round | epsilon | delta | releases | noise multiplier | clip norm |",
-        "| --- | --- | --- | --- | --- | --- |",
+    """Markdown section (leading blank line) on the privacy spent, from the records' ``dp``
+    (site mode: the server's accounting) and the sites' ``dp-epsilon`` metrics (record mode)."""
+    spent = [
+        (r.get("round"), r["dp"])
+        for r in records
+        if r.get("dp") and r["dp"].get("mode", "site") == "site"
     ]
-    for round_, dp in spent:
-        eps = dp.get("epsilon")
-        lines.append(
-            f"| {round_} | {'inf (no noise)' if eps is None else f'{eps:.4f}'} | "
-            f"{dp.get('delta')} | {dp.get('releases')} | {dp.get('noise-multiplier')} | "
-            f"{dp.get('clip-norm')} |"
-        )
+    per_site = [
+        (r.get("round"), site, m)
+        for r in records
+        for site, m in sorted((r.get("sites") or {}).items())
+        if "dp-epsilon" in (m or {})
+    ]
+    if not spent and not per_site:
+        return []
+    lines = ["", "## Differential privacy"]
+    if spent:
+        lines += [
+            "",
+            "Site-level: each site's update clipped and noised; (epsilon, delta) from an RDP "
+            "accountant under the adjacency shown. Every train attempt counts, failed ones too.",
+            "",
+            "| round | epsilon | delta | adjacency | releases | noise multiplier | clip norm |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for round_, dp in spent:
+            eps = dp.get("epsilon")
+            lines.append(
+                f"| {round_} | {'inf (no noise)' if eps is None else f'{eps:.4f}'} | "
+                f"{dp.get('delta')} | {dp.get('adjacency', 'add-remove')} | "
+                f"{dp.get('releases')} | {dp.get('noise-multiplier')} | {dp.get('clip-norm')} |"
+            )
+    if per_site:
+        lines += [
+            "",
+            "Record-level (DP-SGD, one patient added or removed), as each site accounts it "
+            "over this run; `total` is the site's whole history.",
+            "",
+            "| round | site | epsilon | delta | steps | sample rate | noise multiplier | total |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for round_, site, m in per_site:
+            lines.append(
+                f"| {round_} | {site} | {m['dp-epsilon']:.4f} | {m.get('dp-delta')} | "
+                f"{m.get('dp-steps')} | {m.get('dp-sample-rate')} | "
+                f"{m.get('dp-noise-multiplier')} | {m.get('dp-epsilon-total', float('nan')):.4f} |"
+            )
     return lines

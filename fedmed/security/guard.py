@@ -2,19 +2,22 @@
 
 :class:`ServerGuard` (the server's round loop):
 
-- at start, refuses a run whose ``num-rounds`` alone would spend more than ``dp-max-epsilon``
-  and writes an audit ``start`` line (config hash, DP settings, signing certificate sha256);
+- at start, refuses a site-level DP run whose ``num-rounds`` alone would spend more than
+  ``dp-max-epsilon`` and writes an audit ``start`` line (config hash, DP settings, signing
+  certificate sha256);
 - per train attempt, :meth:`ServerGuard.train_records` gives the extra ConfigRecords of the
   train message (``signature`` when ``signing-dir`` is set, ``privacy`` when DP is on) and
-  writes an audit ``send`` line; each attempt counts as one DP release (sites noised and sent an
-  update even when the round later fails), counted again from the audit log on resume;
+  writes an audit ``send`` line; in site mode each attempt counts as one DP release (sites
+  noised and sent an update even when the round later fails), counted again from the audit log
+  on resume. In record mode each site accounts for itself (its ledger, see
+  :mod:`fedmed.security.accountant`) and reports its epsilon in its metrics;
 - per attempt result, :meth:`ServerGuard.after_attempt` writes an audit ``round`` line (sites,
   hashes of every reply, of the new global model) and signs the round's checkpoint.
 
 :class:`SiteGuard` (a site's train handler): checks the global model's signature (refusing an
 unsigned or altered model when the site has the federation CA: node config ``server-ca`` or
-environment ``FEDMED_SERVER_CA``), applies client-side DP to the reply and writes the site's
-audit line (``<cache-dir>/audit.jsonl``).
+environment ``FEDMED_SERVER_CA``), applies site-level DP to the reply (record mode: the update
+is private already, from DP-SGD) and writes the site's audit line (``<cache-dir>/audit.jsonl``).
 
 Insecure/simulation mode: with no ``signing-dir`` the server sends unsigned models and warns
 once; a site without ``server-ca`` accepts them (and checks a signature, if one comes, only
@@ -27,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +63,7 @@ class _Settings(Protocol):
     dp_noise_multiplier: float
     dp_delta: float
     dp_max_epsilon: float
+    # also read when present (defaults otherwise): dp_mode, dp_adjacency, dp_patients_per_step
 
 
 class _Update(Protocol):
@@ -73,12 +78,20 @@ class _Checkpoint(Protocol):
 
 
 def dp_params(settings: _Settings) -> DpParams:
-    """The federation's DP settings (``dp-*`` run-config keys)."""
+    """The federation's DP settings (``dp-*`` run-config keys), checked together.
+
+    ``dp-mode`` ``record`` | ``site`` | ``off``; unset (``""``), ``dp-clip-norm > 0`` means
+    ``site`` as before modes existed. ConfigError for contradictions (DP off with a clip norm,
+    a mode without a clip norm, record mode without noise, record mode with replace-one).
+    """
     return DpParams(
         clip_norm=settings.dp_clip_norm,
         noise_multiplier=settings.dp_noise_multiplier,
         delta=settings.dp_delta,
         max_epsilon=settings.dp_max_epsilon,
+        mode=getattr(settings, "dp_mode", ""),
+        adjacency=getattr(settings, "dp_adjacency", ""),
+        patients_per_step=getattr(settings, "dp_patients_per_step", 8.0),
     )
 
 
@@ -96,7 +109,7 @@ class ServerGuard:
         self.audit = AuditLog(settings.out_path / AUDIT_FILE)
         self.releases = _count_events(self.audit.path, "send")
         self._sent_digest = ""
-        if self.dp.enabled and self.dp.max_epsilon > 0:
+        if self.dp.mode == "site" and self.dp.max_epsilon > 0:
             planned = self.dp.epsilon(settings.num_rounds)
             if planned > self.dp.max_epsilon:
                 fit = max(
@@ -110,8 +123,9 @@ class ServerGuard:
                 raise ConfigError(
                     f"num-rounds {settings.num_rounds} with dp-noise-multiplier "
                     f"{self.dp.noise_multiplier} spends epsilon {planned:.3g} at delta "
-                    f"{self.dp.delta:g}, above dp-max-epsilon {self.dp.max_epsilon:g}: run at "
-                    f"most {fit} rounds or raise the noise multiplier"
+                    f"{self.dp.delta:g} ({self.dp.adjacency}), above dp-max-epsilon "
+                    f"{self.dp.max_epsilon:g}: run at most {fit} rounds or raise the noise "
+                    "multiplier"
                 )
         if self.signer is None:
             logger.warning(
@@ -120,7 +134,7 @@ class ServerGuard:
                 "false) will refuse them: set [app] signing-dir to the folder of server.key + "
                 "server.pem"
             )
-        if self.dp.enabled and self.dp.noise_multiplier == 0:
+        if self.dp.mode == "site" and self.dp.noise_multiplier == 0:
             logger.warning("dp-clip-norm without dp-noise-multiplier: updates are clipped, no DP")
 
     def start(self, *, first_round: int, num_rounds: int) -> None:
@@ -144,12 +158,16 @@ class ServerGuard:
         server_round: int,
         attempt: int,
         sites: Sequence[str],
+        secure_min_sites: int = 0,
     ) -> dict[str, dict[str, Any]]:
         """Extra ConfigRecords of a train message (by name) and an audit ``send`` line.
 
+        ``secure_min_sites`` > 0 marks a SecAgg+ round: site-mode DP then asks each of the
+        ``sites`` for its share of the noise such that any ``secure_min_sites`` of them (the
+        fewest whose sum the server can unmask) carry the full noise.
         FederationError when this release would spend more than ``dp-max-epsilon``.
         """
-        if self.dp.enabled and self.dp.max_epsilon > 0:
+        if self.dp.mode == "site" and self.dp.max_epsilon > 0:
             after = self.dp.epsilon(self.releases + 1)
             if after > self.dp.max_epsilon:
                 raise FederationError(
@@ -163,7 +181,10 @@ class ServerGuard:
                 sent, config, server_round=server_round, signer=self.signer
             )
         if self.dp.enabled:
-            records["privacy"] = self.dp.to_record()
+            dp = self.dp
+            if secure_min_sites and dp.mode == "site":
+                dp = dp.secure(len(sites), min_sites=secure_min_sites)
+            records["privacy"] = dp.to_record()
             self.releases += 1
         self._sent_digest = arrays_digest(sent)
         self.audit.append(
@@ -178,17 +199,28 @@ class ServerGuard:
         return records
 
     def privacy_spent(self) -> dict[str, Any] | None:
-        """``{"epsilon", "delta", "releases", ...}`` so far, or None without DP."""
+        """Site mode: ``{"epsilon", "delta", "adjacency", "releases", ...}`` so far (epsilon
+        under the run's ``dp-adjacency``, and ``epsilon-add-remove`` for comparison). Record
+        mode: the settings only (``epsilon`` None): each site reports its own ``dp-epsilon``.
+        None without DP."""
         if not self.dp.enabled:
             return None
-        return {
-            "epsilon": _json_epsilon(self.dp.epsilon(self.releases)),
+        spent: dict[str, Any] = {
+            "mode": self.dp.mode,
+            "epsilon": None,
             "delta": self.dp.delta,
+            "adjacency": self.dp.adjacency,
             "releases": self.releases,
             "noise-multiplier": self.dp.noise_multiplier,
             "clip-norm": self.dp.clip_norm,
             "max-epsilon": self.dp.max_epsilon or None,
         }
+        if self.dp.mode == "site":
+            spent["epsilon"] = _json_epsilon(self.dp.epsilon(self.releases))
+            spent["epsilon-add-remove"] = _json_epsilon(
+                dataclasses.replace(self.dp, adjacency="add-remove").epsilon(self.releases)
+            )
+        return spent
 
     def after_attempt(
         self,
@@ -294,20 +326,22 @@ class SiteGuard:
         signature_status: str,
         num_examples: float,
     ) -> dict[str, np.ndarray]:
-        """The arrays to send (DP applied when the server asked for it); audit line."""
+        """The arrays to send (site-mode DP applied when the server asked for it; record mode:
+        ``trained`` is already DP-SGD's output); audit line."""
         params = DpParams.from_record(privacy)
         sent = {k: trained[k] for k in received}
         norm = None
-        if params.enabled:
+        if params.mode == "site":
             sent, info = privatize(trained, received, params)
             norm = info["dp-update-norm"]
             logger.info(
-                "site %s round %d: DP update norm %.4g clipped to %g, noise std %.4g",
+                "site %s round %d: DP update norm %.4g clipped to %g, noise std %.4g%s",
                 self.site,
                 server_round,
                 norm,
                 params.clip_norm,
-                params.noise_multiplier * params.clip_norm,
+                params.noise_std,
+                f" (share of {params.secure_sites} sites)" if params.secure_sites else "",
             )
         if self.audit is not None:
             self.audit.append(

@@ -12,9 +12,12 @@ The global arrays travel as one legacy ``FitIns`` parameter: fedmed's packed pay
 (:func:`fedmed.wire.pack_array`, one Flower object instead of one per array), its index as JSON
 in the config key ``fedmed.arrays-index``, and the round's extra ConfigRecords (``signature``,
 ``privacy``) flattened into the config as ``record::key`` (:func:`flatten_records`), so the site
-checks the server's signature and applies DP exactly as in a plain round. The update goes back
-as one flat float64 vector in sorted key order (:func:`join_update`), which the server splits
-into arrays again (:func:`split_update`).
+checks the server's signature and applies DP as in a plain round, except that site-mode DP
+adds only this site's share of the noise: the ``privacy`` record of a secure round carries
+``dp-secure-sites`` and ``dp-min-secure-sites`` m, and each site adds std ``sigma * C / sqrt(m)``
+so the unmasked sum carries at least ``sigma * C`` (:class:`fedmed.security.dp.DpParams`,
+``docs/threat-model.md``). The update goes back as one flat float64 vector in sorted key order
+(:func:`join_update`), which the server splits into arrays again (:func:`split_update`).
 
 Example:
     >>> arrays = {"w": np.zeros((2, 3))}

@@ -7,6 +7,8 @@ import torch
 
 from fedmed.nets import COPLENet
 
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
 
 def _count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
@@ -48,6 +50,42 @@ def test_act_class_is_used_everywhere() -> None:
     assert not any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())
 
 
+def test_group_norm_variant_keeps_parameter_count_and_weight_keys() -> None:
+    # Prepare
+    batch = COPLENet(features=(8, 16, 32, 64, 128))
+    group = COPLENet(features=(8, 16, 32, 64, 128), norm="group")
+
+    # Execute
+    batch_keys = {k for k in batch.state_dict() if not k.endswith(_BN_BUFFERS)}
+    group_keys = set(group.state_dict())
+
+    # Assert
+    assert group_keys == batch_keys
+    assert _count(group) == _count(batch)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in group.modules())
+    norms = [m for m in group.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules())
+    assert {m.num_groups for m in norms} == {4, 8}  # 4-channel bridges get 4 groups
+
+
+def test_default_norm_is_batch_norm_and_state_dict_is_unchanged() -> None:
+    net = COPLENet(in_channels=1, out_channels=2)
+
+    assert isinstance(net.in_conv[0][1], torch.nn.BatchNorm2d)
+    assert "in_conv.0.1.running_mean" in net.state_dict()
+    assert COPLENet(norm=torch.nn.BatchNorm2d).state_dict().keys() == net.state_dict().keys()
+
+
+def test_group_norm_output_of_a_sample_does_not_depend_on_the_batch() -> None:
+    torch.manual_seed(0)
+    net = COPLENet(features=(8, 16, 32, 64, 128), dropout=(0.0,) * 5, norm=torch.nn.GroupNorm)
+    net.train()  # where batch norm would mix the samples
+    x = torch.randn(3, 1, 32, 32)
+
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[:1], net(x[:1]), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
@@ -57,8 +95,17 @@ def test_act_class_is_used_everywhere() -> None:
         ({"dropout": (0.0, 0.0, 0.3, 0.4)}, "dropout must be 5 probabilities"),
         ({"dropout": (0.0, 0.0, 0.3, 0.4, 1.0)}, "dropout must be 5 probabilities"),
         ({"in_channels": 0}, "in_channels and out_channels must be positive"),
+        ({"norm": "layer"}, "norm must be 'batch', 'group' or a normalization class"),
     ],
-    ids=["four-levels", "not-doubling", "odd-base", "four-dropouts", "dropout-one", "no-input"],
+    ids=[
+        "four-levels",
+        "not-doubling",
+        "odd-base",
+        "four-dropouts",
+        "dropout-one",
+        "no-input",
+        "unknown-norm",
+    ],
 )
 def test_invalid_configuration_raises_value_error(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -18,7 +18,7 @@ from flwr.simulation import run_simulation
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.errors import FederationError
-from fedmed.security.dp import gaussian_epsilon
+from fedmed.security.accountant import gaussian_epsilon
 from fedmed.security.pki import write_pki
 
 pytestmark = [
@@ -84,7 +84,7 @@ def test_signed_dp_federation_is_verifiable(demo_root, pki, tmp_path, capsys) ->
         tmp_path / "out",
         signing_dir=str(certs),
         dp_clip_norm=1.0,
-        dp_noise_multiplier=1.0,
+        dp_noise_multiplier=2.0,
         dp_delta=1e-5,
         dp_max_epsilon=10.0,
     )
@@ -96,7 +96,7 @@ def test_signed_dp_federation_is_verifiable(demo_root, pki, tmp_path, capsys) ->
     records = [r for r in MetricsLog(settings.out_dir).read() if r.get("status") == "ok"]
     assert [r["round"] for r in records] == [1, 2]
     eps = [r["dp"]["epsilon"] for r in records]
-    expected = [gaussian_epsilon(noise_multiplier=1.0, rounds=n, delta=1e-5) for n in (1, 2)]
+    expected = [gaussian_epsilon(noise_multiplier=2.0, rounds=n, delta=1e-5) for n in (1, 2)]
     assert eps == pytest.approx(expected, rel=1e-5)
     assert "epsilon" in (tmp_path / "out" / "report.md").read_text()
     assert (

@@ -101,12 +101,15 @@ def test_site_applies_dp_and_audits_what_it_sent(tmp_path, sent) -> None:
 
 
 def test_budget_beyond_num_rounds_is_refused_at_start(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="run at most 3 rounds"):
+    # replace-one (the default): sigma 2 spends what sigma 1 spends under add-remove
+    with pytest.raises(
+        ConfigError, match=r"\(replace-one\), above dp-max-epsilon 9\.5: run at most 3"
+    ):
         _guard(
             tmp_path,
             num_rounds=5,
             dp_clip_norm=1.0,
-            dp_noise_multiplier=1.0,
+            dp_noise_multiplier=2.0,
             dp_max_epsilon=9.5,
         )
 
@@ -115,7 +118,7 @@ def test_failed_attempts_spend_budget_and_resume_counts_them(tmp_path, sent) -> 
     kwargs = {
         "num_rounds": 2,
         "dp_clip_norm": 1.0,
-        "dp_noise_multiplier": 1.0,
+        "dp_noise_multiplier": 2.0,
         "dp_max_epsilon": 7.5,
     }
     guard = _guard(tmp_path, **kwargs)
@@ -128,9 +131,77 @@ def test_failed_attempts_spend_budget_and_resume_counts_them(tmp_path, sent) -> 
     resumed.train_records(sent, CONFIG, server_round=1, attempt=2, sites=["A", "B"])
 
     assert first is not None and first["epsilon"] == pytest.approx(4.7285, abs=1e-4)
+    assert first["adjacency"] == "replace-one"
+    assert first["epsilon-add-remove"] == pytest.approx(2.1657, abs=1e-4)
     assert resumed.releases == 2
     with pytest.raises(FederationError, match=r"would spend epsilon 9\.01 > dp-max-epsilon 7\.5"):
         resumed.train_records(sent, CONFIG, server_round=2, attempt=1, sites=["A", "B"])
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    """The settings ServerGuard reads, with the dp-mode keys RunSettings gains later."""
+
+    out_path: Path
+    num_rounds: int = 3
+    signing_dir: str = ""
+    dp_clip_norm: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float = 0.0
+    dp_mode: str = ""
+    dp_adjacency: str = ""
+    dp_patients_per_step: float = 8.0
+
+
+def test_record_mode_leaves_accounting_to_the_sites_and_sends_updates_as_trained(
+    tmp_path, sent
+) -> None:
+    # Prepare: a budget the server could not check for record mode (each site's own)
+    settings = DpSettings(tmp_path / "out", num_rounds=50, dp_mode="record", dp_max_epsilon=1.0)
+    guard = ServerGuard(settings, config_hash="h")
+    site = SiteGuard(site="A", ca_file=None, audit_dir=None)
+    trained = {k: v + 10.0 for k, v in sent.items()}
+
+    # Execute
+    extras = guard.train_records(sent, CONFIG, server_round=1, attempt=1, sites=["A"])
+    out = site.protect(
+        trained,
+        sent,
+        extras["privacy"],
+        server_round=1,
+        signature_status="unsigned",
+        num_examples=8,
+    )
+
+    # Assert
+    assert extras["privacy"]["dp-mode"] == "record"
+    assert extras["privacy"]["dp-patients-per-step"] == 8.0
+    spent = guard.privacy_spent()
+    assert spent is not None and spent["mode"] == "record" and spent["epsilon"] is None
+    for key in sent:  # DP-SGD's output is private already: not clipped or noised again
+        np.testing.assert_array_equal(out[key], trained[key])
+
+
+def test_secure_round_asks_each_site_for_its_share_of_the_noise(tmp_path, sent) -> None:
+    guard = ServerGuard(DpSettings(tmp_path / "out"), config_hash="h")
+    sites = ["A", "B", "C", "D", "E"]
+
+    secure = guard.train_records(
+        sent, CONFIG, server_round=1, attempt=1, sites=sites, secure_min_sites=4
+    )
+    plain = guard.train_records(sent, CONFIG, server_round=2, attempt=1, sites=sites)
+
+    assert (secure["privacy"]["dp-secure-sites"], secure["privacy"]["dp-min-secure-sites"]) == (
+        5,
+        4,
+    )
+    assert plain["privacy"]["dp-secure-sites"] == 0
+
+
+def test_dp_mode_off_with_a_clip_norm_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="'dp-clip-norm' is 1 but DP is off"):
+        ServerGuard(DpSettings(tmp_path / "out", dp_mode="off"), config_hash="h")
 
 
 def test_server_audit_records_rounds_and_hashes(tmp_path, certs, sent) -> None:
