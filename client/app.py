@@ -70,9 +70,11 @@ from fedmed import wire
 from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
 from fedmed.scaffold import join_controls, split_controls
+from fedmed.security.accountant import PrivacyBudgetExhausted
+from fedmed.security.dp import DpParams, reduce_metrics
 from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
-from fedmed.siteround import run_site_round
+from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
 from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
 from fedmed.task import (
     SiteTask,
@@ -85,6 +87,7 @@ from fedmed.task import (
 
 from .evaluate import evaluate_message
 from .local_state import StateStore
+from .privacy import SiteBudget
 
 __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
 
@@ -109,6 +112,7 @@ class SiteConfig:
     device: str = "auto"
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
+    max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.disclosure_floor, bool) or not (
@@ -117,6 +121,11 @@ class SiteConfig:
             raise ConfigError(
                 f"site setting 'disclosure-floor' is {self.disclosure_floor!r}: give the fewest "
                 f"cases (>= 1) a summary may describe, e.g. {DEFAULT_DISCLOSURE_FLOOR}"
+            )
+        if not (0.0 <= self.max_epsilon < float("inf")):
+            raise ConfigError(
+                f"site setting 'max-epsilon' is {self.max_epsilon!r}: give the site's privacy "
+                "budget (epsilon over all runs, per patient), or 0 for none"
             )
 
 
@@ -139,6 +148,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
         device=str(cfg.get("device", "auto")),
         disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
         share_models=cfg.get("share-models", False) is True,
+        max_epsilon=float(cfg.get("max-epsilon", 0.0)),  # type: ignore[arg-type]
     )
 
 
@@ -193,6 +203,12 @@ def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
 
 
 def _error_reply(msg: Message, site: str, err: Exception) -> Message:
+    if isinstance(err, PrivacyBudgetExhausted):  # a refusal, not a failure: say why
+        logger.warning("site %s: %s", site, err)
+        reason = f"PrivacyBudgetExhausted at site {site}: {err}"
+        return Message(
+            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+        )
     logger.exception("site %s: %s message failed", site, msg.metadata.message_type)
     reason = f"{type(err).__name__} at site {site}; details are in the site's log"
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
@@ -219,9 +235,23 @@ def _train_site(
     )
     task = _task(site, cfg)
     received, server_control = split_controls(received)
+    dp = DpParams.from_record(records.get("privacy"))
+    budget = entry = dp_sgd = None
+    if dp.enabled:  # the site's own budget is checked before anything is trained
+        budget = SiteBudget(context, cache_dir=site.cache_dir, max_epsilon=site.max_epsilon)
+        if dp.mode == "record":
+            dp_sgd = dp_sgd_config(task, cfg, dp)
+            entry = dp_sgd.ledger_entry(
+                num_patients=num_patients(task), run=cfg.run_id, server_round=cfg.server_round
+            )
+        else:
+            entry = dp.ledger_entry(run=cfg.run_id, server_round=cfg.server_round)
+        budget.check(dp, entry, run=cfg.run_id)
     store = StateStore(context, cache_dir=site.cache_dir)
     state = store.load(cfg.run_id, reference=model_arrays(build_network(cfg)))
-    result = run_site_round(task, received, cfg, state, server_control=server_control or None)
+    result = run_site_round(
+        task, received, cfg, state, server_control=server_control or None, dp_sgd=dp_sgd
+    )
     store.save(result.state)
     sent = guard.protect(
         result.arrays,
@@ -232,7 +262,11 @@ def _train_site(
         num_examples=float(result.metrics.get("num-examples", 0)),
     )
     logger.info("site %s round %d: %s", site.name, cfg.server_round, result.metrics)
-    return join_controls(sent, result.control_delta), result.metrics
+    metrics = result.metrics
+    if budget is not None and entry is not None:
+        metrics = {**metrics, **budget.spend(entry, dp, run=cfg.run_id)}
+        metrics = reduce_metrics(metrics, dp, num_train_cases=task.num_train_cases)
+    return join_controls(sent, result.control_delta), metrics
 
 
 def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> ClientApp:

@@ -7,8 +7,9 @@ A round at a site, in order:
    ``global-val-*`` metrics. The server selects its best checkpoint from these (never from
    its held-out test set).
 2. **Local training** from the global model (FedAvg/FedProx; with SCAFFOLD every gradient is
-   corrected by the control variates, :mod:`fedmed.scaffold`): the returned arrays and
-   ``val-*`` metrics of the trained local model.
+   corrected by the control variates, :mod:`fedmed.scaffold`; with record-level DP, DP-SGD
+   over the site's patients, :func:`dp_sgd_config`): the returned arrays and ``val-*`` metrics
+   of the trained local model.
 3. **Ditto** (``ditto-lambda`` > 0, Li et al., ICML 2021): the site's personal model trains for
    the same budget with ``lambda / 2 * ||v - w_global||^2`` tying it to the received global
    model; it never leaves the site; ``ditto-val-*`` metrics.
@@ -28,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,10 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedmed.io.msd import patient_id
+from fedmed.pipeline import PatchSamples
 from fedmed.scaffold import GradientCorrection, zero_controls
-from fedmed.task import SiteTask, TrainConfig, local_norm_keys, model_arrays
+from fedmed.security.dp import DpParams
+from fedmed.security.dpsgd import DpSgdConfig, dp_sgd_round
+from fedmed.task import SiteTask, TrainConfig, local_config, local_norm_keys, model_arrays
+from fedmed.train import TrainResult, build_loss
 
-__all__ = ["SiteRoundResult", "SiteState", "run_site_round"]
+__all__ = ["SiteRoundResult", "SiteState", "dp_sgd_config", "num_patients", "run_site_round"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +110,11 @@ def run_site_round(
     state: SiteState,
     *,
     server_control: Mapping[str, np.ndarray] | None = None,
+    dp_sgd: DpSgdConfig | None = None,
 ) -> SiteRoundResult:
     """One round at the site (see the module docstring); ``received`` are the global arrays,
-    ``server_control`` SCAFFOLD's ``c`` (required when ``cfg.scaffold``)."""
+    ``server_control`` SCAFFOLD's ``c`` (required when ``cfg.scaffold``), ``dp_sgd`` the
+    round's DP-SGD (record-level DP; the caller has checked the site's budget)."""
     start = time.perf_counter()
     local = state.norm if cfg.fedbn else {}
     model = task.model(cfg, received, local_arrays=local)
@@ -119,6 +128,8 @@ def run_site_round(
             result = task.fit(model, cfg)
         state.control = correction.new_site_control()
         delta = correction.site_delta()
+    elif dp_sgd is not None:
+        result = _fit_private(task, model, cfg, dp_sgd)
     else:
         result = task.fit(model, cfg)
     metrics.update(task.round_metrics(cfg, result))
@@ -148,3 +159,61 @@ def _ditto_round(
     task.fit(personal, cfg, proximal_mu=cfg.ditto_lambda, anchor=anchor, seed_salt=1)
     state.personal = model_arrays(personal)
     return {f"ditto-val-{k}": v for k, v in task.evaluate(personal, cfg).items()}
+
+
+def _patients(task: SiteTask) -> list[list[int]]:
+    """The site's training cases grouped by patient (indices into ``task.train``)."""
+    groups: dict[str, list[int]] = {}
+    for index, case in enumerate(task.train_cases):
+        groups.setdefault(patient_id(case["case_id"]), []).append(index)
+    return list(groups.values())
+
+
+def num_patients(task: SiteTask) -> int:
+    """The site's training patients: DP-SGD's records (a patient's cases count once)."""
+    return len(_patients(task))
+
+
+def dp_sgd_config(task: SiteTask, cfg: TrainConfig, dp: DpParams) -> DpSgdConfig:
+    """The round's DP-SGD at this site: ``local-steps`` steps, or ``local-epochs`` times as many
+    steps as take every patient once in expectation; Adam at the round's learning rate."""
+    per_epoch = max(1, math.ceil(num_patients(task) / dp.patients_per_step))
+    return DpSgdConfig(
+        noise_multiplier=dp.noise_multiplier,
+        clip_norm=dp.clip_norm,
+        expected_patients_per_step=dp.patients_per_step,
+        steps=cfg.local_steps or cfg.local_epochs * per_epoch,
+        delta=dp.delta,
+        lr=cfg.lr,
+        optimizer="adam",
+    )
+
+
+def _fit_private(
+    task: SiteTask, model: torch.nn.Module, cfg: TrainConfig, config: DpSgdConfig
+) -> TrainResult:
+    """DP-SGD: one record = one patch or slice of one patient (a patient's cases pooled)."""
+    seed = int(np.random.default_rng([cfg.seed, cfg.server_round, 4]).integers(2**31))
+    samples = PatchSamples(task.train, cfg.patch_size, seed=seed)
+    first = {}
+    for index in range(len(samples)):
+        first.setdefault(samples.case_of(index), index)
+    patients = _patients(task)
+
+    def sampler(patient: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cases = patients[patient]
+        case = cases[int(torch.randint(len(cases), (1,), generator=generator))]
+        sample = samples[first[case]]
+        return sample["image"], sample["label"]
+
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = build_loss(local_config(cfg)).to(task.device)
+    result = dp_sgd_round(
+        model, loss_fn, sampler, config, num_patients=len(patients), generator=generator
+    )
+    return TrainResult(
+        loss=float(result.loss) if result.loss is not None else math.nan,
+        num_examples=result.records,
+        steps=result.steps,
+        val_dice=None,
+    )

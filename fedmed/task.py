@@ -109,6 +109,7 @@ class TrainConfig:
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
     ditto_lambda: float = 0.0
     scaffold: bool = False
+    model_norm: str = "batch"
 
     @property
     def spatial_dims(self) -> int:
@@ -184,6 +185,8 @@ def build_network(cfg: TrainConfig, *, seed: int | None = None) -> nn.Module:
     options: dict[str, object] = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
     if cfg.model_features:
         options["features"] = cfg.model_features
+    if cfg.model == "coplenet":
+        options["norm"] = cfg.model_norm
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -16,6 +16,9 @@ message, :mod:`fedmed.client.evaluate`):
 3. **Stage 2** (only when some site's config lets its models travel, never under DP): each
    site evaluates the other sites' travelling models on its validation split.
 
+Under DP no site is asked (what leaves a site is only what its privacy accounting covers): the
+final round is not scored and the cross-site table holds the server's held-out results only.
+
 The result is ``<out-dir>/cross_site.json``::
 
     {"format": "fedmed-cross-site-1", "run-id": ..., "round": R, "best-round": r,
@@ -225,6 +228,9 @@ def run_final_evaluation(fed: Federation, weights: Mapping[str, np.ndarray]) -> 
     last = settings.num_rounds
     connected = set(fed.grid.get_node_ids())
     nodes = sorted(n for n in fed.sites if n in connected)
+    if fed.guard.dp.enabled:  # under DP nothing beyond the accounted updates leaves a site
+        logger.info("end-of-run evaluation: DP is on, the sites are not asked")
+        nodes = []
     models: dict[str, Arrays] = {"global-final": dict(weights)}
     best = fed.store.best_pointer()
     best_round = best["round"] if best else None

@@ -76,6 +76,7 @@ __all__ = ["Federation", "FederationResult", "SiteInfo", "train_config"]
 
 logger = logging.getLogger(__name__)
 
+_BUDGET_REFUSAL = "PrivacyBudgetExhausted"  # a site's error reply when it refuses a round
 HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | None]
 
 
@@ -101,6 +102,7 @@ def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") 
         nsd_tolerance_mm=settings.nsd_tolerance_mm,
         ditto_lambda=settings.ditto_lambda,
         scaffold=settings.strategy == "scaffold",
+        model_norm=settings.model_norm,
     )
 
 
@@ -146,6 +148,7 @@ class Federation:
             }
         self.aggregator = Aggregator(settings, controls=controls)
         self.run_id = ""  # sha256 of round 0's checkpoint, set by _start
+        self.exhausted: set[str] = set()  # sites that refused to exceed a privacy budget
 
     @property
     def sites(self) -> dict[int, SiteInfo]:
@@ -178,8 +181,17 @@ class Federation:
             connected = sorted(self.grid.get_node_ids())
             self._update_roster(connected)
             known = [n for n in connected if n in self.sites]
-            if len(known) >= self.settings.min_sites:
-                return known
+            able = [n for n in known if self.sites[n].name not in self.exhausted]
+            if len(able) >= self.settings.min_sites:
+                return able
+            if self.exhausted and len(known) >= self.settings.min_sites:
+                raise FederationError(
+                    f"privacy budget exhausted: only {len(able)} of min-sites "
+                    f"{self.settings.min_sites} sites may still train ("
+                    f"{', '.join(sorted(self.exhausted))} refused: their epsilon would exceed "
+                    "their own max-epsilon or the run's dp-max-epsilon); the last checkpoint "
+                    "holds the final model"
+                )
             if len(known) != logged:
                 logger.info(
                     "%d of min-sites %d sites connected; waiting",
@@ -234,6 +246,8 @@ class Federation:
         elif rule == "default":
             noised = sum(v.size for k, v in sent.items() if k in self.param_keys)
             noise = settings.dp_noise_multiplier * settings.dp_clip_norm * math.sqrt(noised)
+            if self.guard.dp.mode == "record":
+                noise = self._record_dp_allowance(noised)
             bound = default_update_bound(sent, keys=self.param_keys, dp_noise_norm=noise)
         else:
             bound = 0.0
@@ -243,6 +257,17 @@ class Federation:
             for node, site in self.sites.items()
         }
         return ReplyBounds(bound, max_weight, whole_weight=not voxels, norm_keys=self.param_keys)
+
+    def _record_dp_allowance(self, noised: int) -> float:
+        """Record-level DP trains with Adam on noisy gradients: each step moves a coordinate
+        by about ``lr`` whatever the noise, so a round moves the model at most about
+        ``lr * steps * sqrt(d)`` (steps from the largest site's announced cases)."""
+        settings = self.settings
+        cases = max((s.num_train_cases for s in self.sites.values()), default=1)
+        steps = settings.local_steps or settings.local_epochs * math.ceil(
+            cases / settings.dp_patients_per_step
+        )
+        return settings.lr * steps * math.sqrt(noised) / 3.0
 
     def run_round(
         self, server_round: int, attempt: int, nodes: list[int], weights: Mapping[str, np.ndarray]
@@ -258,6 +283,7 @@ class Federation:
             server_round=server_round,
             attempt=attempt,
             sites=list(names.values()),
+            secure_min_sites=self.settings.min_sites if self.secure is not None else 0,
         )
         if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
             record, updates = self.secure.attempt(
@@ -375,6 +401,10 @@ class Federation:
                 connected, self.settings, server_round, names=self.roster.names(), avoid=avoid
             )
             record, updates = self.run_round(server_round, attempt, nodes, weights)
+            spent = {s for s, why in record["rejected"].items() if _BUDGET_REFUSAL in why}
+            if spent - self.exhausted:
+                logger.warning("privacy budget exhausted at %s: no longer sampled", sorted(spent))
+                self.exhausted |= spent
             if record.get("contributors", len(updates)) >= self.settings.min_sites:
                 return record, updates, attempt - 1
             bad = {*record["missing"], *record["rejected"]}

@@ -70,11 +70,22 @@ key                         type     default      meaning
                                                   local-baselines)
 ``signing-dir``             str      ""           folder with server.key + server.pem (``fedmed
                                                   certs``): sign global models and checkpoints
-``dp-clip-norm``            float    0.0          sites clip their update to this L2 norm (0 =
-                                                  no DP; see :mod:`fedmed.security.dp`)
-``dp-noise-multiplier``     float    0.0          sites add N(0, (this * clip norm)^2) noise
+``dp-mode``                 str      ""           record (DP-SGD per patient at each site),
+                                                  site (each update clipped and noised) or off;
+                                                  "" = site when dp-clip-norm > 0, else off
+``dp-clip-norm``            float    0.0          L2 bound: per patient's gradient (record) or
+                                                  per site update (site); see
+                                                  :mod:`fedmed.security.dp`
+``dp-noise-multiplier``     float    0.0          noise std / clip norm
 ``dp-delta``                float    1e-5         delta of the reported (epsilon, delta)
-``dp-max-epsilon``          float    0.0          refuse rounds beyond this epsilon (0 = none)
+``dp-max-epsilon``          float    0.0          the epsilon the coordinator asks each site to
+                                                  stay within for this run (0 = none; a site's
+                                                  own ``max-epsilon`` wins)
+``dp-adjacency``            str      ""           site mode: replace-one (default) or
+                                                  add-remove; record mode: add-remove
+``dp-patients-per-step``    float    8.0          record mode: expected patients per DP-SGD step
+``model-norm``              str      "batch"      COPLE-Net's normalization: batch or group
+                                                  (group for record-level DP)
 ``secure-aggregation``      bool     false        SecAgg+: the server sees only the sum of the
                                                   sites' updates (needs min-sites >= 3 and a
                                                   mean-based strategy; see :mod:`.secagg`)
@@ -156,7 +167,15 @@ _RESUMABLE_KEYS = frozenset(
 )
 # Keys that shape training but came later: left out of the identity hash at their default, so
 # runs from before they existed keep their hash (and stay resumable).
-_NEW_TRAINING_KEYS = {"aggregation-weight": "cases", "ditto-lambda": 0.0}
+_NEW_TRAINING_KEYS = {
+    "aggregation-weight": "cases",
+    "ditto-lambda": 0.0,
+    "dp-mode": "",
+    "dp-adjacency": "",
+    "dp-patients-per-step": 8.0,
+    "model-norm": "batch",
+}
+MODEL_NORMS = ("batch", "group")
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -221,6 +240,12 @@ class RunSettings:
     )
     dp_delta: float = field(default=1e-5, metadata=_meta("dp-delta", float, gt=0, lt=1))
     dp_max_epsilon: float = field(default=0.0, metadata=_meta("dp-max-epsilon", float, min=0))
+    dp_mode: str = field(default="", metadata=_meta("dp-mode", str))
+    dp_adjacency: str = field(default="", metadata=_meta("dp-adjacency", str))
+    dp_patients_per_step: float = field(
+        default=8.0, metadata=_meta("dp-patients-per-step", float, gt=0)
+    )
+    model_norm: str = field(default="batch", metadata=_meta("model-norm", str))
     secure_aggregation: bool = field(default=False, metadata=_meta("secure-aggregation", bool))
     secagg_clip_range: float = field(default=8.0, metadata=_meta("secagg-clip-range", float, gt=0))
     secagg_max_weight: float = field(
@@ -250,6 +275,11 @@ class RunSettings:
                 "default rule), 0 (no bound) or a positive L2 norm"
             )
         _ = self.reference_model_paths  # parse now so errors surface at construction
+        if self.model_norm not in MODEL_NORMS:
+            raise ConfigError(
+                f"run config key 'model-norm' is {self.model_norm!r}: use one of "
+                f"{', '.join(MODEL_NORMS)}"
+            )
         if self.strategy == "scaffold" and self.dp_clip_norm > 0:
             raise ConfigError(
                 "run config key 'strategy' is 'scaffold' but DP is on (dp-clip-norm > 0): the "
@@ -265,7 +295,13 @@ class RunSettings:
         if self.secure_aggregation:
             self._check_secure_aggregation()
         _ = self.features, self.patch_shape  # parse now so errors surface at construction
-        dp_params(self)  # DP keys checked together (noise needs a clip norm)
+        dp = dp_params(self)  # DP keys checked together (noise needs a clip norm)
+        if dp.mode == "record" and self.model == "coplenet" and self.model_norm == "batch":
+            raise ConfigError(
+                "run config key 'dp-mode' is 'record' but COPLE-Net uses batch norm, whose "
+                "statistics mix the patients of a batch (DP-SGD needs per-patient gradients): "
+                "set model-norm = 'group'"
+            )
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             logger.warning("strategy 'fedprox' with proximal-mu 0 trains exactly like fedavg")
         if self.strategy != "fedprox" and self.proximal_mu > 0.0:

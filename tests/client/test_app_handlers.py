@@ -12,6 +12,8 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
 from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.security.accountant import recompute_epsilon
+from fedmed.security.dp import RELEASED_METRICS, DpParams
 from fedmed.task import TrainConfig, build_network, local_norm_keys, model_arrays
 
 RUN = "ab" * 32  # the run's identity: its round-0 checkpoint's sha256
@@ -190,3 +192,39 @@ def test_evaluate_builds_the_sites_own_models(demo_root, share):
     if share:
         keys = wire.unpack_content(reply.content)
         assert all(k.startswith("finetuned@A::") for k in keys)
+
+
+def _private(run: str, **dp) -> RecordDict:
+    cfg = TrainConfig(**{**CFG.__dict__, "model_norm": "group", "run_id": run, "server_round": 1})
+    arrays = model_arrays(build_network(cfg, seed=0))
+    privacy = DpParams(mode="record", clip_norm=1.0, noise_multiplier=1.0, **dp).to_record()
+    return RecordDict({**_train_content(arrays, cfg), "privacy": ConfigRecord(privacy)})
+
+
+@pytest.mark.slow
+def test_record_level_dp_reports_epsilon_and_nothing_else(demo_root, tmp_path):
+    ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), "cache-dir": str(tmp_path)})
+    reply = make_client_app()(_message(_private("ef" * 32), "train"), ctx)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    # only the public weight, the step count and the privacy record leave the site
+    assert "val-dice" not in metrics and "train-loss" not in metrics
+    assert set(metrics) <= set(RELEASED_METRICS)
+    expected = recompute_epsilon({**metrics, "dp-mode": "record", "dp-adjacency": "add-remove"})
+    assert metrics["dp-epsilon"] == pytest.approx(expected)
+    assert (tmp_path / "privacy-ledger.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_site_refuses_a_round_beyond_its_own_budget(demo_root, tmp_path):
+    node = {
+        "site": "A",
+        "data-dir": str(demo_root / "site-A"),
+        "cache-dir": str(tmp_path),
+        "max-epsilon": 0.01,  # the site's own budget wins over the run's (none here)
+    }
+    reply = make_client_app()(_message(_private("ef" * 32), "train"), _context(node))
+    assert reply.has_error()
+    assert reply.error.reason.startswith("PrivacyBudgetExhausted at site A: privacy budget")
+    assert "above its max-epsilon 0.01" in reply.error.reason
+    assert not (tmp_path / "privacy-ledger.json").exists()  # nothing was spent
