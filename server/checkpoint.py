@@ -13,7 +13,10 @@ Layout under ``<out-dir>/checkpoints/``::
 
 A round is written into a temporary folder and renamed into place, so a folder named
 ``round-NNNN`` is always complete; :meth:`CheckpointStore.load_latest` verifies the hashes and
-the chain link, so a restarted server continues from exactly that round's global weights.
+the chain link, so a restarted server continues from exactly that round's global weights. When
+the run signs (``signed_by``), resume also checks every round's ``signature.json`` from round 0
+(:func:`fedmed.security.chain.verify_links`): a checkpoint whose weights were replaced and whose
+hashes were recomputed is refused with a SecurityError, never trained on.
 The checkpoint's ``hash`` is the sha256 of its ``weights.safetensors``; ``parent_hash`` is the
 previous round's hash (``None`` for round 0).
 
@@ -41,8 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from fedmed.errors import ModelError
+from fedmed.errors import ModelError, SecurityError
 from fedmed.security.at_rest import checkpoint_key, read_arrays, write_arrays
+from fedmed.security.chain import verify_links
+from fedmed.security.signing import SignatureError, Signer, Verifier
 
 from .report import json_safe
 
@@ -164,6 +169,14 @@ class CheckpointStore:
         pointer = {"round": round_, "hash": digest, "score": score}
         _write_json(self.root / "latest.json", pointer)
         best = self.best_pointer()
+        if best is not None and int(best.get("round", -1)) >= round_:
+            # best.json names a round that was just written again (a resume after its folder
+            # was deleted): pick the best of the rounds kept
+            best = self._best_before(round_)
+            if best is None:
+                (self.root / "best.json").unlink()
+            else:
+                _write_json(self.root / "best.json", best)
         if score is not None and (
             best is None or best.get("score") is None or score > best["score"]
         ):
@@ -183,6 +196,17 @@ class CheckpointStore:
                 f"{self.root}: resume from the latest round or use a new out-dir"
             )
         return json.loads(previous.read_text())["weights_sha256"]
+
+    def _best_before(self, round_: int) -> dict[str, Any] | None:
+        best: dict[str, Any] | None = None
+        for earlier in self.rounds():
+            if earlier >= round_:
+                break
+            meta = json.loads((self.round_dir(earlier) / _META).read_text())
+            score = meta.get("score")
+            if score is not None and (best is None or score > best["score"]):
+                best = {"round": earlier, "hash": meta["weights_sha256"], "score": score}
+        return best
 
     def best_pointer(self) -> dict[str, Any] | None:
         """The content of ``best.json``, or None before any scored round."""
@@ -215,11 +239,18 @@ class CheckpointStore:
             ) from err
         return Checkpoint(round_, folder, digest, meta["parent_hash"], weights, state, meta)
 
-    def load_latest(self) -> Checkpoint | None:
-        """The last complete round, its chain link to the round before checked; None if none."""
+    def load_latest(self, *, signed_by: Signer | None = None) -> Checkpoint | None:
+        """The last complete round, its files and chain link checked; None if none.
+
+        ``signed_by``: the run signs its checkpoints with this signer, so every round from 0 to
+        the last must carry a signature by its CA (without a CA: by its certificate) over
+        exactly its ``meta.json``; SecurityError names the folder and the fix otherwise.
+        """
         rounds = self.rounds()
         if not rounds:
             return None
+        if signed_by is not None:
+            self._verify_signatures(rounds[-1], Verifier.for_signer(signed_by))
         latest = self.load(rounds[-1])
         if latest.round > 0:
             before = self.round_dir(latest.round - 1) / _META
@@ -236,6 +267,18 @@ class CheckpointStore:
                     "folder or use a new out-dir"
                 )
         return latest
+
+    def _verify_signatures(self, last: int, verifier: Verifier) -> None:
+        try:
+            verify_links(self.root, verifier=verifier, upto=last)
+        except SignatureError as err:
+            raise SecurityError(
+                f"cannot resume from {self.root}: {err}. This run signs its checkpoints, so it "
+                "resumes only from a chain its own key signed: restore the folder from a backup, "
+                "or start over in a new out-dir; if you know why a round fails (a crash right "
+                f"after writing round {last} leaves it unsigned), delete that round's folder and "
+                "every later one to resume from the round before it"
+            ) from err
 
     def verify_chain(self) -> list[int]:
         """Check every round's hashes and parent links; return the rounds checked."""

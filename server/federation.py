@@ -315,7 +315,7 @@ class Federation:
                 "give the server's held-out folder, or '' for none"
             )
         ident = self.settings.identity_hash()
-        latest = self.store.load_latest()
+        latest = self.store.load_latest(signed_by=self.guard.signer)  # verifies when signing
         if latest is None:
             cfg = train_config(self.settings, 0)
             holdout = self._holdout_fn(self.initial_weights, cfg)

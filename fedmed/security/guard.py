@@ -3,7 +3,8 @@
 :class:`ServerGuard` (the server's round loop):
 
 - at start, refuses a run whose ``num-rounds`` alone would spend more than ``dp-max-epsilon``
-  and writes an audit ``start`` line (config hash, DP settings, signing certificate sha256);
+  and writes an audit ``start`` line (config hash, DP settings, the signing certificate and its
+  CA, which ``fedmed verify`` falls back on without ``--ca``);
 - per train attempt, :meth:`ServerGuard.train_records` gives the extra ConfigRecords of the
   train message (``signature`` when ``signing-dir`` is set, ``privacy`` when DP is on) and
   writes an audit ``send`` line; each attempt counts as one DP release (sites noised and sent an
@@ -27,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,8 +40,9 @@ import numpy as np
 from fedmed.errors import ConfigError, FederationError
 
 from .audit import AUDIT_FILE, AuditLog
+from .chain import sign_checkpoint
 from .dp import DpParams, privatize
-from .signing import Signer, Verifier, arrays_digest, sign_checkpoint, sign_global, verify_global
+from .signing import Signer, Verifier, arrays_digest, sign_global, verify_global
 
 __all__ = ["CA_ENV_VAR", "ServerGuard", "SiteGuard", "dp_params"]
 
@@ -125,13 +126,12 @@ class ServerGuard:
 
     def start(self, *, first_round: int, num_rounds: int) -> None:
         """Audit line for a (re)started run."""
-        cert = self.signer.certificate_pem if self.signer else b""
         self.audit.append(
             "start",
             config_sha256=self.config_hash,
             first_round=first_round,
             num_rounds=num_rounds,
-            signing_cert_sha256=hashlib.sha256(cert).hexdigest() if cert else None,
+            **(self.signer.trust_record() if self.signer else {"signing_cert_sha256": None}),
             dp=self.dp.to_record() if self.dp.enabled else None,
             releases_so_far=self.releases,
         )
