@@ -218,7 +218,16 @@ class Aggregator:
             )
 
     def aggregate(self, current: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]) -> Arrays:
-        """Return the next global arrays (same keys, shapes and dtypes as ``current``)."""
+        """Return the next global arrays (same keys, shapes and dtypes as ``current``; batch-norm
+        variances, which site-level DP noise may push below zero, clamped at zero)."""
+        return {
+            k: np.maximum(v, 0).astype(v.dtype) if k.endswith("running_var") else v
+            for k, v in self._aggregate(current, updates).items()
+        }
+
+    def _aggregate(
+        self, current: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
+    ) -> Arrays:
         arrays_list = [u.arrays for u in updates]
         strategy = self.settings.strategy
         if strategy == "fedmedian":

@@ -49,6 +49,7 @@ class ReplyBounds:
     max_weight: Mapping[int, float]
     whole_weight: bool = True
     norm_keys: frozenset[str] | None = None
+    noised: bool = False
 
 
 def parse_train_reply(
@@ -60,10 +61,11 @@ def parse_train_reply(
     max_weight: float | None,
     whole_weight: bool = True,
     norm_keys: frozenset[str] | None = None,
+    noised: bool = False,
 ) -> SiteUpdate:
     """The :class:`SiteUpdate` of one train reply; InvalidReply (with a printable reason)
     for anything wrong with it, whatever the cause."""
-    bounds = ReplyBounds(max_update_norm, {}, whole_weight, norm_keys)
+    bounds = ReplyBounds(max_update_norm, {}, whole_weight, norm_keys, noised)
     try:
         return _parse(reply, name, sent, bounds, max_weight)
     except InvalidReply:
@@ -105,6 +107,7 @@ def _parse(
         max_weight=max_weight,
         whole_weight=bounds.whole_weight,
         norm_keys=bounds.norm_keys,
+        noised=bounds.noised,
     )
     _, sent_controls = split_controls(sent)
     if sent_controls:  # SCAFFOLD: the control-variate change, same keys as the server's
@@ -156,6 +159,7 @@ def run_plain_attempt(
                 max_weight=bounds.max_weight.get(node, 0.0),
                 whole_weight=bounds.whole_weight,
                 norm_keys=bounds.norm_keys,
+                noised=bounds.noised,
             )
         except InvalidReply as err:
             record["rejected"][name] = str(err)

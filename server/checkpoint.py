@@ -9,11 +9,16 @@ Layout under ``<out-dir>/checkpoints/``::
                                  "weights_sha256", "server_state_sha256", "time", "format"}
     round-0001/ ...
     latest.json                 {"round": r, "hash": ...} of the last complete round
-    best.json                   the same for the best score (held-out Dice)
+    scores.json                 {"<round>": score}: each round's validation score (model
+                                selection; a round is scored when the sites evaluate it)
+    best.json                   the pointer to the best-scored round
 
 A round is written into a temporary folder and renamed into place, so a folder named
 ``round-NNNN`` is always complete; :meth:`CheckpointStore.load_latest` verifies the hashes and
-the chain link, so a restarted server continues from exactly that round's global weights.
+the chain link, so a restarted server continues from exactly that round's global weights. When
+the run signs (``signed_by``), resume also checks every round's ``signature.json`` from round 0
+(:func:`fedmed.security.chain.verify_links`): a checkpoint whose weights were replaced and whose
+hashes were recomputed is refused with a SecurityError, never trained on.
 The checkpoint's ``hash`` is the sha256 of its ``weights.safetensors``; ``parent_hash`` is the
 previous round's hash (``None`` for round 0).
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -41,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from fedmed.errors import ModelError
+from fedmed.errors import ModelError, SecurityError
 from fedmed.security.at_rest import checkpoint_key, read_arrays, write_arrays
+from fedmed.security.chain import verify_links
+from fedmed.security.signing import SignatureError, Signer, Verifier
 
 from .report import json_safe
 
@@ -54,6 +62,7 @@ _FORMAT = "fedmed-checkpoint-1"
 _WEIGHTS = "weights.safetensors"
 _STATE = "server_state.safetensors"
 _META = "meta.json"
+_SCORES = "scores.json"
 
 
 @dataclass(frozen=True)
@@ -164,10 +173,17 @@ class CheckpointStore:
         pointer = {"round": round_, "hash": digest, "score": score}
         _write_json(self.root / "latest.json", pointer)
         best = self.best_pointer()
-        if score is not None and (
-            best is None or best.get("score") is None or score > best["score"]
-        ):
-            _write_json(self.root / "best.json", pointer)
+        stale = any(r >= round_ for r in self.scores() if r != round_ or score is None)
+        if stale or (best is not None and int(best.get("round", -1)) >= round_):
+            # a round written again (a resume after its folder was deleted, or after a crash):
+            # the scores of it and later rounds are gone with them; pick the best of the rest
+            best = self._best_before(round_)
+            if best is None:
+                (self.root / "best.json").unlink(missing_ok=True)
+            else:
+                _write_json(self.root / "best.json", best)
+        if score is not None:
+            self.set_score(round_, score)
         logger.info("checkpoint round %d written to %s (sha256 %s)", round_, final, digest[:12])
         return Checkpoint(
             round_, final, digest, parent, dict(weights), dict(server_state or {}), meta
@@ -184,16 +200,46 @@ class CheckpointStore:
             )
         return json.loads(previous.read_text())["weights_sha256"]
 
+    def scores(self) -> dict[int, float]:
+        """Validation score per round (``scores.json``, and ``meta.json`` scores of rounds
+        written with one); the rounds model selection has scored so far."""
+        found: dict[int, float] = {}
+        for round_ in self.rounds():
+            meta = json.loads((self.round_dir(round_) / _META).read_text())
+            if isinstance(meta.get("score"), (int, float)):
+                found[round_] = float(meta["score"])
+        path = self.root / _SCORES
+        if path.is_file():
+            found.update({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
+        return found
+
     def set_score(self, round_: int, score: float) -> bool:
-        """Record round ``round_``'s validation score (model selection); when it beats the best
-        so far, ``best.json`` points at that round. Returns whether it did."""
-        meta = json.loads((self.round_dir(round_) / _META).read_text())
-        best = self.best_pointer()
-        if best is not None and best.get("score") is not None and score <= best["score"]:
-            return False
-        pointer = {"round": round_, "hash": meta["weights_sha256"], "score": score}
-        _write_json(self.root / "best.json", pointer)
-        return True
+        """Record round ``round_``'s validation score (model selection, known only after the
+        round: the sites score a global model when they receive it); ``best.json`` then points
+        at the best-scored round. Returns whether that is ``round_``."""
+        scores = self.scores()
+        scores[round_] = float(score)
+        _write_json(self.root / _SCORES, {str(k): v for k, v in sorted(scores.items())})
+        best = self._best_of(scores)
+        if best is not None:
+            _write_json(self.root / "best.json", best)
+        return best is not None and best["round"] == round_
+
+    def _best_of(self, scores: Mapping[int, float]) -> dict[str, Any] | None:
+        """The pointer to the first round with the highest finite score among ``scores``."""
+        best: tuple[int, float] | None = None
+        for round_, score in sorted(scores.items()):
+            if math.isfinite(score) and (best is None or score > best[1]):
+                best = (round_, score)
+        if best is None:
+            return None
+        meta = json.loads((self.round_dir(best[0]) / _META).read_text())
+        return {"round": best[0], "hash": meta["weights_sha256"], "score": best[1]}
+
+    def _best_before(self, round_: int) -> dict[str, Any] | None:
+        kept = {r: v for r, v in self.scores().items() if r < round_}
+        _write_json(self.root / _SCORES, {str(k): v for k, v in sorted(kept.items())})
+        return self._best_of(kept)
 
     def best_pointer(self) -> dict[str, Any] | None:
         """The content of ``best.json``, or None before any scored round."""
@@ -226,11 +272,18 @@ class CheckpointStore:
             ) from err
         return Checkpoint(round_, folder, digest, meta["parent_hash"], weights, state, meta)
 
-    def load_latest(self) -> Checkpoint | None:
-        """The last complete round, its chain link to the round before checked; None if none."""
+    def load_latest(self, *, signed_by: Signer | None = None) -> Checkpoint | None:
+        """The last complete round, its files and chain link checked; None if none.
+
+        ``signed_by``: the run signs its checkpoints with this signer, so every round from 0 to
+        the last must carry a signature by its CA (without a CA: by its certificate) over
+        exactly its ``meta.json``; SecurityError names the folder and the fix otherwise.
+        """
         rounds = self.rounds()
         if not rounds:
             return None
+        if signed_by is not None:
+            self._verify_signatures(rounds[-1], Verifier.for_signer(signed_by))
         latest = self.load(rounds[-1])
         if latest.round > 0:
             before = self.round_dir(latest.round - 1) / _META
@@ -247,6 +300,18 @@ class CheckpointStore:
                     "folder or use a new out-dir"
                 )
         return latest
+
+    def _verify_signatures(self, last: int, verifier: Verifier) -> None:
+        try:
+            verify_links(self.root, verifier=verifier, upto=last)
+        except SignatureError as err:
+            raise SecurityError(
+                f"cannot resume from {self.root}: {err}. This run signs its checkpoints, so it "
+                "resumes only from a chain its own key signed: restore the folder from a backup, "
+                "or start over in a new out-dir; if you know why a round fails (a crash right "
+                f"after writing round {last} leaves it unsigned), delete that round's folder and "
+                "every later one to resume from the round before it"
+            ) from err
 
     def verify_chain(self) -> list[int]:
         """Check every round's hashes and parent links; return the rounds checked."""

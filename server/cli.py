@@ -11,8 +11,11 @@ completed. Ctrl-C or SIGTERM stops the run and every process this command starte
 
 Example::
 
-    fedmed certs certs --server-address 127.0.0.1 --sites A,B
+    fedmed certs certs --server-address 127.0.0.1     # CA key into certs-ca/, not certs/
+    fedmed certs certs --add-site A --public-key siteA.pub   # from `fedmed site-key` at A
     fedmed-server --config configs/federation.toml
+
+It warns at start when it finds the CA's private key (``ca.key``) in its certs folder.
 """
 
 from __future__ import annotations
@@ -90,6 +93,14 @@ def _with_default_signing(config: FederationConfig) -> FederationConfig:
             "require-signed-models = false in the sites' configs)"
         )
     return dataclasses.replace(config, app={**config.app, "signing-dir": str(folder)})
+
+
+def _ca_keys_in_certs(config: FederationConfig) -> list[Path]:
+    """``ca.key`` files in the folders the server reads its certificates from."""
+    server = config.server
+    files = (server.ca_cert, server.server_cert, server.server_key)
+    folders = {path.parent for path in files if path is not None}
+    return sorted(f / "ca.key" for f in folders if os.path.lexists(f / "ca.key"))
 
 
 def _write_log(text: str) -> None:
@@ -180,6 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         config = load_federation_config(args.config)
+        for ca_key in _ca_keys_in_certs(config):
+            print(
+                f"fedmed-server: WARNING: {ca_key}: the federation CA's private key is in the "
+                "server's certs folder, so whoever reads the server's files can issue "
+                "certificates every site trusts: move it to an offline place (`fedmed certs` "
+                "writes it to CERTS-ca/) and keep only ca.pem, server.pem and server.key here",
+                file=sys.stderr,
+            )
         _check_run_config(config)
         if args.insecure:
             config = _with_insecure(config)

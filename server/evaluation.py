@@ -248,7 +248,7 @@ def run_final_evaluation(fed: Federation, weights: Mapping[str, np.ndarray]) -> 
     metrics, travelling = _stage(fed, nodes, models, options, result) if nodes else ({}, {})
     record: dict[str, Any] = {"round": last, "status": "evaluation", "sites": {}}
     finals = {s: {k[len("global-final-") :]: v for k, v in m.items()} for s, m in metrics.items()}
-    record_selection(fed.store, record, last, sites=finals)
+    record_selection(fed.store, record, last, sites=finals, audit=fed.guard)
     best = fed.store.best_pointer()
     best_round = best["round"] if best else None
     fed.log.append({**record, "failed": result["failed"]})

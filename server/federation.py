@@ -256,7 +256,13 @@ class Federation:
             node: site.num_train_voxels if voxels else float(site.num_train_cases)
             for node, site in self.sites.items()
         }
-        return ReplyBounds(bound, max_weight, whole_weight=not voxels, norm_keys=self.param_keys)
+        return ReplyBounds(
+            bound,
+            max_weight,
+            whole_weight=not voxels,
+            norm_keys=self.param_keys,
+            noised=self.guard.dp.mode == "site",
+        )
 
     def _record_dp_allowance(self, noised: int) -> float:
         """Record-level DP trains with Adam on noisy gradients: each step moves a coordinate
@@ -314,7 +320,7 @@ class Federation:
                 "give the server's held-out folder, or '' for none"
             )
         ident = self.settings.identity_hash()
-        latest = self.store.load_latest()
+        latest = self.store.load_latest(signed_by=self.guard.signer)  # verifies when signing
         if latest is None:
             cfg = self.config(0)
             holdout = self._holdout_fn(self.initial_weights, cfg)
@@ -366,7 +372,7 @@ class Federation:
             self.aggregator.update_control(updates, num_sites=max(1, len(self.sites)))
             weights = {**weights, **shared}
             record["status"] = "ok"
-            record_selection(self.store, record, server_round - 1)
+            record_selection(self.store, record, server_round - 1, audit=self.guard)
             record["holdout"] = self._holdout_fn(weights, self.config(server_round))
             record["dp"] = self.guard.privacy_spent()
             ckpt = self.store.save(

@@ -31,6 +31,10 @@ class _ScoreStore(Protocol):
     def set_score(self, round_: int, score: float) -> bool: ...
 
 
+class _ScoreAudit(Protocol):
+    def record_score(self, round_: int, score: float) -> None: ...
+
+
 def validation_score(
     sites: Mapping[str, Mapping[str, Any]], *, prefix: str = "global-val-"
 ) -> tuple[float | None, int]:
@@ -51,12 +55,15 @@ def record_selection(
     scored_round: int,
     *,
     sites: Mapping[str, Mapping[str, Any]] | None = None,
+    audit: _ScoreAudit | None = None,
 ) -> None:
     """Score ``scored_round`` from ``sites`` (default: the record's sites), note it in
-    ``record["selection"]`` and let the checkpoint store move ``best`` if it is better."""
+    ``record["selection"]`` and the audit log, and let the checkpoint store move ``best``."""
     score, cases = validation_score(record.get("sites") or {} if sites is None else sites)
     if score is None:
         return
+    if audit is not None:
+        audit.record_score(scored_round, score)
     best = store.set_score(scored_round, score)
     record["selection"] = {
         "round": scored_round,

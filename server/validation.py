@@ -69,9 +69,15 @@ class InvalidReply(ValueError):
     """A site's reply cannot be aggregated; ``str(err)`` is the reason that gets logged."""
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
-    """Raise InvalidReply unless ``arrays`` has exactly the keys, shapes and dtypes of ``sent``
-    and only finite values."""
+def check_arrays(
+    arrays: Mapping[str, np.ndarray],
+    sent: Mapping[str, np.ndarray],
+    *,
+    nonnegative_variances: bool = True,
+) -> None:
+    """Raise InvalidReply unless ``arrays`` has exactly the keys, shapes and dtypes of ``sent``,
+    only finite values and (``nonnegative_variances``) no negative batch-norm variance; under
+    site-level DP the noised variances may be negative and the aggregate is clamped instead."""
     missing = sorted(set(sent) - set(arrays))
     extra = sorted(set(arrays) - set(sent))
     if missing or extra:
@@ -92,7 +98,7 @@ def check_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray
             )
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise InvalidReply(f"array {key!r} holds NaN or infinite values")
-        if key.endswith("running_var") and (arr < 0).any():
+        if nonnegative_variances and key.endswith("running_var") and (arr < 0).any():
             raise InvalidReply(f"array {key!r} holds negative variances")
 
 
@@ -194,10 +200,12 @@ def check_reply(
     max_weight: float | None = None,
     whole_weight: bool = True,
     norm_keys: Collection[str] | None = None,
+    noised: bool = False,
 ) -> float:
     """Run every check; return the aggregation weight. ``max_update_norm`` 0 means no bound;
-    ``norm_keys`` are the arrays it bounds (the trainable parameters; default all)."""
-    check_arrays(arrays, sent)
+    ``norm_keys`` are the arrays it bounds (the trainable parameters; default all); ``noised``:
+    the update carries site-level DP noise (variances may dip below 0)."""
+    check_arrays(arrays, sent, nonnegative_variances=not noised)
     weight = check_metrics(metrics, max_weight=max_weight, whole_weight=whole_weight)
     if max_update_norm > 0:
         norm = update_norm(arrays, sent, keys=norm_keys)

@@ -9,15 +9,21 @@ preprocessing (RAS orientation, optional resampling, CT window), is predicted (2
 slice for COPLE-Net, 3D sliding windows with Gaussian blending for the U-Nets), and the label
 map is mapped back through the recorded spatial steps and written with the input's affine.
 
+With ``--ca ca.pem`` a round checkpoint is verified before it is loaded: the signed chain from
+round 0 to that round, its files, and that ``best.json``/``latest.json`` name exactly that
+round (:func:`fedmed.security.chain.check_loadable`). Whatever the checkpoint's metadata or
+weights ask for (features, window, pixdim, memory) is bounded before anything is built
+(:mod:`fedmed.cli.model_limits`, ``--max-memory``).
+
 Example::
 
     fedmed infer --model runs/central/best.safetensors --input scans/ --output preds/
+    fedmed infer --model runs/server --ca certs/ca.pem --input scans/ --output preds/
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 from pathlib import Path
@@ -27,12 +33,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from fedmed.cli.model_limits import DEFAULT_MAX_BYTES, check_image_request, check_model_request
 from fedmed.cli.train import set_threads
-from fedmed.errors import ConfigError, DataError, ModelError
-from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti
+from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
+from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti_header
 from fedmed.pipeline import HU_WINDOW, PipelineSettings, preprocessing
 from fedmed.predict import predict_volume
 from fedmed.security.at_rest import checkpoint_key, read_arrays
+from fedmed.security.chain import check_loadable, read_pointer
+from fedmed.security.signing import Verifier
 from fedmed.task import TrainConfig, build_network, load_arrays, resolve_device
 from fedmed.train import load_checkpoint
 from fedmed.transforms import save_prediction
@@ -48,9 +57,28 @@ class LoadedModel:
     """A network with its weights, the task config it was trained with and its preprocessing."""
 
     def __init__(
-        self, model: torch.nn.Module, cfg: TrainConfig, settings: PipelineSettings
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        settings: PipelineSettings,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.model, self.cfg, self.settings = model, cfg, settings
+        self.max_bytes = max_bytes
+
+    def check_input(self, image: Path) -> None:
+        """ModelError when ``image``, resampled to this model's pixdim, would need more memory
+        than the cap (read from its header; nothing is allocated)."""
+        shape, affine = read_nifti_header(image)
+        check_image_request(
+            shape,
+            np.linalg.norm(affine[:3, :3], axis=0),
+            self.cfg,
+            pixdim=self.settings.pixdim,
+            image=str(image),
+            max_bytes=self.max_bytes,
+        )
 
 
 def register(subparsers: Any) -> None:
@@ -77,30 +105,65 @@ def register(subparsers: Any) -> None:
         metavar="N,N,N",
         help="3D window for round checkpoints without metadata (96,96,96)",
     )
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        metavar="CA.PEM",
+        help="federation CA: verify a run's round checkpoint (signature chain, files, pointer) "
+        "before loading it",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=float,
+        default=DEFAULT_MAX_BYTES / (1 << 30),
+        metavar="GIB",
+        help="refuse a model or image needing more memory than this (default %(default)g GiB)",
+    )
     parser.set_defaults(func=_run)
 
 
 def load_model(
-    path: str | Path, *, device: str = "auto", patch_size: tuple[int, ...] | None = None
+    path: str | Path,
+    *,
+    device: str = "auto",
+    patch_size: tuple[int, ...] | None = None,
+    ca: str | Path | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> LoadedModel:
-    """Load a ``fedmed train`` checkpoint or a server round checkpoint (see the module doc)."""
+    """Load a ``fedmed train`` checkpoint or a server round checkpoint (see the module doc).
+
+    ``ca``: verify a round checkpoint against the federation CA first (SecurityError when it
+    fails; a ``fedmed train`` checkpoint is not signed and is refused). What the checkpoint asks
+    for is bounded by :func:`~fedmed.cli.model_limits.check_model_request` (ModelError).
+    """
     path = Path(path)
-    weights_file = _server_weights(path)
+    verifier = Verifier.from_ca_file(ca) if ca is not None else None
+    weights_file = _server_weights(path, verifier=verifier)
     if weights_file is None:
+        if verifier is not None:
+            raise SecurityError(
+                f"--model {path} is a fedmed train checkpoint, which carries no signature: --ca "
+                "verifies a federated run's round checkpoints; drop --ca to load it unverified"
+            )
+        _check_size(path, max_bytes)
         state, meta = load_checkpoint(path)
         if "task_config" not in meta:
             raise ModelError(
                 f"checkpoint {path} has no task_config in its metadata: use a checkpoint "
                 "written by fedmed train, or a federated run's round checkpoint"
             )
-        cfg = TrainConfig.from_config(meta["task_config"])
-        pipe = meta.get("pipeline") or {}
-        pixdim = pipe.get("pixdim")
-        settings = PipelineSettings(
-            hu_window=tuple(pipe.get("hu_window", HU_WINDOW)),
-            pixdim=tuple(pixdim) if pixdim else None,
-        )
+        try:
+            cfg = TrainConfig.from_config(meta["task_config"])
+            pipe = meta.get("pipeline") or {}
+            pixdim = pipe.get("pixdim")
+            settings = PipelineSettings(
+                hu_window=tuple(float(v) for v in pipe.get("hu_window", HU_WINDOW)),
+                pixdim=tuple(float(v) for v in pixdim) if pixdim else None,
+            )
+        except (ConfigError, TypeError, ValueError, AttributeError) as err:
+            raise ModelError(f"checkpoint {path} has invalid metadata ({err})") from err
     else:
+        _check_size(weights_file, max_bytes)
         try:  # sealed when the server ran with FEDMED_CHECKPOINT_KEY: the same key opens it
             arrays = read_arrays(weights_file, key=checkpoint_key())
         except (SafetensorError, OSError, ValueError) as err:
@@ -112,6 +175,7 @@ def load_model(
         settings = PipelineSettings()
     if patch_size is not None and len(patch_size) == cfg.spatial_dims:
         cfg = TrainConfig(**{**cfg.__dict__, "patch_size": tuple(patch_size)})
+    check_model_request(cfg, pixdim=settings.pixdim, source=str(path), max_bytes=max_bytes)
     model = build_network(cfg)
     arrays = {k: v.numpy() for k, v in state.items()}
     try:
@@ -119,32 +183,77 @@ def load_model(
     except ModelError as err:
         raise ModelError(f"checkpoint {path}: {err}") from err
     model.to(resolve_device(device)).eval()
-    return LoadedModel(model, cfg, settings)
+    return LoadedModel(model, cfg, settings, max_bytes=max_bytes)
 
 
-def _server_weights(path: Path) -> Path | None:
-    """The weights file of a server round checkpoint at ``path``, else None (a train ckpt)."""
+def _check_size(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size if path.is_file() else 0
+    if size > max_bytes:
+        raise ModelError(
+            f"checkpoint {path} is {size / (1 << 30):.3g} GiB, more than the memory cap "
+            f"{max_bytes / (1 << 30):.3g} GiB: raise --max-memory if this machine has it"
+        )
+
+
+def _server_weights(path: Path, *, verifier: Verifier | None = None) -> Path | None:
+    """The weights file of a server round checkpoint at ``path``, else None (a train ckpt).
+
+    The round is checked before it is returned (:func:`fedmed.security.chain.check_loadable`):
+    with ``verifier`` its signature chain, files and pointer; without, its files and pointer
+    against its ``meta.json`` where there is one (a warning says it is not verified).
+    """
     if path.is_file():
-        return path if path.name == "weights.safetensors" else None
-    if not path.is_dir():
+        if path.name != "weights.safetensors":
+            return None
+        folder = path.parent
+    elif not path.is_dir():
         raise ModelError(f"--model {path} does not exist: give a checkpoint file or folder")
-    if (path / "weights.safetensors").is_file():
-        return path / "weights.safetensors"
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    for pointer in ("best.json", "latest.json"):
-        if (root / pointer).is_file():
-            round_ = int(json.loads((root / pointer).read_text())["round"])
-            return root / f"round-{round_:04d}" / "weights.safetensors"
-    raise ModelError(
-        f"--model {path}: no weights.safetensors, best.json or latest.json in it; give a "
-        "fedmed train checkpoint (.safetensors) or a run's checkpoints folder"
-    )
+    else:
+        folder = path
+    found: tuple[Path, int, str] | None = None
+    if not (folder / "weights.safetensors").is_file():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        for name in ("best.json", "latest.json"):
+            pointer = read_pointer(root / name, error=ModelError)
+            if pointer is not None:
+                found = (root / name, *pointer)
+                break
+        else:
+            raise ModelError(
+                f"--model {path}: no weights.safetensors, best.json or latest.json in it; give "
+                "a fedmed train checkpoint (.safetensors) or a run's checkpoints folder"
+            )
+        folder = root / f"round-{found[1]:04d}"
+        if not (folder / "weights.safetensors").is_file():
+            raise ModelError(
+                f"{found[0]} names round {found[1]} but {folder / 'weights.safetensors'} does "
+                "not exist: the checkpoint was deleted; give a round folder that exists"
+            )
+    if check_loadable(folder, verifier=verifier, pointer=found) is not None and verifier is None:
+        logger.warning(
+            "checkpoint %s is not verified (no --ca): a re-signed or replaced model would load "
+            "as is; pass --ca ca.pem to check who signed it",
+            folder,
+        )
+    return folder / "weights.safetensors"
 
 
 def _config_from_weights(
     state: dict[str, torch.Tensor], path: Path, patch_size: tuple[int, ...] | None
 ) -> TrainConfig:
     """Rebuild the architecture from the weights' names and shapes (no metadata there)."""
+    try:
+        return _architecture(state, patch_size)
+    except (KeyError, IndexError, ValueError) as err:  # names or shapes no fedmed net has
+        raise ModelError(
+            f"checkpoint {path}: the weights are not a fedmed network: their names or shapes "
+            f"do not fit ({err})"
+        ) from err
+
+
+def _architecture(
+    state: dict[str, torch.Tensor], patch_size: tuple[int, ...] | None
+) -> TrainConfig:
     if "in_conv.0.0.weight" in state and "out_conv.weight" in state:
         downs = sorted(
             int(m.group(1))
@@ -178,7 +287,7 @@ def _config_from_weights(
             out_channels=int(out.shape[0]),
             patch_size=tuple(patch_size) if patch_size else _DEFAULT_3D_PATCH,
         )
-    raise ModelError(f"checkpoint {path}: the weights are neither a COPLE-Net nor a fedmed U-Net")
+    raise ValueError("neither COPLE-Net nor U-Net layer names")
 
 
 def input_images(path: Path) -> list[Path]:
@@ -219,11 +328,21 @@ def _parse_patch(text: str | None) -> tuple[int, ...] | None:
 
 def _run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, patch_size=_parse_patch(args.patch_size))
+    if not args.max_memory > 0:
+        raise ConfigError(f"--max-memory {args.max_memory:g} must be a positive number of GiB")
+    max_bytes = int(args.max_memory * (1 << 30))
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        patch_size=_parse_patch(args.patch_size),
+        ca=args.ca,
+        max_bytes=max_bytes,
+    )
     images = input_images(args.input)
     prefix = preprocessing(loaded.settings, keys=("image",))
     args.output.mkdir(parents=True, exist_ok=True)
     for image in images:
+        loaded.check_input(image)
         item = prefix({"image": str(image)})
         label_map = predict_volume(loaded.model, item["image"], loaded.cfg).cpu()
         out = save_prediction(

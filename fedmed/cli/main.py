@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "fedmed.cli.demo_data",
     "fedmed.cli.data_check",
     "fedmed.cli.certs",
+    "fedmed.cli.site_key",
     "fedmed.cli.train",
     "fedmed.cli.infer",
     "fedmed.cli.evaluate",

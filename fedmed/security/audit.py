@@ -8,11 +8,11 @@ cannot be seen from the chain alone: each signed server checkpoint signs the has
 line of its round (``audit_sha256``), so ``fedmed verify`` on an out-dir finds a log cut below
 the last signed round; a site's log can be compared with the server's.
 
-The server writes ``<out-dir>/audit.jsonl`` (run start with the config hash, per round the
-sites that took part, sha256 of the global model sent and of each reply received, the new
-global model's hash, the DP budget spent); each site writes ``<cache-dir>/audit.jsonl`` (per
-round: the hash of the global model received, whether its signature verified, the hash of what
-it sent back, its DP settings).
+The server writes ``<out-dir>/audit.jsonl`` (run start with the config hash and, when it
+signs, its signing certificate and CA; per round the sites that took part, sha256 of the global
+model sent and of each reply received, the new checkpoint's hash, the DP budget spent); each
+site writes ``<cache-dir>/audit.jsonl`` (per round: the hash of the global model received,
+whether its signature verified, the hash of what it sent back, its DP settings).
 
 Example:
     >>> log = AuditLog("run/audit.jsonl")
@@ -33,7 +33,17 @@ from typing import Any
 
 from fedmed.errors import SecurityError
 
-__all__ = ["AUDIT_FILE", "AuditError", "AuditLog", "line_hashes", "verify_audit_log"]
+__all__ = [
+    "AUDIT_FILE",
+    "AuditError",
+    "AuditLog",
+    "checkpoint_claims",
+    "file_claims",
+    "line_hashes",
+    "read_entries",
+    "score_claims",
+    "verify_audit_log",
+]
 
 AUDIT_FILE = "audit.jsonl"
 _GENESIS = "0" * 64
@@ -158,3 +168,70 @@ def verify_audit_log(path: str | os.PathLike[str]) -> int:
 def line_hashes(path: str | os.PathLike[str]) -> set[str]:
     """sha256 of every line of an audit log (what checkpoint signatures refer to)."""
     return {_line_hash(line) for line in Path(path).read_bytes().split(b"\n") if line}
+
+
+def read_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every line of an audit log as a dict (check it with :func:`verify_audit_log` first)."""
+    entries = []
+    for number, line in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        if not line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise AuditError(f"audit log {path} line {number} is not JSON: {err}") from err
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def checkpoint_claims(entries: list[dict[str, Any]]) -> dict[int, str]:
+    """Round -> checkpoint sha256 as the log last recorded it (``checkpoint_sha256`` fields).
+
+    A ``start`` line with ``first_round`` k (a resumed run) withdraws what earlier lines said
+    about rounds k and later: those rounds are written again after it.
+
+    Example:
+        >>> checkpoint_claims([{"event": "round", "round": 1, "checkpoint_sha256": "ab"}])
+        {1: 'ab'}
+    """
+    claims: dict[int, str] = {}
+    for entry in entries:
+        first = entry.get("first_round")
+        if entry.get("event") == "start" and isinstance(first, int):
+            claims = {r: h for r, h in claims.items() if r < first}
+        digest, round_ = entry.get("checkpoint_sha256"), entry.get("round")
+        if isinstance(digest, str) and isinstance(round_, int) and not isinstance(round_, bool):
+            claims[round_] = digest
+    return claims
+
+
+def score_claims(entries: list[dict[str, Any]]) -> dict[int, float] | None:
+    """Round -> validation score as the log recorded them (``score`` lines, model selection);
+    None when the log has no ``score`` line (a run from before scores were audited: then the
+    checkpoints' own ``meta.json`` scores stand). A resumed run's ``start`` line withdraws the
+    scores of the rounds it writes again, as :func:`checkpoint_claims` does."""
+    scores: dict[int, float] = {}
+    seen = False
+    for entry in entries:
+        first = entry.get("first_round")
+        if entry.get("event") == "start" and isinstance(first, int):
+            scores = {r: v for r, v in scores.items() if r < first}
+        if entry.get("event") != "score":
+            continue
+        seen = True
+        round_, score = entry.get("round"), entry.get("score")
+        if isinstance(round_, int) and isinstance(score, (int, float)):
+            scores[round_] = float(score)
+    return scores if seen else None
+
+
+def file_claims(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """File name -> sha256 of the run's result files as the log last recorded them (lines with
+    ``file`` and ``sha256``, e.g. ``cross-site``)."""
+    claims: dict[str, str] = {}
+    for entry in entries:
+        name, digest = entry.get("file"), entry.get("sha256")
+        if isinstance(name, str) and isinstance(digest, str):
+            claims[name] = digest
+    return claims

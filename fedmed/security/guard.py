@@ -3,8 +3,8 @@
 :class:`ServerGuard` (the server's round loop):
 
 - at start, refuses a site-level DP run whose ``num-rounds`` alone would spend more than
-  ``dp-max-epsilon`` and writes an audit ``start`` line (config hash, DP settings, signing
-  certificate sha256);
+  ``dp-max-epsilon`` and writes an audit ``start`` line (config hash, DP settings, the signing
+  certificate and its CA, which ``fedmed verify`` falls back on without ``--ca``);
 - per train attempt, :meth:`ServerGuard.train_records` gives the extra ConfigRecords of the
   train message (``signature`` when ``signing-dir`` is set, ``privacy`` when DP is on) and
   writes an audit ``send`` line; in site mode each attempt counts as one DP release (sites
@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -44,8 +43,9 @@ import numpy as np
 from fedmed.errors import ConfigError, FederationError
 
 from .audit import AUDIT_FILE, AuditLog
+from .chain import sign_checkpoint
 from .dp import DpParams, privatize
-from .signing import Signer, Verifier, arrays_digest, sign_checkpoint, sign_global, verify_global
+from .signing import Signer, Verifier, arrays_digest, sign_global, verify_global
 
 __all__ = ["CA_ENV_VAR", "ServerGuard", "SiteGuard", "dp_params"]
 
@@ -139,13 +139,12 @@ class ServerGuard:
 
     def start(self, *, first_round: int, num_rounds: int) -> None:
         """Audit line for a (re)started run."""
-        cert = self.signer.certificate_pem if self.signer else b""
         self.audit.append(
             "start",
             config_sha256=self.config_hash,
             first_round=first_round,
             num_rounds=num_rounds,
-            signing_cert_sha256=hashlib.sha256(cert).hexdigest() if cert else None,
+            **(self.signer.trust_record() if self.signer else {"signing_cert_sha256": None}),
             dp=self.dp.to_record() if self.dp.enabled else None,
             releases_so_far=self.releases,
         )
@@ -244,6 +243,11 @@ class ServerGuard:
         )
         if checkpoint is not None and self.signer is not None:
             sign_checkpoint(checkpoint.path, self.signer, audit_sha256=self.audit.head)
+
+    def record_score(self, round_: int, score: float) -> None:
+        """An audit line for a round's validation score (model selection): ``fedmed verify``
+        checks that ``best.json`` names the best-scored round."""
+        self.audit.append("score", round=round_, score=score)
 
     def record_file(self, event: str, path: Path, sha256: str) -> None:
         """An audit line for a result file of the run (``cross-site``: ``cross_site.json``),

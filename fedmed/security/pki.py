@@ -1,20 +1,39 @@
-"""Certificates and site keys for a federation: a CA, a TLS server certificate, site key pairs.
+"""The federation's PKI: a CA, the server's TLS certificate, and site keys made at the sites.
 
-The layout written by :func:`write_pki` (file names are fixed; :mod:`fedmed.config` and the
-example configs refer to them)::
+Who makes what (nobody but a site ever holds its private key):
 
-    OUT/ca.pem  ca.key            the certificate authority (RSA-2048, BasicConstraints ca=True)
-    OUT/server.pem  server.key    the SuperLink's TLS certificate, signed by the CA
-    OUT/siteA.key  siteA.pub      one EC P-384 key pair per site, OpenSSH format
-    OUT/sites.json                manifest: {"sites": {"A": "siteA.pub", ...}, ...}
+- the coordinator, once: :func:`init_pki` (``fedmed certs CERTS --server-address HOST``) makes
+  the CA and the server's certificate;
+- each site: :func:`make_site_key` (``fedmed site-key DIR --site A``) makes the site's EC P-384
+  key pair (OpenSSH format) and the site sends only ``siteA.pub`` to the coordinator;
+- the coordinator, per site: :func:`register_site` (``fedmed certs CERTS --add-site A
+  --public-key siteA.pub``) copies the public key into the server's certs folder, where the
+  ``[server.sites]`` allow-list points; the CA is not touched.
+
+Layout (file names are fixed; :mod:`fedmed.config` and the example configs refer to them)::
+
+    CERTS/               the server's certs-dir ([server] certs-dir)
+        ca.pem               the federation CA certificate (give it to every site)
+        server.pem server.key  the SuperLink's TLS certificate (signed by the CA) and key,
+                             which also signs global models and checkpoints
+        siteA.pub ...        registered site public keys (the allow-list's files)
+        sites.json           manifest: {"sites": {"A": "siteA.pub", ...}, "server_hosts", ...}
+    CERTS-ca/            the CA (default: next to CERTS, its name + "-ca"; folder mode 0700)
+        ca.key ca.pem        the CA's private key: keep it offline, never in CERTS (fedmed-server
+                             warns when it finds one there); needed only for a new server cert
+    SITE/ (at a site)    siteA.key (0600, never leaves the site) siteA.pub (to the coordinator)
 
 The server certificate carries a SAN for every address the sites use plus ``localhost``,
 ``127.0.0.1`` and ``::1``: the SuperLink's own executor connects to ``https://127.0.0.1:PORT``.
-Sites send their public key to the coordinator; the private key never leaves the site.
+Every key and certificate is written by :func:`fedmed.security.keyfiles.write_key_file`:
+never through a symlink, private keys 0600 from creation, nothing overwritten without
+``force``. :func:`write_pki` plays the coordinator *and* the sites on one machine, for tests
+and local demos only; no ``fedmed`` command calls it.
 
 Example:
-    >>> manifest = write_pki(Path("certs"), server_hosts=["fl.example.org"], sites=["A", "B"])
-    >>> manifest.site_public_keys["A"].name
+    >>> manifest = init_pki(Path("certs"), server_hosts=["fl.example.org"])
+    >>> key = make_site_key(Path("site-A/keys"), "A")                # at site A
+    >>> register_site(Path("certs"), "A", key.public_key).name       # at the coordinator
     'siteA.pub'
 """
 
@@ -27,28 +46,43 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.errors import ConfigError, SecurityError
 
-__all__ = [
+from .keyfiles import check_target, make_private_dir, write_key_file
+from .site_keys import (
+    check_site_name,
+    is_valid_site_name,
+    load_ec_public_key,
+    load_site_public_key_pem,
+    make_site_key,
+    openssh_line,
+    public_key_fingerprint,
+    site_key_names,
+)
+
+__all__ = [  # the site-side names are re-exported from .site_keys
     "LOOPBACK_HOSTS",
+    "MANIFEST_NAME",
     "PkiManifest",
+    "default_ca_dir",
+    "init_pki",
     "is_valid_site_name",
     "load_site_public_key_pem",
+    "make_site_key",
+    "register_site",
     "site_key_names",
     "write_pki",
 ]
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _HOST_NAME = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*\.?$")
 _VALIDITY = dt.timedelta(days=825)
 MANIFEST_NAME = "sites.json"
@@ -58,34 +92,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PkiManifest:
-    """What :func:`write_pki` wrote (absolute paths)."""
+    """What :func:`init_pki` (and :func:`write_pki`) wrote (absolute paths).
+
+    ``site_private_keys`` is filled only by :func:`write_pki`, which plays the sites too.
+    """
 
     ca_cert: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     server_hosts: tuple[str, ...]
-    site_private_keys: dict[str, Path]
-    site_public_keys: dict[str, Path]
     manifest: Path
-
-
-def site_key_names(site: str) -> tuple[str, str]:
-    """File names of a site's key pair: ``("siteA.key", "siteA.pub")``."""
-    return f"site{site}.key", f"site{site}.pub"
-
-
-def is_valid_site_name(site: str) -> bool:
-    """Whether ``site`` is a valid site name: 1-64 letters, digits, '-' or '_'."""
-    return bool(_SITE_NAME.match(site))
-
-
-def _check_site(site: str) -> str:
-    if not is_valid_site_name(site):
-        raise ConfigError(
-            f"site name {site!r} is invalid: use 1-64 letters, digits, '-' or '_' "
-            "starting with a letter or digit"
-        )
-    return site
+    site_public_keys: dict[str, Path] = field(default_factory=dict)
+    site_private_keys: dict[str, Path] = field(default_factory=dict)
 
 
 def _san_for(host: str) -> x509.GeneralName:
@@ -99,14 +118,6 @@ def _san_for(host: str) -> x509.GeneralName:
             "give host names without scheme or port, e.g. fl.example.org or 10.0.0.5"
         )
     return x509.DNSName(host.rstrip("."))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0600 from the start: a chmod after writing leaves a readable window.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
 
 
 def _pem_private(key: rsa.RSAPrivateKey) -> bytes:
@@ -182,6 +193,168 @@ def _unique_hosts(server_hosts: Sequence[str]) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def default_ca_dir(certs_dir: Path) -> Path:
+    """Where :func:`init_pki` puts the CA by default: ``<certs_dir>-ca`` next to it."""
+    certs_dir = certs_dir.expanduser().resolve()
+    return certs_dir.parent / f"{certs_dir.name}-ca"
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _read_manifest(certs_dir: Path) -> dict[str, object]:
+    path = certs_dir / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SecurityError(f"{path} cannot be read ({err}): restore it or remove it") from err
+    return data if isinstance(data, dict) else {}
+
+
+def _write_manifest(certs_dir: Path, manifest: dict[str, object]) -> Path:
+    path = certs_dir / MANIFEST_NAME
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    return write_key_file(path, text.encode(), private=False, replace=path.exists())
+
+
+def init_pki(
+    certs_dir: Path,
+    *,
+    server_hosts: Sequence[str],
+    ca_dir: Path | None = None,
+    force: bool = False,
+) -> PkiManifest:
+    """Write the CA into ``ca_dir`` and the server's certificate into ``certs_dir`` (module doc).
+
+    ``ca_dir`` defaults to :func:`default_ca_dir` and must lie outside ``certs_dir``. Site
+    public keys registered before stay registered (a new CA does not change them; the sites
+    need the new ``ca.pem``). Nothing is overwritten unless ``force`` is set.
+
+    Raises:
+        ConfigError: a host is invalid, or ``ca_dir`` is inside ``certs_dir``.
+        SecurityError: a file to write exists (without ``force``) or is a symlink.
+    """
+    hosts = _unique_hosts(server_hosts)
+    for host in hosts:
+        _san_for(host)  # validate all hosts before writing anything
+    certs_dir = certs_dir.expanduser().resolve()
+    ca_dir = ca_dir.expanduser().resolve() if ca_dir is not None else default_ca_dir(certs_dir)
+    if ca_dir == certs_dir or ca_dir.is_relative_to(certs_dir):
+        raise ConfigError(
+            f"--ca-dir {ca_dir} is inside the server's certs folder {certs_dir}: the CA's private "
+            "key must not sit where the server reads its certificates; give another folder"
+        )
+    targets = [certs_dir / n for n in ("ca.pem", "server.pem", "server.key")]
+    targets += [ca_dir / "ca.key", ca_dir / "ca.pem"]
+    existing = [path for path in targets if os.path.lexists(path)]
+    for path in existing:
+        check_target(path, replace=True)  # a symlink is refused even with force
+    if existing and not force:
+        raise SecurityError(
+            f"{', '.join(str(p) for p in existing)} already exist: refusing to overwrite keys "
+            "(every site would need the new ca.pem); pass --force to replace them or choose "
+            "another folder; to add a site use --add-site"
+        )
+    certs_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(ca_dir)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, ca_cert = _make_ca(now)
+    server_key, server_cert = _make_server_cert(ca_key, ca_cert, hosts, now)
+    write_key_file(ca_dir / "ca.key", _pem_private(ca_key), private=True, replace=force)
+    write_key_file(ca_dir / "ca.pem", _pem(ca_cert), private=False, replace=force)
+    write_key_file(certs_dir / "ca.pem", _pem(ca_cert), private=False, replace=force)
+    write_key_file(certs_dir / "server.key", _pem_private(server_key), private=True, replace=force)
+    write_key_file(certs_dir / "server.pem", _pem(server_cert), private=False, replace=force)
+    sites = _read_manifest(certs_dir).get("sites")
+    registered = sites if isinstance(sites, dict) else {}  # site keys outlive a new CA
+    manifest_path = _write_manifest(
+        certs_dir,
+        {
+            "ca": "ca.pem",
+            "server_certificate": "server.pem",
+            "server_hosts": list(hosts),
+            "sites": registered,
+        },
+    )
+    log.info(
+        "wrote CA to %s and server certificate (%s) to %s", ca_dir, ", ".join(hosts), certs_dir
+    )
+    return PkiManifest(
+        ca_cert=certs_dir / "ca.pem",
+        ca_key=ca_dir / "ca.key",
+        server_cert=certs_dir / "server.pem",
+        server_key=certs_dir / "server.key",
+        server_hosts=hosts,
+        manifest=manifest_path,
+        site_public_keys={str(k): certs_dir / str(v) for k, v in registered.items()},
+    )
+
+
+def register_site(certs_dir: Path, site: str, public_key: Path, *, force: bool = False) -> Path:
+    """Coordinator side: copy site ``site``'s public key into ``certs_dir`` as ``siteX.pub``
+    and list it in ``sites.json``; return the registered file. The CA is not touched.
+
+    Registering the same key again is a no-op; another key for a registered site needs
+    ``force`` (the old key can then no longer join), and one key cannot serve two sites.
+
+    Raises:
+        ConfigError: the site name is invalid or ``certs_dir`` was not set up by
+            :func:`init_pki`.
+        SecurityError: ``public_key`` is not a site public key (or is a private key), or the
+            registration would replace another key without ``force``.
+    """
+    site = check_site_name(site)
+    certs_dir = certs_dir.expanduser().resolve()
+    if not (certs_dir / "ca.pem").is_file():
+        raise ConfigError(
+            f"{certs_dir} holds no ca.pem: set up the federation first with `fedmed certs "
+            f"{certs_dir} --server-address HOST`"
+        )
+    try:
+        head = public_key.read_bytes()[:4096]
+    except OSError as err:
+        raise SecurityError(
+            f"site public key {public_key} cannot be read ({err.strerror})"
+        ) from err
+    if b"PRIVATE KEY" in head:
+        raise SecurityError(
+            f"{public_key} is a private key: it must never leave site {site}; ask the site for "
+            f"its site{site}.pub (from `fedmed site-key`) and delete this copy"
+        )
+    key = load_ec_public_key(public_key)
+    fingerprint = public_key_fingerprint(key)
+    dest = certs_dir / site_key_names(site)[1]
+    manifest = _read_manifest(certs_dir)
+    raw = manifest.get("sites")
+    sites = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    for other, name in sites.items():
+        other_path = certs_dir / name
+        if other == site or not other_path.is_file() or other_path.is_symlink():
+            continue
+        if public_key_fingerprint(load_ec_public_key(other_path)) == fingerprint:
+            raise SecurityError(
+                f"{public_key} ({fingerprint}) is already registered as site {other}: each "
+                "site makes its own key with `fedmed site-key`"
+            )
+    exists = check_target(dest, replace=True)  # refuses a symlink at dest
+    current = public_key_fingerprint(load_ec_public_key(dest)) if exists else None
+    if current is not None and current != fingerprint and not force:
+        raise SecurityError(
+            f"site {site} is already registered with another key ({dest}, {current}; new "
+            f"{fingerprint}): pass --force to replace it (the old key can then no longer "
+            "join), or register the new key under another site name"
+        )
+    if current != fingerprint:
+        write_key_file(dest, openssh_line(key, site), private=False, replace=exists)
+    _write_manifest(certs_dir, {**manifest, "sites": {**sites, site: dest.name}})
+    log.info("registered site %s (%s) as %s", site, fingerprint, dest)
+    return dest
+
+
 def write_pki(
     out_dir: Path,
     *,
@@ -189,124 +362,37 @@ def write_pki(
     sites: Sequence[str],
     force: bool = False,
 ) -> PkiManifest:
-    """Write a CA, a server certificate for ``server_hosts`` and one key pair per site.
+    """Tests and local demos only: a whole federation's PKI on one machine.
 
-    Private keys are created with mode 0600. Existing files are never overwritten unless
-    ``force`` is set (a new CA invalidates every site's trust anchor; a new site key must be
-    registered again), so re-running by accident cannot lock sites out.
+    Plays the coordinator (:func:`init_pki` into ``out_dir``, CA in ``<out_dir>-ca``) and every
+    site (:func:`make_site_key` into ``<out_dir>-sites``, then :func:`register_site`). A real
+    coordinator never makes a site's private key; no ``fedmed`` command calls this.
 
     Raises:
-        ConfigError: a site name or host is invalid, or no site is given.
+        ConfigError: a site name or host is invalid, or a site is listed twice.
         SecurityError: a file to write exists and ``force`` is not set.
     """
-    sites = [_check_site(s.strip()) for s in sites if s.strip()]
-    if not sites:
-        raise ConfigError("--sites is empty: name at least one site, e.g. --sites A,B")
-    if len(set(sites)) != len(sites):
-        raise ConfigError(f"--sites lists a site twice: {','.join(sites)}")
-    hosts = _unique_hosts(server_hosts)
-    for host in hosts:
-        _san_for(host)  # validate all hosts before writing anything
+    names = [check_site_name(s.strip()) for s in sites if s.strip()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sites lists a site twice: {','.join(names)}")
+    for host in _unique_hosts(server_hosts):
+        _san_for(host)
     out_dir = out_dir.expanduser().resolve()
-    targets = ["ca.pem", "ca.key", "server.pem", "server.key", MANIFEST_NAME]
-    for site in sites:
-        targets.extend(site_key_names(site))
-    existing = [name for name in targets if (out_dir / name).exists()]
-    if existing and not force:
-        raise SecurityError(
-            f"{out_dir} already holds {', '.join(existing)}: refusing to overwrite keys "
-            "(sites would need new certificates and registrations); pass --force to replace "
-            "them or choose another folder"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key, ca_cert = _make_ca(now)
-    server_key, server_cert = _make_server_cert(ca_key, ca_cert, hosts, now)
-    _write_private(out_dir / "ca.key", _pem_private(ca_key))
-    (out_dir / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(out_dir / "server.key", _pem_private(server_key))
-    (out_dir / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-
-    private_keys: dict[str, Path] = {}
-    public_keys: dict[str, Path] = {}
-    for site in sites:
-        key = ec.generate_private_key(ec.SECP384R1())
-        priv_name, pub_name = site_key_names(site)
-        private_keys[site] = out_dir / priv_name
-        public_keys[site] = out_dir / pub_name
-        _write_private(
-            private_keys[site],
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.OpenSSH,
-                serialization.NoEncryption(),
-            ),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        public_keys[site].write_bytes(public + f" fedmed-site-{site}\n".encode())
-
-    manifest_path = out_dir / MANIFEST_NAME
-    manifest_path.write_text(
-        json.dumps(
-            {
-                "ca": "ca.pem",
-                "server_certificate": "server.pem",
-                "server_hosts": list(hosts),
-                "sites": {site: public_keys[site].name for site in sites},
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    log.info(
-        "wrote CA, server certificate (%s) and %d site keys to %s",
-        ", ".join(hosts),
-        len(sites),
-        out_dir,
-    )
+    manifest = init_pki(out_dir, server_hosts=server_hosts, force=force)
+    site_dir = out_dir.parent / f"{out_dir.name}-sites"
+    private: dict[str, Path] = {}
+    public: dict[str, Path] = {}
+    for site in names:
+        key = make_site_key(site_dir, site, force=force)
+        private[site] = key.private_key
+        public[site] = register_site(out_dir, site, key.public_key, force=force)
     return PkiManifest(
-        ca_cert=out_dir / "ca.pem",
-        server_cert=out_dir / "server.pem",
-        server_key=out_dir / "server.key",
-        server_hosts=hosts,
-        site_private_keys=private_keys,
-        site_public_keys=public_keys,
-        manifest=manifest_path,
-    )
-
-
-def load_site_public_key_pem(path: Path) -> bytes:
-    """Read a site's OpenSSH EC public key and return it as PEM SubjectPublicKeyInfo.
-
-    This is the form Flower's Control API ``RegisterNode`` expects.
-
-    Raises:
-        SecurityError: the file is missing, unreadable or not an EC key on a NIST curve.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SecurityError(
-            f"site public key {path} cannot be read ({err.strerror}): run `fedmed certs` or "
-            "fix the path in the [server] sites table"
-        ) from err
-    try:
-        key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise SecurityError(
-            f"site public key {path} is not an OpenSSH public key ({err}): use the siteX.pub "
-            "file written by `fedmed certs`"
-        ) from err
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-        key.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-    ):
-        raise SecurityError(
-            f"site public key {path} is not an EC key on a NIST curve (P-256/384/521): "
-            "Flower's site authentication needs one; use `fedmed certs`"
-        )
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ca_cert=manifest.ca_cert,
+        ca_key=manifest.ca_key,
+        server_cert=manifest.server_cert,
+        server_key=manifest.server_key,
+        server_hosts=manifest.server_hosts,
+        manifest=manifest.manifest,
+        site_public_keys=public,
+        site_private_keys=private,
     )

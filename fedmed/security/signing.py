@@ -14,7 +14,13 @@ What is signed is canonical JSON (sorted keys, no spaces) of a small payload:
   sha256 of the round's canonical train config; the message carries it as ConfigRecord
   ``signature`` (``payload``, ``signature``, ``certificate``);
 - a checkpoint: ``{"kind": "checkpoint", "round", "weights_sha256", "meta_sha256",
-  "parent_hash"}`` written as ``signature.json`` next to ``meta.json``.
+  "parent_hash"}`` written as ``signature.json`` next to ``meta.json``
+  (:mod:`fedmed.security.chain`).
+
+Who is trusted: a :class:`Verifier` with the federation's CA accepts any certificate that CA
+issued; one pinned to certificate fingerprints accepts only those (a server whose signing folder
+has no ``ca.pem`` checks its own checkpoints this way on resume); a bare ``Verifier()`` checks
+only that a signature matches the certificate it carries, which anyone can forge.
 
 Example:
     >>> signer = Signer.from_dir("certs")                    # server.key + server.pem
@@ -45,20 +51,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from fedmed.errors import SecurityError
 
 __all__ = [
-    "SIGNATURE_FILE",
     "SignatureError",
     "Signer",
     "Verifier",
     "arrays_digest",
     "canonical_json",
-    "checkpoint_payload",
-    "sign_checkpoint",
+    "certificate_fingerprint",
     "sign_global",
-    "verify_checkpoints",
     "verify_global",
 ]
 
-SIGNATURE_FILE = "signature.json"
 _SIGNED_KEYS = ("payload", "signature", "certificate")
 
 
@@ -94,6 +96,18 @@ def _sha256_text(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def certificate_fingerprint(pem: bytes | str) -> str:
+    """sha256 (hex) of a PEM certificate's DER bytes, as ``openssl x509 -fingerprint -sha256``.
+
+    Example:
+        >>> certificate_fingerprint(Path("certs/ca.pem").read_bytes())[:8]
+        '3f9a0c1e'
+    """
+    data = pem.encode() if isinstance(pem, str) else pem
+    cert = x509.load_pem_x509_certificate(data)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 @dataclass(frozen=True)
 class Signer:
     """The server's private key and certificate (PEM); ``repr`` never shows the key.
@@ -107,6 +121,7 @@ class Signer:
 
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = field(repr=False)
     certificate_pem: bytes = field(repr=False)
+    ca_pem: bytes | None = field(default=None, repr=False)  # the CA that issued the certificate
 
     @classmethod
     def from_files(
@@ -145,8 +160,36 @@ class Signer:
 
     @classmethod
     def from_dir(cls, certs_dir: str | os.PathLike[str]) -> Signer:
-        """``server.key`` and ``server.pem`` in the folder ``fedmed certs`` wrote."""
-        return cls.from_files(Path(certs_dir) / "server.key", Path(certs_dir) / "server.pem")
+        """``server.key`` and ``server.pem`` in the folder ``fedmed certs`` wrote, with the
+        folder's ``ca.pem`` (when present) as the CA that checkpoints are checked against.
+
+        SecurityError when that ``ca.pem`` did not issue ``server.pem``.
+        """
+        folder = Path(certs_dir)
+        signer = cls.from_files(folder / "server.key", folder / "server.pem")
+        ca_file = folder / "ca.pem"
+        if not ca_file.is_file():
+            return signer
+        verifier = Verifier.from_ca_file(ca_file)
+        try:
+            verifier.check_certificate(signer.certificate_pem, what=f"signing certificate {folder}")
+        except SignatureError as err:
+            raise SecurityError(
+                f"{folder / 'server.pem'} was not issued by {ca_file} ({err}): sites holding "
+                "that ca.pem would refuse every model; give the folder written by `fedmed certs`"
+            ) from err
+        return cls(signer.key, signer.certificate_pem, verifier.ca_pem)
+
+    def trust_record(self) -> dict[str, str | None]:
+        """What a run records at start so its signatures can be checked later: the signing
+        certificate, the CA certificate (when known) and their sha256 fingerprints."""
+        return {
+            "signing_cert": self.certificate_pem.decode("ascii"),
+            "signing_cert_sha256": _sha256_text(self.certificate_pem),
+            "signing_cert_fingerprint": certificate_fingerprint(self.certificate_pem),
+            "ca_cert": self.ca_pem.decode("ascii") if self.ca_pem else None,
+            "ca_sha256": certificate_fingerprint(self.ca_pem) if self.ca_pem else None,
+        }
 
     def sign(self, payload: Mapping[str, Any]) -> dict[str, str]:
         """``{"payload": canonical JSON, "signature": base64, "certificate": PEM}``."""
@@ -178,6 +221,44 @@ class Verifier:
     """
 
     ca_pem: bytes | None = field(default=None, repr=False)
+    pinned: frozenset[str] = frozenset()  # certificate fingerprints; empty = any (with the CA)
+
+    @classmethod
+    def from_ca_pem(cls, pem: bytes | str, *, what: str) -> Verifier:
+        """Trust certificates issued by the CA in ``pem`` (``what`` names where it came from)."""
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            x509.load_pem_x509_certificate(data)
+        except ValueError as err:
+            raise SecurityError(f"CA certificate in {what} cannot be read ({err})") from err
+        return cls(data)
+
+    @classmethod
+    def for_signer(cls, signer: Signer) -> Verifier:
+        """What ``signer`` signed: certificates of its CA, else only its own certificate."""
+        if signer.ca_pem is not None:
+            return cls(signer.ca_pem)
+        return cls(pinned=frozenset({certificate_fingerprint(signer.certificate_pem)}))
+
+    @property
+    def checks_signer(self) -> bool:
+        """Whether this verifier checks who signed (a CA or pinned certificates)."""
+        return self.ca_pem is not None or bool(self.pinned)
+
+    def check_certificate(self, pem: bytes | str, *, what: str) -> None:
+        """SignatureError unless the CA issued ``pem`` (valid now) and it is pinned, if any are."""
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+        except ValueError as err:
+            raise SignatureError(f"{what}: certificate is malformed ({err})") from err
+        if self.ca_pem is not None:
+            self._check_issuer(cert, what=what)
+        if self.pinned and certificate_fingerprint(data) not in self.pinned:
+            raise SignatureError(
+                f"{what}: signed by a certificate ({cert.subject.rfc4514_string()}) that is not "
+                "the one this run signs with"
+            )
 
     @classmethod
     def from_ca_file(cls, path: str | os.PathLike[str]) -> Verifier:
@@ -203,8 +284,7 @@ class Verifier:
             payload = json.loads(str(signed["payload"]))
         except (ValueError, binascii.Error) as err:
             raise SignatureError(f"{what}: signature record is malformed ({err})") from err
-        if self.ca_pem is not None:
-            self._check_issuer(cert, what=what)
+        self.check_certificate(str(signed["certificate"]), what=what)
         data = str(signed["payload"]).encode()
         public = cert.public_key()
         try:
@@ -286,120 +366,3 @@ def verify_global(
                 f"{what}: signed {key} is {payload.get(key)!r} but the message has {value!r} "
                 "(altered in transit or replayed)"
             )
-
-
-# -- checkpoints ---------------------------------------------------------------------------
-def checkpoint_payload(folder: Path) -> dict[str, Any]:
-    """What a checkpoint's signature covers, read from its ``meta.json``."""
-    meta_bytes = (folder / "meta.json").read_bytes()
-    meta = json.loads(meta_bytes)
-    return {
-        "kind": "checkpoint",
-        "round": int(meta["round"]),
-        "weights_sha256": meta["weights_sha256"],
-        "parent_hash": meta["parent_hash"],
-        "meta_sha256": _sha256_text(meta_bytes),
-    }
-
-
-def sign_checkpoint(
-    folder: str | os.PathLike[str], signer: Signer, *, audit_sha256: str | None = None
-) -> Path:
-    """Write ``signature.json`` into a checkpoint folder (atomically); return its path.
-
-    ``audit_sha256`` (the hash of the audit line of this round) is signed along, so a
-    truncated audit log shows up in :func:`verify_checkpoints`.
-    """
-    folder = Path(folder)
-    payload = checkpoint_payload(folder)
-    if audit_sha256 is not None:
-        payload["audit_sha256"] = audit_sha256
-    signed = signer.sign(payload)
-    path = folder / SIGNATURE_FILE
-    tmp = folder / f".{SIGNATURE_FILE}.tmp"
-    tmp.write_text(json.dumps(signed, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _round_folders(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    for entry in root.iterdir():
-        name = entry.name
-        if entry.is_dir() and name.startswith("round-") and name[6:].isdigit():
-            found.append((int(name[6:]), entry))
-    return sorted(found)
-
-
-def verify_checkpoints(
-    root: str | os.PathLike[str],
-    *,
-    verifier: Verifier | None = None,
-    require_signatures: bool = False,
-    audit_lines: set[str] | None = None,
-) -> tuple[list[int], list[int]]:
-    """Check every round of a checkpoint folder; return (rounds checked, rounds signed).
-
-    Each round must exist from 0 on, its files must match ``meta.json``, its ``parent_hash``
-    must be the round before's weights hash and, where ``signature.json`` is present (required
-    with ``require_signatures``), the signature must cover exactly that ``meta.json`` and, with
-    ``audit_lines`` (:func:`fedmed.security.audit.line_hashes`), the audit line it names must
-    be in the log. SignatureError names the first broken link.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise SecurityError(f"checkpoint folder {root} does not exist")
-    verifier = verifier or Verifier()
-    rounds: list[int] = []
-    signed: list[int] = []
-    parent: str | None = None
-    for expected, (round_, folder) in enumerate(_round_folders(root)):
-        if round_ != expected:
-            raise SignatureError(f"first broken link: round {expected} is missing in {root}")
-        where = f"first broken link: round {round_} ({folder})"
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            weights_hash = _file_sha256(folder / "weights.safetensors")
-            state_hash = _file_sha256(folder / "server_state.safetensors")
-        except (OSError, ValueError) as err:
-            raise SignatureError(f"{where}: cannot be read ({err})") from err
-        if meta.get("round") != round_:
-            raise SignatureError(f"{where}: meta.json says round {meta.get('round')}")
-        if weights_hash != meta.get("weights_sha256"):
-            raise SignatureError(f"{where}: weights.safetensors does not match meta.json")
-        if state_hash != meta.get("server_state_sha256"):
-            raise SignatureError(f"{where}: server_state.safetensors does not match meta.json")
-        if meta.get("parent_hash") != parent:
-            raise SignatureError(
-                f"{where}: parent_hash {str(meta.get('parent_hash'))[:12]} is not the hash "
-                f"{str(parent)[:12]} of the round before"
-            )
-        sig_file = folder / SIGNATURE_FILE
-        if sig_file.is_file():
-            try:
-                record = json.loads(sig_file.read_text())
-            except (OSError, ValueError) as err:
-                raise SignatureError(f"{where}: {SIGNATURE_FILE} cannot be read ({err})") from err
-            payload = verifier.verify(record, what=where)
-            audit_hash = payload.pop("audit_sha256", None)
-            if payload != checkpoint_payload(folder):
-                raise SignatureError(f"{where}: the signature does not cover this meta.json")
-            if audit_lines is not None and audit_hash is not None and audit_hash not in audit_lines:
-                raise SignatureError(
-                    f"{where}: the audit line signed with this round ({audit_hash[:12]}) is not in "
-                    "the audit log: the log was truncated or altered"
-                )
-            signed.append(round_)
-        elif require_signatures:
-            raise SignatureError(f"{where}: {SIGNATURE_FILE} is missing (unsigned checkpoint)")
-        rounds.append(round_)
-        parent = weights_hash
-    return rounds, signed

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedmed.server.checkpoint import CheckpointStore
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedmed.cli.infer import input_images, load_model
 from fedmed.cli.main import build_parser, main
 from fedmed.cli.train import checkpoint_metadata
-from fedmed.errors import ConfigError, DataError, ModelError
+from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
 from fedmed.io.nifti import read_nifti, read_nifti_header, write_nifti
 from fedmed.pipeline import PipelineSettings
+from fedmed.security.chain import sign_checkpoint
+from fedmed.security.pki import write_pki
+from fedmed.security.signing import Signer
 from fedmed.task import TrainConfig, build_network, model_arrays
 from fedmed.train import load_checkpoint, save_checkpoint
 
@@ -178,7 +182,6 @@ def test_both_commands_are_registered(capsys):
 
 def test_infer_opens_a_round_checkpoint_sealed_with_the_checkpoint_key(tmp_path, monkeypatch):
     # Prepare: a server that ran with FEDMED_CHECKPOINT_KEY sealed its weights file
-    from fedmed.errors import SecurityError
     from fedmed.security.at_rest import write_arrays
     from fedmed.security.encryption import EncryptionKey
 
@@ -198,3 +201,131 @@ def test_infer_opens_a_round_checkpoint_sealed_with_the_checkpoint_key(tmp_path,
     # Assert
     state = loaded.model.state_dict()
     assert all(np.array_equal(state[k].numpy(), v) for k, v in arrays.items())
+
+
+# -- what infer loads: verified with --ca, bounded always ----------------------------------------
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs")
+    write_pki(out, server_hosts=["localhost"], sites=[])
+    return out
+
+
+def _signed_run(root: Path, certs: Path, scores=(0.1, 0.6, 0.3)) -> Path:
+    """A federated run's checkpoints as the server writes them, every round signed."""
+    store, signer = CheckpointStore(root), Signer.from_dir(certs)
+    for r, score in enumerate(scores):
+        arrays = model_arrays(build_network(COPLE, seed=r))
+        ckpt = store.save(r, arrays, metrics={}, config_hash="c", score=score)
+        sign_checkpoint(ckpt.path, signer)
+    return root
+
+
+def test_infer_with_ca_loads_the_verified_best_round(tmp_path, certs):
+    run = _signed_run(tmp_path / "run", certs)
+
+    loaded = load_model(run, device="cpu", ca=certs / "ca.pem")
+
+    best = model_arrays(build_network(COPLE, seed=1))  # round 1 has the best score
+    state = loaded.model.state_dict()
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in best.items())
+
+
+def test_infer_with_ca_refuses_an_unsigned_round_that_best_json_names(tmp_path, certs, lps_image):
+    # Prepare: someone appends an unsigned round 3 with the top score: best.json follows it
+    run = _signed_run(tmp_path / "run", certs)
+    evil = model_arrays(build_network(COPLE, seed=9))
+    CheckpointStore(run).save(3, evil, metrics={}, config_hash="c", score=0.99)
+    argv = ["infer", "--model", str(run), "--input", str(lps_image),
+            "--output", str(tmp_path / "pred"), "--device", "cpu"]  # fmt: skip
+
+    # Execute + Assert
+    with pytest.raises(SecurityError, match=r"round 3 .*signature\.json is missing"):
+        _run([*argv, "--ca", str(certs / "ca.pem")])
+    assert not (tmp_path / "pred").exists()
+
+
+def test_infer_refuses_a_pointer_that_disagrees_with_the_checkpoint(tmp_path, certs):
+    run = _signed_run(tmp_path / "run", certs)
+    best = run / "checkpoints" / "best.json"
+    best.write_text(json.dumps({"round": 1, "hash": "0" * 64, "score": 0.6}))
+
+    with pytest.raises(SecurityError, match=r"best\.json names round 1 with sha256 000000000000"):
+        load_model(run, device="cpu", ca=certs / "ca.pem")
+    with pytest.raises(SecurityError, match=r"best\.json names round 1"):  # without --ca too
+        load_model(run, device="cpu")
+
+
+def test_infer_with_ca_refuses_an_unsigned_train_checkpoint(tmp_path, certs):
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors",
+        build_network(COPLE),
+        checkpoint_metadata(COPLE, PipelineSettings()),
+    )
+    with pytest.raises(SecurityError, match="fedmed train checkpoint, which carries no signature"):
+        load_model(ckpt, device="cpu", ca=certs / "ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("task", "pipeline", "match"),
+    [
+        ({"model-features": "65536,131072,262144,524288,1048576"}, {}, "outside 1..1024"),
+        ({"model-features": "4,8,16,32,64"}, {"pixdim": [0.001, 0.001, 0.001]}, "pixdim"),
+        ({"patch-size": "100000,100000"}, {}, r"patch-size \(100000, 100000\) is outside"),
+        ({"model-features": "1024,1024,1024,1024,1024", "patch-size": "1024,1024"}, {},
+         "more than the memory cap"),
+    ],
+    ids=["features", "pixdim", "patch", "memory"],
+)  # fmt: skip
+def test_crafted_metadata_is_refused_before_building_anything(tmp_path, task, pipeline, match):
+    # Prepare: a small real network, metadata asking for far more
+    meta = checkpoint_metadata(COPLE, PipelineSettings())
+    meta["task_config"].update(task)
+    meta["pipeline"].update(pipeline)
+    ckpt = save_checkpoint(tmp_path / "crafted.safetensors", build_network(COPLE), meta)
+
+    # Execute + Assert
+    with pytest.raises(ModelError, match=match):
+        load_model(ckpt, device="cpu")
+
+
+def test_an_image_too_large_after_resampling_is_refused(tmp_path, lps_image):
+    # Prepare: a legal but fine pixdim (0.1 mm) on a 30 x 26 x 7 volume: ~8.6 M voxels
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors",
+        build_network(COPLE),
+        checkpoint_metadata(COPLE, PipelineSettings(pixdim=(0.1, 0.1, 0.1))),
+    )
+    argv = ["infer", "--model", str(ckpt), "--input", str(lps_image),
+            "--output", str(tmp_path / "pred"), "--device", "cpu",
+            "--max-memory", "0.05"]  # fmt: skip
+
+    # Execute + Assert
+    with pytest.raises(ModelError, match=r"scan_lps\.nii\.gz: .* more than the memory cap"):
+        _run(argv)
+
+
+def test_weights_of_no_fedmed_network_are_refused(tmp_path):
+    round_dir = tmp_path / "round-0000"
+    round_dir.mkdir()
+    save_file(
+        {"cells.x.block.0.weight": np.zeros((2, 2), np.float32)},
+        str(round_dir / "weights.safetensors"),
+    )
+
+    with pytest.raises(ModelError, match="the weights are not a fedmed network"):
+        load_model(round_dir, device="cpu")
+
+
+def test_infer_with_ca_refuses_best_json_moved_to_another_signed_round(tmp_path, certs):
+    # Prepare: best.json names round 0 (the untrained model), with round 0's true hash
+    run = _signed_run(tmp_path / "run", certs)
+    zero = json.loads((run / "checkpoints" / "round-0000" / "meta.json").read_text())
+    best = run / "checkpoints" / "best.json"
+    best.write_text(json.dumps({"round": 0, "hash": zero["weights_sha256"], "score": 0.1}))
+
+    # Execute + Assert
+    with pytest.raises(SecurityError, match="the best scored round of the verified chain is 1"):
+        load_model(run, device="cpu", ca=certs / "ca.pem")
+    loaded = load_model(run / "checkpoints" / "round-0000", device="cpu", ca=certs / "ca.pem")
+    assert loaded.cfg.model_features == COPLE.model_features  # a round chosen on purpose loads

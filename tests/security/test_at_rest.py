@@ -8,8 +8,8 @@ from fedmed.server.checkpoint import CheckpointStore
 
 from fedmed.errors import SecurityError
 from fedmed.security.at_rest import read_arrays, write_arrays
+from fedmed.security.chain import verify_checkpoints
 from fedmed.security.encryption import EncryptionKey, TamperedDataError, WrongKeyError
-from fedmed.security.signing import verify_checkpoints
 
 WEIGHTS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array([4], np.int64)}
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.security.audit import AuditError, AuditLog, verify_audit_log
+from fedmed.security.audit import (
+    AuditError,
+    AuditLog,
+    checkpoint_claims,
+    read_entries,
+    verify_audit_log,
+)
 
 
 @pytest.fixture()
@@ -62,3 +68,18 @@ def test_removed_and_inserted_lines_are_named(log_path) -> None:
 def test_reserved_fields_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         AuditLog(tmp_path / "a.jsonl").append("x", seq=3)
+
+
+def test_checkpoint_claims_follow_the_last_record_and_resumes(tmp_path) -> None:
+    # Prepare: round 2 recorded, its folder deleted, the run resumed at round 2 and redone
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("initial", round=0, checkpoint_sha256="a" * 64)
+    log.append("round", round=1, checkpoint_sha256="b" * 64)
+    log.append("round", round=2, checkpoint_sha256="c" * 64)
+    log.append("round", round=3, checkpoint_sha256=None, status="failed")
+    log.append("start", first_round=2)
+
+    # Execute + Assert: the resumed start withdraws round 2 until it is recorded again
+    assert checkpoint_claims(read_entries(log.path)) == {0: "a" * 64, 1: "b" * 64}
+    log.append("round", round=2, checkpoint_sha256="d" * 64)
+    assert checkpoint_claims(read_entries(log.path))[2] == "d" * 64

@@ -1,8 +1,13 @@
-"""fedmed certs: CA, server certificate and site keys that Flower accepts."""
+"""The PKI: a CA kept away from the server's certs, a server certificate, site keys made at the
+sites and registered by their public half, and key writes that never follow a symlink."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
+import json
+import os
 import stat
 from pathlib import Path
 
@@ -14,7 +19,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.errors import ConfigError, SecurityError
-from fedmed.security.pki import load_site_public_key_pem, write_pki
+from fedmed.security.pki import (
+    init_pki,
+    load_site_public_key_pem,
+    make_site_key,
+    register_site,
+    write_pki,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +82,12 @@ def test_site_keys_are_openssh_ec_p384_pairs(pki) -> None:
 
 
 def test_private_keys_are_readable_by_owner_only(pki) -> None:
-    for path in [pki.server_key, pki.ca_cert.with_name("ca.key"), *pki.site_private_keys.values()]:
+    for path in [pki.server_key, pki.ca_key, *pki.site_private_keys.values()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(pki.ca_key.parent.stat().st_mode) == 0o700
 
 
 def test_manifest_lists_sites_and_public_keys(pki) -> None:
-    import json
-
     manifest = json.loads(pki.manifest.read_text())
     assert manifest["sites"] == {"A": "siteA.pub", "B": "siteB.pub"}
     assert "127.0.0.1" in manifest["server_hosts"]
@@ -91,17 +101,18 @@ def test_public_key_pem_is_what_flower_registers(pki) -> None:
 
 
 def test_refuses_to_overwrite_existing_keys(pki) -> None:
-    before = pki.site_private_keys["A"].read_bytes()
+    before = pki.server_key.read_bytes()
     with pytest.raises(SecurityError, match=r"refusing to overwrite keys.*--force"):
-        write_pki(pki.ca_cert.parent, server_hosts=["x.org"], sites=["A"])
-    assert pki.site_private_keys["A"].read_bytes() == before
+        init_pki(pki.ca_cert.parent, server_hosts=["x.org"])
+    assert pki.server_key.read_bytes() == before
 
 
 def test_force_replaces_keys(tmp_path: Path) -> None:
-    first = write_pki(tmp_path, server_hosts=[], sites=["A"])
-    old = first.site_private_keys["A"].read_bytes()
-    second = write_pki(tmp_path, server_hosts=[], sites=["A"], force=True)
-    assert second.site_private_keys["A"].read_bytes() != old
+    first = write_pki(tmp_path / "certs", server_hosts=[], sites=["A"])
+    old = first.site_private_keys["A"].read_bytes(), first.ca_key.read_bytes()
+    second = write_pki(tmp_path / "certs", server_hosts=[], sites=["A"], force=True)
+    assert second.site_private_keys["A"].read_bytes() != old[0]
+    assert second.ca_key.read_bytes() != old[1]
 
 
 @pytest.mark.parametrize(
@@ -109,10 +120,9 @@ def test_force_replaces_keys(tmp_path: Path) -> None:
     [
         (["https://x.org:9092"], ["A"], "neither an IP address nor a DNS name"),
         (["x.org"], ["../A"], "site name '../A' is invalid"),
-        (["x.org"], [], "--sites is empty"),
         (["x.org"], ["A", "A"], "lists a site twice"),
     ],
-    ids=["url-host", "path-site", "no-site", "duplicate"],
+    ids=["url-host", "path-site", "duplicate"],
 )
 def test_invalid_input_is_refused_before_writing(tmp_path, hosts, sites, match) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -134,20 +144,133 @@ def test_load_public_key_refuses_rsa_and_garbage(tmp_path: Path) -> None:
         load_site_public_key_pem(tmp_path / "missing.pub")
 
 
-def test_cli_writes_certs_and_refuses_second_run(tmp_path: Path, capsys) -> None:
-    args = ["certs", str(tmp_path), "--server-address", "127.0.0.1,fl.local", "--sites", "A,B,C"]
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_certs_writes_the_ca_key_outside_the_servers_certs_folder(tmp_path: Path, capsys) -> None:
+    # Execute: the coordinator sets up the federation
+    args = ["certs", str(tmp_path / "certs"), "--server-address", "127.0.0.1,fl.local"]
     assert fedmed_main(args) == 0
-    assert sorted(
-        p.name
-        for p in tmp_path.iterdir()
-        if p.suffix in (".key", ".pub") and p.name.startswith("site")
-    ) == [
-        "siteA.key",
-        "siteA.pub",
-        "siteB.key",
-        "siteB.pub",
-        "siteC.key",
-        "siteC.pub",
+
+    # Assert: certs/ holds only what the server reads; the CA key is in certs-ca/, 0700
+    assert sorted(_files(tmp_path / "certs")) == [
+        "ca.pem",
+        "server.key",
+        "server.pem",
+        "sites.json",
     ]
+    ca_dir = tmp_path / "certs-ca"
+    assert sorted(_files(ca_dir)) == ["ca.key", "ca.pem"]
+    assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
+    assert "keep it offline" in capsys.readouterr().out
+    # a second run never replaces the CA; --ca-dir inside certs is refused
     assert fedmed_main(args) == SecurityError.exit_code
     assert "refusing to overwrite" in capsys.readouterr().err
+    inside = [*args, "--ca-dir", str(tmp_path / "certs" / "ca"), "--force"]
+    assert fedmed_main(inside) == ConfigError.exit_code
+    assert "inside the server's certs folder" in capsys.readouterr().err
+
+
+def test_a_site_makes_its_key_and_the_coordinator_registers_only_its_public_key(
+    tmp_path: Path, capsys
+) -> None:
+    # Prepare: a federation set up once
+    certs = tmp_path / "certs"
+    assert fedmed_main(["certs", str(certs), "--server-address", "127.0.0.1"]) == 0
+    before = {**_files(certs), **_files(tmp_path / "certs-ca")}
+    capsys.readouterr()
+
+    # Execute: site C makes its own pair; the coordinator registers the .pub
+    site_dir = tmp_path / "site-C" / "keys"
+    assert fedmed_main(["site-key", str(site_dir), "--site", "C"]) == 0
+    site_out = capsys.readouterr().out
+    pub = site_dir / "siteC.pub"
+    add = ["certs", str(certs), "--add-site", "C", "--public-key", str(pub)]
+    assert fedmed_main(add) == 0
+    coordinator_out = capsys.readouterr().out
+
+    # Assert: the CA and server files are untouched, C is allow-listed, the fingerprints agree
+    after = {**_files(certs), **_files(tmp_path / "certs-ca")}
+    assert {k: v for k, v in after.items() if k in before and k != "sites.json"} == {
+        k: v for k, v in before.items() if k != "sites.json"
+    }
+    public = serialization.load_ssh_public_key((certs / "siteC.pub").read_bytes())
+    private = serialization.load_ssh_private_key((site_dir / "siteC.key").read_bytes(), None)
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert json.loads((certs / "sites.json").read_text())["sites"] == {"C": "siteC.pub"}
+    blob = base64.b64decode(pub.read_text().split()[1])  # as `ssh-keygen -lf` computes it
+    fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert fingerprint in site_out and fingerprint in coordinator_out
+    assert stat.S_IMODE((site_dir / "siteC.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(site_dir.stat().st_mode) == 0o700
+    # registering the same key again changes nothing
+    assert fedmed_main(add) == 0
+
+
+def test_no_coordinator_command_makes_a_site_private_key(tmp_path: Path, capsys) -> None:
+    certs = tmp_path / "certs"
+    old_form = ["certs", str(certs), "--server-address", "127.0.0.1", "--sites", "A,B"]
+
+    assert fedmed_main(old_form) == ConfigError.exit_code
+    assert "fedmed site-key" in capsys.readouterr().err
+    assert not certs.exists()
+    assert fedmed_main(["certs", str(certs), "--server-address", "127.0.0.1"]) == 0
+    for folder in (certs, tmp_path / "certs-ca"):
+        for name, data in _files(folder).items():
+            if name.endswith(".key") or b"PRIVATE KEY" in data:
+                assert name in ("server.key", "ca.key"), name
+
+
+def test_registration_refuses_private_keys_other_keys_and_shared_keys(tmp_path: Path) -> None:
+    # Prepare
+    pki = init_pki(tmp_path / "certs", server_hosts=["127.0.0.1"])
+    a = make_site_key(tmp_path / "site-A", "A")
+    b = make_site_key(tmp_path / "site-B", "B")
+    register_site(pki.ca_cert.parent, "A", a.public_key)
+
+    # Execute + Assert
+    with pytest.raises(SecurityError, match="is a private key: it must never leave site A"):
+        register_site(pki.ca_cert.parent, "A", a.private_key)
+    with pytest.raises(SecurityError, match="site A is already registered with another key"):
+        register_site(pki.ca_cert.parent, "A", b.public_key)
+    with pytest.raises(SecurityError, match="already registered as site A"):
+        register_site(pki.ca_cert.parent, "C", a.public_key)
+    register_site(pki.ca_cert.parent, "A", b.public_key, force=True)
+    registered = serialization.load_ssh_public_key((pki.ca_cert.parent / "siteA.pub").read_bytes())
+    assert (
+        registered.public_numbers()
+        == serialization.load_ssh_public_key(b.public_key.read_bytes()).public_numbers()
+    )
+    with pytest.raises(ConfigError, match=r"holds no ca\.pem"):
+        register_site(tmp_path / "elsewhere", "B", b.public_key)
+
+
+@pytest.mark.parametrize("name", ["server.key", "ca.pem", "server.pem"])
+def test_a_dangling_symlink_never_redirects_a_key_write(tmp_path: Path, name: str) -> None:
+    # Prepare: someone planted a link where fedmed certs writes
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    target = tmp_path / "attacker" / "stolen"
+    target.parent.mkdir()
+    os.symlink(target, certs / name)
+
+    # Execute + Assert: refused, even with --force, and nothing written through the link
+    for force in (False, True):
+        with pytest.raises(SecurityError, match="is a symbolic link"):
+            init_pki(certs, server_hosts=["127.0.0.1"], force=force)
+    assert not target.exists()
+    assert not (tmp_path / "certs-ca" / "ca.key").exists()
+
+
+def test_a_site_key_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    target = tmp_path / "stolen.key"
+    os.symlink(target, keys / "siteA.key")
+
+    for force in (False, True):
+        with pytest.raises(SecurityError, match=r"siteA\.key"):
+            make_site_key(keys, "A", force=force)
+    assert not target.exists()

@@ -10,16 +10,15 @@ import pytest
 from fedmed.server.checkpoint import CheckpointStore
 
 from fedmed.errors import SecurityError
+from fedmed.security.chain import SIGNATURE_FILE, sign_checkpoint, verify_checkpoints
 from fedmed.security.pki import write_pki
 from fedmed.security.signing import (
-    SIGNATURE_FILE,
     SignatureError,
     Signer,
     Verifier,
     arrays_digest,
-    sign_checkpoint,
+    certificate_fingerprint,
     sign_global,
-    verify_checkpoints,
     verify_global,
 )
 
@@ -192,3 +191,25 @@ def test_unsigned_checkpoints_pass_unless_signatures_are_required(tmp_path) -> N
     assert verify_checkpoints(store.root) == ([0], [])
     with pytest.raises(SignatureError, match=f"{SIGNATURE_FILE} is missing"):
         verify_checkpoints(store.root, require_signatures=True)
+
+
+def test_signer_records_its_certificate_and_ca_for_later_checks(certs) -> None:
+    signer = Signer.from_dir(certs)
+
+    record = signer.trust_record()
+
+    assert record["ca_cert"] == (certs / "ca.pem").read_text()
+    assert record["signing_cert"] == (certs / "server.pem").read_text()
+    assert record["ca_sha256"] == certificate_fingerprint((certs / "ca.pem").read_bytes())
+    Verifier.from_ca_pem(record["ca_cert"], what="test").check_certificate(
+        record["signing_cert"], what="test"
+    )
+
+
+def test_signer_refuses_a_ca_that_did_not_issue_its_certificate(tmp_path, certs, other_certs):
+    for name in ("server.key", "server.pem"):
+        (tmp_path / name).write_bytes((certs / name).read_bytes())
+    (tmp_path / "ca.pem").write_bytes((other_certs / "ca.pem").read_bytes())
+
+    with pytest.raises(SecurityError, match=r"server\.pem was not issued by .*ca\.pem"):
+        Signer.from_dir(tmp_path)

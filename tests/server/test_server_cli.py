@@ -99,3 +99,29 @@ def test_explicit_server_key_files_need_an_explicit_signing_dir(
         _with_default_signing(config)
     explicit = load_federation_config(path).app | {"signing-dir": ""}
     assert _with_default_signing(dataclasses.replace(config, app=explicit)).app == explicit
+
+
+def test_a_ca_key_in_the_certs_folder_is_warned_about_at_start(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a coordinator that copied the CA's key next to server.key
+    own = tmp_path / "certs"
+    own.mkdir()
+    for name in ("ca.pem", "server.pem", "server.key", "siteA.pub", "siteB.pub"):
+        (own / name).write_bytes((certs / name).read_bytes())
+    config = _federation(tmp_path, own, 'strategy = "krum"\n')  # refused before any process
+
+    assert main(["--config", str(config)]) == 3
+    assert "ca.key" not in capsys.readouterr().err
+    (own / "ca.key").write_bytes(
+        certs.with_name(f"{certs.name}-ca").joinpath("ca.key").read_bytes()
+    )
+
+    # Execute
+    code = main(["--config", str(config)])
+
+    # Assert
+    assert code == 3
+    err = capsys.readouterr().err
+    assert f"WARNING: {own / 'ca.key'}: the federation CA's private key is in the server's" in err
+    assert "move it to an offline place" in err
