@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "CACHE_MODES",
+    "ON_BAD_CASE",
     "FederationConfig",
     "ServerConfig",
     "SiteConfig",
@@ -41,6 +43,11 @@ __all__ = [
 ]
 
 CACHE_MODES = ("memory", "disk", "none")
+# The site's case guard (fedmed.io.guard.GuardSettings reads these node config keys; a test
+# pins the defaults to GuardSettings'): kept here so reading a config never imports numpy.
+ON_BAD_CASE = ("skip", "stop")
+_MAX_IMAGE_GIB = 2.0
+_LABEL_AFFINE_TOLERANCE_MM = 1e-3
 _PATH_SUFFIXES = ("-dir", "-file", "-path")
 _MISSING = object()
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -87,6 +94,8 @@ class _Table:
 
     def positive(self, key: str, kind: type, default: Any = _MISSING, *, zero: bool = False) -> Any:
         value = self.get(key, (float, int) if kind is float else kind, default)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{self._where(key)} = {value!r} must be a finite number")
         if value is not None and (value < 0 or (value == 0 and not zero)):
             bound = ">= 0" if zero else "> 0"
             raise ConfigError(f"{self._where(key)} = {value!r} must be {bound}")
@@ -195,6 +204,10 @@ class SiteConfig:
         cache-mode = "disk"          # memory | disk | none
         device = "cpu"               # cpu, cuda, cuda:0, or "cuda:0,cuda:1" for LAMP
         seed = 0
+        on-bad-case = "skip"         # skip | stop: what a case failing the data guard does
+        max-image-gib = 2.0          # memory one image may need once read
+        label-affine-tolerance = 0.001   # mm a label's affine may differ from its image's
+        allow-external-links = false     # follow symbolic links out of data-dir
         [connection]
         server-address = "127.0.0.1:9092"
         ca-cert = "../../certs/ca.pem"
@@ -203,7 +216,9 @@ class SiteConfig:
     ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
     derived from its installed fedmed (see ``fedmed.client.pinning``). With TLS the site
     refuses global models the server did not sign with a certificate of the federation CA
-    (``ca-cert``); ``require-signed-models = false`` accepts unsigned ones.
+    (``ca-cert``); ``require-signed-models = false`` accepts unsigned ones. The four guard
+    keys are :class:`fedmed.io.guard.GuardSettings`' (read back from the node config by
+    ``GuardSettings.from_node_config``).
     """
 
     path: Path
@@ -228,21 +243,31 @@ class SiteConfig:
     warm_start: bool = True
     heartbeat_interval_s: float = 30.0
     require_signed_models: bool = True
+    on_bad_case: str = "skip"
+    max_image_gib: float = _MAX_IMAGE_GIB
+    label_affine_tolerance: float = _LABEL_AFFINE_TOLERANCE_MM
+    allow_external_links: bool = False
 
-    def node_config(self) -> dict[str, str | int]:
+    def node_config(self) -> dict[str, str | int | float | bool]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
 
         ``server-ca`` is the federation CA, so the site refuses global models that the server
         did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
-        ``require-signed-models = false`` and absent when the site runs insecure.
+        ``require-signed-models = false`` and absent when the site runs insecure. The guard
+        keys (``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
+        ``allow-external-links``) are always written.
         """
-        node = {
+        node: dict[str, str | int | float | bool] = {
             "site": self.site,
             "data-dir": str(self.data_dir),
             "cache-dir": str(self.cache_dir),
             "cache-mode": self.cache_mode,
             "device": self.device,
             "seed": self.seed,
+            "on-bad-case": self.on_bad_case,
+            "max-image-gib": self.max_image_gib,
+            "label-affine-tolerance": self.label_affine_tolerance,
+            "allow-external-links": self.allow_external_links,
         }
         if self.ca_cert is not None and not self.insecure:
             node["server-ca"] = str(self.ca_cert) if self.require_signed_models else ""
@@ -443,6 +468,12 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         heartbeat_interval_s=heartbeat,
         warm_start=top.get("warm-start", bool, True),
         require_signed_models=top.get("require-signed-models", bool, True),
+        on_bad_case=top.choice("on-bad-case", ON_BAD_CASE, "skip"),
+        max_image_gib=top.positive("max-image-gib", float, _MAX_IMAGE_GIB),
+        label_affine_tolerance=top.positive(
+            "label-affine-tolerance", float, _LABEL_AFFINE_TOLERANCE_MM, zero=True
+        ),
+        allow_external_links=top.get("allow-external-links", bool, False),
     )
     top.finish()
     conn.finish()

@@ -3,10 +3,14 @@
 The same code feeds a federated site (:class:`~fedmed.task.SiteTask`), centralized training
 (``fedmed train``), evaluation and inference:
 
+- :func:`load_cases` lists a site's cases and runs the case guard's header checks
+  (:mod:`fedmed.io.guard`); :func:`site_volumes` is the whole site: load, split, cache.
 - :func:`preprocessing` is the deterministic prefix, run once per case and cached
   (:func:`cached_volumes`: in RAM, on disk, or on disk sealed with AES-256-GCM):
   ``LoadImaged -> Orientationd(RAS) -> [Spacingd] -> ScaleIntensityRanged (CT window)
-  -> FgBgToIndicesd``.
+  -> FgBgToIndicesd``, wrapped in :class:`CaseGuard`, which checks the voxels just loaded
+  (NaN/inf, undeclared label values), so the guard costs no extra read and its verdict is
+  cached with the case.
 - :func:`augmentation` is the random part, run on every access: a patch sampled by label
   (:class:`~fedmed.transforms.RandCropByPosNegLabeld`; one axial slice squeezed to 2D for
   COPLE-Net, a 3D patch for the U-Nets), flips, quarter turns and intensity jitter.
@@ -26,19 +30,34 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm import tqdm
+
 from fedmed.data import CacheDataset, PersistentDataset, ThreadDataLoader
 from fedmed.errors import ConfigError, DataError
-from fedmed.io.msd import load_site_dataset
+from fedmed.io.check import value_problems
+from fedmed.io.display import printable
+from fedmed.io.guard import (
+    CLASSES_KEY,
+    BadCase,
+    GuardSettings,
+    report_bad_cases,
+    require_cases,
+    screen_cases,
+)
+from fedmed.io.msd import DEFAULT_LABEL_NAMES, load_site_dataset, split_cases
 from fedmed.security.encryption import load_key
 from fedmed.transforms import (
     Compose,
     FgBgToIndicesd,
     LoadImaged,
+    MapTransform,
     Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -55,6 +74,7 @@ __all__ = [
     "CACHE_MODES",
     "HU_WINDOW",
     "PATCHES_PER_CASE_3D",
+    "CaseGuard",
     "PatchSamples",
     "PipelineSettings",
     "Volumes",
@@ -63,6 +83,7 @@ __all__ = [
     "load_cases",
     "patch_loader",
     "preprocessing",
+    "site_volumes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +93,7 @@ HU_WINDOW = (-1000.0, 400.0)
 PATCHES_PER_CASE_3D = 4
 _KEYS = ("image", "label")
 _INDEX_KEYS = ("label_fg_indices", "label_bg_indices")
+_FAILED = "guard_failure"  # key of a case CaseGuard refused; its value says why
 
 
 class Volumes(Protocol):
@@ -90,8 +112,12 @@ class PipelineSettings:
     ``cache_key``: the AES-256 key as hex/base64 text; ``None`` reads ``FEDMED_CACHE_KEY``.
     ``pixdim``: resample to this voxel size in mm (``None`` keeps the native spacing).
 
+    ``guard``: the case guard's rules (:class:`~fedmed.io.guard.GuardSettings`: memory limit,
+    label affine tolerance, skip or stop on a bad case, links out of the folder).
+
     Example:
-        >>> PipelineSettings(cache_mode="disk", cache_dir=Path("runs/site-A/cache"))
+        >>> PipelineSettings(cache_mode="disk", cache_dir=Path("runs/site-A/cache"),
+        ...                  guard=GuardSettings(on_bad_case="stop"))
     """
 
     hu_window: tuple[float, float] = HU_WINDOW
@@ -100,6 +126,7 @@ class PipelineSettings:
     cache_dir: Path | None = None
     cache_key: str | None = None
     num_workers: int = 1
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         if self.cache_mode not in CACHE_MODES:
@@ -125,15 +152,34 @@ class PipelineSettings:
         return {"hu_window": list(self.hu_window), "pixdim": self.pixdim and list(self.pixdim)}
 
 
-def load_cases(folders: Sequence[str | Path]) -> list[dict[str, str]]:
-    """Every labelled case of the site folders, pooled; case ids made unique per folder."""
+def load_cases(
+    folders: Sequence[str | Path], settings: PipelineSettings | None = None
+) -> list[dict[str, Any]]:
+    """Every labelled case of the site folders that passes the guard's header checks, pooled;
+    case ids made unique per folder.
+
+    Each case carries its allowed label values (:data:`~fedmed.io.guard.CLASSES_KEY`) for
+    :func:`cached_volumes`. Bad cases are skipped with a warning or raise, as
+    ``settings.guard.on_bad_case`` says; DataError when no case remains.
+    """
     if not folders:
         raise ConfigError("no data folder given: pass at least one --data DIR")
-    cases: list[dict[str, str]] = []
+    settings = settings or PipelineSettings()
+    cases: list[dict[str, Any]] = []
     seen: set[str] = set()
     for folder in folders:
-        for case in load_site_dataset(folder).cases:
-            item = dict(case)
+        site = load_site_dataset(
+            folder, require_files=False, allow_external_links=settings.guard.allow_external_links
+        )
+        good, bad = screen_cases(site, settings.guard, workers=settings.num_workers)
+        where = printable(site.root)
+        report_bad_cases(bad, total=len(site.cases), policy=settings.guard.on_bad_case, where=where)
+        if not good:
+            raise DataError(
+                f"{where}: none of its {len(site.cases)} cases passed the data check; fix the "
+                "files named in the warnings above (`fedmed data check` lists them)"
+            )
+        for item in good:
             if item["case_id"] in seen:  # pooled sites may reuse ids
                 item["case_id"] = f"{Path(folder).name}/{item['case_id']}"
             seen.add(item["case_id"])
@@ -141,10 +187,41 @@ def load_cases(folders: Sequence[str | Path]) -> list[dict[str, str]]:
     return cases
 
 
+def site_volumes(
+    folders: Sequence[str | Path],
+    settings: PipelineSettings,
+    *,
+    val_fraction: float,
+    seed: int,
+    progress: bool = False,
+) -> tuple[Volumes, Volumes]:
+    """A site's ``(train, val)`` volumes: :func:`load_cases`, the by-patient
+    :func:`~fedmed.io.msd.split_cases`, :func:`cached_volumes` for each side.
+
+    Raises DataError when fewer than :data:`~fedmed.io.guard.MIN_SITE_CASES` (2) usable cases
+    remain in all, or none for training.
+
+    Example:
+        >>> train, val = site_volumes(["demo/data/site-A"], PipelineSettings(), val_fraction=0.2,
+        ...                           seed=0)
+    """
+    cases = load_cases(folders, settings)
+    where = ", ".join(printable(Path(f).absolute()) for f in folders)
+    train_cases, val_cases = split_cases(cases, val_fraction=val_fraction, seed=seed)
+    require_cases(len(train_cases), len(val_cases), where=where)
+    train = cached_volumes(train_cases, settings, progress=progress)
+    val = cached_volumes(val_cases, settings, progress=progress)
+    require_cases(len(train), len(val), where=where)
+    return train, val
+
+
 def preprocessing(settings: PipelineSettings, *, keys: Sequence[str] = _KEYS) -> Compose:
     """The deterministic, cacheable prefix for ``keys`` (``("image",)`` for unlabelled data)."""
     keys = tuple(keys)
-    steps: list[Callable[[Any], Any]] = [LoadImaged(keys), Orientationd(keys, "RAS")]
+    steps: list[Callable[[Any], Any]] = [
+        LoadImaged(keys, max_bytes=settings.guard.max_image_bytes),
+        Orientationd(keys, "RAS"),
+    ]
     if settings.pixdim is not None:
         steps.append(Spacingd(keys, settings.pixdim))
     steps.append(ScaleIntensityRanged("image", *settings.hu_window))
@@ -153,11 +230,73 @@ def preprocessing(settings: PipelineSettings, *, keys: Sequence[str] = _KEYS) ->
     return Compose(steps)
 
 
+class CaseGuard(MapTransform):
+    """The preprocessing of one labelled case with the guard's value checks after loading.
+
+    A case whose files fail to load or whose voxels fail
+    :func:`~fedmed.io.check.value_problems` (NaN/inf in the image, label values outside the
+    case's :data:`~fedmed.io.guard.CLASSES_KEY`, default ``{0, 1}``) comes out as a small
+    marker holding the reason instead of tensors; :func:`cached_volumes` leaves those out.
+    Deterministic, so the caching datasets cache its output: the verdict is computed once per
+    case (and kept on disk with the ``disk`` cache modes, keyed on the files' content).
+
+    Example:
+        >>> guard = CaseGuard(preprocessing(PipelineSettings()))
+        >>> sorted(guard({"image": "img.nii.gz", "label": "seg.nii.gz", "case_id": "p01"}))
+        ['case_id', 'image', 'image_meta', 'label', 'label_bg_indices', ...]
+    """
+
+    def __init__(self, steps: Compose) -> None:
+        super().__init__(_KEYS)
+        if not steps.transforms or not isinstance(steps.transforms[0], LoadImaged):
+            raise ValueError("CaseGuard needs a preprocessing that starts with LoadImaged")
+        self.load = steps.transforms[0]
+        self.rest = Compose(steps.transforms[1:])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        classes = d.pop(CLASSES_KEY, sorted(DEFAULT_LABEL_NAMES))
+        try:
+            loaded = self.load(d)
+            problems = value_problems(
+                d["image"], loaded["image"].numpy(), d["label"], loaded["label"].numpy(), classes
+            )
+            if not problems:
+                return self.rest(loaded)
+            reason = "; ".join(str(p) for p in problems)
+        except DataError as err:
+            reason = str(err)
+        return {**{k: v for k, v in d.items() if isinstance(v, (str, Path))}, _FAILED: reason}
+
+    def params(self) -> dict[str, Any]:
+        # the memory limit decides which cases load, so it belongs in the cache key
+        return {
+            "steps": [self.load.config(), *self.rest.config()],
+            "max_bytes": self.load.max_bytes,
+        }
+
+
+class _Usable:
+    """The cases of ``volumes`` at ``indices`` (those the guard passed), as Volumes."""
+
+    def __init__(self, volumes: Volumes, indices: Sequence[int]) -> None:
+        self.volumes, self.indices = volumes, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.volumes[self.indices[index]]
+
+
 def cached_volumes(
-    cases: Sequence[dict[str, str]], settings: PipelineSettings, *, progress: bool = False
+    cases: Sequence[Mapping[str, Any]], settings: PipelineSettings, *, progress: bool = False
 ) -> Volumes:
-    """The preprocessed ``cases``, cached as ``settings.cache_mode`` says."""
-    prefix = preprocessing(settings)
+    """The preprocessed ``cases`` that pass the guard's value checks, cached as
+    ``settings.cache_mode`` says; bad cases are skipped with a warning or raise
+    (``settings.guard.on_bad_case``). ``cache_mode="none"`` runs the preprocessing once more per
+    case up front, to find the bad ones."""
+    prefix = Compose([CaseGuard(preprocessing(settings))])
     if settings.cache_mode.startswith("disk"):
         assert settings.cache_dir is not None  # checked by PipelineSettings
         key = load_key(settings.cache_key)
@@ -166,15 +305,44 @@ def cached_volumes(
                 "cache-mode 'disk-encrypted' needs a key: set FEDMED_CACHE_KEY (hex or base64 "
                 "of 32 bytes) or cache-key in the config"
             )
-        dataset = PersistentDataset(
+        dataset: CacheDataset | PersistentDataset = PersistentDataset(
             list(cases), prefix, Path(settings.cache_dir) / "volumes", encryption_key=key
         )
-        dataset.prepare(num_workers=settings.num_workers, progress=progress)
-        return dataset
-    rate = 0.0 if settings.cache_mode == "none" else 1.0
-    return CacheDataset(
-        list(cases), prefix, cache_rate=rate, num_workers=settings.num_workers, progress=progress
-    )
+        items = _build(dataset, settings.num_workers, progress)
+    else:
+        rate = 0.0 if settings.cache_mode == "none" else 1.0
+        dataset = CacheDataset(
+            list(cases), prefix, cache_rate=rate, num_workers=settings.num_workers,
+            progress=progress,
+        )  # fmt: skip
+        items = (dataset[i] for i in range(len(dataset)))
+    bad: list[BadCase] = []
+    usable: list[int] = []
+    for index, item in enumerate(items):
+        if _FAILED in item:
+            bad.append((str(item.get("case_id", index)), item[_FAILED]))
+        else:
+            usable.append(index)
+    report_bad_cases(bad, total=len(cases), policy=settings.guard.on_bad_case, where="site data")
+    return dataset if not bad else _Usable(dataset, usable)
+
+
+def _build(dataset: PersistentDataset, workers: int, progress: bool) -> list[dict[str, Any]]:
+    """Build or read every entry (what ``prepare`` does), keeping only what the guard needs:
+    the marker of a bad case, an empty dict for a good one."""
+
+    def entry(index: int) -> dict[str, Any]:
+        item = dataset.cached_item(index)
+        return item if _FAILED in item else {}
+
+    bar = tqdm(total=len(dataset), desc="caching", unit="item", disable=not progress, leave=False,
+               file=sys.stderr)  # fmt: skip
+    with bar, ThreadPoolExecutor(max(1, workers), thread_name_prefix="fedmed-guard") as pool:
+        found = []
+        for item in pool.map(entry, range(len(dataset))):
+            found.append(item)
+            bar.update()
+    return found
 
 
 def augmentation(patch_size: Sequence[int], *, seed: int) -> Compose:

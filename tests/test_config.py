@@ -152,6 +152,10 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "cache-mode": "memory",
         "device": "cpu",
         "seed": 0,
+        "on-bad-case": "skip",
+        "max-image-gib": 2.0,
+        "label-affine-tolerance": 0.001,
+        "allow-external-links": False,
         "server-ca": str(tmp_path / "certs" / "ca.pem"),  # refuse unsigned global models
     }
     assert config.runtime_port == 9094
@@ -191,6 +195,23 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         ("[connection]", "[connection]\nport = 1", r"\[connection\] has unknown key\(s\) port"),
         ('data-dir = "data"', 'data-dir = "data"\napp-hash = ["abc"]', "app-hash entry 'abc'"),
         ('data-dir = "data"', 'data-dir = "data"\napp-hash = "x"', "app-hash = 'x' must be list"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\non-bad-case = "ignore"',
+            "on-bad-case = 'ignore'",
+        ),
+        ('data-dir = "data"', 'data-dir = "data"\nmax-image-gib = 0', "max-image-gib = 0.0 must"),
+        ('data-dir = "data"', 'data-dir = "data"\nmax-image-gib = nan', "must be a finite number"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nlabel-affine-tolerance = -1',
+            "label-affine-tolerance = -1.0 must be >= 0",
+        ),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nallow-external-links = "yes"',
+            "allow-external-links = 'yes' must be bool",
+        ),
     ],
     ids=[
         "other-site",
@@ -205,6 +226,11 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         "typo",
         "app-hash-short",
         "app-hash-type",
+        "on-bad-case",
+        "max-image-gib",
+        "max-image-gib-nan",
+        "tolerance",
+        "links",
     ],
 )
 def test_site_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
@@ -212,3 +238,23 @@ def test_site_config_errors_name_file_and_key(tmp_path, old, new, match) -> None
     with pytest.raises(ConfigError, match=match) as info:
         load_site_config(path, site="A")
     assert str(path) in str(info.value)
+
+
+def test_site_config_sets_the_case_guard_and_its_node_config_reads_back(tmp_path: Path) -> None:
+    from fedmed.io.guard import GuardSettings
+
+    text = SITE.replace(
+        'data-dir = "data"',
+        'data-dir = "data"\non-bad-case = "stop"\nmax-image-gib = 4\n'
+        "label-affine-tolerance = 0.5\nallow-external-links = true",
+    )
+    config = load_site_config(_write(tmp_path, text), site="A")
+    default = load_site_config(_write(tmp_path, SITE, "default.toml"), site="A")
+
+    assert GuardSettings.from_node_config(config.node_config()) == GuardSettings(
+        max_image_bytes=4 * 2**30,
+        label_affine_tolerance=0.5,
+        on_bad_case="stop",
+        allow_external_links=True,
+    )
+    assert GuardSettings.from_node_config(default.node_config()) == GuardSettings()

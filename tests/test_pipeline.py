@@ -1,11 +1,21 @@
-"""fedmed.pipeline: settings, cached preprocessing in every cache mode, patch epochs, loaders."""
+"""fedmed.pipeline: settings, cached preprocessing in every cache mode, patch epochs, loaders,
+and the case guard."""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from fedmed.errors import ConfigError, DataError
+from fedmed.io.guard import CLASSES_KEY, GuardSettings
+from fedmed.io.nifti import read_nifti, write_nifti
 from fedmed.pipeline import (
     PATCHES_PER_CASE_3D,
     PatchSamples,
@@ -15,6 +25,7 @@ from fedmed.pipeline import (
     load_cases,
     patch_loader,
     preprocessing,
+    site_volumes,
 )
 from fedmed.security.encryption import EncryptionKey
 from fedmed.transforms import Spacingd
@@ -131,3 +142,194 @@ def test_augmentation_rejects_bad_patch_sizes_and_empty_sites():
         augmentation((16,), seed=0)
     with pytest.raises(DataError, match="no training cases"):
         PatchSamples([], (16, 16), seed=0)
+
+
+# The case guard: bad cases are skipped with a warning (or stop the site), never trained on.
+
+
+def _copy_site(demo_root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(demo_root / "site-A", tmp_path / "site-A"))
+
+
+def _files(site: Path, index: int) -> tuple[Path, Path]:
+    name = f"site-A_patient_{index:03d}.nii.gz"
+    return site / "imagesTr" / name, site / "labelsTr" / name
+
+
+def _put_nan(image: Path) -> None:
+    volume = read_nifti(image)
+    array = volume.array.astype(np.float32)
+    array[3, 4, 5] = np.nan
+    write_nifti(image, array, volume.affine)
+
+
+def _shift(label: Path, mm: float) -> None:
+    volume = read_nifti(label)
+    affine = volume.affine.copy()
+    affine[2, 3] += mm
+    write_nifti(label, volume.array, affine)
+
+
+def _case_ids(volumes) -> list[str]:
+    return [volumes[i]["case_id"] for i in range(len(volumes))]
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk", "none"])
+def test_image_with_nan_is_skipped_with_a_warning_naming_it(
+    demo_root, tmp_path, caplog, mode
+) -> None:
+    # Prepare
+    site = _copy_site(demo_root, tmp_path)
+    image, _ = _files(site, 1)
+    _put_nan(image)
+    settings = PipelineSettings(cache_mode=mode, cache_dir=tmp_path / "cache")
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedmed"):
+        volumes = cached_volumes(load_cases([site]), settings)
+
+    # Assert
+    assert _case_ids(volumes) == ["site-A_patient_000", "site-A_patient_002"]
+    assert f"case site-A_patient_001 skipped (neither trained nor evaluated on): {image}: 1 " in (
+        caplog.text
+    )
+    assert "voxels are NaN or infinite" in caplog.text
+
+
+def test_label_50_mm_off_its_image_is_skipped_when_cases_are_listed(
+    demo_root, tmp_path, caplog
+) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    _, label = _files(site, 0)
+    _shift(label, 50.0)
+
+    with caplog.at_level(logging.WARNING, logger="fedmed"):
+        cases = load_cases([site])
+
+    assert [c["case_id"] for c in cases] == ["site-A_patient_001", "site-A_patient_002"]
+    assert f"{label}: affine differs from its image" in caplog.text
+    assert "by up to 50 mm (tolerance 0.001 mm)" in caplog.text
+    tolerant = PipelineSettings(guard=GuardSettings(label_affine_tolerance=60.0))
+    assert len(load_cases([site], tolerant)) == 3
+
+
+def test_validation_label_of_255_is_skipped_not_scored(demo_root, tmp_path, caplog) -> None:
+    # the probe: a validation label of 255 reported val-dice 1.0
+    site = _copy_site(demo_root, tmp_path)
+    _, label = _files(site, 2)  # the validation case of seed 0
+    volume = read_nifti(label)
+    write_nifti(label, np.full(volume.array.shape, 255, np.uint8), volume.affine)
+
+    with caplog.at_level(logging.WARNING, logger="fedmed"):
+        train, val = site_volumes([site], PipelineSettings(), val_fraction=0.2, seed=0)
+
+    assert (len(train), len(val)) == (2, 0)
+    assert f"{label}: label values [255] are not declared classes [0, 1]" in caplog.text
+
+
+def test_labels_the_model_cannot_predict_are_refused_when_it_is_known(demo_root, tmp_path):
+    site = _copy_site(demo_root, tmp_path)
+    meta = json.loads((site / "dataset.json").read_text())
+    meta["labels"]["2"] = "consolidation"
+    (site / "dataset.json").write_text(json.dumps(meta))
+    _, label = _files(site, 0)
+    volume = read_nifti(label)
+    write_nifti(label, np.where(volume.array > 0, 2, 0).astype(np.uint8), volume.affine)
+    cases = load_cases([site], PipelineSettings(guard=GuardSettings(num_classes=2)))
+
+    assert cases[0][CLASSES_KEY] == [0, 1]
+    assert len(cached_volumes(cases, PipelineSettings())) == 2
+    assert len(cached_volumes(load_cases([site]), PipelineSettings())) == 3
+
+
+def test_on_bad_case_stop_lists_every_bad_case(demo_root, tmp_path) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    _put_nan(_files(site, 0)[0])
+    _put_nan(_files(site, 2)[0])
+    stop = PipelineSettings(guard=GuardSettings(on_bad_case="stop"))
+
+    with pytest.raises(
+        DataError, match='2 of 3 cases failed the data check and on-bad-case is "stop"'
+    ):
+        cached_volumes(load_cases([site], stop), stop)
+    (site / "labelsTr" / "site-A_patient_001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case site-A_patient_001: .*label of case \S+ not found"):
+        load_cases([site], stop)
+
+
+def test_site_left_with_fewer_than_two_cases_refuses_to_train(demo_root, tmp_path) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    _put_nan(_files(site, 0)[0])
+    _shift(_files(site, 1)[1], 50.0)
+
+    with pytest.raises(DataError, match=r"only 1 usable case\(s\) \(0 for training, 1 for val"):
+        site_volumes([site], PipelineSettings(), val_fraction=0.2, seed=0)
+
+
+def test_no_usable_case_at_all_is_an_error_naming_the_folder(demo_root, tmp_path) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    tiny = PipelineSettings(guard=GuardSettings(max_image_bytes=1024))
+
+    with pytest.raises(DataError, match=f"{site}: none of its 3 cases passed the data check"):
+        load_cases([site], tiny)
+    assert preprocessing(tiny).transforms[0].max_bytes == 1024
+
+
+def test_guard_runs_when_cases_are_cached_not_per_epoch(demo_root, tmp_path) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    volumes = cached_volumes(load_cases([site]), PipelineSettings())
+    shutil.rmtree(site)  # nothing is read again: the checks ran once, when caching
+
+    samples = PatchSamples(volumes, (16, 16), seed=0)
+    for _ in range(2):
+        assert all(samples[i]["image"].shape == (1, 16, 16) for i in range(len(samples)))
+
+
+def test_disk_cache_keeps_the_verdict_until_the_file_changes(demo_root, tmp_path) -> None:
+    site = _copy_site(demo_root, tmp_path)
+    image, _ = _files(site, 1)
+    clean = image.read_bytes()
+    _put_nan(image)
+    settings = PipelineSettings(cache_mode="disk", cache_dir=tmp_path / "cache")
+    assert len(cached_volumes(load_cases([site]), settings)) == 2
+    assert len(cached_volumes(load_cases([site]), settings)) == 2  # from the cache
+
+    image.write_bytes(clean)
+
+    assert len(cached_volumes(load_cases([site]), settings)) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"on_bad_case": "ignore"}, "on-bad-case 'ignore' is unknown: use one of skip, stop"),
+        ({"max_image_bytes": 0}, "max-image-gib 0 must be > 0"),
+        ({"label_affine_tolerance": -1.0}, r"label-affine-tolerance -1.0 must be >= 0 \(mm\)"),
+        ({"label_affine_tolerance": math.nan}, "label-affine-tolerance nan must be >= 0"),
+        ({"num_classes": 1}, "num-classes 1 must be >= 2"),
+    ],
+    ids=["policy", "memory", "tolerance", "nan-tolerance", "classes"],
+)
+def test_guard_settings_refuse_invalid_values(options, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        GuardSettings(**options)
+
+
+def test_guard_settings_from_the_node_config(caplog) -> None:
+    node = {"on-bad-case": "stop", "max-image-gib": 4, "label-affine-tolerance": 2.0,
+            "allow-external-links": True, "site": "A"}  # fmt: skip
+
+    with caplog.at_level(logging.WARNING, logger="fedmed"):
+        guard = GuardSettings.from_node_config(node, num_classes=3)
+
+    assert guard == GuardSettings(
+        max_image_bytes=4 * 2**30,
+        label_affine_tolerance=2.0,
+        on_bad_case="stop",
+        allow_external_links=True,
+        num_classes=3,
+    )
+    assert "labels up to 2 mm off their image are trained on" in caplog.text
+    assert GuardSettings.from_node_config({}) == GuardSettings()
+    with pytest.raises(ConfigError, match="node config allow-external-links = 'yes' must be bool"):
+        GuardSettings.from_node_config({"allow-external-links": "yes"})

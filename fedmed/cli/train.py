@@ -2,7 +2,10 @@
 
 It runs the code a site runs (:mod:`fedmed.pipeline` for data, :class:`fedmed.train.LocalTrainer`
 for the loop, :func:`fedmed.task.evaluate_model` for validation) on one or more data folders
-pooled together, validates after each epoch and writes to ``--out``:
+pooled together, validates after each epoch and writes to ``--out``. The site's case guard runs
+too (:mod:`fedmed.io.guard`): a case that fails the data check is skipped with a warning (or
+stops the run with ``on-bad-case = "stop"`` in ``[train]``), and training is refused when fewer
+than two usable cases remain.
 
 - ``last.safetensors`` / ``best.safetensors`` (best validation Dice): weights plus JSON metadata
   naming the model, its options, the patch size and the preprocessing, so ``fedmed infer``
@@ -32,9 +35,16 @@ from typing import Any
 import torch
 
 from fedmed.errors import ConfigError
-from fedmed.io.msd import split_cases
+from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.nets import MODELS
-from fedmed.pipeline import CACHE_MODES, PipelineSettings, cached_volumes, load_cases, patch_loader
+from fedmed.pipeline import (
+    CACHE_MODES,
+    PipelineSettings,
+    cached_volumes,
+    load_cases,
+    patch_loader,
+    site_volumes,
+)
 from fedmed.task import TrainConfig, build_network, evaluate_model, local_config, resolve_device
 from fedmed.train import LocalTrainer, save_checkpoint
 
@@ -63,6 +73,11 @@ _CONFIG_KEYS = {
     "hu-window": list,
     "cache-mode": str,
     "cache-dir": str,
+    # the case guard, as in a site config
+    "on-bad-case": str,
+    "max-image-gib": float,
+    "label-affine-tolerance": float,
+    "allow-external-links": bool,
 }
 _DEFAULTS: dict[str, Any] = {
     "model": "coplenet",
@@ -73,6 +88,7 @@ _DEFAULTS: dict[str, Any] = {
     "val-fraction": 0.2,
 }
 _DEFAULT_PATCH = {2: [96, 96], 3: [64, 64, 64]}
+_GUARD_KEYS = ("on-bad-case", "max-image-gib", "label-affine-tolerance", "allow-external-links")
 
 
 def register(subparsers: Any) -> None:
@@ -140,7 +156,7 @@ def _read_config(path: Path | None) -> dict[str, Any]:
                 f"{', '.join(sorted(_CONFIG_KEYS))}"
             )
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or isinstance(value, bool):
+        if not ok or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(
                 f"--config {path}: [train] {key} = {value!r} must be a {kind.__name__}"
             )
@@ -187,11 +203,13 @@ def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
     if mode not in CACHE_MODES:
         raise ConfigError(f"cache-mode {mode!r} is unknown: use one of {', '.join(CACHE_MODES)}")
     pixdim = options.get("pixdim")
+    guard = {k: v for k, v in options.items() if k in _GUARD_KEYS}
     settings = PipelineSettings(
         hu_window=tuple(options.get("hu-window", PipelineSettings.hu_window)),
         pixdim=tuple(float(p) for p in pixdim) if pixdim else None,
         cache_mode=mode,
         cache_dir=Path(cache_dir) if cache_dir else None,
+        guard=GuardSettings.from_node_config(guard, num_classes=cfg.out_channels),
     )
     return cfg, settings
 
@@ -216,15 +234,19 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here; use cpu or auto")
-    cases = load_cases(args.data)
-    if args.val_data:
-        train_cases, val_cases = cases, load_cases(args.val_data)
-    else:
-        train_cases, val_cases = split_cases(cases, val_fraction=cfg.val_fraction, seed=cfg.seed)
     progress = not args.no_progress and sys.stderr.isatty()
-    logger.info("caching %d training and %d validation cases", len(train_cases), len(val_cases))
-    train_volumes = cached_volumes(train_cases, settings, progress=progress)
-    val_volumes = cached_volumes(val_cases, settings, progress=progress)
+    logger.info("caching the training and validation cases")
+    if args.val_data:
+        train_volumes = cached_volumes(load_cases(args.data, settings), settings, progress=progress)
+        val_volumes = cached_volumes(
+            load_cases(args.val_data, settings), settings, progress=progress
+        )
+        where = " ".join(str(d) for d in args.data)
+        require_cases(len(train_volumes), len(val_volumes), where=where)
+    else:
+        train_volumes, val_volumes = site_volumes(
+            args.data, settings, val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress
+        )
     loader = patch_loader(
         train_volumes, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=cfg.seed
     )

@@ -12,6 +12,12 @@ Cases are MONAI-style data dicts ``{"image": path, "label": path, "case_id": id}
 the transforms directly. :func:`split_cases` splits them into train/validation by patient,
 deterministically and stably (see its docstring).
 
+``dataset.json`` is read within :class:`~fedmed.io.folder.SiteFolder`'s limits (a regular
+file, bounded size and nesting) and each key fedmed reads has its type checked. Every path it
+lists, and every file of the pairs layout, must lie inside the site folder; symbolic links out
+of it are refused unless ``allow_external_links`` is set (the site config's
+``allow-external-links``).
+
 Example:
     >>> site = load_site_dataset("demo/data/site-A")
     >>> site.name, len(site.cases), site.label_names
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError, DataError
-from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti
+from fedmed.io.display import printable
+from fedmed.io.folder import SiteFolder
+from fedmed.io.header import NIFTI_SUFFIXES, is_nifti
 
 __all__ = [
     "DATASET_JSON",
@@ -44,6 +53,7 @@ __all__ = [
 
 DATASET_JSON = "dataset.json"
 DEFAULT_LABEL_NAMES: Mapping[int, str] = {0: "background", 1: "lesion"}
+_MAX_LABEL_VALUE = 255  # labels load as uint8
 _IMG_SUFFIX = "_img"
 _SEG_SUFFIX = "_seg"
 # "patient_012", "pat-3", "Patient07" followed by a scan/time-point suffix or nothing.
@@ -58,7 +68,9 @@ class SiteDataset:
 
     ``cases`` are data dicts with absolute ``image``/``label`` paths (str) and a ``case_id``;
     ``test_images`` are absolute paths of unlabelled images (MSD ``"test"``); ``layout`` is
-    ``"msd"`` or ``"pairs"``; ``name`` is the folder's name (the site name).
+    ``"msd"`` or ``"pairs"``; ``name`` is the folder's name (the site name);
+    ``labels_declared`` is False when the classes are the default ``{0, 1}`` (pairs layout, or
+    no ``"labels"`` in ``dataset.json``).
 
     Example:
         >>> site = load_site_dataset("hospital/ct")
@@ -72,6 +84,7 @@ class SiteDataset:
     label_names: dict[int, str]
     layout: str
     test_images: list[str] = field(default_factory=list)
+    labels_declared: bool = True
 
     @property
     def label_classes(self) -> frozenset[int]:
@@ -102,25 +115,32 @@ def patient_id(case_id: str) -> str:
     return match.group(1) if match else case_id
 
 
-def load_site_dataset(root: str | Path, *, require_files: bool = True) -> SiteDataset:
+def load_site_dataset(
+    root: str | Path, *, require_files: bool = True, allow_external_links: bool = False
+) -> SiteDataset:
     """Read a site folder in the MSD or pairs layout.
 
     With ``require_files`` (the default) every listed image and label must exist; the data check
-    passes ``False`` to collect missing files as problems instead. Raises :class:`DataError`
-    naming the folder or ``dataset.json`` for an empty folder, an unknown layout, invalid JSON or
-    malformed entries, and naming the file for a missing image or label.
+    passes ``False`` to collect missing files as problems instead. ``allow_external_links``
+    lets symbolic links inside the folder point outside it. Raises :class:`DataError` naming
+    the folder or ``dataset.json`` for an empty folder, an unknown layout, invalid or
+    oversized JSON, malformed entries or a path leaving the folder, and naming the file for a
+    missing image or label.
     """
     root = Path(root).absolute()
     if not root.is_dir():
-        raise DataError(f"{root}: site data folder not found (or not a folder)")
-    dataset = _load_msd(root) if (root / DATASET_JSON).exists() else _load_pairs(root)
+        raise DataError(f"{printable(root)}: site data folder not found (or not a folder)")
+    folder = SiteFolder(root, allow_external_links=allow_external_links)
+    json_path = root / DATASET_JSON
+    dataset = _load_msd(folder) if os.path.lexists(json_path) else _load_pairs(folder)
     if require_files:
         for case in dataset.cases:
             for key in ("image", "label"):
                 if not Path(case[key]).is_file():
                     raise DataError(
-                        f"{case[key]}: {key} of case {case['case_id']} not found; fix the path "
-                        f"in {_describe_source(dataset)} or restore the file"
+                        f"{printable(case[key])}: {key} of case {printable(case['case_id'])} not "
+                        f"found; fix the path in {printable(_describe_source(dataset))} or "
+                        "restore the file"
                     )
     return dataset
 
@@ -160,66 +180,76 @@ def split_cases(
     return train, val
 
 
-def _load_msd(root: Path) -> SiteDataset:
-    json_path = root / DATASET_JSON
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{json_path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
-        ) from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{json_path}: cannot read the file ({err})") from err
-    if not isinstance(meta, dict):
-        raise DataError(f"{json_path}: expected a JSON object at the top level")
+def _load_msd(folder: SiteFolder) -> SiteDataset:
+    root = folder.root
+    src = printable(root / DATASET_JSON)
+    meta = folder.read_json(DATASET_JSON)
     training = meta.get("training")
     if not isinstance(training, list):
-        raise DataError(
-            f'{json_path}: missing "training" list of {{"image": ..., "label": ...}} entries'
-        )
+        raise DataError(f'{src}: missing "training" list of {{"image": ..., "label": ...}} entries')
     if not training:
-        raise DataError(f'{json_path}: "training" is empty; list the labelled cases')
+        raise DataError(f'{src}: "training" is empty; list the labelled cases')
     cases = []
     for index, entry in enumerate(training):
         if not isinstance(entry, dict) or not all(
             isinstance(entry.get(k), str) and entry.get(k) for k in ("image", "label")
         ):
             raise DataError(
-                f'{json_path}: "training" entry {index} must be {{"image": "./imagesTr/x.nii.gz",'
-                f' "label": "./labelsTr/x.nii.gz"}}, got {json.dumps(entry)[:120]}'
+                f'{src}: "training" entry {index} must be {{"image": "./imagesTr/x.nii.gz",'
+                f' "label": "./labelsTr/x.nii.gz"}}, got {_shown(entry)}'
             )
-        image, label = _resolve(root, entry["image"]), _resolve(root, entry["label"])
-        case_id = str(entry.get("case_id") or case_id_from_path(image))
+        where = f'{src}: "training" entry {index}'
+        image = folder.contained(entry["image"], where=f"{where} image")
+        label = folder.contained(entry["label"], where=f"{where} label")
+        case_id = entry.get("case_id") or case_id_from_path(image)
+        if not isinstance(case_id, str):
+            raise DataError(f'{where}: "case_id" must be a string, got {_shown(case_id)}')
         cases.append({"image": str(image), "label": str(label), "case_id": case_id})
-    _reject_duplicate_ids(cases, json_path)
-    test_images = [str(_resolve(root, _test_path(json_path, t))) for t in meta.get("test") or []]
+    _reject_duplicate_ids(cases, src)
+    test = meta.get("test")
+    test = [] if test is None else test
+    if not isinstance(test, list):
+        raise DataError(
+            f'{src}: "test" must be a list of image paths, got {_shown(test)}; '
+            'write "test": ["./imagesTs/x.nii.gz", ...] or leave it out'
+        )
+    test_images = [
+        str(folder.contained(_test_path(src, t), where=f'{src}: "test" entry {i}'))
+        for i, t in enumerate(test)
+    ]
+    labels = meta.get("labels")
     return SiteDataset(
         root=root,
         name=root.name,
         cases=cases,
-        label_names=_parse_label_names(meta.get("labels"), json_path),
+        label_names=_parse_label_names(labels, src),
         layout="msd",
         test_images=test_images,
+        labels_declared=labels is not None,
     )
 
 
-def _load_pairs(root: Path) -> SiteDataset:
+def _load_pairs(folder: SiteFolder) -> SiteDataset:
+    root = folder.root
+    shown = printable(root)
     if not any(root.iterdir()):
         raise DataError(
-            f"{root}: empty folder; expected {DATASET_JSON} with imagesTr/ and labelsTr/, "
+            f"{shown}: empty folder; expected {DATASET_JSON} with imagesTr/ and labelsTr/, "
             "or *_img.nii.gz/*_seg.nii.gz pairs"
         )
     if (root / "imagesTr").is_dir():
         raise DataError(
-            f"{root / DATASET_JSON}: not found, but imagesTr/ is there; add the Medical "
+            f"{shown}/{DATASET_JSON}: not found, but imagesTr/ is there; add the Medical "
             'Segmentation Decathlon dataset.json listing the "training" image/label pairs'
         )
-    files = sorted(p for p in root.iterdir() if p.is_file() and is_nifti(p))
+    files = sorted(p for p in root.iterdir() if is_nifti(p) and p.is_file())
+    for path in files:
+        folder.check_link(path)
     images = {case_id_from_path(p): p for p in files if _stem(p).endswith(_IMG_SUFFIX)}
     labels = {case_id_from_path(p): p for p in files if _stem(p).endswith(_SEG_SUFFIX)}
     if not images and not labels:
         raise DataError(
-            f"{root}: unknown layout: no {DATASET_JSON} and no *_img.nii.gz/*_seg.nii.gz pairs; "
+            f"{shown}: unknown layout: no {DATASET_JSON} and no *_img.nii.gz/*_seg.nii.gz pairs; "
             "add a dataset.json (Medical Segmentation Decathlon layout) or rename the files"
         )
     cases = []
@@ -233,46 +263,62 @@ def _load_pairs(root: Path) -> SiteDataset:
         cases=cases,
         label_names=dict(DEFAULT_LABEL_NAMES),
         layout="pairs",
+        labels_declared=False,
     )
 
 
-def _parse_label_names(labels: Any, json_path: Path) -> dict[int, str]:
+def _parse_label_names(labels: Any, src: str) -> dict[int, str]:
     if labels is None:
         return dict(DEFAULT_LABEL_NAMES)
+    example = '{"0": "background", "1": "lesion"}'
     if not isinstance(labels, dict) or not labels:
-        raise DataError(
-            f'{json_path}: "labels" must be an object such as {{"0": "background", "1": "lesion"}}'
-        )
+        raise DataError(f'{src}: "labels" must be an object such as {example}')
+    inverted = all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())
+    pairs = [(v, k) for k, v in labels.items()] if inverted else list(labels.items())
+    names: dict[int, str] = {}
+    for value, name in pairs:
+        number = value if isinstance(value, int) else _int_or_none(value)
+        if number is None or not isinstance(name, str):
+            raise DataError(
+                f'{src}: "labels" keys must be integer label values mapped to names, '
+                f"such as {example}; got {_shown(value)}: {_shown(name)}"
+            )
+        if not 0 <= number <= _MAX_LABEL_VALUE:
+            raise DataError(
+                f'{src}: "labels" value {number} is outside 0..{_MAX_LABEL_VALUE}; label '
+                "files hold class numbers 0-255"
+            )
+        names[number] = name
+    return names
+
+
+def _int_or_none(text: str) -> int | None:
     try:
-        if all(isinstance(v, int) for v in labels.values()):  # nnU-Net v2: {"background": 0}
-            return {int(v): str(k) for k, v in labels.items()}
-        return {int(k): str(v) for k, v in labels.items()}
-    except (TypeError, ValueError) as err:
-        raise DataError(
-            f'{json_path}: "labels" keys must be integer label values, got {list(labels)}'
-        ) from err
+        return int(text, 10)
+    except ValueError:
+        return None
 
 
-def _test_path(json_path: Path, entry: Any) -> str:
+def _shown(value: Any) -> str:
+    return printable(json.dumps(value)[:120])
+
+
+def _test_path(src: str, entry: Any) -> str:
     if isinstance(entry, str) and entry:
         return entry
     if isinstance(entry, dict) and isinstance(entry.get("image"), str):
         return entry["image"]
-    raise DataError(f'{json_path}: "test" entries must be paths, got {json.dumps(entry)[:120]}')
+    raise DataError(f'{src}: "test" entries must be paths, got {_shown(entry)}')
 
 
-def _resolve(root: Path, relative: str) -> Path:
-    path = Path(relative)
-    return path if path.is_absolute() else (root / path).resolve(strict=False)
-
-
-def _reject_duplicate_ids(cases: list[dict[str, str]], json_path: Path) -> None:
+def _reject_duplicate_ids(cases: list[dict[str, str]], src: str) -> None:
     seen: dict[str, str] = {}
     for case in cases:
         if case["case_id"] in seen:
             raise DataError(
-                f"{json_path}: case id {case['case_id']!r} appears twice ({seen[case['case_id']]}"
-                f" and {case['image']}); give each training image a unique file name"
+                f"{src}: case id {printable(repr(case['case_id']))} appears twice "
+                f"({printable(seen[case['case_id']])} and {printable(case['image'])}); give "
+                "each training image a unique file name"
             )
         seen[case["case_id"]] = case["image"]
 

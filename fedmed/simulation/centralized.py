@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from safetensors.numpy import save_file
 from fedmed.io.msd import DATASET_JSON, load_site_dataset, split_cases
 from fedmed.server.report import MetricsLog, write_report
 from fedmed.server.settings import RunSettings
+from fedmed.simulation.sites import link_file
 from fedmed.task import SiteTask, build_network, evaluate_folder, model_arrays
 
 __all__ = ["CENTRALIZED_MODEL", "centralized_steps", "pooled_training_folder", "train_centralized"]
@@ -46,14 +48,23 @@ RecordCallback = Callable[[Mapping[str, Any]], None]
 def pooled_training_folder(
     sites: Sequence[str | Path], root: str | Path, *, val_fraction: float, seed: int
 ) -> Path:
-    """Write ``root/pooled/dataset.json`` listing every site's training cases (absolute paths)."""
+    """Write ``root/pooled``: every site's training cases linked in (:func:`link_file`, named
+    ``<site>-<file>``) and listed in its ``dataset.json``."""
+    out = Path(root) / "pooled"
     training = []
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+        (out / sub).mkdir(parents=True)
     for folder in sites:
         cases = load_site_dataset(folder).cases
         train, _ = split_cases(cases, val_fraction=val_fraction, seed=seed)
-        training += [{"image": c["image"], "label": c["label"]} for c in train]
-    out = Path(root) / "pooled"
-    out.mkdir(parents=True, exist_ok=True)
+        for case in train:
+            entry = {}
+            for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
+                name = f"{Path(folder).name}-{Path(case[key]).name}"
+                link_file(case[key], out / sub / name)
+                entry[key] = f"./{sub}/{name}"
+            training.append(entry)
     meta = {
         "name": "pooled",
         "description": "fedmed-sim: the training splits of every site, for centralized training",

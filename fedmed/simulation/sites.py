@@ -2,7 +2,9 @@
 
 The client app reads a site from an ordinary data folder, so the simulation builds ordinary
 folders rather than forking the app: each site becomes ``<root>/site-X`` in the MSD layout,
-whose files are symlinks to the source scans, or, for a site with a :class:`ScannerShift`,
+whose files are hard links to the source scans (copies across file systems; files inside the
+folder, as the site data rules of :mod:`fedmed.io.folder` require), or, for a site with a
+:class:`ScannerShift`,
 shifted copies (offset and noise added, in-plane resolution changed; labels resampled with
 the image). The shift spec and the source of every case are recorded in the folder's
 ``dataset.json`` (``fedmed_sim``).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,7 +35,14 @@ from fedmed.io.nifti import read_nifti, write_nifti
 
 from .partition import split_patients
 
-__all__ = ["ScannerShift", "SimData", "lesion_burden", "pooled_federation", "shifted_federation"]
+__all__ = [
+    "ScannerShift",
+    "SimData",
+    "lesion_burden",
+    "link_file",
+    "pooled_federation",
+    "shifted_federation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +56,7 @@ class ScannerShift:
 
     ``hu_offset`` is added to every voxel, Gaussian noise of std ``noise_sigma`` (HU) is added,
     and ``spacing_scale`` multiplies the in-plane voxel size (the image is resampled: 2.0 halves
-    the in-plane resolution). The identity shift leaves the files as symlinks.
+    the in-plane resolution). The identity shift leaves the files as links to the sources.
 
     Example:
         >>> ScannerShift(hu_offset=40.0, noise_sigma=25.0).is_identity
@@ -177,6 +187,20 @@ def shifted_federation(
     return SimData(tuple(out), Path(holdout) if holdout else None)
 
 
+def link_file(source: str | Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source`` (a copy across file systems).
+
+    A symbolic link would point out of the site folder, which a site refuses unless its
+    config sets ``allow-external-links``; a hard link is a file of the folder itself.
+    """
+    real = Path(source).resolve()
+    target.unlink(missing_ok=True)
+    try:
+        os.link(real, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(real, target)
+
+
 def _claim(site_dir: Path) -> None:
     if site_dir.exists():
         if not (site_dir / _MARKER).is_file():
@@ -208,7 +232,7 @@ def _write_site(
             target = site_dir / folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if shift.is_identity:
-                target.symlink_to(Path(case[key]).resolve())
+                link_file(case[key], target)
             entry[key] = f"./{folder}/{name}"
         if not shift.is_identity:
             rng = np.random.default_rng([seed, site_index, number, 61])

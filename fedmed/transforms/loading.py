@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedmed.errors import DataError
+from fedmed.io.header import DEFAULT_MAX_IMAGE_BYTES
 from fedmed.io.nifti import read_nifti
 from fedmed.transforms.base import MapTransform
 from fedmed.transforms.meta import meta_key, spacing_of
@@ -35,7 +36,9 @@ class LoadImaged(MapTransform):
     """Read each key's NIfTI file into ``d[key]`` (C, X, Y, Z) and ``d[f"{key}_meta"]``.
 
     A 3D file gets one channel; a 4D file's last axis becomes the channels. ``label_keys``
-    are the keys holding segmentations (loaded as ``uint8``).
+    are the keys holding segmentations (loaded as ``uint8``). ``max_bytes`` is the per-image
+    memory limit of :func:`~fedmed.io.nifti.read_nifti` (it changes no output, so it is not
+    part of the config).
     """
 
     def __init__(
@@ -44,9 +47,11 @@ class LoadImaged(MapTransform):
         *,
         label_keys: str | Sequence[str] = ("label",),
         allow_missing_keys: bool = False,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
         super().__init__(keys, allow_missing_keys=allow_missing_keys)
         self.label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
+        self.max_bytes = max_bytes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -56,16 +61,20 @@ class LoadImaged(MapTransform):
                 raise DataError(
                     f"LoadImaged: {key!r} should be a NIfTI file path, got {type(source).__name__}"
                 )
-            d[key], d[meta_key(key)] = load_volume(source, label=key in self.label_keys)
+            d[key], d[meta_key(key)] = load_volume(
+                source, label=key in self.label_keys, max_bytes=self.max_bytes
+            )
         return d
 
     def params(self) -> dict[str, Any]:
         return {"label_keys": list(self.label_keys)}
 
 
-def load_volume(path: str | Path, *, label: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_volume(
+    path: str | Path, *, label: bool = False, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """One NIfTI file as ``(channel-first tensor, meta dict)``."""
-    volume = read_nifti(path)
+    volume = read_nifti(path, max_bytes=max_bytes)
     array = volume.array
     if label:
         array = _label_array(array, volume.path)

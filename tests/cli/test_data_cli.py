@@ -126,3 +126,43 @@ def test_console_scripts_generate_and_check_demo_data(tmp_path: Path) -> None:
     assert "site-C: case 2/2" in made.stderr
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.splitlines() == [f"site-{s}: 2 cases, 0 problems" for s in "ABC"]
+
+
+def test_data_check_escapes_control_characters_in_file_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a label whose name clears the screen and forges a second report line
+    site = tmp_path / "site-X"
+    zeros = np.zeros((4, 4, 4), np.uint8)
+    write_nifti(site / "a_img.nii.gz", zeros, np.eye(4))
+    write_nifti(site / "a\x1b[2J\nsite-X: 0 problems_seg.nii.gz", zeros, np.eye(4))
+
+    # Execute
+    code = main(["data", "check", "--no-progress", str(site)])
+
+    # Assert: every line printable, the forged line is not a line of its own
+    out = capsys.readouterr().out
+    assert code == 4
+    assert "\x1b" not in out
+    assert out.splitlines()[-1] == "site-X: 2 cases, 2 problems"
+    assert "a\\x1b[2J\\nsite-X: 0 problems_seg.nii.gz: label without image" in out
+
+
+def test_data_check_reports_multi_channel_images_and_honours_the_limits(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = Path(shutil.copytree(demo_root / "site-A", tmp_path / "site-A"))
+    image = site / "imagesTr" / "site-A_patient_000.nii.gz"
+    write_nifti(image, np.zeros((32, 32, 16, 2), np.float32), np.eye(4))
+
+    code = main(["data", "check", "--no-progress", "--affine-tol", "1000", str(site)])
+    lines = capsys.readouterr().out.splitlines()
+    tight = main(["data", "check", "--no-progress", "--max-image-gib", "1e-6", str(site)])
+
+    assert code == tight == 4
+    assert lines == [
+        f"{image}: 2 channels (shape (32, 32, 16, 2)); fedmed's models read one-channel scans: "
+        "export a 3D volume per scan",
+        "site-A: 3 cases, 1 problem",
+    ]
+    assert capsys.readouterr().out.count("above the per-image limit") == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,37 @@ def test_infer_with_ca_refuses_best_json_moved_to_another_signed_round(tmp_path,
         load_model(run, device="cpu", ca=certs / "ca.pem")
     loaded = load_model(run / "checkpoints" / "round-0000", device="cpu", ca=certs / "ca.pem")
     assert loaded.cfg.model_features == COPLE.model_features  # a round chosen on purpose loads
+
+
+def test_train_never_trains_on_a_nan_image_or_a_misplaced_label(demo_root, tmp_path, caplog):
+    # the probe: `fedmed train` trained on an image with NaN and a label 50 mm off, exit 0
+    site = Path(shutil.copytree(demo_root / "site-A", tmp_path / "site-A"))
+    image = site / "imagesTr" / "site-A_patient_000.nii.gz"
+    volume = read_nifti(image)
+    array = volume.array.astype(np.float32)
+    array[1, 2, 3] = np.nan
+    write_nifti(image, array, volume.affine)
+    label = site / "labelsTr" / "site-A_patient_001.nii.gz"
+    volume = read_nifti(label)
+    write_nifti(label, volume.array, volume.affine + _shift(50.0))
+    base = ["train", "--data", str(site), "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--features", "4,8,16,32,64", "--patch-size", "16,16", "--epochs", "1"]  # fmt: skip
+
+    with pytest.raises(DataError, match=r"only 1 usable case\(s\)"):
+        _run(base)
+
+    assert f"{image}: 1 voxels are NaN or infinite" in caplog.text
+    assert f"{label}: affine differs from its image" in caplog.text
+    assert not (tmp_path / "o" / "last.safetensors").exists()
+    config = tmp_path / "train.toml"
+    config.write_text('[train]\non-bad-case = "stop"\n')
+    with pytest.raises(
+        DataError, match='1 of 3 cases failed the data check and on-bad-case is "stop"'
+    ):
+        _run([*base, "--config", str(config)])
+
+
+def _shift(mm: float) -> np.ndarray:
+    offset = np.zeros((4, 4))
+    offset[2, 3] = mm
+    return offset

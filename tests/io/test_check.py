@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nifti_files import raw_header, write_raw
 
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import Problem, check_case, check_image, check_site_folder, ensure_case_ok
@@ -283,3 +284,97 @@ def test_ensure_case_ok_raises_with_every_problem_and_passes_clean_cases(site: P
 def test_workers_must_be_positive(site: Path) -> None:
     with pytest.raises(ConfigError, match="workers must be >= 1, got 0"):
         check_site_folder(site, workers=0)
+
+
+def test_two_channel_image_is_reported(site: Path) -> None:
+    two = np.stack([read_nifti(_image(site)).array] * 2, axis=-1)
+    write_nifti(_image(site), two, SITE_AFFINE)
+
+    problem = _only(check_site_folder(site))
+
+    assert problem.path == _image(site)
+    assert problem.message.startswith("2 channels (shape (16, 16, 8, 2)); fedmed's models read")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "datatype", "match"),
+    [
+        (np.complex64, None, "complex voxels (complex64)"),
+        (np.uint8, 128, "RGB colour voxels (NIfTI datatype 128)"),
+    ],
+    ids=["complex", "rgb"],
+)
+def test_complex_and_rgb_images_are_reported(site: Path, dtype, datatype, match) -> None:
+    header = raw_header(SITE_SHAPE, dtype, datatype=datatype, affine=SITE_AFFINE)
+    write_raw(_image(site), header, bytes(8 * int(np.prod(SITE_SHAPE))))
+
+    problem = _only(check_site_folder(site))
+
+    assert problem.path == _image(site)
+    assert problem.message.startswith(match)
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.zeros((4, 4)),
+        np.array([[0.8, 0.8, 0, 0], [0.8, 0.8, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]),
+    ],
+    ids=["all-zero", "singular"],
+)
+def test_degenerate_affine_is_reported(site: Path, affine: np.ndarray) -> None:
+    image = read_nifti(_image(site)).array.tobytes(order="F")
+    label = read_nifti(_label(site)).array.tobytes(order="F")
+    write_raw(_image(site), raw_header(SITE_SHAPE, np.float32, affine=affine), image)
+    write_raw(_label(site), raw_header(SITE_SHAPE, np.uint8, affine=affine), label)
+
+    problem = _only(check_site_folder(site))
+
+    assert problem.path == _image(site)
+    assert problem.message.startswith("its affine is degenerate (voxel volume 0 mm^3")
+
+
+def test_label_50_mm_off_its_image_is_reported(site: Path) -> None:
+    shifted = SITE_AFFINE.copy()
+    shifted[2, 3] += 50.0
+    write_nifti(_label(site), read_nifti(_label(site)).array, shifted)
+
+    problem = _only(check_site_folder(site))
+
+    assert problem.path == _label(site)
+    assert "affine differs from its image p02.nii.gz by up to 50 mm" in problem.message
+
+
+def test_image_above_the_memory_limit_is_reported_without_reading_it(site: Path) -> None:
+    # 16 x 16 x 8 float32 = 8 KiB per image, uint8 = 2 KiB per label
+    problems = check_site_folder(site, max_image_bytes=4096)
+
+    assert [p.path.parent.name for p in problems] == ["imagesTr"] * 3
+    assert all("above the per-image limit" in p.message for p in problems)
+
+
+def test_control_characters_in_file_names_are_escaped(tmp_path: Path) -> None:
+    # Prepare: a pairs-layout folder whose label names hold an escape sequence and a newline
+    zeros = np.zeros(SITE_SHAPE, np.uint8)
+    write_nifti(tmp_path / "a_img.nii.gz", zeros, SITE_AFFINE)
+    write_nifti(tmp_path / "a\x1b[2J\nfake_seg.nii.gz", zeros, SITE_AFFINE)
+
+    # Execute
+    problems = [str(p) for p in check_site_folder(tmp_path)]
+
+    # Assert: each problem is one printable line, the names visibly escaped
+    assert len(problems) == 2
+    assert all(text.isprintable() for text in problems)
+    assert any("a\\x1b[2J\\nfake_seg.nii.gz: label without image" in text for text in problems)
+
+
+def test_symlink_out_of_the_folder_is_reported_unless_allowed(site: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.nii.gz"
+    _image(site).rename(outside)
+    _image(site).symlink_to(outside)
+
+    problem = _only(check_site_folder(site))
+
+    assert problem.path == _image(site)
+    assert "a symbolic link to" in problem.message and "allow-external-links" in problem.message
+    assert check_site_folder(site, allow_external_links=True) == []

@@ -32,7 +32,7 @@ def test_pooled_split_builds_disjoint_site_folders_and_a_holdout(pooled_root, tm
     assert sum(len(g) for g in groups) == 8
     assert len(set().union(*groups)) == 8  # no patient in two folders
     image = data.sites[0] / "imagesTr"
-    assert all(f.is_symlink() for f in image.iterdir())
+    assert all(f.stat().st_nlink >= 2 for f in image.iterdir())  # linked, not copied
 
 
 def test_pooled_split_rebuilds_its_own_folders(pooled_root, tmp_path):
