@@ -208,6 +208,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_request = False  # between the request's first byte and its last body byte
         self._headers_done = False
         self._header_bytes = 0
+        self._received: object = None  # the cycle of the last request received in full
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
     # -- connection --------------------------------------------------------------------------
@@ -278,6 +279,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         super().on_message_begin()
         self._in_request, self._headers_done, self._header_bytes = True, False, 0
+        if self._public and "header" not in self._timers:
+            self._arm()  # a request that began in the same read as the previous one ended
 
     def on_url(self, url: bytes) -> None:
         if not self._refused:
@@ -308,6 +311,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_request = False
+        self._received = self.cycle
         self._cancel("request")
         super().on_message_complete()
 
@@ -361,8 +365,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._timers.pop(name, None)
         if self._refused or self.transport.is_closing():
             return
-        if not self._in_request and self.cycle is not None and not self.cycle.response_complete:
-            # A complete request is being answered (the next one was pipelined): wait for it.
+        cycle = self.cycle
+        if cycle is not None and cycle is self._received and not cycle.response_complete:
+            # A request received in full is being answered (the next one was pipelined behind
+            # it): its deadline waits for that answer.
             self._timers[name] = self.loop.call_later(1.0, self._expired, name)
             return
         seconds = (

@@ -3,6 +3,7 @@ tests/server/test_gateway_limits.py runs them over TLS in the real gateway)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -54,6 +55,8 @@ async def _reading_app(served: Served, scope: dict[str, Any], receive: Any, send
         if not message.get("more_body"):
             break
     served.bodies.append(size)
+    if scope["path"] == "/slow":
+        await asyncio.sleep(2 * FAST.header_timeout_s)  # answered after the header deadline
     body = str(size).encode()
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-length", str(len(body)).encode())]})  # fmt: skip
@@ -231,6 +234,16 @@ def test_each_request_on_a_kept_alive_connection_gets_its_own_deadline(serve) ->
 
     assert [_status(first), _status(second), _status(third)] == [200, 200, 408]
     assert served.bodies == [3, 2]
+
+
+def test_a_request_pipelined_behind_a_slow_answer_does_not_cut_that_answer(serve) -> None:
+    served = serve(FAST)
+    with _connect(served.public) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET /health HTTP/1.1\r\n")
+        first = _reply(sock)
+        second = _reply(sock)
+
+    assert (_status(first), _status(second)) == (200, 408)
 
 
 def test_connections_are_bounded_per_peer_and_in_all(serve) -> None:

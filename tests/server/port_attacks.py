@@ -211,38 +211,48 @@ def _push_text(sock: ssl.SSLSocket, total: int, deadline: float) -> int:
 
 
 def slow_trickle(
-    port: int, pid: int, ca: Path | None, *, count: int = 100, seconds: float = 20.0
+    port: int,
+    pid: int,
+    ca: Path | None,
+    *,
+    count: int = 100,
+    seconds: float = 20.0,
+    source: str = "127.0.0.1",
 ) -> Outcome:
-    """``count`` connections each sending a request one header byte per second for
-    ``seconds``; the answer per connection is what it got by then (``open``: still held)."""
+    """``count`` connections from ``source`` each sending a request one header byte per second
+    for ``seconds``; the answer per connection is what it got by then (``open``: still held)."""
     context = client_context(ca)
     with RssPeak(pid) as peak:
         start = time.monotonic()
         socks: list[ssl.SSLSocket] = []
         for _ in range(count):
             with contextlib.suppress(OSError):
-                socks.append(connect(port, context))
+                socks.append(connect(port, context, source=source))
         answers: dict[int, str] = {}
         for index, sock in enumerate(socks):
             try:
                 sock.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nx-a: ")
             except OSError:
                 answers[index] = "closed"
-        while time.monotonic() - start < seconds:
+        last_byte = time.monotonic()
+        while time.monotonic() - start < seconds and len(answers) < len(socks):
+            # look every 0.2 s (an answer is readable for the server's 1 s linger), trickle
+            # one byte per connection every second
+            trickle = time.monotonic() - last_byte >= 1.0
+            if trickle:
+                last_byte = time.monotonic()
             for index, sock in enumerate(socks):
                 if index in answers:
                     continue
                 answer = _answer(sock, 0.001)
                 if answer != "open":
                     answers[index] = answer
-                    continue
-                try:
-                    sock.sendall(b"a")
-                except OSError:
-                    answers[index] = "closed"
-            if len(answers) == len(socks):
-                break
-            time.sleep(1.0)
+                elif trickle:
+                    try:
+                        sock.sendall(b"a")
+                    except OSError:
+                        answers[index] = "closed"
+            time.sleep(0.2)
         elapsed = time.monotonic() - start
         final = [answers.get(index, "open") for index in range(len(socks))]
         for sock in socks:

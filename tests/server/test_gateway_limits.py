@@ -158,7 +158,8 @@ def test_an_8_mb_header_is_refused(port: Port) -> None:
 def test_100_slow_trickles_are_all_answered_and_closed(port: Port) -> None:
     # 32 are admitted (the per-peer limit) and cut off at the 1 s header deadline, the others
     # are refused at once; none is still open when the attack gives up after 30 s.
-    outcome = slow_trickle(port.port, port.pid, port.ca, count=100, seconds=30)
+    # From an address of its own: no other test's connection shares its per-peer count.
+    outcome = slow_trickle(port.port, port.pid, port.ca, count=100, seconds=30, source="127.0.0.9")
 
     counts = {answer: outcome.answers.count(answer) for answer in set(outcome.answers)}
     assert counts == {
