@@ -145,6 +145,20 @@ class ServerConfig:
         min-sites = 2
         [server.sites]            # allow-list: site name -> its public key
         A = "../certs/siteA.pub"
+
+    Limits on the public port (:class:`fedmed.flower.port_limits.PortLimits` gives the
+    reasons for the defaults), each optional:
+
+    * ``public-max-body-mib`` (256): largest request body a site may send; larger: 413
+      before a byte of it is read. Flower sends arrays in 5 MiB objects; SecAgg+ sends a
+      site's masked update as one object of 2.0x the model's size.
+    * ``public-max-header-kib`` (16): request line plus headers; larger: 431.
+    * ``public-header-timeout`` (10 s) and ``public-request-timeout`` (300 s): a request's
+      headers, and the whole request, must arrive within these from its first byte (a new
+      connection: from the end of its TLS handshake); else 408 and the connection closes.
+    * ``public-max-connections`` (512), ``public-max-connections-per-peer`` (32): open
+      connections in all and per client address; more: 503 (Flower's sites retry).
+    * ``keep-alive-timeout`` (5 s, both sockets): an idle connection is closed after this.
     """
 
     host: str
@@ -163,6 +177,13 @@ class ServerConfig:
     server_app: str = "fedmed.server.app"
     client_app: str = "fedmed.client.app"
     control_port: int | None = None
+    public_max_body_mib: int = 256
+    public_max_header_kib: int = 16
+    public_header_timeout_s: float = 10.0
+    public_request_timeout_s: float = 300.0
+    public_max_connections: int = 512
+    public_max_connections_per_peer: int = 32
+    keep_alive_timeout_s: float = 5.0
 
     @property
     def local_address(self) -> str:
@@ -359,6 +380,13 @@ def load_federation_config(path: Path) -> FederationConfig:
         server_app=table.get("server-app", str, "fedmed.server.app"),
         client_app=table.get("client-app", str, "fedmed.client.app"),
         control_port=table.port("control-port", None),
+        public_max_body_mib=table.positive("public-max-body-mib", int, 256),
+        public_max_header_kib=table.positive("public-max-header-kib", int, 16),
+        public_header_timeout_s=table.positive("public-header-timeout", float, 10.0),
+        public_request_timeout_s=table.positive("public-request-timeout", float, 300.0),
+        public_max_connections=table.positive("public-max-connections", int, 512),
+        public_max_connections_per_peer=table.positive("public-max-connections-per-peer", int, 32),
+        keep_alive_timeout_s=table.positive("keep-alive-timeout", float, 5.0),
     )
     if server.control_port == server.port:
         raise ConfigError(

@@ -10,11 +10,17 @@ does and serves it from one uvicorn server on two sockets:
   registers keys here and Flower's own executor and server app use its Runtime API;
 * the **public** socket (``[server] host:port``): only the exact Fleet API routes
   (:data:`PUBLIC_ROUTES`, taken from ``flwr.superlink.routers.fleet.router``) and ``/health``;
-  anything else answers 404 and is logged.
+  anything else answers 404 and is logged (:class:`PublicFilter`, in
+  :mod:`fedmed.flower.public_filter`, decides by the socket a request arrived on, never by
+  client address).
 
-The decision is made by the socket a request arrived on (``scope["server"]``), never by client
-address, so a proxy or a forwarded header cannot widen it. TLS and site authentication apply on
-both sockets. The SuperLink's SQLite lock wait is raised from 5 s to 60 s
+TLS and site authentication apply on both sockets. The public socket also bounds what a peer
+can make the server hold: body and header sizes, deadlines and connections
+(:mod:`fedmed.flower.port_limits`, in uvicorn's protocol; the ``--max-*``/``--*-timeout`` flags,
+from ``[server]`` in ``federation.toml``), and a Fleet request's signature is checked before
+its body is read (:mod:`fedmed.flower.node_gate`).
+
+The SuperLink's SQLite lock wait is raised from 5 s to 60 s
 (:func:`lengthen_sqlite_busy_timeout`): on a loaded machine Flower's 500 "database is locked"
 otherwise killed its own executor and stalled the run. A message is handed out only once all
 its objects arrived (:func:`deliver_complete_messages`): Flower hands it out at once and the
@@ -23,7 +29,8 @@ to a file, every request is logged there as one JSON line (:class:`RequestTrace`
 
 Run as a process (``server/superlink.py`` does this)::
 
-    python -m fedmed.server.gateway --public-host 0.0.0.0 --public-port 9092 -- \\
+    python -m fedmed.server.gateway --public-host 0.0.0.0 --public-port 9092 \\
+        --max-body-bytes 268435456 ... -- \\
         --host 127.0.0.1 --port 9093 --database state.db ...   # flower-superlink flags
 
 This uses Flower internals (``flwr.superlink.cli.flower_superlink``'s argument parsing and
@@ -45,6 +52,10 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmed.flower.node_gate import NodeGate, registered_key_lookup
+from fedmed.flower.port_limits import PortLimits, limited_protocol
+from fedmed.flower.public_filter import PUBLIC_ROUTES, PublicFilter, fleet_routes
+
 __all__ = [
     "PUBLIC_ROUTES",
     "TRACE_ENV",
@@ -56,6 +67,7 @@ __all__ = [
     "lengthen_sqlite_busy_timeout",
     "main",
     "open_socket",
+    "port_limits",
 ]
 
 log = logging.getLogger("fedmed.server.gateway")
@@ -65,82 +77,11 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-HEALTH_ROUTE = ("GET", "/health")
 TRACE_ENV = "FEDMED_GATEWAY_TRACE"  # a file: one JSON line per request (benchmarks)
 HOLD_INCOMPLETE_S = 30.0  # longest a message with objects still uploading is held back
 # Flower waits 5 s for SQLite's write lock, then answers 500 ("database is locked"); its own
 # executor dies on such an answer and the run stalls. Seen on a loaded 2-core machine.
 SQLITE_BUSY_TIMEOUT_MS = "60000"
-
-
-def fleet_routes() -> frozenset[tuple[str, str]]:
-    """(method, path) of every route of Flower's Fleet API router (what sites call)."""
-    from flwr.superlink.routers.fleet.router import router
-
-    routes = set()
-    for route in router.routes:
-        for method in getattr(route, "methods", None) or ():
-            routes.add((method, route.path))
-    if not routes:
-        raise RuntimeError("flwr's fleet router has no routes: the flwr internals moved")
-    return frozenset(routes)
-
-
-PUBLIC_ROUTES: frozenset[tuple[str, str]] = fleet_routes() | {HEALTH_ROUTE}
-
-
-class PublicFilter:
-    """ASGI middleware: requests on the public port reach only :data:`PUBLIC_ROUTES`.
-
-    Example:
-        >>> app = PublicFilter(fastapi_app, public_port=9092)   # private socket: anything
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        public_port: int,
-        allowed: frozenset[tuple[str, str]] = PUBLIC_ROUTES,
-    ) -> None:
-        self.app = app
-        self.public_port = public_port
-        self.allowed = allowed
-
-    def is_public(self, scope: Scope) -> bool:
-        """Whether the request arrived on the public socket (unknown socket counts as public)."""
-        server = scope.get("server")
-        return not server or server[1] == self.public_port
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan" or not self.is_public(scope):
-            await self.app(scope, receive, send)
-            return
-        method = scope.get("method", "")
-        path = scope.get("path", "")
-        # Exact match on the decoded path Starlette routes on: no prefix, no normalisation, so
-        # `..`, `%2e%2e`, `//` or a trailing slash can never reach another router.
-        if kind == "http" and (method, path) in self.allowed and not scope.get("root_path"):
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client") or ("?", 0)
-        log.warning("public port: refused %s %s %r from %s", kind, method, path, client[0])
-        if kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        body = b'{"detail":"Not Found"}'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 404,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 class RequestTrace:
@@ -326,10 +267,40 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--public-host", required=True)
     parser.add_argument("--public-port", type=int, required=True)
+    limits = PortLimits()
+    for flag, kind, default in (
+        ("--max-body-bytes", int, limits.max_body_bytes),
+        ("--max-header-bytes", int, limits.max_header_bytes),
+        ("--header-timeout", float, limits.header_timeout_s),
+        ("--request-timeout", float, limits.request_timeout_s),
+        ("--max-connections", int, limits.max_connections),
+        ("--max-connections-per-peer", int, limits.max_connections_per_peer),
+        ("--keep-alive-timeout", float, 5.0),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"default {default}")
     args, rest = parser.parse_known_args(list(argv))
     if rest and rest[0] == "--":
         rest = rest[1:]
     return args, rest
+
+
+def port_limits(args: argparse.Namespace) -> PortLimits:
+    """The public port's limits from the parsed gateway flags.
+
+    Raises:
+        SystemExit: a limit is not positive.
+    """
+    try:
+        return PortLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_header_bytes=args.max_header_bytes,
+            header_timeout_s=args.header_timeout,
+            request_timeout_s=args.request_timeout,
+            max_connections=args.max_connections,
+            max_connections_per_peer=args.max_connections_per_peer,
+        )
+    except ValueError as err:
+        raise SystemExit(f"fedmed gateway: {err}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -355,10 +326,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("fedmed gateway: the public and private ports must differ")
     private = open_socket(config.host, config.port)
     public = open_socket(args.public_host, args.public_port)
-    inner: ASGIApp = create_app(config, cli.SuperLinkLifespan)
+    limits = port_limits(args)
+    flower_app = create_app(config, cli.SuperLinkLifespan)
+    inner: ASGIApp = flower_app
     if trace := os.environ.get(TRACE_ENV):
         inner = RequestTrace(inner, Path(trace))
-    app = PublicFilter(inner, public_port=args.public_port)
+    known_key = registered_key_lookup(flower_app) if config.enable_supernode_auth else None
+    gated = NodeGate(
+        inner,
+        public_port=args.public_port,
+        max_body_bytes=limits.max_body_bytes,
+        known_key=known_key,
+    )
+    app = PublicFilter(gated, public_port=args.public_port)
     uvi_config = uvicorn.Config(
         app,
         reload=False,
@@ -367,11 +347,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile,
         workers=1,
+        http=limited_protocol(limits, public_port=args.public_port),
+        ws="none",  # Flower serves no WebSocket route
+        timeout_keep_alive=args.keep_alive_timeout,
     )
     print(
         f"fedmed gateway: private (everything) {config.host}:{config.port}; public (Fleet API "
         f"and /health only) {args.public_host}:{args.public_port}; "
-        f"TLS {'on' if config.ssl_certfile else 'OFF'}",
+        f"TLS {'on' if config.ssl_certfile else 'OFF'}; public limits {limits}; site "
+        f"signatures checked before the body: {'yes' if known_key else 'no'}",
         flush=True,
     )
     uvicorn.Server(uvi_config).run(sockets=[private, public])

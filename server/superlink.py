@@ -46,6 +46,7 @@ __all__ = [
     "descendants",
     "flower_env",
     "free_loopback_port",
+    "public_limit_flags",
     "start_process",
     "stop_process",
     "superlink_command",
@@ -204,6 +205,26 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def public_limit_flags(config: ServerConfig) -> list[str]:
+    """The gateway's public port limit flags for ``config``'s ``[server]`` limit keys."""
+    return [
+        "--max-body-bytes",
+        str(config.public_max_body_mib << 20),
+        "--max-header-bytes",
+        str(config.public_max_header_kib << 10),
+        "--header-timeout",
+        str(config.public_header_timeout_s),
+        "--request-timeout",
+        str(config.public_request_timeout_s),
+        "--max-connections",
+        str(config.public_max_connections),
+        "--max-connections-per-peer",
+        str(config.public_max_connections_per_peer),
+        "--keep-alive-timeout",
+        str(config.keep_alive_timeout_s),
+    ]
+
+
 def superlink_command(config: ServerConfig) -> list[str]:
     """The gateway command line (``flower-superlink`` flags after ``--``) for ``config``.
 
@@ -221,6 +242,7 @@ def superlink_command(config: ServerConfig) -> list[str]:
         config.host,
         "--public-port",
         str(config.port),
+        *public_limit_flags(config),
         "--",
         "--host",
         "127.0.0.1",

@@ -103,6 +103,13 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ("[server]", "[server", "is not valid TOML"),
         ("port = 9100", "port = 9100\ncontrol-port = 9100", "control-port = 9100 equals port"),
         ("port = 9100", "port = 9100\ncontrol-port = 0", r"control-port = 0 must be a port"),
+        ("port = 9100", "port = 9100\npublic-max-body-mib = 0", r"public-max-body-mib = 0 must"),
+        ("port = 9100", "port = 9100\npublic-max-connections = 1.5", r"= 1.5 must be int"),
+        (
+            "port = 9100",
+            "port = 9100\npublic-header-timeout = -1",
+            r"public-header-timeout = -1.0 must be > 0",
+        ),
     ],
     ids=[
         "port-range",
@@ -120,6 +127,9 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         "bad-toml",
         "control-port-same",
         "control-port-range",
+        "body-limit-zero",
+        "connections-float",
+        "header-timeout-negative",
     ],
 )
 def test_federation_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
@@ -127,6 +137,42 @@ def test_federation_config_errors_name_file_and_key(tmp_path, old, new, match) -
     with pytest.raises(ConfigError, match=match) as info:
         load_federation_config(path)
     assert str(path) in str(info.value)
+
+
+def test_public_port_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    from fedmed.flower.port_limits import PortLimits
+
+    default = load_federation_config(_write(tmp_path, FEDERATION)).server
+    shipped = load_federation_config(CONFIGS / "federation.toml").server
+    keys = "\n".join(
+        [
+            "public-max-body-mib = 64",
+            "public-max-header-kib = 8",
+            "public-header-timeout = 5",
+            "public-request-timeout = 60.5",
+            "public-max-connections = 100",
+            "public-max-connections-per-peer = 10",
+            "keep-alive-timeout = 2",
+        ]
+    )
+    chosen = load_federation_config(
+        _write(tmp_path, FEDERATION.replace("port = 9100", f"port = 9100\n{keys}"), "set.toml")
+    ).server
+
+    def limits(server):
+        return (
+            server.public_max_body_mib << 20,
+            server.public_max_header_kib << 10,
+            server.public_header_timeout_s,
+            server.public_request_timeout_s,
+            server.public_max_connections,
+            server.public_max_connections_per_peer,
+            server.keep_alive_timeout_s,
+        )
+
+    # the config's defaults are the gateway's (PortLimits), and the shipped file states them
+    assert limits(default) == (*vars(PortLimits()).values(), 5.0) == limits(shipped)
+    assert limits(chosen) == (64 << 20, 8 << 10, 5.0, 60.5, 100, 10, 2.0)
 
 
 def test_insecure_server_needs_no_certificates(tmp_path: Path) -> None:

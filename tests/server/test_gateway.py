@@ -17,7 +17,10 @@ from fedmed.server.gateway import (
     _parse,
     fleet_routes,
     lengthen_sqlite_busy_timeout,
+    port_limits,
 )
+
+from fedmed.flower.port_limits import PortLimits
 
 PUBLIC_PORT, PRIVATE_PORT = 9092, 9093
 
@@ -133,3 +136,10 @@ def test_gateway_flags_are_split_from_flower_flags() -> None:
         ["--public-host", "0.0.0.0", "--public-port", "9092", "--", "--host", "127.0.0.1"]
     )
     assert (args.public_host, args.public_port, rest) == ("0.0.0.0", 9092, ["--host", "127.0.0.1"])
+    assert port_limits(args) == PortLimits()  # no limit flag: the documented defaults
+
+
+def test_a_limit_that_is_not_positive_stops_the_gateway() -> None:
+    args, _ = _parse(["--public-host", "h", "--public-port", "1", "--max-connections", "0"])
+    with pytest.raises(SystemExit, match=r"PortLimits.max_connections = 0 must be > 0"):
+        port_limits(args)

@@ -14,6 +14,7 @@ from fedmed.server.submit import build_fab, default_run_config, fab_files, submi
 from fedmed.server.superlink import (
     descendants,
     flower_env,
+    public_limit_flags,
     start_process,
     stop_process,
     superlink_command,
@@ -49,7 +50,8 @@ def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path
 
     assert command[:3] == [sys.executable, "-m", "fedmed.server.gateway"]
     gateway, flower = command[: command.index("--")], command[command.index("--") + 1 :]
-    assert gateway[3:] == ["--public-host", "0.0.0.0", "--public-port", "9123"]
+    assert gateway[3:7] == ["--public-host", "0.0.0.0", "--public-port", "9123"]
+    assert gateway[7:] == public_limit_flags(_server_config(tmp_path))
     # Flower's own host/port is the private loopback socket its executor connects to.
     assert flower[:4] == ["--host", "127.0.0.1", "--port", "9124"]
     assert command[command.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
@@ -57,6 +59,28 @@ def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path
     assert "--enable-supernode-auth" in command
     assert "--disable-runtime-dependency-installation" in command
     assert "--insecure" not in command
+
+
+def test_the_public_port_limits_reach_the_gateway_in_its_units(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fedmed.server.gateway import _parse, port_limits
+
+    config = dataclasses.replace(
+        _server_config(tmp_path),
+        public_max_body_mib=64,
+        public_max_header_kib=8,
+        public_header_timeout_s=2.5,
+        public_max_connections_per_peer=4,
+        keep_alive_timeout_s=7.0,
+    )
+    args, _ = _parse(superlink_command(config)[3:])
+
+    limits = port_limits(args)
+    assert (limits.max_body_bytes, limits.max_header_bytes) == (64 << 20, 8 << 10)
+    assert (limits.header_timeout_s, limits.request_timeout_s) == (2.5, 300.0)
+    assert (limits.max_connections, limits.max_connections_per_peer) == (512, 4)
+    assert args.keep_alive_timeout == 7.0
 
 
 def test_insecure_superlink_command_has_no_tls_or_auth(tmp_path: Path) -> None:
