@@ -47,10 +47,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ from flwr.common.constant import ErrorCode
 
 from fedmed import wire
 from fedmed.errors import ConfigError
-from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.io.guard import GuardSettings
+from fedmed.io.msd import split_cases
+from fedmed.pipeline import PipelineSettings, load_cases
 from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.dp import DpParams, reduce_metrics
@@ -93,7 +96,7 @@ __all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_
 
 logger = logging.getLogger(__name__)
 
-_TASKS: dict[tuple[str, str, str, str, float, int], SiteTask] = {}
+_TASKS: dict[tuple[Any, ...], SiteTask] = {}
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class SiteConfig:
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         if isinstance(self.disclosure_floor, bool) or not (
@@ -149,6 +153,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
         disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
         share_models=cfg.get("share-models", False) is True,
         max_epsilon=float(cfg.get("max-epsilon", 0.0)),  # type: ignore[arg-type]
+        guard=GuardSettings.from_node_config(cfg),
     )
 
 
@@ -187,17 +192,25 @@ class PartitionSites:
         )
 
 
+def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
+    """The site's pipeline: its cache, and the case guard with the model's classes."""
+    return PipelineSettings(
+        cache_mode=site.cache_mode,
+        cache_dir=Path(site.cache_dir) if site.cache_dir else None,
+        guard=dataclasses.replace(site.guard, num_classes=cfg.out_channels),
+    )
+
+
 def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
     """One SiteTask per site and split, reused while the process lives (simulation actors)."""
-    key = (site.data_dir, site.cache_dir, site.cache_mode, site.device, cfg.val_fraction, cfg.seed)
+    key = (site, cfg.val_fraction, cfg.seed, cfg.out_channels)
     if key not in _TASKS:
         _TASKS[key] = SiteTask(
             site.data_dir,
-            cache_dir=site.cache_dir or None,
-            cache_mode=site.cache_mode,
             device=site.device,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
+            settings=_pipeline(site, cfg),
         )
     return _TASKS[key]
 
@@ -281,7 +294,7 @@ def make_client_app(*, resolve_site: SiteResolver = site_from_node_config) -> Cl
             site = resolve_site(context)
             name = site.name
             cfg = TrainConfig.from_config(msg.content["config"])
-            cases = load_site_dataset(site.data_dir).cases
+            cases = load_cases([site.data_dir], _pipeline(site, cfg))
             train, val = split_cases(cases, val_fraction=cfg.val_fraction, seed=cfg.seed)
         except Exception as err:  # the reply must not carry paths: see _error_reply
             return _error_reply(msg, name, err)

@@ -45,12 +45,14 @@ def check_data(config: SiteConfig) -> None:
     Raises:
         DataError: the folder has problems; the message lists them.
     """
-    try:
-        from fedmed.io.check import check_site_folder
-    except ImportError:  # the data check arrives with the data pipeline
-        log.warning("data check not available in this fedmed: skipping it")
-        return
-    problems = check_site_folder(config.data_dir)
+    from fedmed.io.check import check_site_folder  # numpy/nibabel: only when checking
+
+    problems = check_site_folder(
+        config.data_dir,
+        affine_atol=config.label_affine_tolerance,
+        max_image_bytes=int(config.max_image_gib * 2**30),
+        allow_external_links=config.allow_external_links,
+    )
     if problems:
         listed = "\n  ".join(str(p) for p in problems[:_MAX_LISTED])
         more = (

@@ -50,6 +50,7 @@ _MAX_IMAGE_GIB = 2.0
 _LABEL_AFFINE_TOLERANCE_MM = 1e-3
 _PATH_SUFFIXES = ("-dir", "-file", "-path")
 _MISSING = object()
+_DISCLOSURE_FLOOR = 5  # fedmed.stats.DEFAULT_DISCLOSURE_FLOOR (not imported: no numpy here)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -268,6 +269,9 @@ class SiteConfig:
     max_image_gib: float = _MAX_IMAGE_GIB
     label_affine_tolerance: float = _LABEL_AFFINE_TOLERANCE_MM
     allow_external_links: bool = False
+    disclosure_floor: int = _DISCLOSURE_FLOOR
+    share_models: bool = False
+    max_epsilon: float = 0.0
 
     def node_config(self) -> dict[str, str | int | float | bool]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
@@ -276,7 +280,8 @@ class SiteConfig:
         did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
         ``require-signed-models = false`` and absent when the site runs insecure. The guard
         keys (``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
-        ``allow-external-links``) are always written.
+        ``allow-external-links``) and the site's evaluation and privacy policy
+        (``disclosure-floor``, ``share-models``, ``max-epsilon``) are always written.
         """
         node: dict[str, str | int | float | bool] = {
             "site": self.site,
@@ -289,6 +294,9 @@ class SiteConfig:
             "max-image-gib": self.max_image_gib,
             "label-affine-tolerance": self.label_affine_tolerance,
             "allow-external-links": self.allow_external_links,
+            "disclosure-floor": self.disclosure_floor,
+            "share-models": self.share_models,
+            "max-epsilon": self.max_epsilon,
         }
         if self.ca_cert is not None and not self.insecure:
             node["server-ca"] = str(self.ca_cert) if self.require_signed_models else ""
@@ -502,6 +510,9 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
             "label-affine-tolerance", float, _LABEL_AFFINE_TOLERANCE_MM, zero=True
         ),
         allow_external_links=top.get("allow-external-links", bool, False),
+        disclosure_floor=top.positive("disclosure-floor", int, _DISCLOSURE_FLOOR),
+        share_models=top.get("share-models", bool, False),
+        max_epsilon=top.positive("max-epsilon", float, 0.0, zero=True),
     )
     top.finish()
     conn.finish()

@@ -42,7 +42,6 @@ from tqdm import tqdm
 from fedmed.data import CacheDataset, PersistentDataset, ThreadDataLoader
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import value_problems
-from fedmed.io.display import printable
 from fedmed.io.guard import (
     CLASSES_KEY,
     BadCase,
@@ -53,6 +52,7 @@ from fedmed.io.guard import (
 )
 from fedmed.io.msd import DEFAULT_LABEL_NAMES, load_site_dataset, split_cases
 from fedmed.security.encryption import load_key
+from fedmed.text import printable
 from fedmed.transforms import (
     Compose,
     FgBgToIndicesd,
@@ -84,6 +84,7 @@ __all__ = [
     "patch_loader",
     "preprocessing",
     "site_volumes",
+    "usable_cases",
 ]
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,13 @@ class _Usable:
 
     def __getitem__(self, index: int) -> Any:
         return self.volumes[self.indices[index]]
+
+
+def usable_cases(cases: Sequence[Mapping[str, Any]], volumes: Volumes) -> list[Mapping[str, Any]]:
+    """The entries of ``cases`` that :func:`cached_volumes` kept, in the volumes' order."""
+    if isinstance(volumes, _Usable):
+        return [cases[i] for i in volumes.indices]
+    return list(cases)
 
 
 def cached_volumes(

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmed.errors import ConfigError, DataError, ModelError
+from fedmed.errors import ConfigError, ModelError
+from fedmed.io.guard import require_cases
 from fedmed.io.msd import split_cases
 from fedmed.io.nifti import read_nifti_header
 from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, combine_classes, evaluate_case, summarize
@@ -50,8 +51,10 @@ from fedmed.pipeline import (
     cached_volumes,
     load_cases,
     patch_loader,
+    usable_cases,
 )
 from fedmed.predict import adapt_norm_statistics, predict_volume
+from fedmed.text import printable
 from fedmed.train import LocalTrainer, TrainResult
 from fedmed.train import TrainConfig as LocalConfig
 
@@ -310,7 +313,11 @@ def evaluate_folder(
     model = build_network(cfg)
     load_arrays(model, weights, partial=True)
     model.to(resolve_device(device))
-    volumes = cached_volumes(load_cases([folder]), settings or PipelineSettings())
+    settings = settings or PipelineSettings()
+    settings = dataclasses.replace(
+        settings, guard=dataclasses.replace(settings.guard, num_classes=cfg.out_channels)
+    )
+    volumes = cached_volumes(load_cases([folder], settings), settings)
     if adapt_norm:
         adapt_norm_statistics(model, [volumes[i]["image"] for i in range(len(volumes))], cfg)
     return evaluate_model(model, volumes, cfg)
@@ -348,16 +355,17 @@ class SiteTask:
             settings = PipelineSettings(
                 cache_mode=cache_mode, cache_dir=Path(cache_dir) if cache_dir else None
             )
-        cases = load_cases([data_dir])
+        cases = load_cases([data_dir], settings)
         train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
-        if not train:
-            raise DataError(f"{data_dir}: no training cases after the validation split")
+        where = printable(Path(data_dir).absolute())
+        require_cases(len(train), len(val), where=where)
         self.device = resolve_device(device)
         self.settings = settings
-        self.num_train_cases, self.num_val_cases = len(train), len(val)
-        self.train_cases = train
         self.train = cached_volumes(train, settings)
         self.val = cached_volumes(val, settings)
+        require_cases(len(self.train), len(self.val), where=where)
+        self.num_train_cases, self.num_val_cases = len(self.train), len(self.val)
+        self.train_cases = usable_cases(train, self.train)
         self._volume_mm3: float | None = None
 
     def samples_per_epoch(self, cfg: TrainConfig) -> int:

@@ -2,14 +2,18 @@
 
 Site names, metric keys, error reasons and file names arrive from sites, replies and folders
 that fedmed does not control. Printed raw, a newline forges a log line, an escape sequence
-rewrites the operator's terminal, a ``|`` breaks a Markdown table and a megabyte of text
-floods a log. :func:`printable` escapes every control and formatting character (as Python's
-``repr`` would) and bounds the length; :func:`markdown_cell` also escapes the table separator.
+rewrites the operator's terminal, bytes that are not UTF-8 make ``print`` fail, a ``|`` breaks
+a Markdown table and a megabyte of text floods a log. :func:`printable` is the one place
+fedmed turns such text into something safe to show: every non-printable character becomes a
+visible escape and the length is bounded; :func:`markdown_cell` also escapes the table
+separator.
 :func:`is_identifier` is the rule for keys fedmed stores under (metric names, site names).
 
 Example:
     >>> printable("site\\n\\x1b[2Jevil")
     'site\\\\n\\\\x1b[2Jevil'
+    >>> printable(Path("labelsTr/ok.nii.gz"))
+    'labelsTr/ok.nii.gz'
     >>> printable("x" * 300, limit=10)
     'xxxxxxxxxx...(290 more)'
 """
@@ -17,28 +21,40 @@ Example:
 from __future__ import annotations
 
 import re
-import unicodedata
 
 __all__ = ["MAX_TEXT", "is_identifier", "markdown_cell", "printable"]
 
-MAX_TEXT = 300  # characters of outside text kept in a log line, metrics.jsonl or report.md
+MAX_TEXT = 500  # characters of outside text kept in a log line, metrics.jsonl or report.md
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+# surrogateescape maps an undecodable byte 0xNN (of a file name) to the lone surrogate U+DCNN
+_SURROGATE_BYTES = range(0xDC80, 0xDD00)
+_FAMILIAR = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(char: str) -> str:
-    if char == "\\":
-        return "\\\\"
-    if char.isprintable() and unicodedata.category(char) not in ("Cf", "Zl", "Zp"):
-        return char
-    return repr(char)[1:-1] if len(repr(char)) > 3 else f"\\x{ord(char):02x}"
+def _escape(ch: str) -> str:
+    if ch in _FAMILIAR:
+        return _FAMILIAR[ch]
+    code = ord(ch)
+    if code in _SURROGATE_BYTES:
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
-def printable(text: object, *, limit: int = MAX_TEXT) -> str:
-    """``text`` (any object, via ``str``) with control/format characters escaped and at most
-    ``limit`` characters of the original kept."""
+def printable(text: object, *, limit: int | None = MAX_TEXT) -> str:
+    """``text`` (any object, via ``str``; a path too) with every character Python does not
+    count as printable (control and format characters, line separators, lone surrogates of
+    undecodable file-name bytes) escaped, and at most ``limit`` characters of it kept."""
     raw = str(text)
-    kept = "".join(_escape(c) for c in raw[:limit])
-    return kept + (f"...({len(raw) - limit} more)" if len(raw) > limit else "")
+    kept = raw if limit is None else raw[:limit]
+    if not kept.isprintable():
+        kept = "".join(ch if ch.isprintable() else _escape(ch) for ch in kept)
+    if limit is not None and len(raw) > limit:
+        kept += f"...({len(raw) - limit} more)"
+    return kept
 
 
 def markdown_cell(text: object, *, limit: int = MAX_TEXT) -> str:

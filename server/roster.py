@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedmed.text import is_identifier, printable
 
 __all__ = ["Roster", "SiteInfo", "parse_site_record", "registered_names"]
+
+_FIRST_BACKOFF_S = 2.0
+_MAX_BACKOFF_S = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +135,14 @@ def parse_site_record(
 class Roster:
     """Node id -> :class:`SiteInfo` for the connected sites (see the module docstring)."""
 
-    def __init__(self, *, max_site_cases: int) -> None:
+    def __init__(self, *, max_site_cases: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_site_cases = max_site_cases
+        self._clock = clock
         self.sites: dict[int, SiteInfo] = {}
         self._warned_unverified = False
+        # node -> (monotonic time it may be asked again, failures so far): a node that cannot
+        # answer is asked again with a growing pause, not every polling tick
+        self._backoff: dict[int, tuple[float, int]] = {}
 
     def name_of(self, node: int) -> str:
         """The site's name, ``node-<id>`` for a node not (yet) in the roster."""
@@ -158,7 +166,12 @@ class Roster:
         for node in [n for n in self.sites if n not in live]:
             logger.info("site %s (node %d) is no longer connected", self.sites[node].name, node)
             del self.sites[node]
-        new = [n for n in connected if n not in self.sites]
+        for node in [n for n in self._backoff if n not in live]:
+            del self._backoff[node]
+        now = self._clock()
+        new = [
+            n for n in connected if n not in self.sites and self._backoff.get(n, (0.0, 0))[0] <= now
+        ]
         if not new:
             return
         content = RecordDict({"config": ConfigRecord(dict(config))})
@@ -170,12 +183,17 @@ class Roster:
             try:
                 site = self._site(node, replies.get(node), registered.get(node))
             except Exception as err:  # one site's reply never breaks the roster
+                failures = self._backoff.get(node, (0.0, 0))[1] + 1
+                pause = min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (failures - 1))
+                self._backoff[node] = (self._clock() + pause, failures)
                 logger.warning(
-                    "node %d did not say which site it is (%s): asked again next round",
+                    "node %d did not say which site it is (%s): asked again in %.0f s",
                     node,
                     printable(err),
+                    pause,
                 )
                 continue
+            self._backoff.pop(node, None)
             self.sites[node] = site
             logger.info(
                 "site %s joined (node %d, %d train / %d val cases%s)",

@@ -202,6 +202,9 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "max-image-gib": 2.0,
         "label-affine-tolerance": 0.001,
         "allow-external-links": False,
+        "disclosure-floor": 5,
+        "share-models": False,
+        "max-epsilon": 0.0,
         "server-ca": str(tmp_path / "certs" / "ca.pem"),  # refuse unsigned global models
     }
     assert config.runtime_port == 9094

@@ -65,10 +65,10 @@ def register(subparsers: Any) -> None:
 
 def _run_check(args: argparse.Namespace) -> int:
     from fedmed.io.check import DEFAULT_AFFINE_ATOL, check_site_folder
-    from fedmed.io.display import printable
     from fedmed.io.guard import GuardSettings
     from fedmed.io.header import DEFAULT_MAX_IMAGE_BYTES
     from fedmed.io.msd import load_site_dataset
+    from fedmed.text import printable
 
     gib = args.max_image_gib
     guard = GuardSettings(  # validates the flags

@@ -1,5 +1,5 @@
 """Reading and writing scans: NIfTI with geometry (headers checked before any voxel is read),
-the MSD layout inside a bounded site folder, the site data check, printable file names."""
+the MSD layout inside a bounded site folder, the site data check."""
 
 from fedmed.io.check import (
     DEFAULT_AFFINE_ATOL,
@@ -11,7 +11,6 @@ from fedmed.io.check import (
     header_problems,
     value_problems,
 )
-from fedmed.io.display import printable
 from fedmed.io.folder import MAX_DATASET_JSON_BYTES, MAX_JSON_DEPTH, SiteFolder
 from fedmed.io.header import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -66,7 +65,6 @@ __all__ = [
     "open_stream",
     "parse_header",
     "patient_id",
-    "printable",
     "read_nifti",
     "read_nifti_header",
     "regular_file_size",

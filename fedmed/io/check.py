@@ -12,7 +12,7 @@ The checks come in two halves that the training pipeline runs apart: :func:`head
 reads headers only (cheap, run for every case when cases are listed) and
 :func:`value_problems` looks at voxel arrays already in memory (run on the data the pipeline
 loads anyway); :func:`check_case` runs both on the files. File names in problems are escaped
-with :func:`~fedmed.io.display.printable`.
+with :func:`~fedmed.text.printable`.
 
 Example:
     >>> for problem in check_site_folder("demo/data/site-A"):
@@ -33,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from fedmed.errors import ConfigError, DataError
-from fedmed.io.display import printable
 from fedmed.io.header import DEFAULT_MAX_IMAGE_BYTES, NiftiHeader, affine_problem, parse_header
 from fedmed.io.msd import DATASET_JSON, SiteDataset, case_id_from_path, load_site_dataset
 from fedmed.io.nifti import is_nifti, read_nifti
+from fedmed.text import printable
 
 __all__ = [
     "DEFAULT_AFFINE_ATOL",
@@ -56,7 +56,7 @@ _CHUNK = 4 * 2**20  # voxels counted at a time (bounded scratch memory)
 @dataclass(frozen=True)
 class Problem:
     """One problem with one file or folder; ``str()`` gives ``"path: message"`` with the path
-    escaped (:func:`~fedmed.io.display.printable`).
+    escaped (:func:`~fedmed.text.printable`).
 
     Example:
         >>> str(Problem(Path("labelsTr/p03.nii.gz"), "label values [2] are not declared"))

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import DataError
-from fedmed.io.display import printable
 from fedmed.io.header import regular_file_size
+from fedmed.text import printable
 
 __all__ = ["MAX_DATASET_JSON_BYTES", "MAX_JSON_DEPTH", "SiteFolder"]
 

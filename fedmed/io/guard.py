@@ -33,9 +33,9 @@ from typing import Any
 
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import DEFAULT_AFFINE_ATOL, Problem, header_problems
-from fedmed.io.display import printable
 from fedmed.io.header import DEFAULT_MAX_IMAGE_BYTES
 from fedmed.io.msd import DATASET_JSON, DEFAULT_LABEL_NAMES, SiteDataset
+from fedmed.text import printable
 
 __all__ = [
     "CLASSES_KEY",

@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from fedmed.errors import DataError
-from fedmed.io.display import printable
+from fedmed.text import printable
 
 # NIFTI_SUFFIXES and is_nifti live here but are exported by fedmed.io.nifti, their old home.
 __all__ = [

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError, DataError
-from fedmed.io.display import printable
 from fedmed.io.folder import SiteFolder
 from fedmed.io.header import NIFTI_SUFFIXES, is_nifti
+from fedmed.text import printable
 
 __all__ = [
     "DATASET_JSON",

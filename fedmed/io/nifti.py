@@ -27,7 +27,6 @@ import nibabel as nib
 import numpy as np
 
 from fedmed.errors import DataError
-from fedmed.io.display import printable
 from fedmed.io.header import (
     DEFAULT_MAX_IMAGE_BYTES,
     NIFTI_SUFFIXES,
@@ -37,6 +36,7 @@ from fedmed.io.header import (
     open_stream,
     parse_header,
 )
+from fedmed.text import printable
 
 __all__ = [
     "NIFTI_SUFFIXES",

@@ -256,9 +256,9 @@ def test_invalid_val_fraction_is_refused() -> None:
 
 def test_io_package_exports_exactly_its_modules_public_names() -> None:
     import fedmed.io
-    from fedmed.io import check, display, folder, header, msd, nifti
+    from fedmed.io import check, folder, header, msd, nifti
 
-    modules = (check, display, folder, header, msd, nifti)
+    modules = (check, folder, header, msd, nifti)
     expected = {name for module in modules for name in module.__all__}
     assert set(fedmed.io.__all__) == expected
     assert all(hasattr(fedmed.io, name) for name in expected)

@@ -88,3 +88,24 @@ def test_a_site_that_comes_back_under_a_new_node_keeps_its_name(task_identity):
     # node 11 went away; the site reconnected as node 21
     roster.update([21], {21: "A"}, lambda m: {21: _reply(21, _site("A"))}, config={}, ttl=5.0)
     assert roster.names() == {21: "A"}
+
+
+def test_a_node_that_cannot_answer_is_asked_again_after_a_growing_pause(task_identity):
+    clock = [100.0]
+    asked: list[list[int]] = []
+
+    def exchange(messages: list[Message]) -> dict[int, Message]:
+        asked.append([m.metadata.dst_node_id for m in messages])
+        return {}  # no reply
+
+    roster = Roster(max_site_cases=1000, clock=lambda: clock[0])
+    for now in (100.0, 101.0, 102.0, 103.0, 105.9, 106.0):
+        clock[0] = now
+        roster.update([11], {}, exchange, config={}, ttl=5.0)
+    # asked at 100 (pause 2 s), 102 (pause 4 s), 106
+    assert asked == [[11], [11], [11]]
+    # once it answers the pause is forgotten; a node that left is forgotten too
+    roster.update([], {}, exchange, config={}, ttl=5.0)
+    clock[0] = 106.5
+    roster.update([11], {}, lambda m: {11: _reply(11, _site("A"))}, config={}, ttl=5.0)
+    assert roster.names() == {11: "A"}

@@ -84,6 +84,10 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
         "secagg_max_weight",
         "aggregation_weight",
         "ditto_lambda",
+        "dp_mode",
+        "dp_adjacency",
+        "dp_patients_per_step",
+        "model_norm",
     }
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
