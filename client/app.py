@@ -173,6 +173,7 @@ class PartitionSites:
     device: str = "cpu"
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
+    max_epsilon: float = 0.0
 
     def __call__(self, context: Context) -> SiteConfig:
         pid = int(context.node_config["partition-id"])
@@ -189,6 +190,7 @@ class PartitionSites:
             device=self.device,
             disclosure_floor=self.disclosure_floor,
             share_models=self.share_models,
+            max_epsilon=self.max_epsilon,
         )
 
 

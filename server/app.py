@@ -35,9 +35,10 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
         run_settings = settings or RunSettings.from_run_config(dict(context.run_config))
         result = Federation(grid, run_settings).run()
         logger.info(
-            "run finished: %d rounds, %d failed attempts, output in %s",
+            "run finished: %d rounds, %d failed attempts%s, output in %s",
             result.rounds_completed,
             result.failed_attempts,
+            f" (stopped early: {result.stopped})" if result.stopped else "",
             run_settings.out_dir,
         )
 

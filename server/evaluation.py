@@ -220,12 +220,15 @@ def _stage(
     return metrics, travelling
 
 
-def run_final_evaluation(fed: Federation, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Score the final round on the sites' validation splits and, with
+def run_final_evaluation(
+    fed: Federation, weights: Mapping[str, np.ndarray], *, last_round: int | None = None
+) -> dict[str, Any]:
+    """Score the final round (``last_round``, default ``num-rounds``; earlier when the run
+    stopped, e.g. on the sites' privacy budgets) on the sites' validation splits and, with
     ``cross-site-evaluation``, write the cross-site table (see the module docstring)."""
     settings = fed.settings
     cross = settings.cross_site_evaluation
-    last = settings.num_rounds
+    last = settings.num_rounds if last_round is None else last_round
     connected = set(fed.grid.get_node_ids())
     nodes = sorted(n for n in fed.sites if n in connected)
     if fed.guard.dp.enabled:  # under DP nothing beyond the accounted updates leaves a site
@@ -247,7 +250,15 @@ def run_final_evaluation(fed: Federation, weights: Mapping[str, np.ndarray]) -> 
     result: dict[str, Any] = {"entries": [], "failed": {}}
     metrics, travelling = _stage(fed, nodes, models, options, result) if nodes else ({}, {})
     record: dict[str, Any] = {"round": last, "status": "evaluation", "sites": {}}
-    finals = {s: {k[len("global-final-") :]: v for k, v in m.items()} for s, m in metrics.items()}
+    # the sites' scores of the final model, named as the per-round pre-training scores are
+    finals = {
+        site: {
+            f"global-{k[len('global-final-') :]}": v
+            for k, v in m.items()
+            if k.startswith("global-final-")
+        }
+        for site, m in metrics.items()
+    }
     record_selection(fed.store, record, last, sites=finals, audit=fed.guard)
     best = fed.store.best_pointer()
     best_round = best["round"] if best else None
@@ -273,12 +284,12 @@ def run_final_evaluation(fed: Federation, weights: Mapping[str, np.ndarray]) -> 
             others = {k: v for k, v in travelling.items() if not k.endswith(f"@{site}")}
             if others:
                 _stage(fed, [node], others, {"own-models": False}, result)
-    _write(fed, result, nodes, best_round)
+    _write(fed, result, nodes, last, best_round)
     return result
 
 
 def _write(
-    fed: Federation, result: dict[str, Any], nodes: list[int], best_round: int | None
+    fed: Federation, result: dict[str, Any], nodes: list[int], last: int, best_round: int | None
 ) -> None:
     asked = {fed.roster.name_of(n) for n in nodes}
     missing = sorted({s.name for s in fed.sites.values()} - asked | set(result["failed"]))
@@ -290,7 +301,7 @@ def _write(
     payload = {
         "format": FORMAT,
         "run-id": fed.run_id,
-        "round": fed.settings.num_rounds,
+        "round": last,
         "best-round": best_round,
         "sites": sorted(asked - set(result["failed"])),
         "missing": missing,

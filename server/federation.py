@@ -56,6 +56,7 @@ from flwr.serverapp import Grid
 
 from fedmed.errors import ConfigError, FederationError
 from fedmed.scaffold import join_controls
+from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.guard import ServerGuard
 from fedmed.task import TrainConfig, build_network, evaluate_folder, local_norm_keys, model_arrays
 
@@ -114,6 +115,7 @@ class FederationResult:
     rounds_completed: int
     failed_attempts: int
     sites: dict[int, SiteInfo] = field(default_factory=dict)
+    stopped: str = ""  # why the run ended before num-rounds ("" when it did not)
 
 
 class Federation:
@@ -185,7 +187,7 @@ class Federation:
             if len(able) >= self.settings.min_sites:
                 return able
             if self.exhausted and len(known) >= self.settings.min_sites:
-                raise FederationError(
+                raise PrivacyBudgetExhausted(
                     f"privacy budget exhausted: only {len(able)} of min-sites "
                     f"{self.settings.min_sites} sites may still train ("
                     f"{', '.join(sorted(self.exhausted))} refused: their epsilon would exceed "
@@ -359,9 +361,15 @@ class Federation:
     def run(self) -> FederationResult:
         """Run (or resume) every round; FederationError when a round cannot be completed."""
         weights, first = self._start()
-        failed = 0
+        failed, last, stopped = 0, first - 1, ""
         for server_round in range(first, self.settings.num_rounds + 1):
-            record, updates, retries = self._attempts(server_round, weights)
+            try:
+                record, updates, retries = self._attempts(server_round, weights)
+            except PrivacyBudgetExhausted as err:  # an ending, not a failure: the model stands
+                stopped = str(err)
+                logger.warning("run stops before round %d: %s", server_round, stopped)
+                self.log.append({"round": server_round, "status": "stopped", "reason": stopped})
+                break
             failed += retries
             try:
                 shared = self.aggregator.aggregate(self._shared(weights), updates)
@@ -386,14 +394,17 @@ class Federation:
             self.guard.after_attempt(record, updates, ckpt)
             self._report()
             logger.info("round %d done: %s", server_round, _summary_line(record))
-        self.evaluate_final(weights)
+            last = server_round
+        self.evaluate_final(weights, last_round=last)
         self._report()
-        return FederationResult(weights, self.settings.num_rounds, failed, dict(self.sites))
+        return FederationResult(weights, last, failed, dict(self.sites), stopped=stopped)
 
-    def evaluate_final(self, weights: Mapping[str, np.ndarray]) -> None:
+    def evaluate_final(
+        self, weights: Mapping[str, np.ndarray], *, last_round: int | None = None
+    ) -> None:
         """The end-of-run evaluation (:mod:`.evaluation`): scores the final round, writes the
         cross-site table."""
-        run_final_evaluation(self, weights)
+        run_final_evaluation(self, weights, last_round=last_round)
 
     def _attempts(
         self, server_round: int, weights: Mapping[str, np.ndarray]
@@ -427,6 +438,8 @@ class Federation:
             self.log.append(record)
             self.guard.after_attempt(record, updates)
             self._report()
+            if spent:  # raises PrivacyBudgetExhausted when too few sites may still train
+                self.wait_for_sites()
         raise FederationError(
             f"round {server_round} had fewer than min-sites {self.settings.min_sites} "
             f"valid replies in {self.settings.retry_failed_rounds + 1} attempts (see "

@@ -65,13 +65,15 @@ SIM_KEYS: Mapping[str, str | int | bool] = {
     "sim-threads": 1,
     "sim-disclosure-floor": DEFAULT_DISCLOSURE_FLOOR,
     "sim-share-models": False,
+    "sim-max-epsilon": 0.0,
 }
 
 
 @dataclass(frozen=True)
 class SitePolicy:
     """What every simulated site allows (in a deployment, each site's own config decides):
-    the fewest cases a summary may describe, and whether its own models may travel.
+    the fewest cases a summary may describe, whether its own models may travel, and its own
+    privacy budget (epsilon per patient; 0 = none: only the run's ``dp-max-epsilon`` applies).
 
     Example:
         >>> SitePolicy(disclosure_floor=1).share_models
@@ -80,8 +82,14 @@ class SitePolicy:
 
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
+    max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.max_epsilon < float("inf")):
+            raise ConfigError(
+                f"sites max-epsilon is {self.max_epsilon!r}: give each site's privacy budget "
+                "(epsilon per patient), or 0 for none"
+            )
         if isinstance(self.disclosure_floor, bool) or self.disclosure_floor < 1:
             raise ConfigError(
                 f"sites disclosure-floor is {self.disclosure_floor!r}: give the fewest cases "
@@ -106,6 +114,7 @@ def sim_run_config(
         "sim-threads": threads,
         "sim-disclosure-floor": policy.disclosure_floor,
         "sim-share-models": policy.share_models,
+        "sim-max-epsilon": policy.max_epsilon,
     }
 
 
@@ -143,6 +152,7 @@ class RunConfigSites:
             device=str(cfg.get("sim-device", "cpu")),
             disclosure_floor=int(cfg.get("sim-disclosure-floor", DEFAULT_DISCLOSURE_FLOOR)),
             share_models=cfg.get("sim-share-models", False) is True,
+            max_epsilon=float(cfg.get("sim-max-epsilon", 0.0)),  # type: ignore[arg-type]
         )
         return resolve(context)
 

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the sites let their own models travel for cross-site evaluation",
     )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        metavar="EPS",
+        help="each site's own privacy budget (epsilon per patient, over all runs; default none)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPU cores per site")
     p.add_argument("--num-gpus", type=float, help="GPU fraction per site (0 = CPU)")
     p.add_argument("--max-parallel", type=int, help="sites training at once")
@@ -166,6 +172,8 @@ def parse_config(argv: Sequence[str]) -> tuple[SimConfig, bool]:
         policy = dataclasses.replace(policy, disclosure_floor=args.disclosure_floor)
     if args.share_models:
         policy = dataclasses.replace(policy, share_models=True)
+    if args.max_epsilon is not None:
+        policy = dataclasses.replace(policy, max_epsilon=args.max_epsilon)
     cfg = SimConfig(
         out=args.out or cfg.out,
         sites=sites,
@@ -256,6 +264,8 @@ def format_record(label: str, record: Mapping[str, Any]) -> str:
     dice = "-" if holdout is None else f"{holdout:.3f}"
     if record.get("status") == "initial":
         return f"[{label}] round 0 (initial model): held-out Dice {dice}"
+    if record.get("status") == "stopped":
+        return f"[{label}] stopped before round {record['round']}: {record.get('reason', '')}"
     sites = ", ".join(
         f"{s} {m['val-dice']:.3f}"
         for s, m in sorted((record.get("sites") or {}).items())

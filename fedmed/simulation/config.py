@@ -18,7 +18,8 @@ spells them out):
 - ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``.
 - ``[sites]``: what every simulated site allows (:class:`~fedmed.simulation.apps.SitePolicy`):
   ``disclosure-floor`` (fewest cases a summary may describe, default 5), ``share-models``
-  (the sites' own models may travel for cross-site evaluation, default false).
+  (the sites' own models may travel for cross-site evaluation, default false), ``max-epsilon``
+  (each site's own privacy budget, epsilon per patient; default 0 = none).
 - ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
   ``min-sites`` defaults to every site, or to ``sites-per-round`` when sites are sampled.
 
@@ -261,6 +262,7 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
         policy=SitePolicy(
             disclosure_floor=_take(site, "disclosure-floor", int, "sites", 5),
             share_models=_take(site, "share-models", bool, "sites", False),
+            max_epsilon=_take(site, "max-epsilon", float, "sites", 0.0),
         ),
         app={**DEMO_APP, **_table(doc, "app", where)},
     )

@@ -139,3 +139,8 @@ def _query(msg: Message, context: Context) -> Message:
 @app.train()
 def _train(msg: Message, context: Context) -> Message:
     return _inner(msg, context)
+
+
+@app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return _inner(msg, context)

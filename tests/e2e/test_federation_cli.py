@@ -87,7 +87,8 @@ def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Pa
             "",
             'num-rounds = 2\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
             'patch-size = "32,32"\nlocal-epochs = 1\nlocal-steps = 1\nbatch-size = 1\n'
-            f'round-timeout = 300.0\ndata-dir = "{data / "holdout"}"\nout-dir = "out"\n',
+            f'round-timeout = 300.0\ndata-dir = "{data / "holdout"}"\nout-dir = "out"\n'
+            "local-baselines = true\n",
         )
     federation = root / "federation.toml"
     federation.write_text(
@@ -102,6 +103,8 @@ def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Pa
         sites[site].write_text(
             f'site = "{site}"\ndata-dir = "{data / f"site-{site}"}"\nstate-dir = "site-{site}"\n'
             f"check-data = {'false' if app == 'minimal' else 'true'}\n"
+            # site A discloses summaries of its single validation case, B keeps the default 5
+            f"{'disclosure-floor = 1' if site == 'A' else ''}\n"
             f'[connection]\nserver-address = "127.0.0.1:{port}"\nca-cert = "certs/ca.pem"\n'
             f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
             "backoff-initial = 1.0\nbackoff-max = 4.0\nheartbeat-interval = 10.0\n"
@@ -153,10 +156,21 @@ def test_cli_federation_with_fedmed_app_on_demo_data(federation_run) -> None:
     assert code == 0, output[-4000:]
     assert "finished:completed" in output
     lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
-    completed = [line for line in lines if line.get("round", 0) >= 1]
+    completed = [line for line in lines if line.get("round", 0) >= 1 and line["status"] == "ok"]
     assert [line["round"] for line in completed][-2:] == [1, 2]
     assert set(completed[-1]["sites"]) == {"A", "B"}
     assert (root / "out" / "checkpoints").is_dir()
+    # the end-of-run cross-site table: each site's split, the held-out set, local-only baselines
+    table = json.loads((root / "out" / "cross_site.json").read_text())
+    assert (table["sites"], table["missing"]) == (["A", "B"], [])
+    entries = {(e["model"], e["data"], e["metric"]): e for e in table["entries"]}
+    on_a = entries["global-final", "val:A", "dice"]
+    assert on_a["n"] == 1 and 0.0 <= on_a["mean"] <= 1.0
+    assert entries["global-final", "val:B", "dice"]["status"] == "too few cases"
+    assert "mean" not in entries["global-final", "val:B", "dice"]
+    assert entries["global-final", "holdout", "dice"]["n"] == 1
+    assert ("local-only@A", "val:A", "dice") in entries
+    assert ("finetuned@A", "val:A", "dice") in entries
     # signed by default: the server signed with its TLS key, each site checked it against the CA
     verify = subprocess.run(
         [str(BIN / "fedmed"), "verify", str(root / "out"), "--ca", str(root / "certs" / "ca.pem"),

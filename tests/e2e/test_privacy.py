@@ -89,6 +89,25 @@ def test_train_replies_hold_exactly_the_model_arrays_and_scalar_metrics(
             assert all(type(v) in (int, float) for v in metrics.values()), metrics  # no lists
 
 
+def test_evaluate_replies_hold_disclosable_summaries_only(run: FaultRun) -> None:
+    for site in HONEST:
+        evaluations = [m for _, m, a, _ in _sent(run, site) if m["message-type"] == "evaluate"]
+        assert len(evaluations) == 1, site  # the end-of-run evaluation
+        (message,) = evaluations
+        assert message["error"] is None
+        records = message["records"]
+        # share-models is off by default: no array leaves the site, only summaries
+        assert {k: r["type"] for k, r in records.items()} == {
+            "results": "ConfigRecord",
+            "metrics": "MetricRecord",
+        }
+        entries = json.loads(records["results"]["values"]["entries"])
+        assert entries, site
+        for entry in entries:
+            assert entry["n"] >= 5 or (entry["status"] == "too few cases" and "mean" not in entry)
+            assert all(type(v) in (int, float, str) for v in entry.values()), entry
+
+
 def test_query_replies_hold_the_site_name_and_case_counts_only(run: FaultRun) -> None:
     for site in SITES:
         queries = [m for _, m, a, _ in _sent(run, site) if m["message-type"] == "query"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fedmed.server.aggregate import SiteUpdate
 from fedmed.server.checkpoint import CheckpointStore
-from fedmed.server.federation import Federation, train_config
+from fedmed.server.federation import Federation, SiteInfo, train_config
 from fedmed.server.sampling import sample_sites
 from fedmed.server.settings import RunSettings
 
@@ -58,7 +58,7 @@ class _OneSiteNeverReplies(Federation):
     def wait_for_sites(self) -> list[int]:
         return [11, 12, 13, 14]
 
-    def evaluate_final(self, weights) -> None:
+    def evaluate_final(self, weights, *, last_round=None) -> None:
         pass
 
     def run_round(self, server_round, attempt, nodes, weights):
@@ -121,3 +121,55 @@ def test_fedbn_shares_affine_weights_so_sites_change_the_held_out_result(tmp_pat
     assert after["norm-statistics"] == "held-out images (AdaBN)"
     key = lambda r: [(c["dice"], c["hd95"], c["nsd"]) for c in r["cases"]]  # noqa: E731
     assert key(before) != key(after)
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return [11, 12]
+
+
+class _SiteBRunsOutOfBudget(Federation):
+    """Sites A and B; from round 2 on B refuses: its next round would exceed its budget."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(_Grid(), settings, holdout_fn=lambda weights, cfg: None)  # type: ignore[arg-type]
+        for node, name in ((11, "A"), (12, "B")):
+            self.roster.sites[node] = SiteInfo(node, name, 4, 1, verified=True)
+        self.final_round: int | None = None
+
+    def _update_roster(self, connected: list[int]) -> None:
+        pass
+
+    def evaluate_final(self, weights, *, last_round=None) -> None:
+        self.final_round = last_round
+
+    def run_round(self, server_round, attempt, nodes, weights):
+        names = {11: "A", 12: "B"}
+        refuses = server_round >= 2
+        record = {"round": server_round, "attempt": attempt, "sites": {}, "missing": []}
+        record["rejected"] = (
+            {"B": "PrivacyBudgetExhausted at site B: privacy budget exhausted"} if refuses else {}
+        )
+        updates = [
+            SiteUpdate(names[n], self._shared(weights), 4, {})
+            for n in nodes
+            if not (refuses and n == 12)
+        ]
+        return record, updates
+
+
+def test_a_run_whose_sites_run_out_of_privacy_budget_stops_with_its_model(tmp_path):
+    # Prepare: 3 rounds wanted, B may not train after round 1, min-sites 2
+    settings = RunSettings(
+        num_rounds=3, min_sites=2, retry_failed_rounds=2, out_dir=str(tmp_path), **SMALL
+    )
+    federation = _SiteBRunsOutOfBudget(settings)
+    # Execute
+    result = federation.run()
+    # Assert: an ending, not a failure: round 1 is the final model, evaluated and reported
+    assert (result.rounds_completed, federation.final_round) == (1, 1)
+    assert result.stopped.startswith("privacy budget exhausted: only 1 of min-sites 2")
+    assert federation.exhausted == {"B"}
+    records = federation.log.read()
+    assert records[-1] == {"round": 2, "status": "stopped", "reason": result.stopped}
+    assert CheckpointStore(tmp_path).rounds() == [0, 1]
