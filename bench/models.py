@@ -5,9 +5,8 @@
     python bench/models.py --quick         # smaller sizes, for a smoke run
     python bench/models.py --only settings --only infer   # the site hardware settings, LAMP
 
-Run it with ``nice`` on a shared machine; the compared variants are measured in the same run,
-interleaved over ``--rounds`` rounds (best round of each counts), so a burst of load from
-elsewhere slows them alike.
+Run it with ``nice`` on a shared machine; compared variants run interleaved over ``--rounds``
+rounds (the best round of each counts), so a burst of load from elsewhere slows them alike.
 
 Measures:
 
@@ -87,31 +86,18 @@ def fit(volume: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def steps_per_second(net: nn.Module, x: torch.Tensor, *, steps: int, amp: bool = False) -> float:
-    """Training steps/s after two warm-up steps."""
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    device = x.device
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    net.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = net(x).float().pow(2).mean()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
-    for _ in range(2):  # oneDNN / cuDNN pick kernels on the first calls of each shape
-        step()
+def steps_per_second(
+    net: nn.Module, x: torch.Tensor, *, steps: int, hw: HardwareSettings | None = None
+) -> float:
+    """Training steps/s of ``net`` (placed already) under ``hw`` (default: fp32) after two
+    warm-up steps, in which oneDNN / cuDNN pick kernels for the shape."""
+    step = _train_step(net, hw or HardwareSettings(devices=x.device, amp="off"))
+    for _ in range(2):
+        step(x)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x)
     sync()
     return steps / (time.perf_counter() - start)
 
@@ -133,7 +119,8 @@ def bench_training(args: argparse.Namespace, volume: torch.Tensor | None, device
         out[f"{name}_steps_per_s"] = rate
         print(f"{name:9s} input {tuple(x.shape)} fp32: {rate:.3f} steps/s")
         if device.startswith("cuda"):
-            rate_amp = steps_per_second(net, x, steps=args.steps, amp=True)
+            fp16 = HardwareSettings(devices=device, amp="fp16")
+            rate_amp = steps_per_second(net, x, steps=args.steps, hw=fp16)
             out[f"{name}_amp_steps_per_s"] = rate_amp
             print(f"{name:9s} input {tuple(x.shape)} AMP : {rate_amp:.3f} steps/s")
         del net
@@ -292,13 +279,10 @@ def _settings_variants(device: str) -> dict[str, HardwareSettings]:
     return variants
 
 
-def _train_step(
-    net: nn.Module, hw: HardwareSettings
-) -> tuple[Callable[[torch.Tensor], None], nn.Module]:
-    """One SGD step as ``LocalTrainer`` runs it under ``hw`` (placement, layout, autocast,
-    compiled forward, fp16 loss scaling)."""
-    net = hw.prepare(net)
-    forward = torch.compile(net, dynamic=False) if hw.compile else net
+def _train_step(net: nn.Module, hw: HardwareSettings) -> Callable[[torch.Tensor], None]:
+    """One SGD step of ``net`` (placed by ``hw.prepare``) as ``LocalTrainer`` runs it under
+    ``hw``: channels-last input, autocast, compiled forward, fp16 loss scaling."""
+    forward = hw.compiled(net)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=hw.uses_grad_scaler)
     net.train()
@@ -312,7 +296,7 @@ def _train_step(
         scaler.step(opt)
         scaler.update()
 
-    return step, net
+    return step
 
 
 def bench_settings(args: argparse.Namespace, volume: torch.Tensor | None, device: str) -> dict:
@@ -332,7 +316,7 @@ def bench_settings(args: argparse.Namespace, volume: torch.Tensor | None, device
         warm: dict[str, float] = {}
         for name, hw in variants.items():
             torch.manual_seed(0)
-            step, _ = _train_step(COPLENet(in_channels=1, out_channels=2), hw)
+            step = _train_step(hw.prepare(COPLENet(in_channels=1, out_channels=2)), hw)
             start = time.perf_counter()
             for _ in range(2):  # kernels picked, graphs compiled
                 step(x)

@@ -5,9 +5,10 @@ Wang et al. (IEEE TMI 2020) train a student with the noise-robust Dice loss
 average of the student's weights, made adaptive twice over:
 
 - the teacher (:class:`EMATeacher`) folds the student in,
-  ``teacher = decay * teacher + (1 - decay) * student``, only after a step whose loss is
-  below the loss threshold: the running (exponential) mean of the student's past losses. A
-  high loss flags a batch with noisy labels that the teacher should not absorb;
+  ``teacher = alpha * teacher + (1 - alpha) * student`` (``alpha``: the decay, 0.99), only
+  after a step whose loss is below the loss threshold: the running (exponential) mean of the
+  student's past losses. A high loss flags a batch with noisy labels that the teacher should
+  not absorb;
 - the student (:class:`SelfEnsemblingLoss`) learns from the teacher, through a consistency
   term, only where the teacher's loss against the label is lower than its own.
 

@@ -132,8 +132,10 @@ class HardwareSettings:
         """
         options: dict[str, Any] = {}
         try:
-            if "device" in values:
-                options["devices"] = parse_devices(str(values["device"]), key="device")
+            if "device" in values:  # text, or a TOML list of names
+                device = values["device"]
+                text = device if isinstance(device, (list, tuple)) else str(device)
+                options["devices"] = parse_devices(text, key="device")
             if "lamp-micro-batches" in values:
                 options["lamp_micro_batches"] = _integer(values, "lamp-micro-batches")
             for key in ("lamp-checkpointing", "channels-last", "compile"):

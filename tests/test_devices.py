@@ -129,3 +129,16 @@ def test_invalid_lamp_placement_raises_config_error(options: dict, match: str) -
 def test_more_stages_than_cells_is_refused() -> None:
     with pytest.raises(ConfigError, match="lists 7 devices but the model has only 6 cells"):
         place_model(_lamp(), (CPU,) * 7)
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.devices as module
+
+    assert sorted(module.__all__) == [
+        "BALANCES",
+        "input_device",
+        "output_device",
+        "parse_devices",
+        "place_model",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)

@@ -43,6 +43,20 @@ def test_every_key_is_read_from_a_site_config() -> None:
     assert HardwareSettings.from_node_config(hw.describe(), source="x") == hw
 
 
+def test_a_toml_list_of_devices_is_a_device_list() -> None:
+    hw = HardwareSettings.from_node_config({"device": ["cpu", "cpu"]})
+    assert hw.devices == (CPU, CPU)
+
+
+def test_a_lamp_model_split_beforehand_gives_its_settings() -> None:
+    net = LAMPUNet(features=(4, 8, 16), devices=["cpu", "cpu"], balance=(2, 4), chunks=3)
+    hw = HardwareSettings.of_split_model(net)
+    assert hw is not None
+    assert (hw.devices, hw.lamp_micro_batches, hw.lamp_checkpointing) == ((CPU, CPU), 3, True)
+    assert HardwareSettings.of_split_model(LAMPUNet(features=(4, 8, 16))) is None
+    assert HardwareSettings.of_split_model(nn.Conv2d(1, 1, 1)) is None
+
+
 def test_defaults() -> None:
     hw = HardwareSettings.from_node_config({}, source="x")
     assert (hw.lamp_micro_batches, hw.lamp_checkpointing, hw.lamp_balance) == (4, True, "memory")
@@ -95,3 +109,10 @@ def test_prepare_partitions_lamp_and_sets_the_3d_layout() -> None:
     assert len(net.placement.sizes) == 2 and net.chunks == 2
     conv = net.cells[0].block[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.hardware as module
+
+    assert sorted(module.__all__) == ["AMP_MODES", "HARDWARE_KEYS", "HardwareSettings"]
+    assert all(hasattr(module, name) for name in module.__all__)

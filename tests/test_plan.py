@@ -131,3 +131,16 @@ def test_run_settings_give_the_plan() -> None:
 def test_bad_run_settings_name_the_source_and_key(values: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=f"^run config: {match}"):
         PreprocessingPlan.from_run_config(values, patch_size=(96, 96), model="coplenet")
+
+
+def test_public_api_is_pinned() -> None:
+    import fedmed.plan as module
+
+    assert sorted(module.__all__) == [
+        "CTWindow",
+        "PLAN_KEY",
+        "PLAN_VERSION",
+        "PreprocessingPlan",
+        "ZScore",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
