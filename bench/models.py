@@ -3,9 +3,18 @@
     python bench/models.py                 # synthetic tensors
     python bench/models.py --data DIR      # crops of the first NIfTI volume found under DIR
     python bench/models.py --quick         # smaller sizes, for a smoke run
+    python bench/models.py --only settings --only infer   # the site hardware settings, LAMP
+
+Run it with ``nice`` on a shared machine; compared variants run interleaved over ``--rounds``
+rounds (the best round of each counts), so a burst of load from elsewhere slows them alike.
 
 Measures:
 
+0. (``settings``) the site hardware settings of :class:`fedmed.hardware.HardwareSettings`
+   side by side with plain fp32, in the same run: COPLE-Net training steps/s (SGD, forward +
+   backward + step, batch ``--cople-batch``) at 128^2 and 256^2 with bf16 autocast,
+   channels-last, both, ``torch.compile``, and compile + bf16 (on CUDA also fp16 + scaler),
+   each as a speedup over fp32;
 1. training steps/s (SGD, forward + backward + step) of COPLE-Net on a 2D batch and of the
    3D U-Net baseline on a 96^3 patch, batch 1; on CUDA fp32 vs AMP (float16 + GradScaler);
 2. LAMP U-Net: the partition the profiler chose over ``["cpu", "cpu"]`` (all CUDA devices when
@@ -17,8 +26,11 @@ Measures:
    without checkpointing = its params and grads + its activations for all micro-batches; with
    checkpointing = params and grads + its input state for all micro-batches + one
    micro-batch's activations (recomputed in backward);
-3. the LAMP paper's inference claim on our code: one whole-volume forward vs 64^3 sliding-window
-   inference over a 256x256x128 volume, as a time ratio (``fedmed.inference`` when present).
+3. the LAMP paper's inference claim on fedmed's inference code (``fedmed.predict``): a LAMP
+   U-Net's whole-volume prediction (``predict_volume(..., whole_volume=True)``) vs 64^3
+   sliding-window prediction with fedmed's defaults (25 % overlap, Gaussian blending, 4
+   windows per batch) over a 256x256x128 volume, interleaved, as a time ratio (paper, U-Net-32
+   on HaN on a GPU: 1.15 s / 0.6 s = 1.9x).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedmed.hardware import HardwareSettings
 from fedmed.nets import COPLENet, LAMPUNet, UNet3D, profile_cells
 
 __all__ = ["main"]
@@ -73,31 +86,18 @@ def fit(volume: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def steps_per_second(net: nn.Module, x: torch.Tensor, *, steps: int, amp: bool = False) -> float:
-    """Training steps/s after two warm-up steps."""
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    device = x.device
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    net.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = net(x).float().pow(2).mean()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
-    for _ in range(2):  # oneDNN / cuDNN pick kernels on the first calls of each shape
-        step()
+def steps_per_second(
+    net: nn.Module, x: torch.Tensor, *, steps: int, hw: HardwareSettings | None = None
+) -> float:
+    """Training steps/s of ``net`` (placed already) under ``hw`` (default: fp32) after two
+    warm-up steps, in which oneDNN / cuDNN pick kernels for the shape."""
+    step = _train_step(net, hw or HardwareSettings(devices=x.device, amp="off"))
+    for _ in range(2):
+        step(x)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x)
     sync()
     return steps / (time.perf_counter() - start)
 
@@ -119,7 +119,8 @@ def bench_training(args: argparse.Namespace, volume: torch.Tensor | None, device
         out[f"{name}_steps_per_s"] = rate
         print(f"{name:9s} input {tuple(x.shape)} fp32: {rate:.3f} steps/s")
         if device.startswith("cuda"):
-            rate_amp = steps_per_second(net, x, steps=args.steps, amp=True)
+            fp16 = HardwareSettings(devices=device, amp="fp16")
+            rate_amp = steps_per_second(net, x, steps=args.steps, hw=fp16)
             out[f"{name}_amp_steps_per_s"] = rate_amp
             print(f"{name:9s} input {tuple(x.shape)} AMP : {rate_amp:.3f} steps/s")
         del net
@@ -217,74 +218,132 @@ def bench_lamp(args: argparse.Namespace, volume: torch.Tensor | None) -> dict:
     return out
 
 
-def _simple_sliding_window(
-    x: torch.Tensor, roi: int, net: nn.Module, *, overlap: float
-) -> torch.Tensor:
-    """Fallback when fedmed.inference is absent: uniform-weight windows, last window shifted."""
-    spatial = x.shape[2:]
-    starts = []
-    for size in spatial:
-        step = max(int(roi * (1 - overlap)), 1)
-        s = list(range(0, max(size - roi, 0) + 1, step))
-        if s[-1] + roi < size:
-            s.append(size - roi)
-        starts.append(s)
-    out, count = None, torch.zeros(1, 1, *spatial)
-    for a in starts[0]:
-        for b in starts[1]:
-            for c in starts[2]:
-                window = (..., slice(a, a + roi), slice(b, b + roi), slice(c, c + roi))
-                y = net(x[window])
-                if out is None:
-                    out = torch.zeros(x.shape[0], y.shape[1], *spatial)
-                out[window] += y
-                count[window] += 1
-    return out / count
-
-
 def bench_inference(args: argparse.Namespace, volume: torch.Tensor | None, device: str) -> dict:
-    try:
-        from fedmed.inference import sliding_window_inference
+    """LAMP whole-volume prediction vs fedmed's default sliding window, interleaved rounds."""
+    from fedmed.predict import predict_volume
+    from fedmed.task import TrainConfig
 
-        def window(x: torch.Tensor, net: nn.Module, overlap: float) -> torch.Tensor:
-            return sliding_window_inference(
-                x, args.roi, net, sw_batch_size=1, overlap=overlap, mode="constant"
-            )
-
-        source = "fedmed.inference.sliding_window_inference"
-    except ImportError:
-
-        def window(x: torch.Tensor, net: nn.Module, overlap: float) -> torch.Tensor:
-            return _simple_sliding_window(x, args.roi, net, overlap=overlap)
-
-        source = "bench fallback sliding window"
-    x = fit(volume, args.volume)[None, None].to(device)
-    net = UNet3D(features=args.infer_features).to(device).eval()
-    timings: dict[str, float] = {}
+    cfg = TrainConfig(
+        model="lamp_unet", model_features=args.infer_features, patch_size=(args.roi,) * 3
+    )
+    image = fit(volume, args.volume)[None].to(device)
+    torch.manual_seed(0)
+    net = LAMPUNet(features=args.infer_features, chunks=1, checkpoint=False).to(device).eval()
+    runs = {
+        "whole": lambda: predict_volume(net, image, cfg, whole_volume=True),
+        "window": lambda: predict_volume(net, image, cfg),
+    }
     with torch.no_grad():
-        net(x[..., : args.roi, : args.roi, : args.roi])  # warm-up
-        for name, run in (
-            ("whole", lambda: net(x)),
-            *((f"window_overlap_{o}", lambda o=o: window(x, net, o)) for o in args.overlaps),
-        ):
+        net(image[None, :, : args.roi, : args.roi, : args.roi])  # warm-up
+    best = _race(runs, rounds=args.rounds)
+    ratio = best["window"] / best["whole"]
+    print(
+        f"inference LAMPUNet features {args.infer_features} on {tuple(image.shape)} "
+        f"(fedmed.predict.predict_volume, best of {args.rounds} interleaved rounds): whole volume "
+        f"{best['whole']:.2f} s, {args.roi}^3 sliding window (overlap 0.25, gaussian, 4 windows "
+        f"per batch) {best['window']:.2f} s: whole is {ratio:.2f}x faster "
+        "(goal >= 2x; LAMP paper, U-Net-32 on HaN GPU: 1.15 s / 0.6 s = 1.9x)"
+    )
+    return {"inference_s": best, "inference_window_over_whole": ratio}
+
+
+def _race(runs: dict[str, Callable[[], object]], *, rounds: int) -> dict[str, float]:
+    """Best wall time of each run over ``rounds`` rounds, the runs interleaved in each."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
             sync()
             start = time.perf_counter()
             run()
             sync()
-            timings[name] = time.perf_counter() - start
-    print(
-        f"inference UNet3D features {args.infer_features} on {tuple(x.shape)} ({source}, "
-        f"{args.roi}^3 windows, batch 1): "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    )
-    ratios = {
-        f"inference_{k}_over_whole": v / timings["whole"]
-        for k, v in timings.items()
-        if k != "whole"
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _settings_variants(device: str) -> dict[str, HardwareSettings]:
+    """Plain fp32 and each hardware setting (and the promising combinations) for ``device``."""
+    dev = "cuda:0" if device == "cuda" else device
+    variants = {
+        "fp32": HardwareSettings(devices=dev, amp="off"),
+        "bf16": HardwareSettings(devices=dev, amp="bf16"),
+        "channels_last": HardwareSettings(devices=dev, amp="off", channels_last=True),
+        "bf16+channels_last": HardwareSettings(devices=dev, amp="bf16", channels_last=True),
+        "compile": HardwareSettings(devices=dev, amp="off", compile=True),
+        "compile+bf16": HardwareSettings(devices=dev, amp="bf16", compile=True),
     }
-    for k, v in ratios.items():
-        print(f"  {k}: {v:.2f}x (LAMP paper, U-Net-32 on HaN GPU: 1.15 s / 0.6 s = 1.9x)")
-    return {"inference_s": timings, **ratios}
+    if dev.startswith("cuda"):
+        variants["fp16"] = HardwareSettings(devices=dev, amp="fp16")
+        variants["fp16+channels_last"] = HardwareSettings(
+            devices=dev, amp="fp16", channels_last=True
+        )
+    return variants
+
+
+def _train_step(net: nn.Module, hw: HardwareSettings) -> Callable[[torch.Tensor], None]:
+    """One SGD step of ``net`` (placed by ``hw.prepare``) as ``LocalTrainer`` runs it under
+    ``hw``: channels-last input, autocast, compiled forward, fp16 loss scaling."""
+    forward = hw.compiled(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=hw.uses_grad_scaler)
+    net.train()
+
+    def step(x: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        with hw.autocast():
+            out = forward(hw.format_input(x))
+        loss = out.float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def bench_settings(args: argparse.Namespace, volume: torch.Tensor | None, device: str) -> dict:
+    """COPLE-Net train steps/s per hardware setting vs plain fp32, interleaved rounds."""
+    out: dict[str, object] = {}
+    variants = _settings_variants(device)
+    if args.skip_compile:
+        variants = {k: v for k, v in variants.items() if not v.compile}
+    b = args.cople_batch
+    for size in args.settings_sizes:
+        if any(hw.compile for hw in variants.values()):
+            # fresh graphs per size: a recompile for a new shape would turn dynamic
+            torch._dynamo.reset()
+        x = fit(volume, (size, size, b)).permute(2, 0, 1)[:, None] if volume is not None else None
+        x = (x if x is not None else torch.randn(b, 1, size, size)).to(device)
+        steps: dict[str, Callable[[], None]] = {}
+        warm: dict[str, float] = {}
+        for name, hw in variants.items():
+            torch.manual_seed(0)
+            step = _train_step(hw.prepare(COPLENet(in_channels=1, out_channels=2)), hw)
+            start = time.perf_counter()
+            for _ in range(2):  # kernels picked, graphs compiled
+                step(x)
+            sync()
+            warm[name] = time.perf_counter() - start
+            steps[name] = lambda step=step, x=x: [step(x) for _ in range(args.steps)]
+        best = _race(steps, rounds=args.rounds)
+        rates = {name: args.steps / t for name, t in best.items()}
+        speedups = {name: rate / rates["fp32"] for name, rate in rates.items()}
+        top = max(speedups, key=speedups.__getitem__)
+        print(
+            f"coplenet train step, input {tuple(x.shape)} on {device}, best of {args.rounds} "
+            f"interleaved rounds of {args.steps} steps:"
+        )
+        for name in rates:
+            print(
+                f"  {name:20s} {rates[name]:7.3f} steps/s  {speedups[name]:5.2f}x fp32"
+                f"  (2 warm-up steps {warm[name]:.1f} s)"
+            )
+        print(f"  best: {top} {speedups[top]:.2f}x fp32 (goal >= 1.3x)")
+        out[f"settings_coplenet_{size}"] = {
+            "steps_per_s": rates,
+            "speedup_vs_fp32": speedups,
+            "warmup_s": warm,
+            "best": top,
+        }
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -294,7 +353,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--balance", choices=("time", "memory"), default="memory")
-    parser.add_argument("--only", choices=("train", "lamp", "infer"), action="append")
+    parser.add_argument("--only", choices=("settings", "train", "lamp", "infer"), action="append")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best counts)")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile variants")
+    parser.add_argument(
+        "--settings-sizes", type=int, nargs="+", help="COPLE-Net input sizes (128 256)"
+    )
     parser.add_argument(
         "--lamp-devices",
         help="LAMP stage devices, e.g. cuda:0,cuda:0 on one GPU (default: every GPU, else cpu,cpu);"
@@ -312,14 +376,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.infer_features = (4, 8, 16, 32, 64) if quick else (8, 16, 32, 64, 128)
     args.volume = (64, 64, 32) if quick else (256, 256, 128)
     args.roi = 32 if quick else 64
-    args.overlaps = (0.0, 0.25)
+    args.settings_sizes = args.settings_sizes or ((64,) if quick else (128, 256))
     torch.set_num_threads(args.threads)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
     volume = load_volume(args.data)
     figures: dict[str, object] = {"device": device, "threads": torch.get_num_threads()}
-    parts = args.only or ["train", "lamp", "infer"]
+    parts = args.only or ["settings", "train", "lamp", "infer"]
+    if "settings" in parts:
+        figures.update(bench_settings(args, volume, device))
     if "train" in parts:
         figures.update(bench_training(args, volume, device))
     if "lamp" in parts:

@@ -15,6 +15,10 @@ Usage::
     python bench/pipeline.py                 # generates 6 demo volumes of 160x160x112
     python bench/pipeline.py --data DIR      # any MSD folder (dataset.json + imagesTr/labelsTr)
 
+Volumes smaller than the patch on some axis (a CT with 48 slices for a 96^3 patch) are
+zero-padded after the CT window (0 = air), as the training pipeline
+(``fedmed.pipeline.PatchSamples``) does, in the fedmed and the MONAI chain alike.
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -171,6 +175,7 @@ def _fedmed_pipeline() -> Any:
             T.LoadImaged(keys),
             T.Orientationd(keys, "RAS"),
             T.ScaleIntensityRanged("image", A_MIN, A_MAX),
+            T.SpatialPadd(keys, PATCH),  # a no-op unless the volume is smaller than the patch
             T.FgBgToIndicesd("label"),
             T.RandCropByPosNegLabeld(
                 keys, "label", PATCH, pos=1.0, neg=1.0, num_samples=NUM_SAMPLES
@@ -326,6 +331,7 @@ def _monai_pipeline() -> Any:
             M.EnsureChannelFirstd(keys),
             M.Orientationd(keys, axcodes="RAS"),
             M.ScaleIntensityRanged("image", A_MIN, A_MAX, 0.0, 1.0, clip=True),
+            M.SpatialPadd(keys, PATCH),
             M.FgBgToIndicesd("label"),
             M.RandCropByPosNegLabeld(
                 keys,

@@ -1,4 +1,4 @@
-"""Segmentation losses: Dice, Dice + cross-entropy, COPLE-Net's noise-robust Dice, self-ensembling.
+"""Segmentation losses: Dice, Dice + cross-entropy, COPLE-Net's noise-robust Dice.
 
 Every loss takes raw network outputs (logits) of shape ``(B, C, *spatial)`` with ``C >= 2``
 classes and 2 or 3 spatial dims, applies a softmax over the channels, and takes the target as
@@ -9,17 +9,21 @@ soft target of the same shape as the logits.
 to_onehot_y=True`` (``smooth_nr = smooth_dr = 1e-5``, one Dice per sample and class unless
 ``batch=True``) so numbers are comparable with MONAI-trained models.
 
-``NoiseRobustDiceLoss`` is COPLE-Net's loss (Wang et al., IEEE TMI 2020)::
+``NoiseRobustDiceLoss`` is COPLE-Net's loss (Wang et al., IEEE TMI 2020) in two forms::
 
-    L = mean_c  sum_i |p_ic - g_ic| ** gamma  /  (sum_i (p_ic + g_ic) + eps)
+    linear  (reference code): L = mean_c sum_i |p_ic - g_ic|^gamma / (sum_i (p_ic + g_ic) + eps)
+    squared (the paper):      L = mean_c sum_i |p_ic - g_ic|^gamma / (sum_i (p_ic² + g_ic²) + eps)
 
 with ``i`` running over every pixel of the batch, as the reference implementation does.
-``gamma = 2`` gives a Dice-like loss, ``gamma = 1`` an MAE-like one that is more robust to
-noisy labels; 1.5 is the paper's choice.
+``gamma`` in [1, 2]: 1.5 is the paper's choice; lower is more robust to noisy labels. Only the
+squared form is Dice-like at ``gamma = 2``: since ``sum |p - g|^2 = sum p^2 + sum g^2 - 2 sum pg``,
+it equals ``1 - 2 sum(pg) / (sum p^2 + sum g^2)``, the soft Dice loss with a squared
+denominator (up to ``eps``). At ``gamma = 1`` with binary ``g`` the linear form is
+``sum |p - g| / (sum p + sum g)``, an MAE normalised by the foreground size.
 
-The adaptive self-ensembling option is ``EMATeacher`` (an EMA teacher that skips updates
-when the student's loss is high) plus ``SelfEnsemblingLoss`` (the supervised loss plus a
-consistency term toward the teacher where the teacher is better).
+:func:`build_loss` makes one from its run-setting names (``loss``, ``nr-gamma``,
+``nr-denominator``). COPLE-Net's adaptive self-ensembling, which adds an EMA teacher to the
+noise-robust Dice, is :mod:`fedmed.ensembling`.
 
 Example:
     >>> loss_fn = NoiseRobustDiceLoss(gamma=1.5)
@@ -28,26 +32,26 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import logging
-import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedmed.errors import ConfigError
+
 __all__ = [
+    "LOSSES",
+    "NR_DENOMINATORS",
     "DiceCELoss",
     "DiceLoss",
-    "EMATeacher",
     "NoiseRobustDiceLoss",
-    "SelfEnsemblingLoss",
-    "SelfEnsemblingOutput",
+    "build_loss",
     "one_hot_target",
 ]
 
-logger = logging.getLogger(__name__)
+LOSSES: tuple[str, ...] = ("dice", "dice-ce", "nr-dice")
+NR_DENOMINATORS: tuple[str, ...] = ("linear", "squared")
 
 
 def one_hot_target(target: Tensor, logits: Tensor) -> Tensor:
@@ -175,33 +179,42 @@ class DiceCELoss(nn.Module):
 def _check_gamma(gamma: float) -> float:
     if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and 1.0 <= gamma <= 2.0):
         raise ValueError(
-            f"noise-robust Dice gamma must be in [1, 2] (1 MAE-like, 2 Dice-like), got {gamma!r}"
+            f"noise-robust Dice gamma must be in [1, 2] (1.5 is the paper's), got {gamma!r}"
         )
     return float(gamma)
 
 
 class NoiseRobustDiceLoss(nn.Module):
-    """COPLE-Net's noise-robust Dice loss, ``mean_c sum|p-g|^gamma / (sum(p+g) + eps)``.
+    """COPLE-Net's noise-robust Dice loss, ``mean_c sum|p-g|^gamma / (denominator + eps)``.
 
+    ``denominator="linear"`` is the reference code's ``sum(p + g)``; ``"squared"`` the paper's
+    ``sum(p^2 + g^2)``, which at ``gamma = 2`` is the squared soft Dice loss (module doc).
     Sums run over every pixel of the batch (the reference flattens ``(B, *spatial)``);
     ``batch=False`` computes one value per sample and class instead and averages them.
 
     Example:
-        >>> NoiseRobustDiceLoss(gamma=1.5)(logits, labels)
+        >>> NoiseRobustDiceLoss(gamma=1.5, denominator="squared")(logits, labels)
     """
 
     def __init__(
         self,
         *,
         gamma: float = 1.5,
+        denominator: Literal["linear", "squared"] = "linear",
         eps: float = 1e-5,
         include_background: bool = True,
         batch: bool = True,
     ) -> None:
         super().__init__()
         self.gamma = _check_gamma(gamma)
+        if denominator not in NR_DENOMINATORS:
+            raise ValueError(
+                f"noise-robust Dice denominator must be 'linear' (reference code) or "
+                f"'squared' (paper), got {denominator!r}"
+            )
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        self.denominator = denominator
         self.eps = eps
         self.include_background = include_background
         self.batch = batch
@@ -230,159 +243,41 @@ class NoiseRobustDiceLoss(nn.Module):
 
     def _ratio(self, probs: Tensor, ground: Tensor, dims: list[int]) -> Tensor:
         numerator = (probs - ground).abs().pow(self.gamma).sum(dims)
-        denominator = (probs + ground).sum(dims)
+        if self.denominator == "squared":
+            denominator = (probs.square() + ground.square()).sum(dims)
+        else:
+            denominator = (probs + ground).sum(dims)
         return numerator / (denominator + self.eps)
 
 
-class EMATeacher:
-    """An exponential-moving-average copy of a student network, updated adaptively.
+def build_loss(
+    name: str, *, nr_gamma: float = 1.5, nr_denominator: str = "linear"
+) -> NoiseRobustDiceLoss | DiceLoss | DiceCELoss:
+    """The loss named by the run settings ``loss``, ``nr-gamma`` and ``nr-denominator``.
 
-    After each optimizer step call ``update(student, loss)``. The teacher's weights become
-    ``alpha * teacher + (1 - alpha) * student`` (floating-point parameters and buffers; integer
-    buffers such as BatchNorm's ``num_batches_tracked`` are copied), but with ``adaptive=True``
-    only when the student's loss is below the running average of its past losses: a high loss
-    signals a batch with noisy labels the teacher should not absorb (COPLE-Net's adaptive
-    teacher). The running average is an exponential one (``loss_momentum``) over every loss
-    seen, taken before the current loss is added; the first call always updates.
+    ``name`` is ``dice``, ``dice-ce`` or ``nr-dice`` (``dice_ce``/``nr_dice`` are accepted);
+    ``nr_gamma`` and ``nr_denominator`` apply to ``nr-dice`` only. Raises ``ConfigError``
+    naming the setting for an unknown name, a gamma outside [1, 2] or an unknown denominator.
 
     Example:
-        >>> teacher = EMATeacher(model, alpha=0.99)
-        >>> applied = teacher.update(model, loss.item())
-        >>> soft_targets = teacher(images)
+        >>> build_loss("nr-dice", nr_gamma=2.0, nr_denominator="squared")  # the squared Dice
     """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        *,
-        alpha: float = 0.99,
-        loss_momentum: float = 0.9,
-        adaptive: bool = True,
-    ) -> None:
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"EMA alpha must be in [0, 1), got {alpha}")
-        if not 0.0 <= loss_momentum < 1.0:
-            raise ValueError(f"loss_momentum must be in [0, 1), got {loss_momentum}")
-        self.alpha = alpha
-        self.loss_momentum = loss_momentum
-        self.adaptive = adaptive
-        self.model = copy.deepcopy(student).requires_grad_(False).eval()
-        self.running_loss: float | None = None
-        self.num_updates = 0
-        self.num_skipped = 0
-
-    def __call__(self, inputs: Tensor) -> Tensor:
-        """The teacher's prediction (no gradient)."""
-        with torch.no_grad():
-            return self.model(inputs)
-
-    def update(self, student: nn.Module, loss: float | Tensor) -> bool:
-        """Fold ``student`` into the teacher unless its ``loss`` is high; return whether it did."""
-        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-        if not math.isfinite(value):
-            logger.warning("EMA teacher: student loss is %s, teacher update skipped", value)
-            self.num_skipped += 1
-            return False
-        apply = not self.adaptive or self.running_loss is None or value < self.running_loss
-        if apply:
-            self._ema_from(student)
-            self.num_updates += 1
-        else:
-            self.num_skipped += 1
-        if self.running_loss is None:
-            self.running_loss = value
-        else:
-            m = self.loss_momentum
-            self.running_loss = m * self.running_loss + (1.0 - m) * value
-        return apply
-
-    @torch.no_grad()
-    def _ema_from(self, student: nn.Module) -> None:
-        teacher_state = self.model.state_dict()
-        student_state = student.state_dict()
-        if teacher_state.keys() != student_state.keys():
-            raise ValueError("EMA teacher and student have different state_dict keys")
-        for key, t in teacher_state.items():
-            s = student_state[key].to(t.device)
-            if t.is_floating_point():
-                t.mul_(self.alpha).add_(s.to(t.dtype), alpha=1.0 - self.alpha)
-            else:
-                t.copy_(s)
-
-
-class SelfEnsemblingOutput(NamedTuple):
-    """Total loss and its parts; ``teacher_better`` is the fraction of the mask that is on."""
-
-    loss: Tensor
-    supervised: Tensor
-    consistency: Tensor
-    teacher_better: float
-
-
-class SelfEnsemblingLoss(nn.Module):
-    """Noise-robust Dice on the (noisy) labels plus a consistency term toward the teacher.
-
-    The student learns from the teacher only where the teacher is better: a mask is on where
-    the teacher's noise-robust loss against the label is lower than the student's, per sample
-    (``granularity="sample"``, the whole-image loss) or per pixel (``"pixel"``, the pixel's
-    ``sum_c |p - g|^gamma``). The consistency term is the mean squared difference between the
-    student's and the teacher's softmax probabilities over the masked pixels (zero if none).
-
-    Example:
-        >>> criterion = SelfEnsemblingLoss(gamma=1.5, consistency_weight=0.1)
-        >>> out = criterion(model(x), teacher(x), labels)
-        >>> out.loss.backward()
-    """
-
-    def __init__(
-        self,
-        *,
-        gamma: float = 1.5,
-        consistency_weight: float = 0.1,
-        granularity: Literal["sample", "pixel"] = "sample",
-    ) -> None:
-        super().__init__()
-        if granularity not in ("sample", "pixel"):
-            raise ValueError(f"granularity must be 'sample' or 'pixel', got {granularity!r}")
-        if consistency_weight < 0:
-            raise ValueError(f"consistency_weight must be >= 0, got {consistency_weight}")
-        self.supervised = NoiseRobustDiceLoss(gamma=gamma)
-        self.consistency_weight = consistency_weight
-        self.granularity = granularity
-
-    def teacher_better_mask(
-        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor
-    ) -> Tensor:
-        """Boolean ``(B, 1, *spatial)`` mask where the teacher's loss is below the student's."""
-        with torch.no_grad():
-            if self.granularity == "sample":
-                student = self.supervised.per_sample(student_logits, target)
-                teacher = self.supervised.per_sample(teacher_logits, target)
-                better = teacher < student
-                shape = (-1,) + (1,) * (student_logits.ndim - 1)
-                return better.view(shape).expand(-1, 1, *student_logits.shape[2:])
-            ground = one_hot_target(target, student_logits)
-            gamma = self.supervised.gamma
-            student = (torch.softmax(student_logits, 1) - ground).abs().pow(gamma).sum(1)
-            teacher = (torch.softmax(teacher_logits, 1) - ground).abs().pow(gamma).sum(1)
-            return (teacher < student).unsqueeze(1)
-
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor
-    ) -> SelfEnsemblingOutput:
-        """Return the total loss and its parts; the teacher's logits get no gradient."""
-        teacher_logits = teacher_logits.detach()
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher logits {tuple(teacher_logits.shape)} differ from student "
-                f"logits {tuple(student_logits.shape)}"
-            )
-        supervised = self.supervised(student_logits, target)
-        mask = self.teacher_better_mask(student_logits, teacher_logits, target).to(
-            student_logits.dtype
+    kind = str(name).strip().lower().replace("_", "-")
+    if kind not in LOSSES:
+        raise ConfigError(f"loss = {name!r} is unknown: use {', '.join(LOSSES)}")
+    if kind == "dice":
+        return DiceLoss()
+    if kind == "dice-ce":
+        return DiceCELoss()
+    if nr_denominator not in NR_DENOMINATORS:
+        raise ConfigError(
+            f"nr-denominator = {nr_denominator!r} is unknown: use linear (the COPLE-Net "
+            "reference code) or squared (the paper)"
         )
-        squared = (torch.softmax(student_logits, 1) - torch.softmax(teacher_logits, 1)).pow(2)
-        per_pixel = squared.mean(dim=1, keepdim=True)
-        consistency = (per_pixel * mask).sum() / mask.sum().clamp(min=1.0)
-        total = supervised + self.consistency_weight * consistency
-        return SelfEnsemblingOutput(total, supervised, consistency, float(mask.mean()))
+    try:
+        gamma = _check_gamma(nr_gamma)
+    except ValueError:
+        raise ConfigError(
+            f"nr-gamma = {nr_gamma!r} must be a number in [1, 2] (1.5 is the paper's)"
+        ) from None
+    return NoiseRobustDiceLoss(gamma=gamma, denominator=nr_denominator)  # type: ignore[arg-type]

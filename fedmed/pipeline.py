@@ -7,10 +7,10 @@ The same code feeds a federated site (:class:`~fedmed.task.SiteTask`), centraliz
   (:mod:`fedmed.io.guard`); :func:`site_volumes` is the whole site: load, split, cache.
 - :func:`preprocessing` is the deterministic prefix, run once per case and cached
   (:func:`cached_volumes`: in RAM, on disk, or on disk sealed with AES-256-GCM):
-  ``LoadImaged -> Orientationd(RAS) -> [Spacingd] -> ScaleIntensityRanged (CT window)
-  -> FgBgToIndicesd``, wrapped in :class:`CaseGuard`, which checks the voxels just loaded
-  (NaN/inf, undeclared label values), so the guard costs no extra read and its verdict is
-  cached with the case.
+  ``LoadImaged -> Orientationd(RAS) -> [Spacingd] -> ScaleIntensityRanged (CT window) or
+  NormalizeIntensityd (MR z-score) -> FgBgToIndicesd``, wrapped in :class:`CaseGuard`, which
+  checks the voxels just loaded (NaN/inf, undeclared label values), so the guard costs no
+  extra read and its verdict is cached with the case.
 - :func:`augmentation` is the random part, run on every access: a patch sampled by label
   (:class:`~fedmed.transforms.RandCropByPosNegLabeld`; one axial slice squeezed to 2D for
   COPLE-Net, a 3D patch for the U-Nets), flips, quarter turns and intensity jitter.
@@ -58,6 +58,7 @@ from fedmed.transforms import (
     FgBgToIndicesd,
     LoadImaged,
     MapTransform,
+    NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
@@ -73,6 +74,7 @@ from fedmed.transforms import (
 __all__ = [
     "CACHE_MODES",
     "HU_WINDOW",
+    "INTENSITIES",
     "PATCHES_PER_CASE_3D",
     "CaseGuard",
     "PatchSamples",
@@ -91,6 +93,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_MODES = ("memory", "disk", "disk-encrypted", "none")
 HU_WINDOW = (-1000.0, 400.0)
+INTENSITIES = ("ct-window", "zscore", "zscore-nonzero")
 PATCHES_PER_CASE_3D = 4
 _KEYS = ("image", "label")
 _INDEX_KEYS = ("label_fg_indices", "label_bg_indices")
@@ -112,6 +115,8 @@ class PipelineSettings:
     when a key is set), ``disk-encrypted`` (the same, but a key is required), ``none``.
     ``cache_key``: the AES-256 key as hex/base64 text; ``None`` reads ``FEDMED_CACHE_KEY``.
     ``pixdim``: resample to this voxel size in mm (``None`` keeps the native spacing).
+    ``intensity``: ``ct-window`` (``hu_window`` mapped to [0, 1]), ``zscore`` (MR: per volume)
+    or ``zscore-nonzero`` (statistics over the non-zero voxels, for skull-stripped scans).
 
     ``guard``: the case guard's rules (:class:`~fedmed.io.guard.GuardSettings`: memory limit,
     label affine tolerance, skip or stop on a bad case, links out of the folder).
@@ -123,6 +128,7 @@ class PipelineSettings:
 
     hu_window: tuple[float, float] = HU_WINDOW
     pixdim: tuple[float, float, float] | None = None
+    intensity: str = "ct-window"
     cache_mode: str = "memory"
     cache_dir: Path | None = None
     cache_key: str | None = None
@@ -145,12 +151,20 @@ class PipelineSettings:
             len(self.pixdim) != 3 or not all(math.isfinite(p) and p > 0 for p in self.pixdim)
         ):
             raise ConfigError(f"pixdim {self.pixdim} must be three positive voxel sizes in mm")
+        if self.intensity not in INTENSITIES:
+            raise ConfigError(
+                f"intensity {self.intensity!r} is unknown: use {', '.join(INTENSITIES)}"
+            )
         if self.num_workers < 1:
             raise ConfigError(f"num-workers {self.num_workers} must be >= 1")
 
     def to_json(self) -> dict[str, Any]:
         """What changes the model's input (for checkpoint metadata); no paths, no key."""
-        return {"hu_window": list(self.hu_window), "pixdim": self.pixdim and list(self.pixdim)}
+        return {
+            "hu_window": list(self.hu_window),
+            "pixdim": self.pixdim and list(self.pixdim),
+            "intensity": self.intensity,
+        }
 
 
 def load_cases(
@@ -225,7 +239,10 @@ def preprocessing(settings: PipelineSettings, *, keys: Sequence[str] = _KEYS) ->
     ]
     if settings.pixdim is not None:
         steps.append(Spacingd(keys, settings.pixdim))
-    steps.append(ScaleIntensityRanged("image", *settings.hu_window))
+    if settings.intensity == "ct-window":
+        steps.append(ScaleIntensityRanged("image", *settings.hu_window))
+    else:
+        steps.append(NormalizeIntensityd("image", nonzero=settings.intensity == "zscore-nonzero"))
     if "label" in keys:
         steps.append(FgBgToIndicesd("label"))
     return Compose(steps)

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from fedmed.io.msd import patient_id
+from fedmed.losses import build_loss
 from fedmed.pipeline import PatchSamples
 from fedmed.scaffold import GradientCorrection, zero_controls
 from fedmed.security.dp import DpParams
 from fedmed.security.dpsgd import DpSgdConfig, dp_sgd_round
 from fedmed.task import SiteTask, TrainConfig, local_config, local_norm_keys, model_arrays
-from fedmed.train import TrainResult, build_loss
+from fedmed.train import TrainResult
 
 __all__ = ["SiteRoundResult", "SiteState", "dp_sgd_config", "num_patients", "run_site_round"]
 
@@ -207,7 +208,10 @@ def _fit_private(
         return sample["image"], sample["label"]
 
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = build_loss(local_config(cfg)).to(task.device)
+    local = local_config(cfg)
+    loss_fn = build_loss(local.loss, nr_gamma=local.gamma, nr_denominator=local.nr_denominator).to(
+        task.device
+    )
     result = dp_sgd_round(
         model, loss_fn, sampler, config, num_patients=len(patients), generator=generator
     )

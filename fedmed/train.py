@@ -1,67 +1,54 @@
-"""A site's local training loop (FedAvg / FedProx), and checkpoints without pickle.
+"""A site's local training loop (FedAvg / FedProx, optional COPLE-Net self-ensembling).
 
 ``LocalTrainer.fit`` trains a model on an iterable of ``{"image", "label"}`` batches for a
 number of epochs or optimizer steps, with an optional FedProx proximal term
-``mu / 2 * ||w - w_global||^2`` over the trainable parameters, gradient clipping, a learning
-rate schedule, and mixed precision (autocast + GradScaler) on CUDA only. Each ``fit`` builds a
-fresh optimizer: a federated round starts from the global weights, not from the site's
-optimizer state of the last round.
+(:mod:`fedmed.fedprox`), gradient clipping, a learning
+rate schedule, and optional COPLE-Net self-ensembling. Each ``fit`` builds a fresh optimizer:
+a federated round starts from the global weights, not from the site's optimizer state of the
+last round.
 
-``save_checkpoint`` / ``load_checkpoint`` store tensors as safetensors with the JSON metadata
-in the safetensors header (one file, written atomically); no pickle is ever read or written.
+What changes the numerics is :class:`TrainConfig` (the run settings); how the site's hardware
+runs it is :class:`~fedmed.hardware.HardwareSettings` (devices, a LAMP model split over a
+device list, mixed precision fp16/bf16, channels-last, ``torch.compile``). A partitioned model
+keeps its placement: inputs go to the first stage's device, targets and the loss to the output
+device, and the FedProx anchor of each parameter to that parameter's device.
+
+Checkpoints are :mod:`fedmed.checkpoint`.
 
 Example:
-    >>> trainer = LocalTrainer(model, config=TrainConfig(epochs=1, lr=1e-3, proximal_mu=0.01))
+    >>> trainer = LocalTrainer(model, config=TrainConfig(epochs=1, lr=1e-3, proximal_mu=0.01),
+    ...                        hardware=HardwareSettings(devices="cuda:0,cuda:1"))
     >>> result = trainer.fit(loader, global_weights=global_state)
     >>> result.loss, result.num_examples
-    >>> save_checkpoint("ckpt.safetensors", model, {"round": 3, "dice": result.val_dice})
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fedmed.devices import input_device, output_device
+from fedmed.ensembling import EMATeacher, SelfEnsemblingLoss
 from fedmed.errors import ConfigError, DataError, ModelError
-from fedmed.losses import (
-    DiceCELoss,
-    DiceLoss,
-    EMATeacher,
-    NoiseRobustDiceLoss,
-    SelfEnsemblingLoss,
-)
+from fedmed.fedprox import proximal_anchor, proximal_term
+from fedmed.hardware import HardwareSettings
+from fedmed.losses import NR_DENOMINATORS, build_loss
 
-__all__ = [
-    "LoadedCheckpoint",
-    "LocalTrainer",
-    "TrainConfig",
-    "TrainResult",
-    "build_loss",
-    "load_checkpoint",
-    "proximal_term",
-    "save_checkpoint",
-]
+__all__ = ["LocalTrainer", "TrainConfig", "TrainResult"]
 
 logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("constant", "cosine", "poly")
 _LOSSES = ("dice", "dice_ce", "nr_dice")
-_METADATA_KEY = "fedmed"
 
 
 @dataclass(frozen=True)
@@ -71,9 +58,16 @@ class TrainConfig:
     ``steps`` (when set) is the exact number of optimizer steps, cycling over the batches as
     often as needed; otherwise training runs ``epochs`` passes. ``lr_schedule`` is applied per
     step: ``cosine`` decays to 0 at the last step, ``poly`` is ``(1 - t/T) ** poly_power``.
-    ``amp`` is honoured on CUDA only. ``gamma`` is the noise-robust Dice exponent (``nr_dice``).
-    ``self_ensembling`` adds COPLE-Net's adaptive EMA teacher (``ema_alpha``) and the
-    consistency term (``consistency_weight``) on top of ``loss="nr_dice"``.
+
+    Loss: ``loss`` is ``dice``, ``dice_ce`` or ``nr_dice`` (the run settings' spellings
+    ``dice-ce`` and ``nr-dice`` are accepted and stored with underscores). ``gamma`` and
+    ``nr_denominator`` shape the noise-robust Dice (``linear``: the reference code's
+    ``sum(p + g)``; ``squared``: the paper's ``sum(p^2 + g^2)``, Dice-like at gamma 2).
+
+    ``self_ensembling`` (with ``loss="nr_dice"``) adds COPLE-Net's adaptive self-ensembling
+    (:mod:`fedmed.ensembling`): an EMA teacher of decay ``ema_alpha`` that takes in only the
+    steps whose loss is below the loss threshold, the running mean of past losses (momentum
+    ``ema_loss_momentum``), and a consistency term toward it weighted ``consistency_weight``.
 
     Example:
         >>> TrainConfig(steps=200, optimizer="sgd", lr=0.01, lr_schedule="poly", proximal_mu=0.01)
@@ -88,12 +82,13 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "poly"] = "constant"
     poly_power: float = 0.9
     grad_clip: float | None = None
-    amp: bool = True
     proximal_mu: float = 0.0
     loss: Literal["dice", "dice_ce", "nr_dice"] = "dice_ce"
     gamma: float = 1.5
+    nr_denominator: Literal["linear", "squared"] = "linear"
     self_ensembling: bool = False
     ema_alpha: float = 0.99
+    ema_loss_momentum: float = 0.9
     consistency_weight: float = 0.1
 
     def __post_init__(self) -> None:
@@ -110,8 +105,12 @@ class TrainConfig:
             raise bad("optimizer", f"is unknown: use one of {', '.join(_OPTIMIZERS)}")
         if self.lr_schedule not in _SCHEDULES:
             raise bad("lr_schedule", f"is unknown: use one of {', '.join(_SCHEDULES)}")
+        if isinstance(self.loss, str):
+            object.__setattr__(self, "loss", self.loss.replace("-", "_"))
         if self.loss not in _LOSSES:
-            raise bad("loss", f"is unknown: use one of {', '.join(_LOSSES)}")
+            raise bad("loss", "is unknown: use dice, dice-ce or nr-dice")
+        if self.nr_denominator not in NR_DENOMINATORS:
+            raise bad("nr_denominator", "is unknown: use linear (reference code) or squared")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a positive number, e.g. 1e-3")
         for name in ("weight_decay", "momentum", "proximal_mu", "consistency_weight"):
@@ -125,9 +124,10 @@ class TrainConfig:
         ):
             raise bad("grad_clip", "must be a positive max gradient norm, or None for no clipping")
         if not (1.0 <= self.gamma <= 2.0):
-            raise bad("gamma", "must be in [1, 2] (1 MAE-like, 2 Dice-like; 1.5 typical)")
-        if not 0.0 <= self.ema_alpha < 1.0:
-            raise bad("ema_alpha", "must be in [0, 1), e.g. 0.99")
+            raise bad("gamma", "must be in [1, 2] (1.5 is the paper's; lower = more robust)")
+        for name in ("ema_alpha", "ema_loss_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "must be in [0, 1), e.g. 0.99")
         if self.self_ensembling and self.loss != "nr_dice":
             raise bad("loss", "does not combine with self_ensembling=True: use loss='nr_dice'")
 
@@ -143,44 +143,24 @@ class TrainResult:
     val_dice: float | None
 
 
-def build_loss(config: TrainConfig) -> nn.Module:
-    """The loss module named by ``config.loss``."""
-    if config.loss == "dice":
-        return DiceLoss()
-    if config.loss == "nr_dice":
-        return NoiseRobustDiceLoss(gamma=config.gamma)
-    return DiceCELoss()
-
-
-def proximal_term(model: nn.Module, global_weights: Mapping[str, Tensor], mu: float) -> Tensor:
-    """FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the trainable parameters of ``model``."""
-    total: Tensor | None = None
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name not in global_weights:
-            raise ModelError(
-                f"global weights lack parameter {name!r}: the server model and the site "
-                "model differ; use the same architecture on both sides"
-            )
-        anchor = global_weights[name].to(device=param.device, dtype=param.dtype)
-        if anchor.shape != param.shape:
-            raise ModelError(
-                f"global weight {name!r} has shape {tuple(anchor.shape)} but the model has "
-                f"{tuple(param.shape)}: use the same architecture on both sides"
-            )
-        sq = (param - anchor).pow(2).sum()
-        total = sq if total is None else total + sq
-    if total is None:
-        return torch.zeros(())
-    return 0.5 * mu * total
-
-
 class LocalTrainer:
-    """Trains ``model`` on a site's batches; ``device=None`` picks CUDA when available.
+    """Trains ``model`` on a site's batches, placed and run as ``hardware`` says.
+
+    Args:
+        model: the network; a ``LAMPUNet`` is split over ``hardware.devices``.
+        config: the run's training settings.
+        hardware: the site's :class:`~fedmed.hardware.HardwareSettings`.
+        device: shorthand for ``HardwareSettings(devices=device)`` (``"cuda"``,
+            ``"cpu,cpu"`` ...); give ``device`` or ``hardware``, not both. With neither, a
+            LAMP model already split over devices keeps its placement, and anything else goes
+            to CUDA when available, else the CPU.
+        sample_shape: the input ``(1, C, *patch)`` LAMP's partitioner profiles.
+
+    ``self.model`` is the network (never a ``torch.compile`` wrapper: its state_dict keys are
+    the model's own); with ``self_ensembling`` the last ``fit``'s teacher is ``self.teacher``.
 
     Example:
-        >>> trainer = LocalTrainer(model, config=TrainConfig(steps=100), device="cuda")
+        >>> trainer = LocalTrainer(model, config=TrainConfig(steps=100), device="cuda:0,cuda:1")
         >>> trainer.fit(batches, val_fn=lambda m: validate(m)).val_dice
     """
 
@@ -189,15 +169,43 @@ class LocalTrainer:
         model: nn.Module,
         *,
         config: TrainConfig,
+        hardware: HardwareSettings | None = None,
         device: torch.device | str | None = None,
+        sample_shape: Sequence[int] | None = None,
     ) -> None:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.model = model.to(self.device)
+        if hardware is not None and device is not None:
+            raise ConfigError(
+                f"LocalTrainer got device={str(device)!r} and hardware settings: give one "
+                "(the device list is hardware.devices)"
+            )
+        kept = None
+        if hardware is None and device is None:
+            kept = HardwareSettings.of_split_model(model)  # a LAMP model split beforehand
+        if kept is not None:
+            hardware = kept
+        else:
+            hardware = hardware or HardwareSettings(devices="auto" if device is None else device)
+            model = hardware.prepare(model, sample_shape=sample_shape)
+        self.model = model
+        self.hardware = hardware
         self.config = config
-        self.loss_fn = build_loss(config).to(self.device)
-        self.use_amp = config.amp and self.device.type == "cuda"
+        self.device = input_device(model)
+        self.output_device = output_device(model)
+        self.loss_fn = build_loss(
+            config.loss, nr_gamma=config.gamma, nr_denominator=config.nr_denominator
+        ).to(self.output_device)
+        self.amp_dtype = hardware.amp_dtype
+        self.use_amp = self.amp_dtype is not None
+        self._forward = hardware.compiled(model)  # self.model keeps its own state_dict keys
+        self.ensembling = (
+            SelfEnsemblingLoss(
+                gamma=config.gamma,
+                denominator=config.nr_denominator,
+                consistency_weight=config.consistency_weight,
+            )
+            if config.self_ensembling
+            else None
+        )
         self.teacher: EMATeacher | None = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -265,10 +273,12 @@ class LocalTrainer:
                     f"training batch has no {key!r} entry (keys: {sorted(batch)}): batches "
                     "must be dicts with 'image' and 'label' tensors"
                 )
-        non_blocking = self.device.type == "cuda"
-        image = batch["image"].to(self.device, non_blocking=non_blocking)
-        label = batch["label"].to(self.device, non_blocking=non_blocking)
-        return image, label
+        # The image enters the first stage; the label meets the output on the last one.
+        image = batch["image"].to(self.device, non_blocking=self.device.type == "cuda")
+        label = batch["label"].to(
+            self.output_device, non_blocking=self.output_device.type == "cuda"
+        )
+        return self.hardware.format_input(image), label
 
     def fit(
         self,
@@ -283,28 +293,25 @@ class LocalTrainer:
         ``global_weights`` anchors the FedProx term; when it is None and ``proximal_mu > 0``
         the model's weights at the start of ``fit`` (the global model just loaded) are used.
         ``num_examples`` counts the samples of the first pass over ``train_batches``.
-        With ``self_ensembling`` a new EMA teacher starts from the weights at the start of
-        ``fit`` and is left in ``self.teacher``; ``self.model`` (the student) is the result.
+        With ``self_ensembling`` an EMA teacher starts from the weights at the start of
+        ``fit`` (a round's global model) and is left in ``self.teacher``; the result is the
+        student, ``self.model``: the teacher never leaves the site.
         """
         cfg = self.config
         model = self.model
         anchor: dict[str, Tensor] | None = None
         if cfg.proximal_mu > 0:
-            source = global_weights if global_weights is not None else model.state_dict()
-            anchor = {
-                k: torch.as_tensor(v).detach().to(self.device).clone() for k, v in source.items()
-            }
+            anchor = proximal_anchor(model, global_weights)
         elif global_weights is not None:
             logger.warning("global_weights given but proximal_mu is 0: training is plain FedAvg")
         optimizer = self._optimizer()
         total = self._total_steps(train_batches)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.hardware.uses_grad_scaler)
         first_pass_size = self._first_pass_size(train_batches)
-        ensembling: SelfEnsemblingLoss | None = None
-        if cfg.self_ensembling:
-            self.teacher = EMATeacher(model, alpha=cfg.ema_alpha)
-            ensembling = SelfEnsemblingLoss(
-                gamma=cfg.gamma, consistency_weight=cfg.consistency_weight
+        self.teacher = None
+        if self.ensembling is not None:
+            self.teacher = EMATeacher(
+                model, alpha=cfg.ema_alpha, loss_momentum=cfg.ema_loss_momentum
             )
 
         model.train()
@@ -316,21 +323,25 @@ class LocalTrainer:
             if total is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * self._lr_factor(step, total)
-            with torch.autocast(device_type=self.device.type, enabled=self.use_amp):
-                logits = model(image)
-                if ensembling is not None and self.teacher is not None:
-                    parts = ensembling(logits, self.teacher(image), label)
-                    loss, objective = parts.supervised, parts.loss
-                else:
-                    loss = objective = self.loss_fn(logits, label)
+            with self.hardware.autocast():
+                logits = self._forward(image)
+                teacher_logits = self.teacher(image) if self.teacher is not None else None
+            # The loss in float32: softmax and sums over a volume lose too much in 16 bits.
+            logits = logits.float()
+            if self.ensembling is not None and teacher_logits is not None:
+                parts = self.ensembling(logits, teacher_logits.float(), label)
+                loss, objective = parts.supervised, parts.loss
+            else:
+                loss = objective = self.loss_fn(logits, label)
             if not torch.isfinite(loss):
                 raise ModelError(
                     f"training loss became {float(loss.detach())} at step {step}: lower lr "
                     f"(now {cfg.lr}) or set grad_clip"
                 )
-            objective = objective.float()
             if anchor is not None:
-                objective = objective + proximal_term(model, anchor, cfg.proximal_mu)
+                objective = objective + proximal_term(
+                    model, anchor, cfg.proximal_mu, device=objective.device
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             if cfg.grad_clip is not None:
@@ -369,66 +380,3 @@ class LocalTrainer:
         if isinstance(batches, (list, tuple)):
             return sum(int(b["image"].shape[0]) for b in batches if "image" in b)
         return None
-
-
-class LoadedCheckpoint(NamedTuple):
-    """A checkpoint's tensors (on CPU) and its JSON metadata."""
-
-    state_dict: dict[str, Tensor]
-    metadata: dict[str, Any]
-
-
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module | Mapping[str, Tensor],
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``model``'s state_dict (or a state_dict) and JSON ``metadata`` as safetensors.
-
-    The file is written to a temporary name and renamed, so a crash never leaves half a
-    checkpoint. ``metadata`` must be JSON-serialisable.
-    """
-    path = Path(path)
-    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    try:
-        meta_json = json.dumps(dict(metadata or {}), sort_keys=True, allow_nan=True)
-    except (TypeError, ValueError) as err:
-        raise ModelError(
-            f"checkpoint metadata for {path} is not JSON-serialisable ({err}): "
-            "use numbers, strings, lists and dicts"
-        ) from err
-    # clone(): safetensors refuses tensors sharing storage (tied weights, views).
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_METADATA_KEY: meta_json})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint written by ``save_checkpoint``; ``ModelError`` names a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist: check the path")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelError(
-            f"checkpoint {path} is not a readable safetensors file ({err}): "
-            "re-save it with fedmed, or restore it from a backup"
-        ) from err
-    if _METADATA_KEY not in header:
-        raise ModelError(f"checkpoint {path} has no fedmed metadata: save it with save_checkpoint")
-    try:
-        metadata = json.loads(header[_METADATA_KEY])
-    except json.JSONDecodeError as err:
-        raise ModelError(f"checkpoint {path} has corrupt metadata JSON: {err}") from err
-    return LoadedCheckpoint(state, metadata)

@@ -141,9 +141,12 @@ class CheckpointStore:
         config_hash: str,
         server_state: Mapping[str, np.ndarray] | None = None,
         score: float | None = None,
+        plan: Mapping[str, Any] | None = None,
     ) -> Checkpoint:
         """Write round ``round_`` atomically, update ``latest.json`` and, when ``score`` beats
-        the best so far, ``best.json``; return the new checkpoint."""
+        the best so far, ``best.json``; return the new checkpoint. ``plan``: the model's
+        preprocessing (:meth:`fedmed.plan.PreprocessingPlan.to_metadata`'s ``plan`` block),
+        recorded in ``meta.json`` so ``fedmed infer`` prepares images as the sites did."""
         self.root.mkdir(parents=True, exist_ok=True)
         parent = self._parent_hash(round_)
         final = self.round_dir(round_)
@@ -163,6 +166,8 @@ class CheckpointStore:
                 "score": score,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
+            if plan is not None:
+                meta["plan"] = dict(plan)
             _write_json(tmp / _META, meta)
             if final.exists():  # a round re-run after a crash between save and latest.json
                 shutil.rmtree(final)

@@ -11,12 +11,12 @@ from monai.losses import DiceCELoss as MonaiDiceCELoss
 from monai.losses import DiceLoss as MonaiDiceLoss
 from torch import nn
 
+from fedmed.errors import ConfigError
 from fedmed.losses import (
     DiceCELoss,
     DiceLoss,
-    EMATeacher,
     NoiseRobustDiceLoss,
-    SelfEnsemblingLoss,
+    build_loss,
     one_hot_target,
 )
 
@@ -97,12 +97,22 @@ def test_dice_ce_class_weights_apply_to_cross_entropy_only() -> None:
     assert ours == pytest.approx(dice + 0.5 * ce, rel=1e-10)
 
 
-def _nr_dice_reference(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> float:
-    """The COPLE-Net reference: flatten (B, *spatial) to rows, sum per class, mean."""
+def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and one-hot labels as (pixels of the whole batch, classes)."""
     num_classes = logits.shape[1]
     p = np.moveaxis(_softmax_np(logits.numpy()), 1, -1).reshape(-1, num_classes)
     g = np.moveaxis(_onehot_np(labels.numpy(), num_classes), 1, -1).reshape(-1, num_classes)
-    ratio = (np.abs(p - g) ** gamma).sum(axis=0) / ((p + g).sum(axis=0) + 1e-5)
+    return p, g
+
+
+def _nr_dice_reference(
+    logits: torch.Tensor, labels: torch.Tensor, gamma: float, *, squared: bool = False
+) -> float:
+    """The COPLE-Net reference: flatten (B, *spatial) to rows, sum per class, mean;
+    ``squared`` puts the paper's sum(p^2 + g^2) in the denominator."""
+    p, g = _rows(logits, labels)
+    denominator = (p**2 + g**2).sum(axis=0) if squared else (p + g).sum(axis=0)
+    ratio = (np.abs(p - g) ** gamma).sum(axis=0) / (denominator + 1e-5)
     return float(ratio.mean())
 
 
@@ -112,6 +122,78 @@ def test_noise_robust_dice_matches_reference_formula(dims: str, gamma: float) ->
     logits, labels = _case(SHAPES[dims], seed=4)
     ours = NoiseRobustDiceLoss(gamma=gamma)(logits, labels).item()
     assert ours == pytest.approx(_nr_dice_reference(logits, labels, gamma), rel=1e-12)
+
+
+@pytest.mark.parametrize("dims", SHAPES, ids=str)
+@pytest.mark.parametrize("gamma", [1.0, 1.5, 2.0])
+def test_noise_robust_dice_squared_denominator_matches_the_papers_formula(
+    dims: str, gamma: float
+) -> None:
+    logits, labels = _case(SHAPES[dims], seed=6)
+    ours = NoiseRobustDiceLoss(gamma=gamma, denominator="squared")(logits, labels).item()
+    expected = _nr_dice_reference(logits, labels, gamma, squared=True)
+    assert ours == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["binary-target", "soft-target"])
+def test_squared_noise_robust_dice_at_gamma_2_is_the_squared_soft_dice(soft: bool) -> None:
+    # sum|p-g|^2 = sum p^2 + sum g^2 - 2 sum pg, so NR = 1 - 2 sum(pg) / (sum p^2 + sum g^2)
+    # per class; the identity holds for any p, g (eps aside), binary labels included.
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=gen)
+    if soft:
+        target = torch.softmax(torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=gen), 1)
+    else:
+        target = one_hot_target(torch.randint(0, 3, (2, 1, 7, 6), generator=gen), logits)
+    loss = NoiseRobustDiceLoss(gamma=2.0, denominator="squared", eps=1e-12)
+    p = torch.softmax(logits, 1).movedim(1, -1).reshape(-1, 3).numpy()
+    g = target.movedim(1, -1).reshape(-1, 3).numpy()
+
+    squared_dice = 1.0 - 2.0 * (p * g).sum(0) / ((p**2).sum(0) + (g**2).sum(0))
+
+    assert loss(logits, target).item() == pytest.approx(float(squared_dice.mean()), rel=1e-10)
+    # The reference code's linear denominator is not Dice-like at gamma 2.
+    linear = NoiseRobustDiceLoss(gamma=2.0, denominator="linear")(logits, target).item()
+    assert abs(linear - float(squared_dice.mean())) > 1e-3
+
+
+def test_noise_robust_dice_rejects_an_unknown_denominator() -> None:
+    with pytest.raises(ValueError, match=r"denominator must be 'linear' .* or 'squared'"):
+        NoiseRobustDiceLoss(denominator="cubic")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("dice", DiceLoss),
+        ("dice-ce", DiceCELoss),
+        ("dice_ce", DiceCELoss),
+        ("nr-dice", NoiseRobustDiceLoss),
+    ],
+    ids=str,
+)
+def test_build_loss_takes_the_run_setting_names(name: str, kind: type) -> None:
+    assert type(build_loss(name)) is kind
+
+
+def test_build_loss_passes_gamma_and_denominator_to_nr_dice() -> None:
+    loss = build_loss("nr-dice", nr_gamma=2.0, nr_denominator="squared")
+    assert isinstance(loss, NoiseRobustDiceLoss)
+    assert (loss.gamma, loss.denominator) == (2.0, "squared")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"name": "focal"}, "loss = 'focal' is unknown: use dice, dice-ce, nr-dice"),
+        ({"name": "nr-dice", "nr_gamma": 2.5}, r"nr-gamma = 2.5 must be a number in \[1, 2\]"),
+        ({"name": "nr-dice", "nr_denominator": "cubic"}, "nr-denominator = 'cubic' is unknown"),
+    ],
+    ids=["loss", "gamma", "denominator"],
+)
+def test_build_loss_errors_name_the_setting(options: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_loss(**options)
 
 
 def test_noise_robust_dice_gamma_2_by_hand_on_two_pixels() -> None:
@@ -170,152 +252,16 @@ def test_gradients_are_finite(loss_fn: nn.Module, empty: bool) -> None:
     assert logits.grad.abs().sum() > 0
 
 
-# --- EMA teacher -------------------------------------------------------------------------
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2))
-
-
-def _perturb(model: nn.Module, value: float) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(value)
-        model[1].running_mean.add_(value)
-        model[1].num_batches_tracked.add_(5)
-
-
-def test_ema_update_is_exact_and_copies_integer_buffers() -> None:
-    # Prepare
-    student = _net()
-    teacher = EMATeacher(student, alpha=0.9)
-    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    _perturb(student, 1.0)
-    # Execute
-    applied = teacher.update(student, 0.5)
-    # Assert
-    assert applied
-    after = teacher.model.state_dict()
-    for key, old in before.items():
-        new_student = student.state_dict()[key]
-        if old.is_floating_point():
-            torch.testing.assert_close(after[key], 0.9 * old + 0.1 * new_student)
-        else:
-            assert torch.equal(after[key], new_student)
-    assert all(not p.requires_grad for p in teacher.model.parameters())
-
-
-def test_ema_update_skipped_when_loss_above_running_average() -> None:
-    student = _net()
-    teacher = EMATeacher(student, alpha=0.5, loss_momentum=0.9)
-    assert teacher.update(student, 1.0)  # first update always applies
-    assert teacher.running_loss == pytest.approx(1.0)
-    frozen = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    _perturb(student, 2.0)
-
-    assert not teacher.update(student, 1.5)  # above average 1.0: skipped
-
-    for key, value in teacher.model.state_dict().items():
-        assert torch.equal(value, frozen[key]), key
-    assert teacher.running_loss == pytest.approx(0.9 * 1.0 + 0.1 * 1.5)
-    assert (teacher.num_updates, teacher.num_skipped) == (1, 1)
-
-
-def test_ema_update_applied_when_loss_below_running_average() -> None:
-    student = _net()
-    teacher = EMATeacher(student, alpha=0.5, loss_momentum=0.9)
-    teacher.update(student, 1.0)
-    weight_before = teacher.model[0].weight.clone()
-    _perturb(student, 2.0)
-
-    assert teacher.update(student, 0.8)
-
-    torch.testing.assert_close(
-        teacher.model[0].weight, 0.5 * weight_before + 0.5 * student[0].weight
-    )
-    assert teacher.running_loss == pytest.approx(0.9 * 1.0 + 0.1 * 0.8)
-
-
-def test_ema_non_adaptive_always_updates_and_non_finite_loss_skips() -> None:
-    student = _net()
-    teacher = EMATeacher(student, adaptive=False)
-    assert teacher.update(student, 1.0)
-    assert teacher.update(student, 100.0)
-    assert not teacher.update(student, float("nan"))
-    assert teacher.running_loss == pytest.approx(0.9 * 1.0 + 0.1 * 100.0)
-
-
-@pytest.mark.parametrize("alpha", [-0.1, 1.0], ids=str)
-def test_ema_rejects_alpha_outside_0_1(alpha: float) -> None:
-    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
-        EMATeacher(_net(), alpha=alpha)
-
-
-# --- self-ensembling loss ----------------------------------------------------------------
-
-
-def test_teacher_equal_to_student_gives_no_consistency() -> None:
-    logits, labels = _case(SHAPES["2d"], seed=7)
-    out = SelfEnsemblingLoss(granularity="pixel")(logits, logits.clone(), labels)
-    assert out.teacher_better == 0.0
-    assert out.consistency.item() == 0.0
-    torch.testing.assert_close(out.loss, NoiseRobustDiceLoss()(logits, labels))
-
-
-@pytest.mark.parametrize("dims", SHAPES, ids=str)
-def test_sample_mask_selects_samples_where_teacher_loss_is_lower(dims: str) -> None:
-    # Prepare: the teacher is near-perfect on sample 0 and bad on sample 1.
-    logits, labels = _case(SHAPES[dims], seed=8)
-    onehot = one_hot_target(labels, logits)
-    teacher = logits.clone()
-    teacher[0] = 10.0 * (2 * onehot[0] - 1)
-    teacher[1] = -10.0 * (2 * onehot[1] - 1)
-    criterion = SelfEnsemblingLoss(granularity="sample", consistency_weight=0.5)
-    # Execute
-    mask = criterion.teacher_better_mask(logits, teacher, labels)
-    out = criterion(logits, teacher, labels)
-    # Assert
-    assert mask.shape == (2, 1, *SHAPES[dims][2:])
-    assert mask[0].all() and not mask[1].any()
-    diff = (torch.softmax(logits[0], 0) - torch.softmax(teacher[0], 0)).pow(2).mean(0)
-    torch.testing.assert_close(out.consistency, diff.mean())
-    torch.testing.assert_close(out.loss, out.supervised + 0.5 * out.consistency)
-    assert out.teacher_better == pytest.approx(0.5)
-
-
-def test_pixel_mask_compares_per_pixel_errors() -> None:
-    labels = torch.tensor([[[[0, 1, 1]]]])
-    student = torch.tensor([[[[2.0, 2.0, -2.0]], [[-2.0, -2.0, 2.0]]]])  # right, wrong, right
-    teacher = torch.tensor([[[[1.0, -3.0, 3.0]], [[-1.0, 3.0, -3.0]]]])  # less sure, right, wrong
-    mask = SelfEnsemblingLoss(granularity="pixel").teacher_better_mask(student, teacher, labels)
-    assert mask.tolist() == [[[[False, True, False]]]]
-
-
-def test_self_ensembling_gradient_reaches_student_only() -> None:
-    logits, labels = _case(SHAPES["3d"], seed=9)
-    student = logits.float().requires_grad_(True)
-    teacher = (logits.float() * 3).requires_grad_(True)
-    SelfEnsemblingLoss(granularity="pixel")(student, teacher, labels).loss.backward()
-    assert student.grad is not None and torch.isfinite(student.grad).all()
-    assert teacher.grad is None
-
-
-def test_self_ensembling_rejects_unknown_granularity() -> None:
-    with pytest.raises(ValueError, match="granularity must be 'sample' or 'pixel'"):
-        SelfEnsemblingLoss(granularity="voxel")  # type: ignore[arg-type]
-
-
 def test_public_api_is_pinned() -> None:
     import fedmed.losses as module
 
     assert sorted(module.__all__) == [
         "DiceCELoss",
         "DiceLoss",
-        "EMATeacher",
+        "LOSSES",
+        "NR_DENOMINATORS",
         "NoiseRobustDiceLoss",
-        "SelfEnsemblingLoss",
-        "SelfEnsemblingOutput",
+        "build_loss",
         "one_hot_target",
     ]
     assert all(hasattr(module, name) for name in module.__all__)

@@ -52,8 +52,9 @@ def volumes(cases):
         ({"hu_window": (400.0,)}, "hu-window \\(400.0,\\) must be \\(low, high\\)"),
         ({"pixdim": (1.0, 0.0, 1.0)}, "pixdim .* positive"),
         ({"num_workers": 0}, "num-workers 0 must be >= 1"),
+        ({"intensity": "minmax"}, "intensity 'minmax' is unknown: use ct-window, zscore"),
     ],
-    ids=["mode", "disk-without-dir", "window", "window-length", "pixdim", "workers"],
+    ids=["mode", "disk-without-dir", "window", "window-length", "pixdim", "workers", "intensity"],
 )
 def test_settings_refuse_invalid_values(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -65,6 +66,16 @@ def test_preprocessing_resamples_only_with_pixdim():
     resampled = preprocessing(PipelineSettings(pixdim=(1.0, 1.0, 2.0)))
     assert not any(isinstance(t, Spacingd) for t in plain.transforms)
     assert any(isinstance(t, Spacingd) for t in resampled.transforms)
+
+
+@pytest.mark.parametrize("intensity", ["zscore", "zscore-nonzero"])
+def test_an_mr_pipeline_z_scores_instead_of_windowing(cases, intensity):
+    item = preprocessing(PipelineSettings(intensity=intensity))(cases[0])
+    image = item["image"]
+    values = image[image != 0] if intensity == "zscore-nonzero" else image
+    assert abs(float(values.mean())) < 1e-4
+    assert float(values.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+    assert float(image.min()) < 0.0  # no [0, 1] window
 
 
 def test_volumes_are_ras_windowed_with_label_indices(volumes):

@@ -1,26 +1,20 @@
-"""Local training: convergence, FedProx term, schedules, clipping, checkpoints without pickle."""
+"""Local training: convergence, FedProx, schedules, clipping, AMP, self-ensembling, LAMP splits."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import struct
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, DataError, ModelError
-from fedmed.train import (
-    LocalTrainer,
-    TrainConfig,
-    build_loss,
-    load_checkpoint,
-    proximal_term,
-    save_checkpoint,
-)
+from fedmed.fedprox import proximal_term
+from fedmed.hardware import HardwareSettings
+from fedmed.losses import NoiseRobustDiceLoss
+from fedmed.nets import LAMPUNet
+from fedmed.train import LocalTrainer, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,37 +99,6 @@ def test_steps_cycle_over_a_generator_source_and_count_one_pass() -> None:
     assert (result.steps, result.num_examples) == (7, 6)
 
 
-def test_proximal_term_matches_formula_and_is_zero_at_global_weights() -> None:
-    model = _tiny_net()
-    global_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    assert proximal_term(model, global_weights, 0.3).item() == 0.0
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p))
-    with torch.no_grad():
-        squares = [((p - global_weights[n]) ** 2).sum() for n, p in model.named_parameters()]
-    expected = 0.5 * 0.3 * float(sum(squares))
-    term = proximal_term(model, global_weights, 0.3)
-    assert term.item() == pytest.approx(expected, rel=1e-6)
-    term.backward()
-    weight = model[0].weight
-    torch.testing.assert_close(weight.grad, 0.3 * (weight - global_weights["0.weight"]))
-
-
-def test_proximal_term_skips_frozen_parameters_and_rejects_missing_keys() -> None:
-    model = _tiny_net()
-    global_weights = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    model[0].requires_grad_(False)
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("0.")]
-    with torch.no_grad():
-        expected = 0.5 * float(sum((p**2).sum() for p in trainable))
-        assert proximal_term(model, global_weights, 1.0).item() == pytest.approx(expected, rel=1e-6)
-    del global_weights["3.bias"]
-    with pytest.raises(ModelError, match=r"global weights lack parameter '3\.bias'"):
-        proximal_term(model, global_weights, 1.0)
-
-
 def test_fedprox_keeps_weights_closer_to_the_global_model() -> None:
     batches = _batches()
     global_weights = {k: v.clone() for k, v in _tiny_net().state_dict().items()}
@@ -173,11 +136,12 @@ def test_lr_schedules(schedule: str, factor_at_half: float) -> None:
     assert trainer._lr_factor(5, 10) == pytest.approx(factor_at_half)
 
 
-def test_amp_is_ignored_on_cpu() -> None:
+def test_amp_auto_is_off_on_cpu_and_equals_amp_off() -> None:
     results = []
-    for amp in (True, False):
+    for amp in ("auto", "off"):
         model = _tiny_net()
-        trainer = LocalTrainer(model, config=TrainConfig(steps=3, amp=amp), device="cpu")
+        hardware = HardwareSettings(devices="cpu", amp=amp)
+        trainer = LocalTrainer(model, config=TrainConfig(steps=3), hardware=hardware)
         assert not trainer.use_amp
         trainer.fit(_batches(num=3), progress=False)
         results.append(model.state_dict())
@@ -185,17 +149,65 @@ def test_amp_is_ignored_on_cpu() -> None:
         assert torch.equal(value, results[1][key]), key
 
 
+def test_bf16_on_cpu_trains_with_float32_weights_and_loss() -> None:
+    # Prepare
+    model, batches = _tiny_net(), _batches()
+    hardware = HardwareSettings(devices="cpu", amp="bf16")
+    trainer = LocalTrainer(model, config=TrainConfig(steps=20, lr=0.05), hardware=hardware)
+    before = _mean_loss(model, batches, trainer.loss_fn)
+    # Execute
+    result = trainer.fit(batches, progress=False)
+    # Assert
+    assert trainer.amp_dtype == torch.bfloat16
+    assert _mean_loss(model, batches, trainer.loss_fn) < 0.6 * before
+    assert math.isfinite(result.loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_channels_last_training_matches_the_default_layout() -> None:
+    results = []
+    for channels_last in (False, True):
+        model = _tiny_net()
+        hardware = HardwareSettings(devices="cpu", channels_last=channels_last)
+        # SGD: Adam would blow up the rounding noise of the bias ahead of batch norm
+        config = TrainConfig(steps=3, lr=0.05, optimizer="sgd")
+        trainer = LocalTrainer(model, config=config, hardware=hardware)
+        result = trainer.fit(_batches(num=3), progress=False)
+        results.append((result.loss, model.state_dict()))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for key, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_device_and_hardware_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="give one"):
+        LocalTrainer(
+            _tiny_net(), config=TrainConfig(), device="cpu", hardware=HardwareSettings("cpu")
+        )
+
+
+def test_a_device_list_for_a_model_that_cannot_be_split_is_refused() -> None:
+    with pytest.raises(ConfigError, match="device lists 2 devices but Sequential cannot be split"):
+        LocalTrainer(_tiny_net(), config=TrainConfig(), device="cpu,cpu")
+
+
 def test_self_ensembling_trains_student_and_keeps_an_ema_teacher() -> None:
     # Prepare
     model = _tiny_net()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    config = TrainConfig(steps=6, lr=0.05, loss="nr_dice", self_ensembling=True, ema_alpha=0.5)
+    config = TrainConfig(
+        steps=6, lr=0.05, loss="nr-dice", nr_denominator="squared", self_ensembling=True,
+        ema_alpha=0.5, ema_loss_momentum=0.5,
+    )  # fmt: skip
     trainer = LocalTrainer(model, config=config, device="cpu")
     # Execute
     result = trainer.fit(_batches(num=3), progress=False)
     # Assert
     teacher = trainer.teacher
     assert teacher is not None and result.steps == 6
+    assert teacher.loss_momentum == 0.5
+    assert list(model.state_dict()) == list(start)  # the teacher adds nothing to the model
     assert teacher.num_updates >= 1 and teacher.num_updates + teacher.num_skipped == 6
     weight = "0.weight"
     t, s, s0 = teacher.model.state_dict()[weight], model.state_dict()[weight], start[weight]
@@ -237,9 +249,11 @@ def test_schedule_without_known_length_needs_steps() -> None:
         ({"lr_schedule": "step"}, "lr_schedule='step' is unknown"),
         ({"grad_clip": 0.0}, "grad_clip=0.0 must be a positive max gradient norm"),
         ({"proximal_mu": float("nan")}, "proximal_mu=nan must be a number >= 0"),
-        ({"loss": "focal"}, "loss='focal' is unknown: use one of dice, dice_ce, nr_dice"),
+        ({"loss": "focal"}, "loss='focal' is unknown: use dice, dice-ce or nr-dice"),
         ({"gamma": 2.5}, r"gamma=2.5 must be in \[1, 2\]"),
+        ({"nr_denominator": "cubic"}, "nr_denominator='cubic' is unknown: use linear"),
         ({"ema_alpha": 1.0}, r"ema_alpha=1.0 must be in \[0, 1\)"),
+        ({"ema_loss_momentum": -0.1}, r"ema_loss_momentum=-0.1 must be in \[0, 1\)"),
         (
             {"self_ensembling": True},
             "does not combine with self_ensembling=True: use loss='nr_dice'",
@@ -252,69 +266,89 @@ def test_invalid_config_raises_config_error(kwargs: dict, match: str) -> None:
         TrainConfig(**kwargs)
 
 
-def test_build_loss_uses_gamma() -> None:
-    assert build_loss(TrainConfig(loss="nr_dice", gamma=1.2)).gamma == 1.2
+def test_the_trainer_builds_the_loss_with_gamma_and_denominator() -> None:
+    config = TrainConfig(loss="nr_dice", gamma=1.2, nr_denominator="squared")
+    loss = LocalTrainer(_tiny_net(), config=config, device="cpu").loss_fn
+    assert isinstance(loss, NoiseRobustDiceLoss)
+    assert (loss.gamma, loss.denominator) == (1.2, "squared")
 
 
-# --- checkpoints --------------------------------------------------------------------------
-
-
-def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
-    # Prepare
-    model = _tiny_net(seed=3)
-    model(torch.randn(2, 1, 8, 8))  # moves BatchNorm statistics and its int64 counter
-    state = model.state_dict()
-    state_extra = {**state, "half": torch.randn(3, dtype=torch.bfloat16)}
-    metadata = {"round": 3, "dice": 0.81, "config": {"lr": 1e-3}, "sites": ["A", "B"]}
-    # Execute
-    path = save_checkpoint(tmp_path / "sub" / "ckpt.safetensors", state_extra, metadata)
-    loaded = load_checkpoint(path)
-    # Assert
-    assert loaded.metadata == metadata
-    assert loaded.state_dict.keys() == state_extra.keys()
-    for key, value in state_extra.items():
-        assert loaded.state_dict[key].dtype == value.dtype, key
-        assert torch.equal(loaded.state_dict[key], value), key
-    fresh = _tiny_net(seed=9)
-    fresh.load_state_dict(load_checkpoint(save_checkpoint(path, model, {})).state_dict)
-    for key, value in state.items():
-        assert torch.equal(fresh.state_dict()[key], value), key
-    assert list(path.parent.iterdir()) == [path]  # no temporary files left
-
-
-def test_checkpoint_file_is_plain_safetensors_without_pickle(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "c.safetensors", _tiny_net(), {"round": 1})
-    raw = path.read_bytes()
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + header_len])
-    data_len = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
-    assert len(raw) == 8 + header_len + data_len  # header + raw tensor bytes, nothing else
-    assert json.loads(header["__metadata__"]["fedmed"]) == {"round": 1}
-    assert b"\x80\x02" not in raw[:8] and not raw.startswith(b"PK")  # no pickle, no zip
-
-
-def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"checkpoint .*missing\.safetensors does not exist"):
-        load_checkpoint(tmp_path / "missing.safetensors")
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x00" * 20)
-    with pytest.raises(ModelError, match=r"bad\.safetensors is not a readable safetensors"):
-        load_checkpoint(bad)
-    with pytest.raises(ModelError, match="not JSON-serialisable"):
-        save_checkpoint(tmp_path / "x.safetensors", _tiny_net(), {"when": object()})
+def test_run_setting_spellings_of_the_loss_are_accepted() -> None:
+    assert TrainConfig(loss="dice-ce").loss == "dice_ce"
+    assert TrainConfig(loss="nr-dice").loss == "nr_dice"
 
 
 def test_public_api_is_pinned() -> None:
     import fedmed.train as module
 
-    assert sorted(module.__all__) == [
-        "LoadedCheckpoint",
-        "LocalTrainer",
-        "TrainConfig",
-        "TrainResult",
-        "build_loss",
-        "load_checkpoint",
-        "proximal_term",
-        "save_checkpoint",
-    ]
+    assert sorted(module.__all__) == ["LocalTrainer", "TrainConfig", "TrainResult"]
     assert all(hasattr(module, name) for name in module.__all__)
+
+
+# --- a LAMP model split over a device list --------------------------------------------------
+
+
+def _lamp_batches() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    label = (torch.rand(4, 1, 16, 16, 16, generator=gen) > 0.7).long()
+    return [
+        {"image": label.float() + 0.3 * torch.randn(label.shape, generator=gen), "label": label}
+    ]
+
+
+def _lamp_pair(**config: object) -> tuple[LocalTrainer, LocalTrainer]:
+    torch.manual_seed(0)
+    reference = LAMPUNet(features=(4, 8, 16), chunks=1, checkpoint=False)
+    split = LAMPUNet(features=(4, 8, 16))
+    split.load_state_dict(reference.state_dict())
+    cfg = TrainConfig(steps=1, optimizer="sgd", lr=0.1, **config)  # type: ignore[arg-type]
+    hardware = HardwareSettings(devices="cpu,cpu", lamp_micro_batches=2)
+    return (
+        LocalTrainer(reference, config=cfg, device="cpu"),
+        LocalTrainer(split, config=cfg, hardware=hardware, sample_shape=(1, 1, 16, 16, 16)),
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"proximal_mu": 0.1}, {"loss": "nr-dice", "self_ensembling": True}],
+    ids=["dice-ce", "fedprox", "self-ensembling"],
+)
+def test_a_step_on_a_split_lamp_model_equals_the_unpartitioned_step(config: dict) -> None:
+    # Prepare
+    reference, split = _lamp_pair(**config)
+    batches = _lamp_batches()
+
+    # Execute
+    expected = reference.fit(batches, progress=False)
+    result = split.fit(batches, progress=False)
+
+    # Assert: same loss, same gradients, same weights after the step; still split
+    assert len(split.model.placement.sizes) == 2 and split.model.chunks == 2
+    assert result.loss == pytest.approx(expected.loss, rel=1e-5)
+    ref_params = dict(reference.model.named_parameters())
+    for name, p in split.model.named_parameters():
+        assert p.grad is not None, f"No gradient for {name}"
+        torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(p, ref_params[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert list(split.model.state_dict()) == list(reference.model.state_dict())
+
+
+def test_a_model_split_beforehand_keeps_its_placement() -> None:
+    net = LAMPUNet(features=(4, 8, 16), devices=["cpu", "cpu"], balance=(2, 4), chunks=3)
+    trainer = LocalTrainer(net, config=TrainConfig(steps=1))
+    assert trainer.model.placement.sizes == (2, 4)
+    assert trainer.hardware.lamp_micro_batches == 3
+    trainer.fit(_lamp_batches(), progress=False)
+    assert trainer.model.placement.sizes == (2, 4)
+
+
+@pytest.mark.slow
+def test_compile_wraps_the_forward_only_so_state_dict_keys_are_the_models() -> None:
+    model = _tiny_net()
+    keys = list(model.state_dict())
+    trainer = LocalTrainer(
+        model, config=TrainConfig(), hardware=HardwareSettings(devices="cpu", compile=True)
+    )
+    assert trainer.model is model and list(trainer.model.state_dict()) == keys
+    assert trainer._forward is not model and not any("_orig_mod" in k for k in keys)

@@ -1,13 +1,16 @@
 """``fedmed infer``: segment NIfTI images with a trained model, predictions in the input's grid.
 
-``--model`` takes a ``fedmed train`` checkpoint (``best.safetensors``: the model, its options,
-patch size and preprocessing are in its metadata) or a federated run's round checkpoint
+``--model`` takes a ``fedmed train`` checkpoint (``best.safetensors``: the model, its options
+and its preprocessing plan are in its metadata) or a federated run's round checkpoint
 (``runs/.../checkpoints``, a ``round-NNNN`` folder or its ``weights.safetensors``; the
-architecture is read off the weights' shapes, the default preprocessing is used, and
-``--patch-size`` sets the U-Nets' window). Each image goes through the training
-preprocessing (RAS orientation, optional resampling, CT window), is predicted (2D slice by
-slice for COPLE-Net, 3D sliding windows with Gaussian blending for the U-Nets), and the label
-map is mapped back through the recorded spatial steps and written with the input's affine.
+architecture is read off the weights' shapes, the preprocessing plan from the round's
+``meta.json`` when it records one (else the default preprocessing), and ``--patch-size`` sets
+the U-Nets' window). Each image goes through the training preprocessing (RAS orientation,
+resampling to the training spacing, CT window: :mod:`fedmed.plan`), is predicted at that
+spacing (2D slice by slice for COPLE-Net, 3D sliding windows with Gaussian blending for the
+U-Nets), and the label map is mapped back through the recorded spatial steps (resampling
+included) and written with the input's shape and affine. ``--device`` takes a device list
+(``cuda:0,cuda:1``) to split a LAMP model.
 
 With ``--ca ca.pem`` a round checkpoint is verified before it is loaded: the signed chain from
 round 0 to that round, its files, and that ``best.json``/``latest.json`` name exactly that
@@ -24,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from pathlib import Path
@@ -33,20 +37,22 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from fedmed.checkpoint import load_checkpoint
 from fedmed.cli.model_limits import DEFAULT_MAX_BYTES, check_image_request, check_model_request
 from fedmed.cli.train import set_threads
 from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
+from fedmed.hardware import HardwareSettings
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti_header
-from fedmed.pipeline import HU_WINDOW, PipelineSettings, preprocessing
+from fedmed.pipeline import PipelineSettings, preprocessing
+from fedmed.plan import PreprocessingPlan
 from fedmed.predict import predict_volume
 from fedmed.security.at_rest import checkpoint_key, read_arrays
 from fedmed.security.chain import check_loadable, read_pointer
 from fedmed.security.signing import Verifier
-from fedmed.task import TrainConfig, build_network, load_arrays, resolve_device
-from fedmed.train import load_checkpoint
+from fedmed.task import TrainConfig, build_network, load_arrays
 from fedmed.transforms import save_prediction
 
-__all__ = ["LoadedModel", "load_model", "register"]
+__all__ = ["LoadedModel", "load_model", "predict_image", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +104,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--input", type=Path, required=True, metavar="DIR|FILE")
     parser.add_argument("--output", type=Path, required=True, metavar="DIR")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:1, or cuda:0,cuda:1 for LAMP"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch's default)")
     parser.add_argument(
         "--patch-size",
@@ -154,12 +162,8 @@ def load_model(
             )
         try:
             cfg = TrainConfig.from_config(meta["task_config"])
-            pipe = meta.get("pipeline") or {}
-            pixdim = pipe.get("pixdim")
-            settings = PipelineSettings(
-                hu_window=tuple(float(v) for v in pipe.get("hu_window", HU_WINDOW)),
-                pixdim=tuple(float(v) for v in pixdim) if pixdim else None,
-            )
+            plan = PreprocessingPlan.from_metadata(meta, source=str(path))
+            settings = plan.pipeline_settings() if plan else PipelineSettings()
         except (ConfigError, TypeError, ValueError, AttributeError) as err:
             raise ModelError(f"checkpoint {path} has invalid metadata ({err})") from err
     else:
@@ -171,8 +175,18 @@ def load_model(
                 f"checkpoint {weights_file} is not readable safetensors ({err})"
             ) from err
         state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        meta_file = weights_file.parent / "meta.json"
+        try:
+            round_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{meta_file} is not readable JSON ({err})") from err
+        if not isinstance(round_meta, dict):
+            raise ModelError(f"{meta_file} is not a JSON object: the round checkpoint is damaged")
+        plan = PreprocessingPlan.from_metadata(round_meta, source=str(meta_file))
+        if plan is not None and patch_size is None:
+            patch_size = plan.patch_size
         cfg = _config_from_weights(state, weights_file, patch_size)
-        settings = PipelineSettings()
+        settings = plan.pipeline_settings() if plan else PipelineSettings()
     if patch_size is not None and len(patch_size) == cfg.spatial_dims:
         cfg = TrainConfig(**{**cfg.__dict__, "patch_size": tuple(patch_size)})
     check_model_request(cfg, pixdim=settings.pixdim, source=str(path), max_bytes=max_bytes)
@@ -182,7 +196,8 @@ def load_model(
         load_arrays(model, arrays)
     except ModelError as err:
         raise ModelError(f"checkpoint {path}: {err}") from err
-    model.to(resolve_device(device)).eval()
+    sample_shape = (1, cfg.in_channels, *cfg.patch_size)
+    HardwareSettings(devices=device).prepare(model, sample_shape=sample_shape).eval()
     return LoadedModel(model, cfg, settings, max_bytes=max_bytes)
 
 
@@ -326,6 +341,13 @@ def _parse_patch(text: str | None) -> tuple[int, ...] | None:
     return values
 
 
+def predict_image(loaded: LoadedModel, image: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The label map of ``image`` on the model's grid (RAS, training spacing) and the image's
+    meta, whose history maps it back to the file's geometry (``save_prediction``)."""
+    item = preprocessing(loaded.settings, keys=("image",))({"image": str(image)})
+    return predict_volume(loaded.model, item["image"], loaded.cfg).cpu(), item["image_meta"]
+
+
 def _run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if not args.max_memory > 0:
@@ -339,17 +361,12 @@ def _run(args: argparse.Namespace) -> int:
         max_bytes=max_bytes,
     )
     images = input_images(args.input)
-    prefix = preprocessing(loaded.settings, keys=("image",))
     args.output.mkdir(parents=True, exist_ok=True)
     for image in images:
         loaded.check_input(image)
-        item = prefix({"image": str(image)})
-        label_map = predict_volume(loaded.model, item["image"], loaded.cfg).cpu()
+        label_map, meta = predict_image(loaded, image)
         out = save_prediction(
-            args.output / image.name,
-            label_map[None].to(torch.uint8),
-            item["image_meta"],
-            dtype=np.uint8,
+            args.output / image.name, label_map[None].to(torch.uint8), meta, dtype=np.uint8
         )
         logger.info("wrote %s", out)
     print(f"wrote {len(images)} prediction(s) to {args.output}")

@@ -8,11 +8,15 @@ stops the run with ``on-bad-case = "stop"`` in ``[train]``), and training is ref
 than two usable cases remain.
 
 - ``last.safetensors`` / ``best.safetensors`` (best validation Dice): weights plus JSON metadata
-  naming the model, its options, the patch size and the preprocessing, so ``fedmed infer``
-  needs no other flag; ``last.json`` / ``best.json`` repeat that metadata for people.
+  naming the model, its options and its preprocessing plan (:mod:`fedmed.plan`: spacing,
+  intensity window, patch size), so ``fedmed infer`` needs no other flag; ``last.json`` /
+  ``best.json`` repeat that metadata for people.
 - ``metrics.jsonl``: one line per epoch (loss, validation Dice and HD95, seconds).
 
 Each epoch is one ``LocalTrainer.fit`` pass (a fresh Adam state per epoch, as in a site's round).
+``--device`` takes a device list for LAMP (``cuda:0,cuda:1``); the hardware keys of
+:mod:`fedmed.hardware` (``amp``, ``channels-last``, ``compile``, ``lamp-*``) may be set in the
+``[train]`` table of ``--config``.
 
 Example::
 
@@ -34,26 +38,38 @@ from typing import Any
 
 import torch
 
+from fedmed.checkpoint import save_checkpoint
 from fedmed.errors import ConfigError
+from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
+from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.nets import MODELS
 from fedmed.pipeline import (
     CACHE_MODES,
+    INTENSITIES,
     PipelineSettings,
     cached_volumes,
     load_cases,
     patch_loader,
     site_volumes,
 )
-from fedmed.task import TrainConfig, build_network, evaluate_model, local_config, resolve_device
-from fedmed.train import LocalTrainer, save_checkpoint
+from fedmed.plan import PreprocessingPlan
+from fedmed.task import TrainConfig, build_network, evaluate_model, local_config
+from fedmed.train import LocalTrainer
+from fedmed.train import TrainConfig as LocalConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["CHECKPOINT_FORMAT", "checkpoint_metadata", "register", "set_threads"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "checkpoint_metadata",
+    "preprocessing_plan",
+    "register",
+    "set_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +87,11 @@ _CONFIG_KEYS = {
     "val-fraction": float,
     "pixdim": list,
     "hu-window": list,
+    "intensity": str,
+    "loss": str,
+    "nr-gamma": float,
+    "nr-denominator": str,
+    "self-ensembling": bool,
     "cache-mode": str,
     "cache-dir": str,
     # the case guard, as in a site config
@@ -78,6 +99,14 @@ _CONFIG_KEYS = {
     "max-image-gib": float,
     "label-affine-tolerance": float,
     "allow-external-links": bool,
+    # site hardware (fedmed.hardware); --device and --amp win
+    "device": str,
+    "amp": str,
+    "channels-last": bool,
+    "compile": bool,
+    "lamp-micro-batches": int,
+    "lamp-checkpointing": bool,
+    "lamp-balance": str,
 }
 _DEFAULTS: dict[str, Any] = {
     "model": "coplenet",
@@ -116,8 +145,16 @@ def register(subparsers: Any) -> None:
     add("--seed", type=int, help="seed of weights, split and patches (0)")
     add("--val-fraction", type=float, help="validation share without --val-data (0.2)")
     add("--pixdim", type=float, nargs=3, metavar=("X", "Y", "Z"), help="resample to mm")
+    add("--intensity", choices=INTENSITIES, help="CT window or MR z-score (ct-window)")
+    add("--loss", choices=LOSSES, help="nr-dice for coplenet, else dice-ce")
+    add("--nr-gamma", type=float, help="noise-robust Dice exponent in [1, 2] (1.5)")
+    add("--nr-denominator", choices=NR_DENOMINATORS, help="linear (reference code) or "
+        "squared (the paper; Dice-like at gamma 2) (linear)")  # fmt: skip
+    add("--self-ensembling", action=argparse.BooleanOptionalAction, default=None,
+        help="COPLE-Net's adaptive EMA teacher (with --loss nr-dice)")  # fmt: skip
     add("--config", type=Path, metavar="FILE.toml", help="a TOML file with a [train] table")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    add("--device", help="auto, cpu, cuda, cuda:1, or a list for LAMP: cuda:0,cuda:1 (auto)")
+    add("--amp", choices=AMP_MODES, help="mixed precision (auto: fp16 on CUDA, else off)")
     add("--cache-dir", type=Path, metavar="DIR", help="cache volumes on disk there (sealed "
         "when FEDMED_CACHE_KEY is set) instead of in memory")  # fmt: skip
     add("--threads", type=int, metavar="N", help="CPU threads for torch (torch's default)")
@@ -207,6 +244,7 @@ def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
     settings = PipelineSettings(
         hu_window=tuple(options.get("hu-window", PipelineSettings.hu_window)),
         pixdim=tuple(float(p) for p in pixdim) if pixdim else None,
+        intensity=str(options.get("intensity", "ct-window")),
         cache_mode=mode,
         cache_dir=Path(cache_dir) if cache_dir else None,
         guard=GuardSettings.from_node_config(guard, num_classes=cfg.out_channels),
@@ -214,26 +252,69 @@ def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
     return cfg, settings
 
 
+def preprocessing_plan(cfg: TrainConfig, settings: PipelineSettings) -> PreprocessingPlan:
+    """The plan of a run: the pipeline's spacing and intensity, the patch and the model."""
+    options: dict[str, Any] = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
+    if cfg.model_features:
+        options["features"] = list(cfg.model_features)
+    return PreprocessingPlan.from_settings(
+        settings, patch_size=cfg.patch_size, model=cfg.model, model_options=options
+    )
+
+
 def checkpoint_metadata(
     cfg: TrainConfig, settings: PipelineSettings, **extra: Any
 ) -> dict[str, Any]:
-    """What ``fedmed infer`` needs to rebuild the model and its preprocessing."""
+    """What ``fedmed infer`` needs to rebuild the model and its preprocessing (``plan``:
+    :meth:`fedmed.plan.PreprocessingPlan.to_metadata`)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": cfg.model,
         "task_config": cfg.to_config(),
-        "pipeline": settings.to_json(),
+        **preprocessing_plan(cfg, settings).to_metadata(),
         **extra,
     }
+
+
+def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
+    """The round's local config (:func:`fedmed.task.local_config`) with the loss options."""
+    local = local_config(cfg)
+    changes = {
+        field: options[key]
+        for key, field in (
+            ("loss", "loss"),
+            ("nr-gamma", "gamma"),
+            ("nr-denominator", "nr_denominator"),
+            ("self-ensembling", "self_ensembling"),
+        )
+        if key in options
+    }
+    return dataclasses.replace(local, **changes)
+
+
+def _loss_record(local: LocalConfig) -> dict[str, Any]:
+    """The loss settings a checkpoint was trained with, under their run-setting names."""
+    return {
+        "loss": local.loss.replace("_", "-"),
+        "nr-gamma": local.gamma,
+        "nr-denominator": local.nr_denominator,
+        "self-ensembling": local.self_ensembling,
+    }
+
+
+def _hardware(options: dict[str, Any]) -> HardwareSettings:
+    """The hardware keys of the options (``--device``/``--amp`` or the config's [train])."""
+    values = {k: v for k, v in options.items() if k in HARDWARE_KEYS}
+    return HardwareSettings.from_node_config(values, source="fedmed train")
 
 
 def _run(args: argparse.Namespace) -> int:
     options = _options(args)
     cfg, settings = _build(options)
     set_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available here; use cpu or auto")
+    hardware = _hardware(options)
+    local = _local_config(cfg, options)
+    device = ",".join(str(d) for d in hardware.devices)
     progress = not args.no_progress and sys.stderr.isatty()
     logger.info("caching the training and validation cases")
     if args.val_data:
@@ -254,7 +335,8 @@ def _run(args: argparse.Namespace) -> int:
     steps = options.get("steps")
     epochs = math.ceil(steps / per_epoch) if steps else int(options["epochs"])
     model = build_network(cfg, seed=cfg.seed)
-    trainer = LocalTrainer(model, config=local_config(cfg), device=device)
+    sample_shape = (1, cfg.in_channels, *cfg.patch_size)
+    trainer = LocalTrainer(model, config=local, hardware=hardware, sample_shape=sample_shape)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "metrics.jsonl"
     log_path.write_text("")
@@ -282,7 +364,7 @@ def _run(args: argparse.Namespace) -> int:
         with log_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         logger.info("epoch %d/%d: %s", epoch, epochs, record)
-        meta = checkpoint_metadata(cfg, settings, **record)
+        meta = checkpoint_metadata(cfg, settings, training=_loss_record(trainer.config), **record)
         _save(args.out / "last", model, meta)
         score = -math.inf if record["val_dice"] is None else record["val_dice"]
         if score > best or epoch == 1:

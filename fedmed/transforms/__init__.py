@@ -16,6 +16,7 @@ from fedmed.transforms.croppad import CropForegroundd, SpatialCropd, SpatialPadd
 from fedmed.transforms.elastic import Elasticd, RandElasticd, elastic_deform
 from fedmed.transforms.intensity import (
     GaussianNoised,
+    NormalizeIntensityd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -46,6 +47,7 @@ __all__ = [
     "InvertibleTransform",
     "LoadImaged",
     "MapTransform",
+    "NormalizeIntensityd",
     "Orientationd",
     "RandCropByPosNegLabeld",
     "RandElasticd",

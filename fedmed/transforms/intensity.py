@@ -1,4 +1,4 @@
-"""Intensity transforms: the CT window, and random scale, shift and Gaussian noise.
+"""Intensity transforms: the CT window, MR z-score, and random scale, shift and Gaussian noise.
 
 Each operation is a plain function; each random class samples its parameters and applies the
 deterministic twin (``RandScaleIntensityd`` -> ``ScaleIntensityd``). Intensity steps do not
@@ -21,6 +21,7 @@ from fedmed.transforms.base import MapTransform, RandomTransform
 
 __all__ = [
     "GaussianNoised",
+    "NormalizeIntensityd",
     "RandGaussianNoised",
     "RandScaleIntensityd",
     "RandShiftIntensityd",
@@ -28,6 +29,7 @@ __all__ = [
     "ScaleIntensityd",
     "ShiftIntensityd",
     "add_gaussian_noise",
+    "normalize_intensity",
     "scale_intensity_range",
 ]
 
@@ -47,6 +49,21 @@ def scale_intensity_range(
     if clip:
         out = out.clamp_(min(b_min, b_max), max(b_min, b_max))
     return out
+
+
+def normalize_intensity(x: torch.Tensor, *, nonzero: bool = False) -> torch.Tensor:
+    """Z-score ``x`` as float32: ``(x - mean) / std`` over all voxels, or with ``nonzero``
+    over the non-zero voxels only (zeros stay zero). A constant input maps to zero."""
+    x = x.to(torch.float32)
+    mask = x != 0 if nonzero else torch.ones_like(x, dtype=torch.bool)
+    if not bool(mask.any()):
+        return x.clone()
+    values = x[mask]
+    mean = values.mean()
+    std = values.std(unbiased=False) if values.numel() > 1 else torch.zeros(())
+    # MONAI's rule: a zero standard deviation divides by 1 instead.
+    out = (x - mean) / (std if float(std) > 0 else 1.0)
+    return torch.where(mask, out, x) if nonzero else out
 
 
 def add_gaussian_noise(x: torch.Tensor, mean: float, std: float, seed: int) -> torch.Tensor:
@@ -99,6 +116,29 @@ class ScaleIntensityRanged(MapTransform):
             "b_max": self.b_max,
             "clip": self.clip,
         }
+
+
+class NormalizeIntensityd(MapTransform):
+    """MR intensity normalization: a z-score per volume (MONAI's ``NormalizeIntensityd``).
+
+    Example:
+        >>> NormalizeIntensityd("image", nonzero=True)   # statistics over the brain only
+    """
+
+    def __init__(
+        self, keys: str | Sequence[str], *, nonzero: bool = False, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=allow_missing_keys)
+        self.nonzero = bool(nonzero)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = normalize_intensity(d[key], nonzero=self.nonzero)
+        return d
+
+    def params(self) -> dict[str, Any]:
+        return {"nonzero": self.nonzero}
 
 
 class ScaleIntensityd(MapTransform):

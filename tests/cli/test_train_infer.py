@@ -12,7 +12,8 @@ from fedmed.server.checkpoint import CheckpointStore
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fedmed.cli.infer import input_images, load_model
+from fedmed.checkpoint import load_checkpoint, save_checkpoint
+from fedmed.cli.infer import input_images, load_model, predict_image
 from fedmed.cli.main import build_parser, main
 from fedmed.cli.train import checkpoint_metadata
 from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
@@ -22,7 +23,6 @@ from fedmed.security.chain import sign_checkpoint
 from fedmed.security.pki import write_pki
 from fedmed.security.signing import Signer
 from fedmed.task import TrainConfig, build_network, model_arrays
-from fedmed.train import load_checkpoint, save_checkpoint
 
 COPLE = TrainConfig(model="coplenet", model_features=(4, 8, 16, 32, 64), patch_size=(32, 32))
 UNET = TrainConfig(model="unet3d", model_features=(4, 8), patch_size=(16, 16, 8))
@@ -282,7 +282,8 @@ def test_crafted_metadata_is_refused_before_building_anything(tmp_path, task, pi
     # Prepare: a small real network, metadata asking for far more
     meta = checkpoint_metadata(COPLE, PipelineSettings())
     meta["task_config"].update(task)
-    meta["pipeline"].update(pipeline)
+    if "pixdim" in pipeline:
+        meta["plan"]["target_spacing"] = pipeline["pixdim"]
     ckpt = save_checkpoint(tmp_path / "crafted.safetensors", build_network(COPLE), meta)
 
     # Execute + Assert
@@ -364,3 +365,151 @@ def _shift(mm: float) -> np.ndarray:
     offset = np.zeros((4, 4))
     offset[2, 3] = mm
     return offset
+
+
+# --- the preprocessing plan: infer resamples to the training spacing and back ---------------
+
+LPS_SPACING = (0.57, 0.57, 5.0)
+TRAINING_SPACING = (1.14, 1.14, 5.0)
+
+
+@pytest.fixture(scope="module")
+def lps_ct(tmp_path_factory) -> Path:
+    """A CT-like 96x96x12 volume of 0.57 x 0.57 x 5 mm voxels in LPS (x and y flipped)."""
+    rng = np.random.default_rng(1)
+    array = rng.normal(-700, 150, size=(96, 96, 12)).astype(np.int16)
+    array[30:60, 40:70, 3:9] = 40  # a soft-tissue block
+    sx, sy, sz = LPS_SPACING
+    affine = np.array([[-sx, 0, 0, 150.3], [0, -sy, 0, 120.7], [0, 0, sz, -310.0], [0, 0, 0, 1]])
+    path = tmp_path_factory.mktemp("lps-ct") / "ct_lps.nii.gz"
+    write_nifti(path, array, affine)
+    return path
+
+
+@pytest.mark.parametrize("cfg", [COPLE, UNET], ids=["coplenet", "unet3d"])
+def test_infer_predicts_at_the_training_spacing_and_restores_shape_and_affine(
+    cfg, lps_ct, tmp_path
+):
+    # Prepare: a model trained at 1.14 x 1.14 x 5 mm
+    settings = PipelineSettings(pixdim=TRAINING_SPACING)
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors", build_network(cfg, seed=0), checkpoint_metadata(cfg, settings)
+    )
+    loaded = load_model(ckpt, device="cpu")
+
+    # Execute
+    label_map, meta = predict_image(loaded, lps_ct)
+    code = main(["infer", "--model", str(ckpt), "--input", str(lps_ct),
+                 "--output", str(tmp_path / "pred"), "--device", "cpu"])  # fmt: skip
+
+    # Assert: predicted on the 48x48x12 RAS grid of the training spacing ...
+    assert loaded.settings.pixdim == TRAINING_SPACING
+    assert tuple(label_map.shape) == (48, 48, 12)
+    np.testing.assert_allclose(meta["spacing"], TRAINING_SPACING, rtol=1e-6)
+    # ... and written on the input's grid, shape and affine exactly
+    assert code == 0
+    shape, affine = read_nifti_header(lps_ct)
+    pred_shape, pred_affine = read_nifti_header(tmp_path / "pred" / lps_ct.name)
+    assert pred_shape == shape == (96, 96, 12)
+    np.testing.assert_array_equal(pred_affine, affine)
+
+
+def test_checkpoints_record_the_preprocessing_plan(tmp_path):
+    settings = PipelineSettings(pixdim=TRAINING_SPACING, hu_window=(-1200.0, 300.0))
+    meta = checkpoint_metadata(UNET, settings)
+    assert meta["plan"] == {
+        "version": 1,
+        "orientation": "RAS",
+        "target_spacing": list(TRAINING_SPACING),
+        "intensity": {"kind": "ct-window", "low": -1200.0, "high": 300.0},
+        "patch_size": [16, 16, 8],
+        "model": "unet3d",
+        "model_options": {"in_channels": 1, "out_channels": 2, "features": [4, 8]},
+    }
+    assert "pipeline" not in meta
+
+
+def test_infer_still_reads_checkpoints_written_before_plans(tmp_path):
+    old = {
+        "format": "fedmed-model/1",
+        "model": "unet3d",
+        "task_config": UNET.to_config(),
+        "pipeline": {"hu_window": [-1100.0, 350.0], "pixdim": [1.0, 1.0, 2.0]},
+    }
+    ckpt = save_checkpoint(tmp_path / "old.safetensors", build_network(UNET), old)
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.settings.pixdim == (1.0, 1.0, 2.0)
+    assert loaded.settings.hu_window == (-1100.0, 350.0)
+
+
+def test_infer_takes_the_plan_of_a_round_checkpoints_meta_json(tmp_path):
+    # Prepare: a round checkpoint whose meta.json records the plan (the server writes it)
+    store = CheckpointStore(tmp_path / "run")
+    plan = checkpoint_metadata(UNET, PipelineSettings(pixdim=(2.0, 2.0, 3.0)))["plan"]
+    weights = model_arrays(build_network(UNET, seed=1))
+    store.save(0, weights, metrics={}, config_hash="h", plan=plan)
+    checkpoint = store.save(1, weights, metrics={}, config_hash="h", plan=plan)
+    # Execute
+    loaded = load_model(checkpoint.path, device="cpu")
+    # Assert
+    assert loaded.settings.pixdim == (2.0, 2.0, 3.0)
+    assert loaded.cfg.patch_size == (16, 16, 8)
+
+
+def test_infer_refuses_a_plan_of_an_unknown_version(tmp_path):
+    meta = checkpoint_metadata(COPLE, PipelineSettings())
+    meta["plan"]["version"] = 99
+    ckpt = save_checkpoint(tmp_path / "future.safetensors", build_network(COPLE), meta)
+    with pytest.raises(ModelError, match=r"future\.safetensors: preprocessing plan version 99"):
+        load_model(ckpt, device="cpu")
+
+
+def test_train_and_infer_refuse_a_device_list_for_coplenet(lps_image, tmp_path, demo_root):
+    ckpt = save_checkpoint(
+        tmp_path / "m.safetensors",
+        build_network(COPLE),
+        checkpoint_metadata(COPLE, PipelineSettings()),
+    )
+    with pytest.raises(ConfigError, match="device lists 2 devices but COPLENet cannot be split"):
+        _run(["infer", "--model", str(ckpt), "--input", str(lps_image),
+              "--output", str(tmp_path / "p"), "--device", "cpu,cpu"])  # fmt: skip
+    with pytest.raises(ConfigError, match="fedmed train: device = 'cpu,cuda:99'"):
+        _run(["train", "--data", str(demo_root / "site-A"), "--out", str(tmp_path / "o"),
+              "--device", "cpu,cuda:99"])  # fmt: skip
+
+
+def test_train_splits_lamp_over_a_device_list(demo_root, tmp_path):
+    # Execute: LAMP over two CPU "devices", bf16 from the [train] table
+    config = tmp_path / "train.toml"
+    config.write_text('[train]\namp = "bf16"\nlamp-micro-batches = 2\nlamp-balance = "time"\n')
+    code = main(
+        ["train", "--data", str(demo_root / "site-A"), "--out", str(tmp_path / "o"),
+         "--model", "lamp_unet", "--features", "4,8", "--patch-size", "16,16,8",
+         "--epochs", "1", "--device", "cpu,cpu", "--config", str(config)]
+    )  # fmt: skip
+    # Assert: the weights are the single-device model's, the plan names the model
+    assert code == 0
+    state, meta = load_checkpoint(tmp_path / "o" / "last.safetensors")
+    lamp = TrainConfig(model="lamp_unet", model_features=(4, 8), patch_size=(16, 16, 8))
+    assert sorted(state) == sorted(build_network(lamp).state_dict())
+    assert meta["plan"]["model"] == "lamp_unet" and meta["plan"]["patch_size"] == [16, 16, 8]
+
+
+def test_train_takes_the_loss_and_intensity_settings(demo_root, tmp_path):
+    # Execute: noise-robust Dice with the paper's denominator and self-ensembling, MR z-score
+    code = main(
+        ["train", "--data", str(demo_root / "site-A"), "--out", str(tmp_path / "o"),
+         "--features", "4,8,16,32,64", "--patch-size", "32,32", "--steps", "2",
+         "--loss", "nr-dice", "--nr-gamma", "2", "--nr-denominator", "squared",
+         "--self-ensembling", "--intensity", "zscore-nonzero", "--device", "cpu"]
+    )  # fmt: skip
+    # Assert: the checkpoint records both
+    assert code == 0
+    _, meta = load_checkpoint(tmp_path / "o" / "last.safetensors")
+    assert meta["training"] == {
+        "loss": "nr-dice", "nr-gamma": 2.0, "nr-denominator": "squared", "self-ensembling": True,
+    }  # fmt: skip
+    assert meta["plan"]["intensity"] == {"kind": "zscore", "nonzero": True}
+    with pytest.raises(ConfigError, match="does not combine with self_ensembling"):
+        _run(["train", "--data", str(demo_root / "site-A"), "--out", str(tmp_path / "x"),
+              "--model", "unet3d", "--self-ensembling", "--device", "cpu"])  # fmt: skip

@@ -12,8 +12,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from fedmed.hardware import HardwareSettings
 from fedmed.inference import sliding_window_inference
 from fedmed.nets import COPLENet, LAMPUNet
+from fedmed.predict import predict_volume
+from fedmed.task import TrainConfig as TaskConfig
 from fedmed.train import LocalTrainer, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -96,13 +99,15 @@ def _disc_batches(num: int, device: str) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def test_amp_training_on_cuda_learns_and_keeps_float32_weights() -> None:
+@pytest.mark.parametrize("amp", ["auto", "fp16", "bf16"])
+def test_amp_training_on_cuda_learns_and_keeps_float32_weights(amp: str) -> None:
     # Prepare
     torch.manual_seed(0)
     model = COPLENet(features=(8, 16, 32, 64, 128))
     batches = _disc_batches(4, "cpu")
-    trainer = LocalTrainer(model, config=TrainConfig(steps=40, lr=3e-3, amp=True), device="cuda")
-    assert trainer.use_amp
+    hardware = HardwareSettings(devices="cuda", amp=amp, channels_last=amp == "bf16")
+    trainer = LocalTrainer(model, config=TrainConfig(steps=40, lr=3e-3), hardware=hardware)
+    assert trainer.amp_dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
 
     def mean_loss() -> float:
         model.eval()
@@ -134,3 +139,46 @@ def test_sliding_window_on_cuda_matches_cpu() -> None:
         on_gpu = sliding_window_inference(volume, 16, model, overlap=0.25, device="cuda")
     assert on_gpu.shape == on_cpu.shape == (1, 2, 40, 36, 24)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("devices", ["cpu,cuda:0", "cuda:0,cuda:0"])
+def test_a_training_step_on_a_lamp_model_split_over_cpu_and_gpu_matches_the_cpu_step(
+    devices: str,
+) -> None:
+    # Prepare
+    torch.manual_seed(0)
+    reference = LAMPUNet(features=FEATURES, chunks=1, checkpoint=False)
+    split = LAMPUNet(features=FEATURES)
+    split.load_state_dict(reference.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    label = (torch.rand(4, 1, 16, 16, 16, generator=gen) > 0.7).long()
+    batches = [{"image": label.float() + 0.3 * torch.randn(label.shape, generator=gen),
+                "label": label}]  # fmt: skip
+    config = TrainConfig(steps=1, optimizer="sgd", lr=0.1, proximal_mu=0.1)
+    hardware = HardwareSettings(devices=devices, amp="off", lamp_micro_batches=2)
+    cpu = LocalTrainer(reference, config=config, device="cpu")
+    gpu = LocalTrainer(split, config=config, hardware=hardware, sample_shape=SAMPLE)
+
+    # Execute
+    expected = cpu.fit(batches, progress=False)
+    result = gpu.fit(batches, progress=False)
+
+    # Assert
+    assert gpu.output_device.type == "cuda"
+    assert result.loss == pytest.approx(expected.loss, rel=1e-4)
+    ref = dict(reference.named_parameters())
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), ref[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_prediction_with_a_lamp_model_split_over_cpu_and_gpu_matches_the_cpu() -> None:
+    torch.manual_seed(0)
+    reference = LAMPUNet(features=FEATURES, chunks=1, checkpoint=False)
+    split = LAMPUNet(features=FEATURES, devices=["cpu", "cuda:0"], balance=(3, 3), chunks=2)
+    split.load_state_dict(reference.state_dict())
+    cfg = TaskConfig(model="lamp_unet", model_features=FEATURES, patch_size=(16, 16, 16))
+    image = torch.randn(1, 24, 20, 18)
+    for whole in (False, True):
+        expected = predict_volume(reference, image, cfg, whole_volume=whole)
+        got = predict_volume(split, image, cfg, whole_volume=whole)
+        assert (got.cpu() == expected).float().mean() > 0.999

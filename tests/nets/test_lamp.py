@@ -137,3 +137,12 @@ def test_partitioning_keeps_weights_and_batch_norm_statistics() -> None:
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, atol=0, rtol=0, msg=key)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_skip_free_variant_has_the_same_keys_but_narrower_decoder_convs() -> None:
+    # lamp-skips is a run setting: sites must agree, or the decoder shapes differ
+    carried = LAMPUNet(features=FEATURES).state_dict()
+    free = LAMPUNet(features=FEATURES, skip_connections=False).state_dict()
+    assert list(carried) == list(free)
+    differing = [k for k in carried if carried[k].shape != free[k].shape]
+    assert differing == ["cells.3.block.0.weight", "cells.4.block.0.weight"]

@@ -28,7 +28,8 @@ def test_public_api_is_pinned():
         [
             "LABEL_DTYPE", "Compose", "CropForegroundd", "Elasticd", "FgBgToIndicesd", "Flipd",
             "GaussianNoised", "Inverted", "InvertibleTransform", "LoadImaged", "MapTransform",
-            "Orientationd", "RandCropByPosNegLabeld", "RandElasticd", "RandFlipd",
+            "NormalizeIntensityd", "Orientationd", "RandCropByPosNegLabeld", "RandElasticd",
+            "RandFlipd",
             "RandGaussianNoised", "RandRotate90d", "RandScaleIntensityd", "RandShiftIntensityd",
             "RandomTransform", "Rotate90d", "ScaleIntensityRanged", "ScaleIntensityd",
             "ShiftIntensityd", "Spacingd", "SpatialCropd", "SpatialPadd", "elastic_deform",

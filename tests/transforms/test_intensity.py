@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedmed.transforms import (
+    NormalizeIntensityd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -98,3 +99,19 @@ def test_noise_std_matches_the_request_on_average(item):
 def test_invalid_parameters_name_them(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("nonzero", [False, True], ids=["all", "nonzero"])
+def test_z_score_matches_monai(permuted_item, nonzero):
+    monai_transforms = pytest.importorskip("monai.transforms")
+    image = permuted_item["image"].clone()
+    image[..., :2] = 0.0  # background for the nonzero variant
+
+    ours = NormalizeIntensityd("image", nonzero=nonzero)({"image": image})["image"]
+    theirs = monai_transforms.NormalizeIntensityd("image", nonzero=nonzero)(
+        {"image": image.clone()}
+    )["image"]
+
+    torch.testing.assert_close(ours, torch.as_tensor(theirs).as_subclass(torch.Tensor))
+    values = ours[image != 0] if nonzero else ours
+    assert abs(float(values.mean())) < 1e-5 and abs(float(values.std(unbiased=False)) - 1) < 1e-4
