@@ -172,7 +172,7 @@ class ServerConfig:
     min_sites: int
     sites: dict[str, Path]
     wait_for_sites_s: float
-    run_timeout_s: float
+    run_timeout_s: float | None  # None: derived from the run settings (RunSettings.run_deadline)
     startup_timeout_s: float
     stream_logs: bool
     server_app: str = "fedmed.server.app"
@@ -382,7 +382,7 @@ def load_federation_config(path: Path) -> FederationConfig:
         min_sites=min_sites,
         sites=sites,
         wait_for_sites_s=table.positive("wait-for-sites", float, 300.0),
-        run_timeout_s=table.positive("run-timeout", float, 24 * 3600.0),
+        run_timeout_s=table.positive("run-timeout", float, None),
         startup_timeout_s=table.positive("startup-timeout", float, 60.0),
         stream_logs=table.get("stream-logs", bool, True),
         server_app=table.get("server-app", str, "fedmed.server.app"),

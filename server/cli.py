@@ -108,6 +108,22 @@ def _write_log(text: str) -> None:
     sys.stdout.flush()
 
 
+_FOREIGN_APP_TIMEOUT_S = 24 * 3600.0  # a server app other than fedmed's: its settings unknown
+
+
+def run_timeout(config: FederationConfig) -> float:
+    """``[server] run-timeout`` when set, else the bound the run's own settings imply
+    (:attr:`~fedmed.server.settings.RunSettings.run_deadline`), so a study of many long rounds
+    is not stopped at an arbitrary hour."""
+    if config.server.run_timeout_s is not None:
+        return config.server.run_timeout_s
+    if config.server.server_app != "fedmed.server.app":
+        return _FOREIGN_APP_TIMEOUT_S
+    from fedmed.server.settings import RunSettings
+
+    return RunSettings.from_run_config(dict(config.app)).run_deadline
+
+
 def run_server(config: FederationConfig) -> int:
     """Run the central side for ``config`` until the run ends; return the exit code.
 
@@ -129,6 +145,8 @@ def run_server(config: FederationConfig) -> int:
     )
     from fedmed.server.superlink import SuperLink
 
+    timeout = run_timeout(config)
+    log.info("run timeout %.0f s (%.1f h)", timeout, timeout / 3600)
     run_id: int | None = None
     with SuperLink(server) as link, control_client(link.address, ca_cert=server.ca_cert) as client:
         try:
@@ -146,7 +164,7 @@ def run_server(config: FederationConfig) -> int:
             outcome = wait_for_run(
                 client,
                 run_id,
-                timeout=server.run_timeout_s,
+                timeout=timeout,
                 log_sink=_write_log if server.stream_logs else None,
                 alive=link.alive,
             )

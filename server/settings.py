@@ -405,6 +405,24 @@ class RunSettings:
         return self.round_timeout * (max(2, self.num_rounds) if self.local_baselines else 2)
 
     @property
+    def run_deadline(self) -> float:
+        """Seconds the whole run may take, derived from the settings: joining, every round
+        with all its attempts (each may wait ``join-timeout`` for sites and ``round-timeout``
+        per stage; SecAgg+ has 4 stages), the end-of-run evaluation (twice its deadline: the
+        sites' own models, then the models that travel) and 10 minutes for start-up and
+        checkpoints. A multi-day study gets a multi-day bound.
+
+        Example:
+            >>> RunSettings(num_rounds=2, join_timeout=60, round_timeout=100).run_deadline
+            2020.0
+        """
+        attempts = self.retry_failed_rounds + 1
+        stages = 4 if self.secure_aggregation else 1
+        per_round = attempts * (self.join_timeout + stages * self.round_timeout)
+        evaluation = 2 * self.evaluation_deadline if self.cross_site_evaluation else 0.0
+        return self.join_timeout + self.num_rounds * per_round + evaluation + 600.0
+
+    @property
     def reference_model_paths(self) -> dict[str, Path]:
         """``reference-models`` parsed: label -> checkpoint path."""
         if not self.reference_models.strip():

@@ -226,14 +226,6 @@ def _submit(client: Any, settings: RunSettings, run_config: dict[str, Any], fede
     return int(response.run_id)
 
 
-def _run_timeout(settings: RunSettings) -> float:
-    """A bound on the whole run: joining, every round with its retries, and start-up."""
-    attempts = settings.retry_failed_rounds + 1
-    stages = 4 if settings.secure_aggregation else 1  # SecAgg+: each stage waits round-timeout
-    per_round = attempts * stages * settings.round_timeout
-    return settings.join_timeout + settings.num_rounds * per_round + 600
-
-
 class _LogSink:
     """Writes the run's streamed log to a file and, with ``echo``, to stderr."""
 
@@ -361,7 +353,7 @@ def _run_once(
                 return wait_for_run(
                     client,
                     run_id,
-                    timeout=_run_timeout(settings),
+                    timeout=settings.run_deadline,
                     log_sink=sink,
                     alive=lambda: proc.poll() is None,
                 )

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from fedmed.server.cli import _with_default_signing, _with_insecure, main
+from fedmed.server.cli import _with_default_signing, _with_insecure, main, run_timeout
+from fedmed.server.settings import RunSettings
 
 from fedmed.config import load_federation_config
 from fedmed.errors import ConfigError
@@ -125,3 +126,17 @@ def test_a_ca_key_in_the_certs_folder_is_warned_about_at_start(
     err = capsys.readouterr().err
     assert f"WARNING: {own / 'ca.key'}: the federation CA's private key is in the server's" in err
     assert "move it to an offline place" in err
+
+
+def test_the_run_timeout_follows_the_run_settings_unless_set(tmp_path: Path, certs: Path) -> None:
+    # a multi-day study: 200 rounds of up to 30 minutes, no [server] run-timeout
+    app = "num-rounds = 200\nround-timeout = 1800.0\njoin-timeout = 600.0\nmin-sites = 2\n"
+    config = load_federation_config(_federation(tmp_path, certs, app))
+    derived = run_timeout(config)
+    assert derived == RunSettings.from_run_config(dict(config.app)).run_deadline
+    assert derived > 200 * 3 * 1800  # every round may use all its attempts
+    # set explicitly, it wins; a foreign server app (unknown settings) gets a day
+    server = dataclasses.replace(config.server, run_timeout_s=7200.0)
+    assert run_timeout(dataclasses.replace(config, server=server)) == 7200.0
+    server = dataclasses.replace(config.server, server_app="my_lab.app:server")
+    assert run_timeout(dataclasses.replace(config, server=server)) == 24 * 3600.0

@@ -17,7 +17,7 @@ from fedmed.simulation.apps import (
     sim_run_config,
     split_run_config,
 )
-from fedmed.simulation.engine import _run_timeout, simulation_fab
+from fedmed.simulation.engine import simulation_fab
 
 
 def _context(partition: int, run_config: dict) -> Context:
@@ -81,8 +81,12 @@ def test_fab_declares_every_key_and_points_at_the_simulation_apps():
 
 def test_run_timeout_covers_every_stage_of_a_secure_round() -> None:
     base = {"num_rounds": 2, "min_sites": 3, "join_timeout": 5.0, "round_timeout": 10.0}
-    plain = RunSettings(**base, retry_failed_rounds=1)
-    secure = RunSettings(**base, retry_failed_rounds=1, secure_aggregation=True)
-    # join + rounds x attempts x stages x round-timeout + start-up margin
-    assert _run_timeout(plain) == 5 + 2 * 2 * 1 * 10 + 600
-    assert _run_timeout(secure) == 5 + 2 * 2 * 4 * 10 + 600
+    plain = RunSettings(**base, retry_failed_rounds=1, cross_site_evaluation=False)
+    secure = RunSettings(
+        **base, retry_failed_rounds=1, secure_aggregation=True, cross_site_evaluation=False
+    )
+    evaluated = RunSettings(**base, retry_failed_rounds=1, evaluation_timeout=30.0)
+    # join + rounds x attempts x (join + stages x round-timeout) [+ 2 x evaluation] + start-up
+    assert plain.run_deadline == 5 + 2 * 2 * (5 + 1 * 10) + 600
+    assert secure.run_deadline == 5 + 2 * 2 * (5 + 4 * 10) + 600
+    assert evaluated.run_deadline == 5 + 2 * 2 * (5 + 1 * 10) + 2 * 30 + 600
