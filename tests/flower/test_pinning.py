@@ -1,8 +1,8 @@
-"""App pinning at a site: the pin list, the FAB check, the wrapped Flower runtime (pinned)."""
+"""App pinning at a site: the pin list, the FAB check, the wrapped Flower runtime, and the
+site's refusal to start when Flower would not run the wrapper (drift simulated)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import os
@@ -11,29 +11,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedmed.client.pinning import (
-    RUNTIME_MODULE,
-    AppRefused,
-    check_fab,
-    guard_runtime,
-    install_wrapper,
-    installed_app_hash,
-    read_pins,
-    site_pins,
-    write_pins,
-)
 from fedmed.server.submit import build_fab
 
-
-def test_installed_app_hash_is_the_shim_fedmed_server_submits() -> None:
-    digest = installed_app_hash()
-    assert digest == build_fab().hash_str == hashlib.sha256(build_fab().content).hexdigest()
-
-
-def test_site_pins_put_the_installed_app_first_without_duplicates() -> None:
-    other = "ab" * 32
-    assert site_pins([other, installed_app_hash(), other]) == [installed_app_hash(), other]
-    assert site_pins([other], include_installed=False) == [other]
+from fedmed.errors import FederationError, SecurityError
+from fedmed.flower.pinning import (
+    RUNTIME_MODULE,
+    WRAPPED_COMMAND,
+    AppRefused,
+    check_fab,
+    check_runtime_hooks,
+    guard_runtime,
+    install_wrapper,
+    read_pins,
+    verify_pinning,
+    write_pins,
+)
 
 
 def test_pins_round_trip_and_ignore_comments(tmp_path: Path) -> None:
@@ -81,7 +73,7 @@ def test_guard_checks_before_flower_installs_and_after_the_task_was_pulled(
 
 
 def test_flwr_clientapp_runtime_is_where_the_guard_expects_it() -> None:
-    # Fails loudly if a flwr upgrade moves what fedmed.client.pinning wraps.
+    # Fails loudly if a flwr upgrade moves what fedmed.flower.pinning wraps.
     runtime = importlib.import_module(RUNTIME_MODULE)
     source = inspect.getsource(runtime.run_clientapp)
     pulled = source.index("pull_task_input(client)")
@@ -104,3 +96,87 @@ def test_wrapper_script_runs_flowers_flwr_clientapp(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--runtime-api-address" in result.stdout
+
+
+@pytest.fixture
+def site_path(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A SuperNode environment with the site's wrapper first on PATH, and the wrapper."""
+    wrapper = install_wrapper(tmp_path / "bin", tmp_path / "pins.txt")
+    path = os.pathsep.join([str(wrapper.parent), str(Path(sys.executable).parent)])
+    return {"PATH": path}, wrapper
+
+
+def test_pinning_is_proven_when_the_wrapper_is_first_on_path(site_path) -> None:
+    env, wrapper = site_path
+    verify_pinning(env, wrapper)  # nothing raised: Flower will run the wrapper
+
+
+def test_a_site_refuses_when_another_flwr_clientapp_comes_first_on_path(
+    site_path, tmp_path: Path
+) -> None:
+    env, wrapper = site_path
+    # Flower's own flwr-clientapp (this venv's bin) before the site's wrapper
+    env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), str(wrapper.parent)])}
+
+    with pytest.raises(SecurityError, match=r"flwr-clientapp on the SuperNode's PATH resolves to"):
+        verify_pinning(env, wrapper)
+
+
+def test_a_site_refuses_when_the_wrapper_is_not_on_path_at_all(site_path) -> None:
+    _, wrapper = site_path
+    with pytest.raises(SecurityError, match=r"resolves to None, not the site's wrapper"):
+        verify_pinning({"PATH": str(wrapper.parent.parent)}, wrapper)
+
+
+@pytest.mark.parametrize("hook", ["pull_task_input", "install_from_fab"])
+def test_a_site_refuses_when_a_runtime_hook_is_missing(
+    site_path, hook: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, wrapper = site_path
+    monkeypatch.delattr(importlib.import_module(RUNTIME_MODULE), hook)
+
+    with pytest.raises(SecurityError, match=rf"cannot be proven with flwr .*has no {hook}\(\)"):
+        verify_pinning(env, wrapper)
+    with pytest.raises(SecurityError, match=rf"has no {hook}\(\) to guard"):
+        guard_runtime(Path("pins.txt"))  # the wrapper itself refuses too
+
+
+def test_a_site_refuses_when_flower_no_longer_calls_the_hook_by_name(
+    site_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, wrapper = site_path
+    runtime = importlib.import_module(RUNTIME_MODULE)
+    pull = runtime.pull_task_input
+
+    def run_clientapp(*args: object, **kwargs: object) -> None:  # holds a bound reference
+        pull(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "run_clientapp", run_clientapp)
+    with pytest.raises(SecurityError, match=r"does not call pull_task_input\(\) by name"):
+        verify_pinning(env, wrapper)
+
+
+def test_a_site_refuses_when_flower_launches_the_clientapp_by_another_command(
+    site_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    env, wrapper = site_path
+    monkeypatch.setitem(TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, "/opt/flwr/bin/clientapp")
+
+    with pytest.raises(SecurityError, match=r"launches the ClientApp as '/opt/flwr/bin/clientapp'"):
+        verify_pinning(env, wrapper)
+
+
+def test_a_site_refuses_on_an_untested_flower(site_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, wrapper = site_path
+    monkeypatch.setattr("fedmed.flower.version.installed_flower_version", lambda: "1.99.0")
+
+    with pytest.raises(FederationError, match=r"flwr 1\.99\.0 is installed but fedmed supports"):
+        verify_pinning(env, wrapper)
+
+
+def test_the_runtime_hooks_hold_on_the_installed_flower() -> None:
+    runtime = check_runtime_hooks()
+    assert runtime.__name__ == RUNTIME_MODULE
+    assert WRAPPED_COMMAND == "flwr-clientapp"
