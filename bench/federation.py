@@ -49,7 +49,7 @@ to the overhead per round):
   messages per site per round; the server sees only the sum).
 
 ``--trace`` writes every SuperLink request (time, duration, path, bytes) to
-``WORK/trace.jsonl`` (:class:`fedmed.server.gateway.RequestTrace`) to see where a round's time
+``WORK/trace.jsonl`` (:class:`fedmed.flower.gateway.RequestTrace`) to see where a round's time
 goes.
 
 Usage::
@@ -309,7 +309,9 @@ def _run_config(
 
 
 def _submit(link: Any, ca: Path, fab: Any, run_config: dict[str, Any]) -> tuple[bool, float]:
-    from fedmed.server.submit import control_client, submit_run, wait_for_run
+    from fedmed.server.submit import submit_run, wait_for_run
+
+    from fedmed.flower.control import control_client
 
     with control_client(link.address, ca_cert=ca) as client:
         start = time.monotonic()
@@ -447,15 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ["OMP_NUM_THREADS"] = "1"
     if args.trace:
-        from fedmed.server.gateway import TRACE_ENV
+        from fedmed.flower.gateway import TRACE_ENV
 
         os.environ[TRACE_ENV] = str(work / "trace.jsonl")
 
     from fedmed.client.supernode import SiteNode
-    from fedmed.server.submit import build_fab, control_client, register_sites, wait_for_sites
-    from fedmed.server.superlink import SuperLink, free_loopback_port
+    from fedmed.server.submit import build_fab, register_sites, wait_for_sites
+    from fedmed.server.superlink import SuperLink
 
     from fedmed.config import ServerConfig, SiteConfig
+    from fedmed.flower.control import control_client
+    from fedmed.flower.process import free_loopback_port
     from fedmed.security.pki import write_pki
 
     if args.data is not None:

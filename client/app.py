@@ -65,10 +65,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
 from fedmed import wire
 from fedmed.errors import ConfigError
+from fedmed.flower.codes import ErrorCode
 from fedmed.io.guard import GuardSettings
 from fedmed.io.msd import split_cases
 from fedmed.pipeline import PipelineSettings, load_cases

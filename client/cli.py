@@ -11,7 +11,7 @@ Example::
     fedmed-client --print-app-hash              # sha256 of the app this fedmed accepts
 
 The site runs only apps whose sha256 it pinned: the one its installed fedmed builds plus the
-config's ``app-hash`` list (:mod:`fedmed.client.pinning`).
+config's ``app-hash`` list (:mod:`fedmed.flower.pinning`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from types import FrameType
 from fedmed.cli.runner import configure_logging, run_command
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import DataError
+from fedmed.flower.version import check_flower_version
 
 __all__ = ["check_data", "main", "run_site"]
 
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.print_app_hash:
-        from fedmed.client.pinning import installed_app_hash
+        from fedmed.client.supernode import installed_app_hash
 
         print(installed_app_hash())
         return 0
@@ -112,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
     def run() -> int:
+        check_flower_version()
         path = args.config or Path("configs/sites") / f"{args.site}.toml"
         config = load_site_config(path, site=args.site)
         if args.insecure:

@@ -5,7 +5,7 @@ restart while the site still counts as online (for about a minute), and retries 
 the server is unreachable. :class:`SiteNode` restarts it with exponential backoff, at most
 ``max-restarts`` times in a row (the count resets after a SuperNode stayed up for a while).
 A SuperNode that stopped working but would stay alive (Flower's pull loop or heartbeat thread
-ended on an HTTP 500 from the SuperLink) exits by itself (:mod:`fedmed.client.liveness`) and
+ended on an HTTP 500 from the SuperLink) exits by itself (:mod:`fedmed.flower.liveness`) and
 is restarted the same way. It heartbeats every ``[connection] heartbeat-interval`` s (Flower's
 30 s by default): the server counts a site gone after two missed heartbeats.
 
@@ -13,14 +13,17 @@ The SuperNode gets the site's ``--node-config`` as a TOML file (``state-dir/node
 keys ``site``, ``data-dir``, ``cache-dir``, ``cache-mode``, ``device``, ``seed``, which the
 client app reads from ``context.node_config``.
 
-Before each start the site's app pin list (``state-dir/app-pins.txt``) and a ``flwr-clientapp``
-wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written, so the SuperNode
-runs only apps whose sha256 the site pinned (:mod:`fedmed.client.pinning`). The SuperNode's
+Before each start the site's app pin list (``state-dir/app-pins.txt``: the app its installed
+fedmed builds, :func:`installed_app_hash`, plus the config's ``app-hash`` list) and a
+``flwr-clientapp`` wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written,
+so the SuperNode runs only apps whose sha256 the site pinned (:mod:`fedmed.flower.pinning`);
+the site refuses to start when it cannot prove that Flower will run that wrapper
+(:func:`fedmed.flower.pinning.verify_pinning`). The SuperNode's
 executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s)
-and the idle SuperNode every ``[connection] poll-interval`` s (:mod:`fedmed.client.fastpoll`;
+and the idle SuperNode every ``[connection] poll-interval`` s (:mod:`fedmed.flower.fastpoll`;
 Flower's hard-coded 3 s). With ``warm-start`` (default) a fork server next to the SuperNode
 keeps torch, flwr and fedmed imported and each message's ``flwr-clientapp`` is forked from it
-(:mod:`fedmed.client.warmstart`).
+(:mod:`fedmed.flower.warmstart`).
 
 Example:
     >>> SiteNode(load_site_config(Path("configs/sites/A.toml"), site="A")).run()
@@ -36,21 +39,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedmed.client.liveness import GUARD_PREFIX
-from fedmed.client.pinning import install_wrapper, site_pins, write_pins
-from fedmed.server.superlink import flower_env, start_process, stop_process, tail
 
 from fedmed.config import SiteConfig
 from fedmed.errors import FederationError, SecurityError
+from fedmed.flower.liveness import GUARD_PREFIX
+from fedmed.flower.pinning import install_wrapper, verify_pinning, write_pins
+from fedmed.flower.process import flower_env, start_process, stop_process, tail
 
-__all__ = ["SiteNode", "node_env", "supernode_command", "write_node_config"]
+__all__ = [
+    "SiteNode",
+    "installed_app_hash",
+    "node_env",
+    "site_pins",
+    "supernode_command",
+    "write_node_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,28 @@ _STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset t
 _PINS_ENV = "FEDMED_APP_PINS"
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
 EXECUTOR_POLL_S = "0.1"  # Flower's SuperExec polls its SuperNode for tasks every 1 s by default
+CLIENT_APP_MODULE = "fedmed.client.app"  # preloaded by the warm-start server
+
+
+def installed_app_hash() -> str:
+    """sha256 of the shim app the installed fedmed builds (what an honest server sends)."""
+    # The app declares every run setting with its default (RunSettings), so they decide its
+    # bytes; they live in server/settings.py today: the one import of server/ by the site
+    # (allowed by name in tests/flower/test_layering.py until RunSettings moves below both).
+    from fedmed.server.settings import RunSettings
+
+    from fedmed.flower.fab import fab_from_files, shim_files
+
+    return fab_from_files(shim_files(RunSettings().to_run_config())).hash_str
+
+
+def site_pins(app_hashes: Iterable[str] = (), *, include_installed: bool = True) -> list[str]:
+    """The installed app's hash (unless excluded) followed by ``app_hashes``, deduplicated."""
+    pins = [installed_app_hash()] if include_installed else []
+    for digest in app_hashes:
+        if digest not in pins:
+            pins.append(digest)
+    return pins
 
 
 def warm_socket(config: SiteConfig) -> Path | None:
@@ -72,7 +104,12 @@ def warm_socket(config: SiteConfig) -> Path | None:
 
 
 def node_env(config: SiteConfig) -> dict[str, str]:
-    """The SuperNode's environment: the site's pinned ``flwr-clientapp`` first on ``PATH``."""
+    """The SuperNode's environment: the site's pinned ``flwr-clientapp`` first on ``PATH``.
+
+    Raises:
+        FederationError: the installed flwr is not a supported version.
+        SecurityError: Flower would not run the wrapper (:func:`verify_pinning`).
+    """
     pins = write_pins(config.state_dir / "app-pins.txt", site_pins(config.app_hashes))
     wrapper = install_wrapper(config.state_dir / "bin", pins, warm_socket=warm_socket(config))
     env = flower_env(
@@ -80,6 +117,7 @@ def node_env(config: SiteConfig) -> dict[str, str]:
     )
     env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
     env[_PINS_ENV] = str(pins)
+    verify_pinning(env, wrapper)
     return env
 
 
@@ -97,13 +135,13 @@ def write_node_config(config: SiteConfig) -> Path:
 
 def supernode_command(config: SiteConfig, node_config_file: Path) -> list[str]:
     """The SuperNode command line for a site: Flower's ``flower-supernode`` run through
-    :mod:`fedmed.client.liveness` (heartbeat every ``[connection] heartbeat-interval``, exit
-    when it stops working) and :mod:`fedmed.client.fastpoll` (idle poll ``[connection]
+    :mod:`fedmed.flower.liveness` (heartbeat every ``[connection] heartbeat-interval``, exit
+    when it stops working) and :mod:`fedmed.flower.fastpoll` (idle poll ``[connection]
     poll-interval`` instead of 3 s)."""
     command = [
         sys.executable,
         "-m",
-        "fedmed.client.liveness",
+        "fedmed.flower.liveness",
         "--heartbeat-interval",
         str(config.heartbeat_interval_s),
         "--poll-interval",
@@ -189,7 +227,14 @@ class SiteNode:
         if sock is not None and (self.warm is None or self.warm.poll() is not None):
             # Preloads torch/flwr/fedmed once; each message's flwr-clientapp is forked from it.
             self.warm = start_process(
-                [sys.executable, "-m", "fedmed.client.warmstart", str(sock), env[_PINS_ENV]],
+                [
+                    sys.executable,
+                    "-m",
+                    "fedmed.flower.warmstart",
+                    str(sock),
+                    env[_PINS_ENV],
+                    CLIENT_APP_MODULE,
+                ],
                 env=env,
                 log_file=self.config.state_dir / "logs" / "warmstart.log",
                 cwd=self.config.state_dir,

@@ -236,7 +236,7 @@ class SiteConfig:
         private-key = "../../certs/siteA.key"
 
     ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
-    derived from its installed fedmed (see ``fedmed.client.pinning``). With TLS the site
+    derived from its installed fedmed (see ``fedmed.flower.pinning``). With TLS the site
     refuses global models the server did not sign with a certificate of the federation CA
     (``ca-cert``); ``require-signed-models = false`` accepts unsigned ones. The four guard
     keys are :class:`fedmed.io.guard.GuardSettings`' (read back from the node config by

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.common.constant import SType
 
 from fedmed.errors import FederationError
+from fedmed.flower.codes import SType
 
 __all__ = [
     "ALIGN",

@@ -15,6 +15,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.flower.version import check_flower_version
 from fedmed.task import ensure_app_logging
 
 from .federation import Federation
@@ -31,6 +32,7 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        check_flower_version()
         ensure_app_logging()
         run_settings = settings or RunSettings.from_run_config(dict(context.run_config))
         result = Federation(grid, run_settings).run()

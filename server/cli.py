@@ -2,7 +2,7 @@
 
 Starts a SuperLink (TLS and site authentication on unless ``--insecure``) whose public
 ``host:port`` serves only Flower's Fleet API to the sites, while run submission and key
-registration stay on a private 127.0.0.1 control port (:mod:`fedmed.server.gateway`); registers
+registration stay on a private 127.0.0.1 control port (:mod:`fedmed.flower.gateway`); registers
 the allow-listed site keys over the private port, waits for ``min-sites`` sites (bounded),
 submits the fedmed app (a shim FAB, the same for every run) with the ``[app]`` table as Flower's
 override run config (plus ``signing-dir`` = the server's certs folder unless ``[app]`` sets it:
@@ -33,6 +33,7 @@ from types import FrameType
 from fedmed.cli.runner import configure_logging, run_command
 from fedmed.config import FederationConfig, load_federation_config
 from fedmed.errors import ConfigError, FederationError
+from fedmed.flower.version import check_flower_version
 
 __all__ = ["main", "run_server"]
 
@@ -135,7 +136,6 @@ def run_server(config: FederationConfig) -> int:
     os.environ["FLWR_HOME"] = str(server.state_dir / "flwr-cli-home")
     from fedmed.server.submit import (
         build_fab,
-        control_client,
         register_sites,
         stop_run,
         stop_unfinished_runs,
@@ -144,6 +144,8 @@ def run_server(config: FederationConfig) -> int:
         wait_for_sites,
     )
     from fedmed.server.superlink import SuperLink
+
+    from fedmed.flower.control import control_client
 
     timeout = run_timeout(config)
     log.info("run timeout %.0f s (%.1f h)", timeout, timeout / 3600)
@@ -208,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
     def run() -> int:
+        check_flower_version()
         config = load_federation_config(args.config)
         for ca_key in _ca_keys_in_certs(config):
             print(

@@ -1,8 +1,8 @@
 """Secure aggregation (SecAgg+) of a round: the server learns only the weighted mean update.
 
 Flower 1.41 has SecAgg+ only on its legacy path (``SecAggPlusWorkflow`` driving a legacy
-``Strategy`` through a ``LegacyContext``). fedmed keeps its own round loop and
-runs the workflow for the train stage of a round only:
+``Strategy`` through a ``LegacyContext``: :func:`fedmed.flower.secaggplus.run_secaggplus`).
+fedmed keeps its own round loop and runs the workflow for the train stage of a round only:
 
 1. the global arrays travel as one legacy ``FitIns`` parameter, packed by
    :func:`fedmed.wire.pack_array` (its index and the round's ConfigRecords ``signature``/
@@ -47,20 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy
-from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedmed import wire
 from fedmed.errors import FederationError
+from fedmed.flower.secaggplus import run_secaggplus
 from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records, split_update
 
 from .aggregate import SiteUpdate
@@ -71,8 +62,6 @@ from .settings import RunSettings
 __all__ = ["SecureRound", "SecureRoundResult", "apply_update"]
 
 logger = logging.getLogger(__name__)
-
-RECONSTRUCTION_FRACTION = 2 / 3
 
 
 @dataclass
@@ -87,77 +76,6 @@ class SecureRoundResult:
     @property
     def contributors(self) -> int:
         return len(self.metrics) if self.mean_update is not None else 0
-
-
-class _OneRoundStrategy(Strategy):
-    """The legacy Strategy the workflow drives: fixed sites and FitIns; keeps the aggregate."""
-
-    def __init__(self, proxies: list[ClientProxy], fitins: FitIns) -> None:
-        self.proxies = proxies
-        self.fitins = fitins
-        self.aggregate: list[np.ndarray] | None = None
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.failures: list[str] = []
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return None
-
-    def configure_fit(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        return [(proxy, self.fitins) for proxy in self.proxies]
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Any]]:
-        self.failures = [_failure_text(f) for f in failures]
-        if not results:
-            return None, {}
-        # the workflow puts the unmasked mean into every result; the metrics are per site
-        self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
-        for proxy, fitres in results:
-            metrics = {k: float(v) for k, v in fitres.metrics.items() if _is_number(v)}
-            metrics["num-examples"] = float(fitres.num_examples)
-            self.metrics[int(proxy.node_id)] = metrics
-        return results[0][1].parameters, {}
-
-    def configure_evaluate(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple:
-        return None, {}
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> None:
-        return None
-
-
-class _QuorumSecAggPlus(SecAggPlusWorkflow):
-    """SecAgg+ that never unmasks a sum of fewer than ``min_contributors`` sites.
-
-    Flower unmasks whenever the reconstruction threshold is met. A retry of a round that had
-    too few contributors may ask overlapping sites, which train the same way again (same global
-    model, same seeds), so unmasking A+B and then A+B+C would hand the server C's update: stop
-    before unmasking instead.
-    """
-
-    def __init__(self, *args: Any, min_contributors: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.min_contributors = min_contributors
-
-    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        ok = super().collect_masked_vectors_stage(grid, context, state)
-        if ok and len(state.active_node_ids) < self.min_contributors:
-            context.strategy.failures.append(  # type: ignore[attr-defined]
-                f"only {len(state.active_node_ids)} sites sent masked updates, min-sites is "
-                f"{self.min_contributors}: not unmasked"
-            )
-            return False
-        return ok
 
 
 class SecureRound:
@@ -185,50 +103,36 @@ class SecureRound:
         """Send ``sent`` to ``nodes``; the mean update (None when the protocol halted)."""
         started = time.monotonic()
         payload, index = wire.pack_array(sent)
-        fitins = FitIns(ndarrays_to_parameters([payload]), flatten_records(config, index, records))
-        run_id = int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0)
-        proxies: list[ClientProxy] = [GridClientProxy(n, self.grid, run_id) for n in nodes]
-        strategy = _OneRoundStrategy(proxies, fitins)
-        context = LegacyContext(
-            Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-            strategy=strategy,
-        )
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {WorkflowKey.CURRENT_ROUND: server_round}
-        )
-        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-        workflow = _QuorumSecAggPlus(
-            num_shares=1.0,
-            reconstruction_threshold=RECONSTRUCTION_FRACTION,
+        outcome = run_secaggplus(
+            PollingGrid(self.grid, self.settings.poll_interval),  # type: ignore[arg-type]
+            server_round=server_round,
+            nodes=nodes,
+            payload=payload,
+            config=flatten_records(config, index, records),
+            min_contributors=self.settings.min_sites,
             max_weight=self.settings.secagg_max_weight,
             clipping_range=self.settings.secagg_clip_range,
             quantization_range=QUANTIZATION_RANGE,
             timeout=self.settings.round_timeout,
-            min_contributors=self.settings.min_sites,
+            run_id=int(getattr(getattr(self.grid, "run", None), "run_id", 0) or 0),
         )
-        try:
-            workflow(PollingGrid(self.grid, self.settings.poll_interval), context)  # type: ignore[arg-type]
-        except Exception as err:  # Flower indexes replies unchecked: a bad one fails the attempt
-            logger.exception("round %d: secure aggregation failed", server_round)
-            strategy.failures.append(f"{type(err).__name__}: {err}")
-            strategy.aggregate = None
-        result = SecureRoundResult(None, failures=strategy.failures)
-        if strategy.aggregate is not None:
+        result = SecureRoundResult(None, failures=outcome.failures)
+        if outcome.aggregate is not None:
             # Fatal, not a failed attempt: a sum was unmasked, and a retry over overlapping sites
             # would unmask another one (their difference is a site's update).
             try:
-                if len(strategy.aggregate) != 1:
+                if len(outcome.aggregate) != 1:
                     raise ValueError(
-                        f"the aggregate holds {len(strategy.aggregate)} vectors, expected one"
+                        f"the aggregate holds {len(outcome.aggregate)} vectors, expected one"
                     )
-                result.mean_update = split_update(strategy.aggregate[0], sent)
+                result.mean_update = split_update(outcome.aggregate[0], sent)
             except ValueError as err:
                 raise FederationError(
                     f"round {server_round}: the securely aggregated update does not fit the "
                     f"model ({err}); the run stops rather than unmask another sum: run the "
                     "same fedmed version at the server and every site"
                 ) from err
-            result.metrics = strategy.metrics
+            result.metrics = outcome.metrics
         result.seconds = time.monotonic() - started
         logger.info(
             "round %d: secure aggregation of %d of %d sites in %.1f s%s",
@@ -291,13 +195,3 @@ def apply_update(
             moved = np.rint(moved)
         out[key] = moved.astype(value.dtype)
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _failure_text(failure: Any) -> str:
-    if isinstance(failure, BaseException):
-        return str(failure) or type(failure).__name__
-    return "a site replied with an error status"

@@ -1,15 +1,15 @@
-"""Talk to a SuperLink's Control API: register site keys, build the app, submit and follow a run.
+"""Register site keys, build the app, submit and follow a run on a SuperLink.
 
-This uses Flower internals (the same calls ``flwr run`` and ``flwr supernode register`` make
-in flwr 1.41: ``init_http_client_from_connection``, ``build_fab_from_files``, ``StartRun``,
-``ListRuns``, ``ListNodes``, ``RegisterNode``, ``StreamLogs``); flwr is pinned to 1.41 and
-``tests/server/test_superlink_e2e.py`` exercises every one of them against a real SuperLink.
+The Control API calls (the ones ``flwr run`` and ``flwr supernode register`` make) are in
+:mod:`fedmed.flower.control`; this module decides what their answers mean (an already
+registered key is fine, a refused run is a :class:`FederationError`, a busy SuperLink's 500 on
+a status poll is retried) and waits with bounds.
 
-The app shipped to the sites (the FAB) is a thin shim built in memory: a ``pyproject.toml``
-declaring every run-config key with fedmed's defaults and two modules that import the installed
-fedmed's apps, so every site runs the fedmed it installed. It holds nothing per run: the run's
-values travel as Flower's ``override_config``, so the FAB's bytes (and sha256, which sites pin,
-see ``fedmed.client.pinning``) depend only on the fedmed version and the two module names.
+The app shipped to the sites (the FAB) is :mod:`fedmed.flower.fab`'s thin shim declaring every
+run-config key with fedmed's defaults (:class:`RunSettings`) and importing the installed
+fedmed's apps, so every site runs the fedmed it installed. Its bytes (and sha256, which sites
+pin, see :mod:`fedmed.flower.pinning`) depend only on the fedmed version and the two module
+names.
 
 Example:
     >>> with control_client(link.address, ca_cert=ca) as client:
@@ -19,53 +19,36 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import re
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-with warnings.catch_warnings():
-    # flwr.cli imports typer, which touches a click API deprecated since click 8.2.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")
-    from flwr.cli.build import build_fab_from_files
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.common.constant import Status, SubStatus
-    from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
-        ListNodesRequest,
-        ListRunsRequest,
-        RegisterNodeRequest,
-        StartRunRequest,
-        StopRunRequest,
-        StreamLogsRequest,
-    )
-    from flwr.supercore.control import ControlHttpClient
-    from flwr.supercore.fab import Fab
-
-from fedmed.server.settings import RunSettings
-
-from fedmed import __version__
 from fedmed.errors import ConfigError, FederationError, SecurityError
+from fedmed.flower import control
+from fedmed.flower.control import COMPLETED, FINISHED, ControlHttpClient, control_client
+from fedmed.flower.fab import (
+    APP_NAME,
+    CLIENT_MODULE,
+    SERVER_MODULE,
+    Fab,
+    fab_from_files,
+    shim_files,
+)
 from fedmed.security.pki import load_site_public_key_pem
 
+from .settings import RunSettings
+
 __all__ = [
-    "APP_NAME",
-    "APP_PUBLISHER",
     "RunOutcome",
     "build_fab",
     "control_client",
     "default_run_config",
     "fab_files",
-    "fab_from_files",
     "online_sites",
     "register_sites",
     "run_status",
@@ -78,23 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "fedmed-app"
-APP_PUBLISHER = "fedmed"
-_ONLINE = "online"
-SERVER_MODULE = "fedmed.server.app"
-CLIENT_MODULE = "fedmed.client.app"
 _MAX_POLL_ERRORS = 30  # consecutive failed status polls before giving up on a run
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def _shim(target: str) -> bytes:
-    """``pkg.mod`` (attribute ``app``) or ``pkg.mod:attr`` -> a module re-exporting it as app."""
-    module, _, attr = target.partition(":")
-    attr = attr or "app"
-    if not _MODULE.match(module) or not attr.isidentifier():
-        raise ValueError(f"not a module[:attribute] name: {target!r}")
-    alias = "" if attr == "app" else " as app"
-    return f'from {module} import {attr}{alias}\n\n__all__ = ["app"]\n'.encode()
 
 
 @dataclass(frozen=True)
@@ -109,16 +76,7 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         """Whether the run finished as completed."""
-        return self.status == f"{Status.FINISHED}:{SubStatus.COMPLETED}"
-
-
-def _toml_value(value: str | int | float | bool) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+        return self.status == f"{FINISHED}:{COMPLETED}"
 
 
 def default_run_config() -> dict[str, str | int | float | bool]:
@@ -139,37 +97,9 @@ def fab_files(
     ``server_module``/``client_module`` name installed modules exposing ``app``; tests point
     them at a minimal app.
     """
-    defaults = default_run_config()
-    config_lines = "\n".join(f'"{key}" = {_toml_value(defaults[key])}' for key in sorted(defaults))
-    pyproject = f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "{APP_NAME}"
-version = "{__version__}"
-description = "fedmed federated segmentation (shim: runs the fedmed installed at each site)"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "{APP_PUBLISHER}"
-
-[tool.flwr.app.components]
-serverapp = "fedmed_app.server_app:app"
-clientapp = "fedmed_app.client_app:app"
-
-[tool.flwr.app.config]
-{config_lines}
-"""
-    return {
-        "pyproject.toml": pyproject.encode(),
-        "fedmed_app/__init__.py": b'"""fedmed Flower app shim."""\n',
-        "fedmed_app/server_app.py": _shim(server_module),
-        "fedmed_app/client_app.py": _shim(client_module),
-    }
+    return shim_files(
+        default_run_config(), server_module=server_module, client_module=client_module
+    )
 
 
 def build_fab(
@@ -184,33 +114,6 @@ def build_fab(
         True
     """
     return fab_from_files(fab_files(server_module=server_module, client_module=client_module))
-
-
-def fab_from_files(files: Mapping[str, bytes]) -> Fab:
-    """Zip app files (relative path -> bytes) into a FAB the way ``flwr build`` does."""
-    with warnings.catch_warnings():
-        # flwr 1.41's build uses pathspec's "gitwildmatch", deprecated in pathspec 0.12.
-        warnings.filterwarnings(
-            "ignore", message=".*GitWildMatchPattern", category=DeprecationWarning
-        )
-        fab_bytes, _ = build_fab_from_files(dict(files))
-    return Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-
-
-@contextlib.contextmanager
-def control_client(address: str, *, ca_cert: Path | None) -> Iterator[ControlHttpClient]:
-    """A Control API client for ``address`` (TLS with ``ca_cert``; plain HTTP when None)."""
-    connection = SuperLinkConnection(
-        name="fedmed",
-        address=address,
-        root_certificates=str(ca_cert) if ca_cert is not None else None,
-        insecure=ca_cert is None,
-    )
-    client = init_http_client_from_connection(connection)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _error_text(err: httpx.HTTPError) -> str:
@@ -231,9 +134,7 @@ def register_sites(client: ControlHttpClient, sites: Mapping[str, Path]) -> dict
     for site, key_path in sites.items():
         public_key = load_site_public_key_pem(key_path)
         try:
-            response = client.RegisterNode(
-                RegisterNodeRequest(public_key=public_key, name=f"site-{site}")
-            )
+            node_id = control.register_node(client, public_key, f"site-{site}")
         except httpx.HTTPStatusError as err:
             # 412 = this key is registered already (registrations persist in the database).
             if err.response.status_code == 412 and "already" in err.response.text.lower():
@@ -243,19 +144,14 @@ def register_sites(client: ControlHttpClient, sites: Mapping[str, Path]) -> dict
             raise SecurityError(
                 f"the SuperLink refused site {site}'s key {key_path}: {_error_text(err)}"
             ) from err
-        log.info("site %s registered as node %d", site, response.node_id)
-        result[site] = response.node_id
+        log.info("site %s registered as node %d", site, node_id)
+        result[site] = node_id
     return result
 
 
 def online_sites(client: ControlHttpClient) -> dict[str, int]:
     """Registered names -> node id of the sites online now."""
-    response = client.ListNodes(ListNodesRequest())
-    return {
-        (node.name or str(node.node_id)): node.node_id
-        for node in response.nodes_info
-        if node.status == _ONLINE
-    }
+    return control.online_nodes(client)
 
 
 def wait_for_sites(
@@ -312,41 +208,30 @@ def submit_run(
             f"[app] key(s) {', '.join(unknown)} are not fedmed run settings: use "
             f"{', '.join(sorted(known))}"
         )
-    request = StartRunRequest(
-        fab=fab_to_proto(fab),
-        override_config=user_config_to_proto(dict(run_config or {})),
-        federation="",
-    )
     try:
-        response = client.StartRun(request)
+        run_id, note = control.start_run(client, fab, dict(run_config or {}))
     except httpx.HTTPError as err:
         raise FederationError(f"the SuperLink refused the run: {_error_text(err)}") from err
-    if not response.HasField("run_id"):
-        raise FederationError(f"the SuperLink did not start the run: {response.note}")
-    log.info(
-        "submitted run %d (app %s, FAB sha256 %s)", response.run_id, APP_NAME, fab.hash_str[:12]
-    )
-    return response.run_id
+    if run_id is None:
+        raise FederationError(f"the SuperLink did not start the run: {note}")
+    log.info("submitted run %d (app %s, FAB sha256 %s)", run_id, APP_NAME, fab.hash_str[:12])
+    return run_id
 
 
 def _stream_logs(client: ControlHttpClient, run_id: int, sink: Callable[[str], None]) -> None:
     try:
-        for response in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
-            sink(response.log_output)
+        for text in control.stream_logs(client, run_id):
+            sink(text)
     except (httpx.HTTPError, ValueError) as err:
         log.debug("log stream of run %d ended: %s", run_id, err)
 
 
 def run_status(client: ControlHttpClient, run_id: int) -> tuple[str, str]:
     """(``status:sub-status`` or ``status``, details) of a run."""
-    response = client.ListRuns(ListRunsRequest(run_id=run_id))
-    if run_id not in response.run_dict:
+    statuses = control.run_statuses(client, run_id)
+    if run_id not in statuses:
         raise FederationError(f"run {run_id} is unknown to the SuperLink")
-    run = run_from_proto(response.run_dict[run_id])
-    status = run.status.status
-    if run.status.sub_status:
-        status = f"{status}:{run.status.sub_status}"
-    return status, run.status.details
+    return statuses[run_id]
 
 
 def wait_for_run(
@@ -390,7 +275,7 @@ def wait_for_run(
             log.warning("run %d: status poll failed (%s); retrying", run_id, _error_text(err))
             time.sleep(poll)
             continue
-        if status.startswith(Status.FINISHED):
+        if status.startswith(FINISHED):
             time.sleep(min(2.0, poll * 2))  # let the log stream deliver its tail
             return RunOutcome(run_id, status, details, time.monotonic() - start)
         if time.monotonic() - start > timeout:
@@ -405,7 +290,7 @@ def wait_for_run(
 def stop_run(client: ControlHttpClient, run_id: int) -> None:
     """Ask the SuperLink to stop a run (errors are logged, not raised)."""
     try:
-        client.StopRun(StopRunRequest(run_id=run_id))
+        control.stop_run(client, run_id)
         log.info("run %d stopped", run_id)
     except httpx.HTTPError as err:
         log.warning("could not stop run %d: %s", run_id, _error_text(err))
@@ -417,11 +302,10 @@ def stop_unfinished_runs(client: ControlHttpClient) -> list[int]:
     A restarted ``fedmed-server`` submits a fresh run that resumes from the checkpoints, so a
     run the crashed session left behind must not compete with it for the sites.
     """
-    response = client.ListRuns(ListRunsRequest())
     stale = [
         run_id
-        for run_id, proto in response.run_dict.items()
-        if run_from_proto(proto).status.status != Status.FINISHED
+        for run_id, (status, _) in control.run_statuses(client).items()
+        if status.partition(":")[0] != FINISHED
     ]
     for run_id in stale:
         log.warning("run %d from an earlier session is unfinished: stopping it", run_id)

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fedmed.flower.port_limits import REFUSE_EXTENSION, refusal_log
+from fedmed.flower.public_filter import FLEET_PREFIX
 
 __all__ = [
     "KNOWN_KEY_TTL_S",
@@ -51,7 +52,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNREGISTERED_BODY_BYTES = 64 << 10  # unknown key, and requests outside the Fleet API (/health)
 KNOWN_KEY_TTL_S = 30.0
-FLEET_PREFIX = "/v1/fleet/"
 
 
 class _Refused(Exception):

@@ -7,7 +7,9 @@ public socket reach only the exact routes of Flower's fleet router
 (``flwr.superlink.routers.fleet.router``) and ``/health`` (:data:`PUBLIC_ROUTES`); anything
 else answers 404 and is logged (rate-limited, :class:`~fedmed.flower.port_limits.RefusalLog`).
 The decision is made by the socket a request arrived on (``scope["server"]``), never by client
-address, so a proxy or a forwarded header cannot widen it.
+address, so a proxy or a forwarded header cannot widen it. Before the gateway serves anything,
+:func:`verify_public_routes` proves that the allowed routes are Fleet API routes and none of
+Flower's Control API ones (a Flower upgrade that moved them refuses to start, never exposes).
 
 Example:
     >>> app = PublicFilter(flower_app, public_port=9092)   # private socket: anything
@@ -18,9 +20,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fedmed.errors import SecurityError
 from fedmed.flower.port_limits import refusal_log
+from fedmed.flower.version import installed_flower_version
 
-__all__ = ["HEALTH_ROUTE", "PUBLIC_ROUTES", "PublicFilter", "fleet_routes"]
+__all__ = [
+    "FLEET_PREFIX",
+    "HEALTH_ROUTE",
+    "PUBLIC_ROUTES",
+    "PublicFilter",
+    "control_routes",
+    "fleet_routes",
+    "verify_public_routes",
+]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -28,19 +40,70 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_ROUTE = ("GET", "/health")
+FLEET_PREFIX = "/v1/fleet/"
+
+
+def _routes(router: Any) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        (method, route.path)
+        for route in router.routes
+        for method in getattr(route, "methods", None) or ()
+    )
 
 
 def fleet_routes() -> frozenset[tuple[str, str]]:
     """(method, path) of every route of Flower's Fleet API router (what sites call)."""
     from flwr.superlink.routers.fleet.router import router
 
-    routes = set()
-    for route in router.routes:
-        for method in getattr(route, "methods", None) or ():
-            routes.add((method, route.path))
+    routes = _routes(router)
     if not routes:
         raise RuntimeError("flwr's fleet router has no routes: the flwr internals moved")
-    return frozenset(routes)
+    return routes
+
+
+def control_routes() -> frozenset[tuple[str, str]]:
+    """(method, path) of every route of Flower's Control API router (run submission, keys).
+
+    Raises:
+        SecurityError: the router is not where fedmed expects it (then nothing is proven).
+    """
+    try:
+        from flwr.superlink.routers.control.router import router
+    except ImportError as err:
+        raise SecurityError(
+            f"flwr {installed_flower_version()} has no Control API router where fedmed looks "
+            f"for it ({err}): cannot prove that the public port hides the Control API"
+        ) from err
+    return _routes(router)
+
+
+def verify_public_routes(allowed: frozenset[tuple[str, str]]) -> None:
+    """Prove that ``allowed`` exposes the Fleet API (and ``/health``) and nothing else.
+
+    Raises:
+        SecurityError: ``allowed`` is empty of Fleet API routes, holds a path outside
+            ``/v1/fleet/`` other than ``/health``, or holds a Control API route; the message
+            names the routes and the installed flwr version.
+    """
+    version = installed_flower_version()
+    outside = sorted(
+        f"{method} {path}"
+        for method, path in allowed
+        if (method, path) != HEALTH_ROUTE and not path.startswith(FLEET_PREFIX)
+    )
+    control = sorted(f"{method} {path}" for method, path in allowed & control_routes())
+    if control or outside:
+        raise SecurityError(
+            f"the public port would serve {', '.join(control + outside)}, which "
+            f"{'are Control API routes' if control else f'lie outside {FLEET_PREFIX}'} under "
+            f"flwr {version}: its routers changed, and the Control API (run submission, key "
+            "registration) must never be public; use a supported flwr version"
+        )
+    if not any(path.startswith(FLEET_PREFIX) for _, path in allowed):
+        raise SecurityError(
+            f"flwr {version}'s Fleet API router has no {FLEET_PREFIX} route: its routers "
+            "changed; use a supported flwr version"
+        )
 
 
 PUBLIC_ROUTES: frozenset[tuple[str, str]] = fleet_routes() | {HEALTH_ROUTE}

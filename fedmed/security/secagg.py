@@ -2,7 +2,8 @@
 
 The server side is :mod:`fedmed.server.secagg`. A SecAgg+ round reaches the site's ``train``
 handler as four messages (setup, share keys, collect masked vectors, unmask), each with the
-ConfigRecord ``secaggplus_configs``; Flower's ``secaggplus_mod`` runs the protocol and, at the
+ConfigRecord ``secaggplus_configs``; Flower's ``secaggplus_mod`` runs the protocol
+(:func:`fedmed.flower.secaggplus.secaggplus_site`) and, at the
 third stage, calls back into the site's normal training (:func:`secure_train`'s ``train``),
 then quantizes and masks what it returns. What the site hands to the mod is its *update*
 (trained minus received arrays) and its number of training samples (the weight); the mod
@@ -36,17 +37,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import Context, Message
-from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import (
-    RECORD_KEY_CONFIGS,
-    RECORD_KEY_STATE,
-)
 
 from fedmed import wire
+from fedmed.flower.secaggplus import is_secaggplus_message, secaggplus_site, secaggplus_state
 
 __all__ = [
     "INDEX_CONFIG",
@@ -180,16 +175,16 @@ def quantization_tolerance(
 
 def is_secure_message(msg: Message) -> bool:
     """Whether ``msg`` is one of a SecAgg+ round's stages."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
+    return is_secaggplus_message(msg)
 
 
 def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
     """Answer one SecAgg+ stage; at the masked-vector stage ``train`` runs the local round."""
 
-    def train_and_report_update(inner: Message, ctx: Context) -> Message:
-        fitins = compat.recorddict_to_fitins(inner.content, keep_input=True)
-        config, index, records = split_records(fitins.config)
-        payloads = parameters_to_ndarrays(fitins.parameters)
+    def train_and_report_update(
+        payloads: list[np.ndarray], flat: dict[str, Any], ctx: Context
+    ) -> tuple[np.ndarray, int, Mapping[str, float]]:
+        config, index, records = split_records(flat)
         if len(payloads) != 1:
             raise ValueError(
                 f"secure round carries {len(payloads)} arrays, expected one packed payload: "
@@ -200,20 +195,14 @@ def secure_train(msg: Message, context: Context, train: SiteTrainFn) -> Message:
         update = join_update(sent, received)
         num_examples = int(metrics.get("num-examples", 0))
         _warn_if_clipped(update, ctx, num_examples)
-        fitres = FitRes(
-            Status(Code.OK, "trained"),
-            ndarrays_to_parameters([update]),
-            num_examples,
-            {k: float(v) for k, v in metrics.items()},
-        )
-        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=inner)
+        return update, num_examples, metrics
 
-    return secaggplus_mod(msg, context, train_and_report_update)
+    return secaggplus_site(msg, context, train_and_report_update)
 
 
 def _warn_if_clipped(update: np.ndarray, context: Context, num_examples: int) -> None:
     """SecAgg+ clips ``weight * update`` silently: say so in the site's log when it happens."""
-    state = context.state.config_records.get(RECORD_KEY_STATE)
+    state = secaggplus_state(context)
     if state is None:
         return
     clip = float(state.get("clipping_range", 0.0) or 0.0)

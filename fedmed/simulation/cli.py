@@ -38,6 +38,7 @@ from typing import Any
 
 from fedmed.cli.runner import configure_logging, run_command
 from fedmed.errors import ConfigError
+from fedmed.flower.version import check_flower_version
 
 from .config import SimConfig, load_sim_config, run_settings
 from .sites import SimData, pooled_federation, shifted_federation
@@ -377,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         cfg, verbose = parse_config(argv)
+        check_flower_version()
         configure_sim_logging(verbose)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -23,7 +23,7 @@ Process hygiene: telemetry and update checks off, runtime dependency installatio
 temporary folder inside the output folder (or a short private one when that path is too long
 for Ray's Unix sockets, removed afterwards), Flower's home in the output folder, and the
 SuperLink's whole process tree (executor, ``flwr-simulation``, Ray's GCS, raylet and actors)
-stopped on return, error or Ctrl-C (:func:`fedmed.server.superlink.stop_process`). The run's
+stopped on return, error or Ctrl-C (:func:`fedmed.flower.process.stop_process`). The run's
 log (Flower's, the server app's and, with ``verbose``, the sites') is kept in
 ``<out-dir>/simulation.log``, the SuperLink's in ``<out-dir>/superlink.log``. Ray gives its
 raylet a fixed 30 s to start (``ray/_private/node.py``); when an overloaded machine misses
@@ -173,7 +173,8 @@ def simulation_fab() -> Any:
     """
     import json
 
-    from fedmed.server.submit import fab_files, fab_from_files
+    from fedmed.flower.fab import fab_from_files
+    from fedmed.server.submit import fab_files
 
     from .apps import SIM_KEYS
 
@@ -189,41 +190,31 @@ def simulation_fab() -> Any:
 
 
 def _federation_config(resources: SiteResources, sites: int, *, verbose: bool) -> Any:
-    from flwr.proto.federation_config_pb2 import SimulationConfig
+    from fedmed.flower.control import simulation_config
 
-    config = SimulationConfig(
+    return simulation_config(
         num_supernodes=sites,
-        client_resources_num_cpus=resources.num_cpus,
-        client_resources_num_gpus=resources.num_gpus,
-        init_args_num_cpus=resources.ray_cpus,
-        init_args_log_to_driver=verbose,
-        init_args_logging_level="INFO" if verbose else "WARNING",
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        ray_cpus=resources.ray_cpus,
+        verbose=verbose,
     )
-    if resources.num_gpus == 0:
-        config.init_args_num_gpus = 0
-    return config
 
 
 def _submit(client: Any, settings: RunSettings, run_config: dict[str, Any], federation: Any) -> int:
     import httpx
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
 
-    request = StartRunRequest(
-        fab=fab_to_proto(simulation_fab()),
-        override_config=user_config_to_proto(run_config),
-        federation="",
-        override_federation_config=federation,
-    )
+    from fedmed.flower.control import start_run
+
     try:
-        response = client.StartRun(request)
+        run_id, note = start_run(client, simulation_fab(), run_config, federation_config=federation)
     except httpx.HTTPError as err:
         raise FederationError(
             f"the simulation SuperLink refused the run of {settings.out_dir}: {err}"
         ) from err
-    if not response.HasField("run_id"):
-        raise FederationError(f"the simulation SuperLink did not start the run: {response.note}")
-    return int(response.run_id)
+    if run_id is None:
+        raise FederationError(f"the simulation SuperLink did not start the run: {note}")
+    return run_id
 
 
 class _LogSink:
@@ -290,7 +281,7 @@ def run_federation(
         # overloaded machine that start fails before any round; the run resumes after round 0
         logger.warning("Ray did not start in time (machine overloaded?); starting again")
         sink("\n--- fedmed-sim: Ray did not start in time; starting the simulation again ---\n")
-    from fedmed.server.superlink import tail
+    from fedmed.flower.process import tail
 
     raise FederationError(
         f"simulation in {settings.out_dir} ended {outcome.status}: "
@@ -310,14 +301,15 @@ def _run_once(
     with warnings.catch_warnings():
         # flwr.cli imports typer, which uses an API click 8.3 deprecates
         warnings.simplefilter("ignore", DeprecationWarning)
-        from fedmed.server.submit import control_client, wait_for_run
-        from fedmed.server.superlink import (
+        from fedmed.flower.control import control_client
+        from fedmed.flower.process import (
             flower_env,
             free_loopback_port,
             start_process,
             stop_process,
             wait_for_health,
         )
+        from fedmed.server.submit import wait_for_run
 
     out_dir = settings.out_path.absolute()
     link_log = out_dir / "superlink.log"

@@ -1,4 +1,4 @@
-"""fedmed.client.liveness: the heartbeat interval a SuperNode declares, and its exit when Flower's
+"""fedmed.flower.liveness: the heartbeat interval a SuperNode declares, and its exit when Flower's
 pull loop or heartbeat thread dies. Real ``flower-supernode`` processes against
 ``fake_superlink.py`` (a Fleet API that answers HTTP 500 on demand)."""
 
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 from fake_superlink import NODE_ID, FakeSuperLink
-from fedmed.client.liveness import (
+
+from fedmed.flower.liveness import (
     EXIT_STOPPED_WORKING,
     GUARD_PREFIX,
     HEARTBEAT_MODULES,
     set_heartbeat_interval,
 )
-from fedmed.server.superlink import flower_env, free_loopback_port
+from fedmed.flower.process import flower_env, free_loopback_port
 
 TIMEOUT = 120.0  # a cold flwr import takes seconds, minutes on a saturated machine
 
@@ -51,8 +52,9 @@ def test_heartbeat_interval_outside_what_the_superlink_accepts_is_refused(
 
 
 def test_bounds_are_flowers() -> None:
-    from fedmed.client import liveness
     from flwr.common import constant
+
+    from fedmed.flower import liveness
 
     assert liveness.MIN_HEARTBEAT_S == constant.HEARTBEAT_MIN_INTERVAL
     assert liveness.MAX_HEARTBEAT_S == constant.HEARTBEAT_MAX_INTERVAL
@@ -60,7 +62,7 @@ def test_bounds_are_flowers() -> None:
 
 def _supernode(fake: FakeSuperLink, tmp_path: Path, heartbeat: float) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "fedmed.client.liveness", "--heartbeat-interval", str(heartbeat),
+        sys.executable, "-m", "fedmed.flower.liveness", "--heartbeat-interval", str(heartbeat),
         "--poll-interval", "0.2", "--", "--superlink", fake.address, "--insecure",
         "--port", str(free_loopback_port()),
     ]  # fmt: skip

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from fedmed.client.cli import main as client_main
-from fedmed.client.supernode import SiteNode, supernode_command, write_node_config
+from fedmed.client.supernode import (
+    SiteNode,
+    installed_app_hash,
+    node_env,
+    site_pins,
+    supernode_command,
+    write_node_config,
+)
 
 from fedmed.config import SiteConfig
 from fedmed.errors import DataError, FederationError, SecurityError
@@ -67,7 +74,7 @@ def test_supernode_command_uses_tls_site_key_and_own_port(tmp_path: Path) -> Non
     command = supernode_command(config, tmp_path / "nc.toml")
 
     assert command[:8] == [
-        sys.executable, "-m", "fedmed.client.liveness", "--heartbeat-interval", "12.0",
+        sys.executable, "-m", "fedmed.flower.liveness", "--heartbeat-interval", "12.0",
         "--poll-interval", "0.5", "--"
     ]  # fmt: skip
     assert command[command.index("--superlink") + 1] == "127.0.0.1:9"
@@ -83,6 +90,47 @@ def test_insecure_supernode_command(tmp_path: Path) -> None:
     command = supernode_command(config, tmp_path / "nc.toml")
     assert "--insecure" in command
     assert "--root-certificates" not in command
+
+
+def test_installed_app_hash_is_the_shim_fedmed_server_submits() -> None:
+    import hashlib
+
+    from fedmed.server.submit import build_fab
+
+    digest = installed_app_hash()
+    assert digest == build_fab().hash_str == hashlib.sha256(build_fab().content).hexdigest()
+
+
+def test_site_pins_put_the_installed_app_first_without_duplicates() -> None:
+    other = "ab" * 32
+    assert site_pins([other, installed_app_hash(), other]) == [installed_app_hash(), other]
+    assert site_pins([other], include_installed=False) == [other]
+
+
+def test_node_env_puts_the_pinned_wrapper_first_on_path(tmp_path: Path) -> None:
+    env = node_env(_site_config(tmp_path, warm_start=False))
+
+    first = env["PATH"].split(os.pathsep)[0]
+    assert Path(first) == tmp_path / "state" / "bin"
+    assert (Path(first) / "flwr-clientapp").is_file()
+
+
+def test_a_site_whose_pinning_flower_would_bypass_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a Flower whose ClientApp runtime lost the hook the pin check wraps
+    import importlib
+
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    monkeypatch.delattr(runtime, "install_from_fab")
+    (tmp_path / "ca.pem").write_text("x")
+    config = _site_config(tmp_path, insecure=True, ca_cert=None, private_key=None)
+    node = SiteNode(config)
+
+    # Execute / Assert: refused before any SuperNode process starts
+    with pytest.raises(SecurityError, match=r"app pinning cannot be proven .* install_from_fab"):
+        node.run()
+    assert node.proc is None and node.warm is None
 
 
 def test_backoff_doubles_up_to_the_maximum(tmp_path: Path) -> None:

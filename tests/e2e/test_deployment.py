@@ -15,7 +15,6 @@ import pytest
 from fedmed.client.supernode import SiteNode
 from fedmed.server.submit import (
     build_fab,
-    control_client,
     online_sites,
     register_sites,
     run_status,
@@ -27,6 +26,7 @@ from fedmed.server.submit import (
 from fedmed.server.superlink import SuperLink
 
 from fedmed.errors import FederationError
+from fedmed.flower.control import control_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -22,9 +22,7 @@ import pytest
 from fedmed.client.supernode import SiteNode
 from fedmed.server.submit import (
     build_fab,
-    control_client,
     fab_files,
-    fab_from_files,
     register_sites,
     submit_run,
     wait_for_run,
@@ -33,6 +31,8 @@ from fedmed.server.submit import (
 from fedmed.server.superlink import SuperLink
 
 from fedmed.errors import FederationError, SecurityError
+from fedmed.flower.control import control_client
+from fedmed.flower.fab import fab_from_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -274,10 +274,12 @@ def health(port: int, ca: Path | None, *, source: str = "127.0.0.2") -> int:
 def gateway(tmp: Path, **limits: object) -> Iterator[tuple[object, object]]:
     """A started TLS + site-auth SuperLink (gateway) on free ports with sites A and B
     registered, and the PKI: ``(link, pki)``. ``limits`` are ServerConfig fields."""
-    from fedmed.server.submit import control_client, register_sites
-    from fedmed.server.superlink import SuperLink, free_loopback_port
+    from fedmed.server.submit import register_sites
+    from fedmed.server.superlink import SuperLink
 
     from fedmed.config import ServerConfig
+    from fedmed.flower.control import control_client
+    from fedmed.flower.process import free_loopback_port
     from fedmed.security.pki import write_pki
 
     pki = write_pki(tmp / "certs", server_hosts=["127.0.0.1"], sites=["A", "B"])

@@ -196,7 +196,9 @@ def test_a_registered_site_is_held_to_the_body_limit(port: Port) -> None:
 
 
 def test_the_private_socket_keeps_serving_the_control_api(port: Port) -> None:
-    from fedmed.server.submit import control_client, register_sites
+    from fedmed.server.submit import register_sites
+
+    from fedmed.flower.control import control_client
 
     with control_client(port.private, ca_cert=port.ca) as control:
         assert register_sites(control, port.sites) == {"A": None, "B": None}  # known already

@@ -1,28 +1,18 @@
-"""SuperLink process management and the app shim, without starting Flower."""
+"""The SuperLink command line and the app shim, without starting Flower."""
 
 from __future__ import annotations
 
 import io
-import os
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from fedmed.server.submit import build_fab, default_run_config, fab_files, submit_run
-from fedmed.server.superlink import (
-    descendants,
-    flower_env,
-    public_limit_flags,
-    start_process,
-    stop_process,
-    superlink_command,
-    wait_for_health,
-)
+from fedmed.server.superlink import public_limit_flags, superlink_command
 
 from fedmed.config import ServerConfig
-from fedmed.errors import ConfigError, FederationError
+from fedmed.errors import ConfigError
 
 
 def _server_config(tmp_path: Path, *, insecure: bool = False) -> ServerConfig:
@@ -48,7 +38,7 @@ def _server_config(tmp_path: Path, *, insecure: bool = False) -> ServerConfig:
 def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path) -> None:
     command = superlink_command(_server_config(tmp_path))
 
-    assert command[:3] == [sys.executable, "-m", "fedmed.server.gateway"]
+    assert command[:3] == [sys.executable, "-m", "fedmed.flower.gateway"]
     gateway, flower = command[: command.index("--")], command[command.index("--") + 1 :]
     assert gateway[3:7] == ["--public-host", "0.0.0.0", "--public-port", "9123"]
     assert gateway[7:] == public_limit_flags(_server_config(tmp_path))
@@ -64,7 +54,7 @@ def test_superlink_command_turns_on_tls_auth_and_persistent_state(tmp_path: Path
 def test_the_public_port_limits_reach_the_gateway_in_its_units(tmp_path: Path) -> None:
     import dataclasses
 
-    from fedmed.server.gateway import _parse, port_limits
+    from fedmed.flower.gateway import _parse, port_limits
 
     config = dataclasses.replace(
         _server_config(tmp_path),
@@ -108,109 +98,6 @@ def test_superlink_picks_a_free_control_port_when_none_is_configured(tmp_path: P
     port = link.config.control_port
     assert port is not None and port not in (0, 9123)
     assert link.address == f"127.0.0.1:{port}"
-
-
-def test_flower_env_isolates_home_and_disables_egress(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
-    monkeypatch.delenv("FEDMED_FLWR_TELEMETRY", raising=False)
-
-    env = flower_env(tmp_path / "home")
-
-    assert env["FLWR_HOME"] == str(tmp_path / "home")
-    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
-    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
-    assert (tmp_path / "home").is_dir()
-
-
-def test_stop_process_stops_the_whole_process_group(tmp_path: Path) -> None:
-    # Prepare: a parent that starts a child which ignores nothing and sleeps
-    script = (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    log_file = tmp_path / "p.log"
-    proc = start_process([sys.executable, "-c", script], env=dict(os.environ), log_file=log_file)
-    deadline = time.monotonic() + 20
-    while not log_file.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child_pid = int(log_file.read_text().split()[0])
-
-    # Execute
-    code = stop_process(proc, timeout=5)
-
-    # Assert: parent and child are gone
-    assert code == -15
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child_pid, 0)
-        except ProcessLookupError:
-            break
-        # the child may be a zombie of the (dead) parent until init reaps it
-        if Path(f"/proc/{child_pid}/stat").read_text().split()[2] == "Z":
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"child {child_pid} survived stop_process")
-
-
-def test_stop_process_also_stops_descendants_in_their_own_session(tmp_path: Path) -> None:
-    # Flower's executor and server app start their own session: killpg does not reach them.
-    script = (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
-        " start_new_session=True)\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    log_file = tmp_path / "p.log"
-    proc = start_process([sys.executable, "-c", script], env=dict(os.environ), log_file=log_file)
-    deadline = time.monotonic() + 20
-    while not log_file.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child_pid = int(log_file.read_text().split()[0])
-    assert child_pid in descendants(proc.pid)
-
-    stop_process(proc, timeout=5)
-
-    stat = Path(f"/proc/{child_pid}/stat")
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def test_start_process_echo_copies_output_to_log_and_stream(tmp_path: Path) -> None:
-    sink = io.StringIO()
-    log_file = tmp_path / "echo.log"
-    proc = start_process(
-        [sys.executable, "-c", "print('hello')"], env=dict(os.environ), log_file=log_file, echo=sink
-    )
-    proc.wait(timeout=20)
-    deadline = time.monotonic() + 5
-    while "hello" not in sink.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sink.getvalue() == "hello\n"
-    assert log_file.read_text() == "hello\n"
-
-
-def test_wait_for_health_is_bounded(tmp_path: Path) -> None:
-    start = time.monotonic()
-    with pytest.raises(FederationError, match=r"did not answer /health within 1 s"):
-        wait_for_health("127.0.0.1:9", ca_cert=None, timeout=1.0)
-    assert time.monotonic() - start < 5
-
-
-def test_wait_for_health_reports_an_exited_process(tmp_path: Path) -> None:
-    log_file = tmp_path / "dead.log"
-    proc = start_process(
-        [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
-        env=dict(os.environ),
-        log_file=log_file,
-    )
-    proc.wait(timeout=20)
-    with pytest.raises(FederationError, match=r"exited with code 3 while starting(.|\n)*boom"):
-        wait_for_health("127.0.0.1:9", ca_cert=None, timeout=5, proc=proc, log_file=log_file)
 
 
 def test_fab_is_deterministic_and_holds_no_run_config() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from fedmed.server.settings import RunSettings
-from fedmed.server.superlink import descendants
 
 from fedmed.errors import FederationError
+from fedmed.flower.process import descendants
 from fedmed.simulation.engine import SiteResources, run_federation
 
 pytestmark = [

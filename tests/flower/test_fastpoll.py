@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from fedmed.client.fastpoll import (
+
+from fedmed.flower.fastpoll import (
     INFLATABLE_MODULE,
     PULL_BACKOFF,
     SUPERNODE_MODULE,
@@ -53,7 +54,7 @@ def test_poll_interval_out_of_range_is_refused() -> None:
 
 def test_fastpoll_runs_flowers_supernode_cli() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fedmed.client.fastpoll", "--poll-interval", "0.2", "--", "--help"],
+        [sys.executable, "-m", "fedmed.flower.fastpoll", "--poll-interval", "0.2", "--", "--help"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -1,26 +1,25 @@
-"""The gateway's public filter, in process, and the flwr internals it builds on (pinned)."""
+"""The gateway's public filter, in process, and its refusal to start when it cannot prove the
+public port hides Flower's Control API."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import inspect
 from typing import Any
 
-import flwr
 import httpx
 import pytest
-import uvicorn
-from fedmed.server.gateway import (
+
+from fedmed.errors import SecurityError
+from fedmed.flower import gateway
+from fedmed.flower.gateway import _parse, port_limits
+from fedmed.flower.port_limits import PortLimits
+from fedmed.flower.public_filter import (
     PUBLIC_ROUTES,
     PublicFilter,
-    _parse,
+    control_routes,
     fleet_routes,
-    lengthen_sqlite_busy_timeout,
-    port_limits,
+    verify_public_routes,
 )
-
-from fedmed.flower.port_limits import PortLimits
 
 PUBLIC_PORT, PRIVATE_PORT = 9092, 9093
 
@@ -58,36 +57,6 @@ def _request(port: int, method: str, path: str) -> httpx.Response:
             return await client.request(method, path)
 
     return asyncio.run(go())
-
-
-def test_flwr_internals_the_gateway_uses_are_where_they_were() -> None:
-    # Fails loudly when a flwr upgrade moves what fedmed.server.gateway builds on.
-    assert flwr.__version__.startswith("1.41."), flwr.__version__
-    cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
-    assert callable(cli._parse_superlink_lifespan_config)
-    assert inspect.isclass(cli.SuperLinkLifespan)
-    from flwr.superlink.main import create_app
-
-    assert list(inspect.signature(create_app).parameters) == [
-        "config",
-        "superlink_lifespan_class",
-    ]
-    assert "sockets" in inspect.signature(uvicorn.Server.run).parameters
-    # The executor connects to the SuperLink's --host/--port: that must stay the private socket.
-    assert "runtime_address" in inspect.getsource(cli.SuperLinkLifespan._start_superexec_if_needed)
-
-
-def test_sqlite_busy_timeout_is_lengthened_where_flower_reads_it(monkeypatch) -> None:
-    sql_mixin = importlib.import_module("flwr.supercore.sql_mixin")
-    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
-    # Flower reads the module global at connect time: that is what the gateway replaces.
-    assert "SQLITE_PRAGMAS" in inspect.getsource(sql_mixin._set_sqlite_pragmas)
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
-
-    lengthen_sqlite_busy_timeout("60000")
-
-    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "60000"
-    assert dict(sql_mixin.SQLITE_PRAGMAS)["journal_mode"] == "WAL"
 
 
 def test_public_routes_are_exactly_the_fleet_api_and_health() -> None:
@@ -143,3 +112,58 @@ def test_a_limit_that_is_not_positive_stops_the_gateway() -> None:
     args, _ = _parse(["--public-host", "h", "--public-port", "1", "--max-connections", "0"])
     with pytest.raises(SystemExit, match=r"PortLimits.max_connections = 0 must be > 0"):
         port_limits(args)
+
+
+def test_the_public_routes_are_proven_to_hide_the_control_api() -> None:
+    verify_public_routes(PUBLIC_ROUTES)  # Flower as installed: nothing to refuse
+    assert ("POST", "/v1/control/start-run") in control_routes()
+    assert not PUBLIC_ROUTES & control_routes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("POST", "/v1/control/start-run"), r"POST /v1/control/start-run, which are Control API"),
+        (("GET", "/docs"), r"GET /docs, which lie outside /v1/fleet/"),
+    ],
+    ids=["control-route", "outside-fleet"],
+)
+def test_routes_that_drifted_out_of_the_fleet_api_are_refused(
+    extra: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(SecurityError, match=message + r".*under flwr 1\.\d+"):
+        verify_public_routes(PUBLIC_ROUTES | {extra})
+
+
+def test_no_fleet_route_at_all_is_refused() -> None:
+    with pytest.raises(SecurityError, match=r"Fleet API router has no /v1/fleet/ route"):
+        verify_public_routes(frozenset({("GET", "/health")}))
+
+
+def test_a_missing_control_router_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    # Simulate a Flower whose control router moved: its import fails.
+    monkeypatch.setitem(sys.modules, "flwr.superlink.routers.control.router", None)
+    with pytest.raises(SecurityError, match=r"no Control API router where fedmed looks"):
+        verify_public_routes(PUBLIC_ROUTES)
+
+
+GATEWAY_ARGS = ["--public-host", "127.0.0.1", "--public-port", "9", "--", "--insecure"]
+
+
+def test_gateway_refuses_to_start_when_the_public_port_would_expose_the_control_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Flower whose fleet router (what the public port serves) also holds a control route.
+    monkeypatch.setattr(
+        gateway, "PUBLIC_ROUTES", PUBLIC_ROUTES | {("POST", "/v1/control/start-run")}
+    )
+    with pytest.raises(SystemExit, match=r"refusing to start: .*Control API"):
+        gateway.main(GATEWAY_ARGS)
+
+
+def test_gateway_refuses_to_start_on_an_untested_flower(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fedmed.flower.version.installed_flower_version", lambda: "1.99.0")
+    with pytest.raises(SystemExit, match=r"refusing to start: flwr 1\.99\.0 is installed"):
+        gateway.main(GATEWAY_ARGS)

@@ -1,15 +1,16 @@
-"""The SuperLink hands out a message only once its objects arrived (gateway patch), on a real
-Flower SqlLinkState and object store."""
+"""The SuperLink's SQL state: a longer SQLite lock wait, and a message handed out only once its
+objects arrived, on a real Flower SqlLinkState and object store."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from fedmed.server.gateway import deliver_complete_messages, incomplete_objects
 from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
@@ -22,6 +23,11 @@ from flwr.superlink.federation.noop_federation_manager import (
 )
 
 from fedmed import wire
+from fedmed.flower.linkstate import (
+    deliver_complete_messages,
+    incomplete_objects,
+    lengthen_sqlite_busy_timeout,
+)
 
 # Flower's SQL state runs alembic migrations, which warn about their own config
 pytestmark = pytest.mark.filterwarnings("ignore:No path_separator found:DeprecationWarning")
@@ -118,7 +124,20 @@ def test_the_server_gets_a_reply_only_after_its_objects_arrived(link):
 def test_an_upload_that_never_ends_is_released_after_the_hold(link, caplog):
     deliver_complete_messages(hold_s=0.0)
     message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
-    with caplog.at_level("WARNING", logger="fedmed.server.gateway"):
+    with caplog.at_level("WARNING", logger="fedmed.flower.linkstate"):
         (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)  # Flower's behaviour
     assert pulled.metadata.message_id == message.object_id
     assert f"message {message.object_id[:12]}: objects still missing" in caplog.text
+
+
+def test_sqlite_busy_timeout_is_lengthened_where_flower_reads_it(monkeypatch) -> None:
+    sql_mixin = importlib.import_module("flwr.supercore.sql_mixin")
+    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
+    # Flower reads the module global at connect time: that is what the gateway replaces.
+    assert "SQLITE_PRAGMAS" in inspect.getsource(sql_mixin._set_sqlite_pragmas)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+
+    lengthen_sqlite_busy_timeout("60000")
+
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "60000"
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["journal_mode"] == "WAL"

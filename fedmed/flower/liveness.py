@@ -16,12 +16,12 @@ the process still pulls. :func:`main` turns both into an exit with :data:`EXIT_S
 and a log line starting with :data:`GUARD_PREFIX`, so :class:`fedmed.client.supernode.SiteNode`
 restarts the SuperNode with its backoff.
 
-Uses Flower internals (module-level heartbeat constants; flwr pinned to 1.41;
-``tests/client/test_liveness.py`` fails if they move).
+Uses Flower internals (module-level heartbeat constants; ``tests/client/test_liveness.py`` and
+``tests/flower/test_flower_contract.py`` fail if they move).
 
 Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 
-    python -m fedmed.client.liveness --heartbeat-interval 10 --poll-interval 0.5 -- \\
+    python -m fedmed.flower.liveness --heartbeat-interval 10 --poll-interval 0.5 -- \\
         --superlink 127.0.0.1:9092 ...          # flower-supernode flags
 """
 
@@ -49,7 +49,7 @@ __all__ = [
     "set_heartbeat_interval",
 ]
 
-log = logging.getLogger("fedmed.client.liveness")
+log = logging.getLogger(__name__)
 
 # Where the SuperNode reads its heartbeat interval: the Fleet connection declares it to the
 # SuperLink, the heartbeat sender derives its period from it ((interval - 5 s) x 0.7-0.9).
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Exits with :data:`EXIT_STOPPED_WORKING` when Flower's pull loop ended or one of its threads
     died; Flower's own exit codes otherwise.
     """
-    parser = argparse.ArgumentParser(prog="python -m fedmed.client.liveness")
+    parser = argparse.ArgumentParser(prog="python -m fedmed.flower.liveness")
     parser.add_argument("--heartbeat-interval", type=float, required=True)
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     install_thread_guard()
-    from fedmed.client import fastpoll
+    from fedmed.flower import fastpoll
 
     try:
         fastpoll.main(rest)

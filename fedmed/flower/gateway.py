@@ -9,33 +9,35 @@ does and serves it from one uvicorn server on two sockets:
 * the **private** socket (always 127.0.0.1): everything; ``fedmed-server`` submits runs and
   registers keys here and Flower's own executor and server app use its Runtime API;
 * the **public** socket (``[server] host:port``): only the exact Fleet API routes
-  (:data:`PUBLIC_ROUTES`, taken from ``flwr.superlink.routers.fleet.router``) and ``/health``;
-  anything else answers 404 and is logged (:class:`PublicFilter`, in
-  :mod:`fedmed.flower.public_filter`, decides by the socket a request arrived on, never by
-  client address).
+  (:data:`~fedmed.flower.public_filter.PUBLIC_ROUTES`, taken from
+  ``flwr.superlink.routers.fleet.router``) and ``/health``; anything else answers 404 and is
+  logged (:class:`~fedmed.flower.public_filter.PublicFilter` decides by the socket a request
+  arrived on, never by client address).
+
+It fails closed: before it listens it checks the installed flwr version
+(:func:`fedmed.flower.version.check_flower_version`) and that the public routes are Fleet API
+routes and none of Flower's Control API
+(:func:`~fedmed.flower.public_filter.verify_public_routes`); otherwise it exits with the
+reason and never opens the public socket.
 
 TLS and site authentication apply on both sockets. The public socket also bounds what a peer
 can make the server hold: body and header sizes, deadlines and connections
 (:mod:`fedmed.flower.port_limits`, in uvicorn's protocol; the ``--max-*``/``--*-timeout`` flags,
 from ``[server]`` in ``federation.toml``), and a Fleet request's signature is checked before
-its body is read (:mod:`fedmed.flower.node_gate`).
-
-The SuperLink's SQLite lock wait is raised from 5 s to 60 s
-(:func:`lengthen_sqlite_busy_timeout`): on a loaded machine Flower's 500 "database is locked"
-otherwise killed its own executor and stalled the run. A message is handed out only once all
-its objects arrived (:func:`deliver_complete_messages`): Flower hands it out at once and the
-puller then backs off a second or more per missing object. With ``$FEDMED_GATEWAY_TRACE`` set
-to a file, every request is logged there as one JSON line (:class:`RequestTrace`; benchmarks).
+its body is read (:mod:`fedmed.flower.node_gate`). The SuperLink's SQL state gets a longer
+SQLite lock wait and hands out a message only once its objects arrived
+(:mod:`fedmed.flower.linkstate`). With ``$FEDMED_GATEWAY_TRACE`` set to a file, every request
+is logged there as one JSON line (:class:`RequestTrace`; benchmarks).
 
 Run as a process (``server/superlink.py`` does this)::
 
-    python -m fedmed.server.gateway --public-host 0.0.0.0 --public-port 9092 \\
+    python -m fedmed.flower.gateway --public-host 0.0.0.0 --public-port 9092 \\
         --max-body-bytes 268435456 ... -- \\
         --host 127.0.0.1 --port 9093 --database state.db ...   # flower-superlink flags
 
 This uses Flower internals (``flwr.superlink.cli.flower_superlink``'s argument parsing and
-``SuperLinkLifespan``, ``flwr.superlink.main.create_app``, the fleet router): flwr is pinned to
-1.41 and ``tests/server/test_gateway.py`` fails loudly if they move.
+``SuperLinkLifespan``, ``flwr.superlink.main.create_app``, the fleet router);
+``tests/flower/test_flower_contract.py`` fails loudly if they move.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import socket
 import sys
@@ -52,25 +53,15 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmed.errors import FedmedError
+from fedmed.flower.linkstate import deliver_complete_messages, lengthen_sqlite_busy_timeout
 from fedmed.flower.node_gate import NodeGate, registered_key_lookup
 from fedmed.flower.port_limits import PortLimits, limited_protocol
-from fedmed.flower.public_filter import PUBLIC_ROUTES, PublicFilter, fleet_routes
+from fedmed.flower.public_filter import PUBLIC_ROUTES, PublicFilter, verify_public_routes
+from fedmed.flower.version import check_flower_version
 
-__all__ = [
-    "PUBLIC_ROUTES",
-    "TRACE_ENV",
-    "PublicFilter",
-    "RequestTrace",
-    "deliver_complete_messages",
-    "fleet_routes",
-    "incomplete_objects",
-    "lengthen_sqlite_busy_timeout",
-    "main",
-    "open_socket",
-    "port_limits",
-]
+__all__ = ["TRACE_ENV", "RequestTrace", "main", "open_socket", "port_limits"]
 
-log = logging.getLogger("fedmed.server.gateway")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -78,10 +69,6 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TRACE_ENV = "FEDMED_GATEWAY_TRACE"  # a file: one JSON line per request (benchmarks)
-HOLD_INCOMPLETE_S = 30.0  # longest a message with objects still uploading is held back
-# Flower waits 5 s for SQLite's write lock, then answers 500 ("database is locked"); its own
-# executor dies on such an answer and the run stalls. Seen on a loaded 2-core machine.
-SQLITE_BUSY_TIMEOUT_MS = "60000"
 
 
 class RequestTrace:
@@ -143,126 +130,9 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def lengthen_sqlite_busy_timeout(milliseconds: str = SQLITE_BUSY_TIMEOUT_MS) -> None:
-    """Make the SuperLink's SQLite connections wait ``milliseconds`` for a lock (Flower: 5 s)."""
-    sql_mixin = importlib.import_module("flwr.supercore.sql_mixin")
-    pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
-    if "busy_timeout" not in dict(pragmas):
-        raise RuntimeError("flwr's SQLite pragmas have no busy_timeout: the flwr internals moved")
-    sql_mixin.SQLITE_PRAGMAS = tuple(
-        (name, milliseconds if name == "busy_timeout" else value) for name, value in pragmas
-    )
-
-
-def incomplete_objects(store: Any, object_id: str) -> bool:
-    """Whether the object tree of ``object_id`` (a message) in Flower's SQL object store still
-    misses content or is not registered yet: Flower stores a pushed message, then registers
-    its tree, then receives the objects, in separate transactions. One recursive query."""
-    from sqlalchemy import func, literal, select
-
-    models = importlib.import_module("flwr.supercore.state.schema.objectstore_models")
-    stored, child = models.StoredObject, models.ObjectChild
-    tree = select(literal(object_id).label("id")).cte("tree", recursive=True)
-    tree = tree.union(select(child.child_id).join(tree, child.parent_id == tree.c.id))
-    size = select(func.count()).select_from(tree).scalar_subquery()
-    available = (
-        select(func.count())
-        .select_from(stored)
-        .join(tree, stored.object_id == tree.c.id)
-        .where(stored.is_available == 1)
-        .scalar_subquery()
-    )
-    with store.session() as session:
-        total, present = session.execute(select(size, available)).one()
-    return present < total
-
-
-def deliver_complete_messages(hold_s: float = HOLD_INCOMPLETE_S) -> None:
-    """Make the SuperLink hand out a message only once all its objects arrived.
-
-    Flower stores a pushed message first and its objects (the arrays) after, and delivers the
-    message at once: a site (Fleet ``pull-messages``) or the server app (Runtime
-    ``pull-messages``) that sees it before the upload ended gets "object unavailable" and backs
-    off 1 s, 2 s, 4 s ... (``flwr.supercore.constant.PULL_INITIAL_BACKOFF``), one message at a
-    time; seen as 1-5 s per round here. With this patch a message whose objects are
-    incomplete stays undelivered (polled again next time) for at most ``hold_s`` s since the
-    gateway first saw it so (then Flower's behaviour: deliver it anyway).
-    """
-    from sqlalchemy import select
-
-    sql_linkstate = importlib.import_module("flwr.server.superlink.linkstate.sql_linkstate")
-    models = importlib.import_module("flwr.supercore.state.schema.linkstate_models")
-    to_sint64 = importlib.import_module("flwr.supercore.utils").uint64_to_int64
-    cls = sql_linkstate.SqlLinkState
-    already = getattr(cls, "_fedmed_hold_s", None) is not None
-    cls._fedmed_hold_s = hold_s
-    if already:
-        return
-    original_ins, original_res = cls.get_message_ins, cls.get_message_res
-    first_seen: dict[str, float] = {}
-    released: set[str] = set()  # delivered incomplete after the hold (warned once)
-
-    def held(state: Any, message_ids: Sequence[str]) -> set[str]:
-        now = time.monotonic()
-        out = set()
-        for mid in message_ids:
-            if incomplete_objects(state.object_store, mid):
-                if now - first_seen.setdefault(mid, now) < cls._fedmed_hold_s:
-                    out.add(mid)
-                elif mid not in released:
-                    released.add(mid)
-                    log.warning(
-                        "message %s: objects still missing after %.0f s; delivered anyway "
-                        "(the puller waits for them as Flower does)",
-                        mid[:12],
-                        cls._fedmed_hold_s,
-                    )
-            else:
-                first_seen.pop(mid, None)
-        if len(first_seen) > 10_000:  # forget what was delivered or deleted long ago
-            first_seen.clear()
-            released.clear()
-        return out
-
-    def get_message_ins(
-        self: Any, node_id: int, limit: int | None, *, run_id: int | None = None
-    ) -> list[Any]:
-        ins = models.MessageIns
-        stmt = select(ins.message_id).where(
-            ins.dst_node_id == to_sint64(node_id),
-            ins.delivered_at == "",
-            ins.created_at + ins.ttl > time.time(),
-        )
-        if run_id is not None:
-            stmt = stmt.where(ins.run_id == to_sint64(run_id))
-        stmt = stmt.order_by(ins.created_at.asc(), ins.message_id.asc())
-        with self.session() as session:
-            pending = session.scalars(stmt.limit(limit) if limit else stmt).all()
-        if pending and held(self, pending):
-            return []  # the site polls again shortly
-        return original_ins(self, node_id, limit, run_id=run_id)
-
-    def get_message_res(self: Any, message_ids: set[str], run_id: int) -> list[Any]:
-        res = models.MessageRes
-        ids = set(message_ids)
-        if ids:
-            with self.session() as session:
-                rows = session.execute(
-                    select(res.message_id, res.reply_to_message_id).where(
-                        res.reply_to_message_id.in_(ids), res.delivered_at == ""
-                    )
-                ).all()
-            reply_to = dict(rows)
-            ids -= {reply_to[mid] for mid in held(self, list(reply_to))}
-        return original_res(self, ids, run_id)
-
-    cls.get_message_ins = get_message_ins
-    cls.get_message_res = get_message_res
-
-
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m fedmed.server.gateway",
+        prog="python -m fedmed.flower.gateway",
         description="Flower SuperLink with only the Fleet API on the public socket",
     )
     parser.add_argument("--public-host", required=True)
@@ -306,6 +176,12 @@ def port_limits(args: argparse.Namespace) -> PortLimits:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse gateway flags, hand the rest to Flower's SuperLink parser, serve both sockets."""
     args, superlink_args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        # Fail closed: never open the public socket unless it provably hides the Control API.
+        check_flower_version()
+        verify_public_routes(PUBLIC_ROUTES)
+    except FedmedError as err:
+        raise SystemExit(f"fedmed gateway: refusing to start: {err}") from err
     import uvicorn
 
     lengthen_sqlite_busy_timeout()
@@ -338,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_body_bytes=limits.max_body_bytes,
         known_key=known_key,
     )
-    app = PublicFilter(gated, public_port=args.public_port)
+    app = PublicFilter(gated, public_port=args.public_port, allowed=PUBLIC_ROUTES)
     uvi_config = uvicorn.Config(
         app,
         reload=False,

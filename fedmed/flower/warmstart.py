@@ -2,22 +2,24 @@
 
 Flower starts a fresh ``flwr-clientapp`` process for every message; importing torch, MONAI,
 flwr and fedmed costs about 4 s of CPU (2.5 s wall on an idle machine, 20+ s on a loaded one)
-before the handler runs. :func:`serve` imports all that once, then forks a child per request;
-the site's ``flwr-clientapp`` wrapper (:func:`fedmed.client.pinning.install_wrapper`) is a
+before the handler runs. :func:`serve` imports all that once (:data:`PRELOAD` and the app
+modules it is given), then forks a child per request;
+the site's ``flwr-clientapp`` wrapper (:func:`fedmed.flower.pinning.install_wrapper`) is a
 small script that hands its argv, environment, working folder and stdin/stdout/stderr to the
 server over a Unix socket (``SCM_RIGHTS``), forwards SIGTERM/SIGINT to the child and exits
 with the child's exit code. The child runs exactly what the plain wrapper runs
-(:func:`fedmed.client.pinning.clientapp_main`: pin check, then Flower's ``flwr-clientapp``).
+(:func:`fedmed.flower.pinning.clientapp_main`: pin check, then Flower's ``flwr-clientapp``).
 When the server is not reachable the wrapper runs ``clientapp_main`` itself (cold start).
 
 The server forks only while it has a single thread (checked), and never runs torch code
 before forking. Its children retry a message's not-yet-available objects after 0.05 s instead
-of Flower's 1 s (:func:`fedmed.client.fastpoll.shorten_pull_backoff`): the SuperNode offers the
+of Flower's 1 s (:func:`fedmed.flower.fastpoll.shorten_pull_backoff`): the SuperNode offers the
 message to its ClientApp before it has pulled all of the message's objects from the server.
 
 Example (what :class:`fedmed.client.supernode.SiteNode` starts next to its SuperNode)::
 
-    python -m fedmed.client.warmstart /site/state/clientapp.sock /site/state/app-pins.txt
+    python -m fedmed.flower.warmstart /site/state/clientapp.sock /site/state/app-pins.txt \\
+        fedmed.client.app
 """
 
 from __future__ import annotations
@@ -34,16 +36,15 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedmed.flower.pinning import CLIENTAPP_MODULES
+
 __all__ = ["PRELOAD", "WRAPPER_SOURCE", "main", "serve"]
 
-log = logging.getLogger("fedmed.client.warmstart")
+log = logging.getLogger(__name__)
 
-PRELOAD = (
-    "fedmed.client.pinning",
-    "flwr.supernode.cli.flwr_clientapp",
-    "flwr.supernode.runtime.run_clientapp",
-    "fedmed.client.app",
-)
+# Imported before the app modules :func:`serve` is given (the site's ClientApp, e.g.
+# ``fedmed.client.app``, named by its caller: this library module does not import the apps).
+PRELOAD = ("fedmed.flower.pinning", *CLIENTAPP_MODULES)
 _MAX_REQUEST = 1 << 20
 _FDS = 3
 
@@ -56,7 +57,7 @@ PINS, SOCKET = {pins!r}, {sock!r}
 
 
 def cold():
-    from fedmed.client.pinning import clientapp_main
+    from fedmed.flower.pinning import clientapp_main
 
     sys.exit(clientapp_main(PINS))
 
@@ -99,13 +100,13 @@ def _child(conn: socket.socket, request: dict, fds: Sequence[int], pins: Path) -
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         logging.getLogger().handlers.clear()  # the server's; Flower logs through its own
-        from fedmed.client.pinning import clientapp_main
+        from fedmed.flower.pinning import clientapp_main
 
         code = clientapp_main(pins)
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BaseException:  # the child must never return into the server loop
-        logging.getLogger("fedmed.client.warmstart").exception("flwr-clientapp failed")
+        logging.getLogger(__name__).exception("flwr-clientapp failed")
         code = 1
     finally:
         try:
@@ -116,11 +117,13 @@ def _child(conn: socket.socket, request: dict, fds: Sequence[int], pins: Path) -
             os._exit(code)
 
 
-def serve(sock_path: Path, pins: Path) -> None:
-    """Preload, listen on ``sock_path`` and fork one flwr-clientapp per request (forever)."""
-    for name in PRELOAD:
+def serve(sock_path: Path, pins: Path, apps: Sequence[str] = ()) -> None:
+    """Preload :data:`PRELOAD` and ``apps`` (module names), listen on ``sock_path`` and fork
+    one flwr-clientapp per request (forever)."""
+    preload = (*PRELOAD, *apps)
+    for name in preload:
         importlib.import_module(name)
-    from fedmed.client.fastpoll import shorten_pull_backoff
+    from fedmed.flower.fastpoll import shorten_pull_backoff
 
     shorten_pull_backoff()
     if threading.active_count() != 1:
@@ -133,7 +136,7 @@ def serve(sock_path: Path, pins: Path) -> None:
     server.bind(str(sock_path))
     os.chmod(sock_path, 0o600)
     server.listen(8)
-    log.info("warm start ready on %s (preloaded %s)", sock_path, ", ".join(PRELOAD))
+    log.info("warm start ready on %s (preloaded %s)", sock_path, ", ".join(preload))
     while True:
         conn, _ = server.accept()
         fds: list[int] = []
@@ -168,13 +171,14 @@ def serve(sock_path: Path, pins: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m fedmed.client.warmstart SOCKET PINS``."""
+    """``python -m fedmed.flower.warmstart SOCKET PINS [MODULE ...]`` (MODULE: app modules to
+    preload, e.g. ``fedmed.client.app``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        raise SystemExit("usage: python -m fedmed.client.warmstart SOCKET PINS")
+    if len(args) < 2:
+        raise SystemExit("usage: python -m fedmed.flower.warmstart SOCKET PINS [MODULE ...]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(Path(args[0]), Path(args[1]))
+    serve(Path(args[0]), Path(args[1]), args[2:])
 
 
 if __name__ == "__main__":

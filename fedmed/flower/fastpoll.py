@@ -11,15 +11,16 @@ entry point in-process after capping the ``time.sleep`` that
 It also shortens Flower's back-off when an object of a message is not there yet
 (:func:`shorten_pull_backoff`: 1 s doubling to 10 s -> 0.05 s doubling to 0.5 s): a message is
 handed out before its arrays finished uploading, and the puller then sleeps a whole second or
-more for an upload that takes milliseconds. :mod:`fedmed.client.warmstart` does the same in
+more for an upload that takes milliseconds. :mod:`fedmed.flower.warmstart` does the same in
 the site's ClientApp processes. Nothing else changes: same flags, same protocol, same process.
 
-Uses Flower internals (flwr pinned to 1.41; ``tests/client/test_fastpoll.py`` fails if the
-module stops sleeping through its module-level ``time``).
+Uses Flower internals (``tests/flower/test_fastpoll.py`` and
+``tests/flower/test_flower_contract.py`` fail if the module stops sleeping through its
+module-level ``time``).
 
 Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 
-    python -m fedmed.client.fastpoll --poll-interval 0.2 -- --superlink 127.0.0.1:9092 ...
+    python -m fedmed.flower.fastpoll --poll-interval 0.2 -- --superlink 127.0.0.1:9092 ...
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def shorten_pull_backoff(**backoff: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``--poll-interval S [--] <flower-supernode flags>``: run the SuperNode."""
-    parser = argparse.ArgumentParser(prog="python -m fedmed.client.fastpoll")
+    parser = argparse.ArgumentParser(prog="python -m fedmed.flower.fastpoll")
     parser.add_argument("--poll-interval", type=float, required=True)
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if rest and rest[0] == "--":

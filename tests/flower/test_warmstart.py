@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fedmed.client.pinning import install_wrapper
+
+from fedmed.flower.pinning import install_wrapper
 
 
 def _run(script: Path) -> subprocess.CompletedProcess[str]:
@@ -35,7 +36,10 @@ def test_wrapper_forks_from_the_warm_server_and_relays_output_and_exit_code(
     log = tmp_path / "warm.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "fedmed.client.warmstart", str(sock), str(tmp_path / "pins")],
+            [
+                sys.executable, "-m", "fedmed.flower.warmstart", str(sock),
+                str(tmp_path / "pins"), "fedmed.client.app",
+            ],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
