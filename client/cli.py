@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from fedmed.cli.runner import configure_logging, run_command
+from fedmed.cli.runner import add_version, configure_logging, run_command
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import DataError
 from fedmed.flower.version import check_flower_version
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedmed-client",
         description="a hospital site: checks its data, then runs a Flower SuperNode",
     )
+    add_version(parser)
     parser.add_argument("--site", help="site name, e.g. A (required unless --print-app-hash)")
     parser.add_argument(
         "--print-app-hash",

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ import numpy as np
 from fedmed.scaffold import update_server_control
 
 from .settings import RunSettings
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Aggregator",
@@ -206,6 +209,7 @@ class Aggregator:
 
     def __init__(self, settings: RunSettings, *, controls: Arrays | None = None) -> None:
         self.settings = settings
+        self._warned_untrimmed: set[int] = set()
         self.control: Arrays = dict(controls or {})  # SCAFFOLD's server control variate
         self.optimizer: ServerOptimizer | None = None
         if settings.strategy in ("fedadam", "fedyogi"):
@@ -233,7 +237,20 @@ class Aggregator:
         if strategy == "fedmedian":
             return coordinate_median(arrays_list)
         if strategy == "trimmed-mean":
-            return trimmed_mean(arrays_list, trim_fraction=self.settings.trim_fraction)
+            n, fraction = len(arrays_list), self.settings.trim_fraction
+            if int(fraction * n) == 0 and n not in self._warned_untrimmed:
+                self._warned_untrimmed.add(n)
+                logger.warning(
+                    "trimmed-mean with trim-fraction %g trims nothing at %d sites (it cuts "
+                    "int(%g x %d) = 0 values at each end): this round is a plain mean; raise "
+                    "trim-fraction to at least %.3g or sample more sites",
+                    fraction,
+                    n,
+                    fraction,
+                    n,
+                    1.0 / n,
+                )
+            return trimmed_mean(arrays_list, trim_fraction=fraction)
         averaged = weighted_average(arrays_list, [u.num_examples for u in updates])
         if self.optimizer is not None:
             return self.optimizer.step(current, averaged)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from fedmed.cli.runner import configure_logging, run_command
+from fedmed.cli.runner import add_version, configure_logging, run_command
 from fedmed.config import FederationConfig, load_federation_config
 from fedmed.errors import ConfigError, FederationError
 from fedmed.flower.version import check_flower_version
@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedmed-server",
         description="the central side: a Flower SuperLink plus the fedmed server app",
     )
+    add_version(parser)
     parser.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG, help="federation config (TOML)"
     )

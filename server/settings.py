@@ -29,7 +29,9 @@ key                         type     default      meaning
                                                   or ``voxels`` (the training images' volume in
                                                   mm^3, i.e. voxels at 1 mm isotropic)
 ``max-site-cases``          int      100000       the most training cases a site may announce
-``proximal-mu``             float    0.0          FedProx proximal term (sent to the sites)
+``proximal-mu``             float    0.0          FedProx proximal term mu (sent to the sites):
+                                                  > 0 adds it with any strategy; 0 with
+                                                  ``fedprox`` means 0.01
 ``server-lr``               float    0.01         FedAdam/FedYogi server learning rate (eta)
 ``server-beta1``            float    0.9          FedAdam/FedYogi first-moment decay
 ``server-beta2``            float    0.99         FedAdam/FedYogi second-moment decay
@@ -176,6 +178,7 @@ _NEW_TRAINING_KEYS = {
     "model-norm": "batch",
 }
 MODEL_NORMS = ("batch", "group")
+FEDPROX_DEFAULT_MU = 0.01
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -302,11 +305,9 @@ class RunSettings:
                 "statistics mix the patients of a batch (DP-SGD needs per-patient gradients): "
                 "set model-norm = 'group'"
             )
-        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
-            logger.warning("strategy 'fedprox' with proximal-mu 0 trains exactly like fedavg")
         if self.strategy != "fedprox" and self.proximal_mu > 0.0:
-            logger.warning(
-                "proximal-mu %s is used with strategy %r: the sites add the proximal term",
+            logger.info(
+                "proximal-mu %s with strategy %r: the sites add the proximal term",
                 self.proximal_mu,
                 self.strategy,
             )
@@ -403,6 +404,19 @@ class RunSettings:
         if self.evaluation_timeout > 0:
             return self.evaluation_timeout
         return self.round_timeout * (max(2, self.num_rounds) if self.local_baselines else 2)
+
+    @property
+    def effective_proximal_mu(self) -> float:
+        """The proximal term the sites use: ``proximal-mu``, or FedProx's default 0.01 when
+        the strategy is ``fedprox`` and it is 0 (the same in ``fedmed-sim`` and a deployment).
+
+        Example:
+            >>> RunSettings(strategy="fedprox").effective_proximal_mu
+            0.01
+        """
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            return FEDPROX_DEFAULT_MU
+        return self.proximal_mu
 
     @property
     def run_deadline(self) -> float:

@@ -7,8 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from fedmed import __version__
-from fedmed.cli.runner import configure_logging, run_command
+from fedmed.cli.runner import add_version, configure_logging, run_command
 
 __all__ = ["build_parser", "client_main", "main", "server_main", "sim_main"]
 
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmed", description="fedmed utilities: demo data, data checks, certificates, ..."
     )
-    parser.add_argument("--version", action="version", version=f"fedmed {__version__}")
+    add_version(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in _COMMAND_MODULES:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 
 from fedmed.errors import FedmedError
 
-__all__ = ["configure_logging", "run_command"]
+__all__ = ["add_version", "configure_logging", "run_command"]
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version`` for every fedmed command: fedmed's version and the Flower it runs on.
+
+    Example:
+        >>> add_version(argparse.ArgumentParser(prog="fedmed-sim"))
+    """
+    from fedmed import __version__
+
+    try:
+        flower = version("flwr")
+    except PackageNotFoundError:  # pragma: no cover - flwr is a dependency
+        flower = "not installed"
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s (fedmed {__version__}, flwr {flower})"
+    )
 
 
 def configure_logging(verbose: bool = False) -> None:

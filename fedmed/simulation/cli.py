@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fedmed.cli.runner import configure_logging, run_command
+from fedmed.cli.runner import add_version, configure_logging, run_command
 from fedmed.errors import ConfigError
 from fedmed.flower.version import check_flower_version
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate a federation on this machine (Flower's simulation engine). "
         "With no arguments: the demo federation, COPLE-Net, a few rounds on CPU.",
     )
+    add_version(p)
     p.add_argument("--config", metavar="TOML", help="settings file (e.g. configs/sim.toml)")
     p.add_argument("--out", metavar="DIR", help="output folder (default fedmed-sim-run)")
     p.add_argument("--sites", type=int, help="number of simulated sites")

@@ -40,7 +40,7 @@ import tomllib
 
 from fedmed.data.demo import site_name
 from fedmed.errors import ConfigError
-from fedmed.server.settings import STRATEGIES, RunSettings
+from fedmed.server.settings import FEDPROX_DEFAULT_MU, STRATEGIES, RunSettings
 
 from .apps import SitePolicy
 from .engine import SiteResources
@@ -64,7 +64,6 @@ DEMO_APP: Mapping[str, Any] = {
     "lr": 0.001,
 }
 _RUN_LABELS = (*STRATEGIES, "fedbn", "fedprox+fedbn", "ditto")
-_DEFAULT_MU = 0.01
 _DEFAULT_DITTO_LAMBDA = 0.1
 
 
@@ -167,9 +166,7 @@ def run_settings(
     values["strategy"] = "fedavg" if strategy in ("fedbn", "ditto") else strategy
     values["fedbn"] = fedbn or bool(values.get("fedbn", False))
     if strategy == "fedprox":
-        values.setdefault("proximal-mu", _DEFAULT_MU)
-    else:
-        values["proximal-mu"] = 0.0
+        values.setdefault("proximal-mu", FEDPROX_DEFAULT_MU)
     values["out-dir"] = out_dir
     values["data-dir"] = holdout
     values["local-baselines"] = cfg.local_baselines or bool(values.get("local-baselines"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from fedmed.server.aggregate import (
@@ -139,3 +141,24 @@ def test_scaffold_moves_the_server_control_by_the_mean_change_over_all_sites():
     restored = Aggregator(RunSettings(strategy="scaffold"), controls=controls)
     restored.load_state_arrays(agg.state_arrays())
     assert np.allclose(restored.control["w"], 2.0)
+
+
+def test_a_trimmed_mean_that_trims_nothing_warns_once(caplog):
+    aggregator = Aggregator(RunSettings(strategy="trimmed-mean", trim_fraction=0.2))
+    current = {"w": np.zeros(1, dtype=np.float32)}
+    three = [
+        SiteUpdate(s, {"w": np.full(1, v, np.float32)}, 1, {})
+        for s, v in zip("ABC", (1, 2, 9), strict=True)
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedmed.server.aggregate"):
+        merged = aggregator.aggregate(current, three)
+        aggregator.aggregate(current, three)
+    # int(0.2 x 3) = 0: a plain mean, said once, with the fix
+    assert merged["w"][0] == pytest.approx(4.0)
+    assert caplog.text.count("trims nothing at 3 sites") == 1
+    assert "raise trim-fraction to at least 0.333" in caplog.text
+    caplog.clear()
+    five = three + [SiteUpdate(s, {"w": np.full(1, 3, np.float32)}, 1, {}) for s in "DE"]
+    with caplog.at_level(logging.WARNING, logger="fedmed.server.aggregate"):
+        aggregator.aggregate(current, five)
+    assert "trims nothing" not in caplog.text

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
+from fedmed.server.federation import train_config
 from fedmed.server.settings import RunSettings
 
 from fedmed.errors import ConfigError
@@ -69,10 +68,14 @@ def test_invalid_run_config_names_the_key(run_config, match):
         RunSettings.from_run_config(run_config)
 
 
-def test_fedprox_with_zero_mu_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="fedmed.server.settings"):
-        RunSettings(strategy="fedprox", proximal_mu=0.0)
-    assert "trains exactly like fedavg" in caplog.text
+def test_proximal_mu_means_the_same_with_every_strategy():
+    # fedprox is FedAvg with mu 0.01 unless set; a mu > 0 adds the term with any strategy
+    assert RunSettings(strategy="fedprox").effective_proximal_mu == 0.01
+    assert RunSettings(strategy="fedprox", proximal_mu=0.5).effective_proximal_mu == 0.5
+    assert RunSettings(strategy="fedavg", proximal_mu=0.5).effective_proximal_mu == 0.5
+    assert RunSettings(strategy="fedavg").effective_proximal_mu == 0.0
+    sent = train_config(RunSettings(strategy="fedprox"), 1)
+    assert sent.proximal_mu == 0.01
 
 
 def test_identity_hash_ignores_round_count_but_not_lr():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,9 @@ def test_round_line_shows_holdout_and_site_dice():
     assert format_record("fedavg", record) == (
         "[fedavg] round 2: held-out Dice 0.500 | site val Dice: site-A 0.750, site-B 0.250, 3.2 s"
     )
+
+
+def test_proximal_mu_from_app_reaches_every_strategy_as_in_a_deployment():
+    cfg = dataclasses.replace(load_sim_config(None), app={**DEMO_APP, "proximal-mu": 0.05})
+    assert run_settings(cfg, "fedavg", out_dir="o", holdout="").effective_proximal_mu == 0.05
+    assert run_settings(cfg, "fedprox", out_dir="o", holdout="").effective_proximal_mu == 0.05
