@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
 
@@ -109,3 +110,48 @@ def test_each_sites_epsilon_is_recomputable_and_within_its_budget(dp_run):
     # under DP a site's reply carries the update, its counts and the DP record: no metrics
     for metrics in round_1["sites"].values():
         assert "val-dice" not in metrics and "train-loss" not in metrics
+
+
+NOISE_MULTIPLIER, CLIP = 1.0, 0.5
+
+
+@pytest.fixture(scope="module")
+def distributed_run(demo_root):
+    """3 sites, one SecAgg+ round with site-level DP: each site adds its share of the noise."""
+    short = Path(tempfile.mkdtemp(prefix="fsdd-", dir="/tmp"))
+    out = short / "out"
+    config = short / "sim.toml"
+    folders = ", ".join(f'"{demo_root / s}"' for s in ("site-A", "site-B", "site-C"))
+    config.write_text(
+        f'[sim]\nout = "{out}"\nsites = 3\n'
+        f'[data]\nsource = "folders"\nfolders = [{folders}]\nholdout = "{demo_root / "holdout"}"\n'
+        '[app]\nnum-rounds = 1\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
+        'patch-size = "32,32"\nlocal-steps = 2\nbatch-size = 2\nmodel-norm = "group"\n'
+        'secure-aggregation = true\ndp-mode = "site"\n'
+        f"dp-clip-norm = {CLIP}\ndp-noise-multiplier = {NOISE_MULTIPLIER}\n"
+    )
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = main(["--config", str(config)])
+        yield code, out / "runs" / "fedavg", printed.getvalue()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_secure_aggregation_with_distributed_noise_carries_the_intended_noise(distributed_run):
+    code, run, printed = distributed_run
+    assert code == 0, printed[-3000:]
+    (round_1,) = [r for r in _records(run) if r["status"] == "ok"]
+    assert set(round_1["sites"]) == {"site-A", "site-B", "site-C"}
+    assert round_1["dp"]["mode"] == "site" and round_1["dp"]["epsilon"] > 0
+    # equal weights under distributed DP: the sum must carry sigma C, each site adds its share
+    assert {m["num-examples"] for m in round_1["sites"].values()} == {1.0}
+    # the global model moved by the mean of 3 clipped updates (norm <= C in ~10^5 coordinates)
+    # plus the summed noise / 3: per coordinate std sigma C / 3
+    store = CheckpointStore(run)
+    before, after = store.load(0).weights, store.load(1).weights
+    params = [k for k in before if not k.endswith(("running_mean", "running_var", "tracked"))]
+    delta = np.concatenate([(after[k] - before[k]).ravel() for k in params])
+    assert delta.size > 10_000
+    assert np.std(delta) == pytest.approx(NOISE_MULTIPLIER * CLIP / 3, rel=0.1)
