@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -175,15 +176,22 @@ class Federation:
         return result
 
     # -- sites ---------------------------------------------------------------------------
+    @property
+    def _sampling(self) -> bool:
+        """With ``sites-per-round`` only the sampled nodes are asked who they are (start-up
+        stays flat in the number of sites); otherwise every node joins the roster first."""
+        return self.settings.sites_per_round > 0
+
     def wait_for_sites(self) -> list[int]:
-        """Node ids of the connected sites in the roster once at least ``min-sites`` are."""
+        """Node ids of the connected sites that may train, once at least ``min-sites`` are:
+        sites in the roster, or (sampling) every connected node not out of budget."""
         deadline = time.monotonic() + self.settings.join_timeout
         logged = -1
         while True:
             connected = sorted(self.grid.get_node_ids())
-            self._update_roster(connected)
-            known = [n for n in connected if n in self.sites]
-            able = [n for n in known if self.sites[n].name not in self.exhausted]
+            self._update_roster(connected, ask=[] if self._sampling else None)
+            known = connected if self._sampling else [n for n in connected if n in self.sites]
+            able = [n for n in known if self.roster.name_of(n) not in self.exhausted]
             if len(able) >= self.settings.min_sites:
                 return able
             if self.exhausted and len(known) >= self.settings.min_sites:
@@ -212,8 +220,10 @@ class Federation:
                 )
             time.sleep(min(1.0, self.settings.poll_interval * 10))
 
-    def _update_roster(self, connected: list[int]) -> None:
-        if all(n in self.sites for n in connected) and len(connected) == len(self.sites):
+    def _update_roster(self, connected: list[int], *, ask: list[int] | None = None) -> None:
+        asked = connected if ask is None else ask
+        pruned = all(n in set(connected) for n in self.sites)
+        if pruned and all(n in self.sites for n in asked):
             return
         try:
             registered = registered_names(self.grid.get_nodes())
@@ -226,7 +236,17 @@ class Federation:
             lambda messages: self._exchange(messages, min(self.settings.round_timeout, 120.0)),
             config=self.config(0).to_config(),
             ttl=self.settings.round_timeout,
+            ask=ask,
         )
+
+    def _names(self) -> dict[int, str]:
+        """Node id -> site name for sampling: the roster's, and (sampling) the names the
+        SuperLink registered with the sites' keys, so a restart samples the same sites."""
+        names = dict(self.roster.names())
+        if self._sampling:  # a grid without node details: the roster's names only
+            with contextlib.suppress(Exception):
+                names = {**registered_names(self.grid.get_nodes()), **names}
+        return names
 
     # -- messaging -----------------------------------------------------------------------
     def _exchange(self, messages: list[Message], timeout: float) -> dict[int, Message]:
@@ -415,9 +435,15 @@ class Federation:
         for attempt in range(1, self.settings.retry_failed_rounds + 2):
             connected = self.wait_for_sites()
             nodes = sample_sites(
-                connected, self.settings, server_round, names=self.roster.names(), avoid=avoid
+                connected, self.settings, server_round, names=self._names(), avoid=avoid
             )
+            unnamed: list[int] = []
+            if self._sampling:  # ask the sampled nodes who they are; one that cannot is missing
+                self._update_roster(connected, ask=nodes)
+                unnamed = [n for n in nodes if n not in self.sites]
+                nodes = [n for n in nodes if n in self.sites]
             record, updates = self.run_round(server_round, attempt, nodes, weights)
+            record["missing"] = [*record["missing"], *(f"node-{n}" for n in unnamed)]
             spent = {s for s, why in record["rejected"].items() if _BUDGET_REFUSAL in why}
             if spent - self.exhausted:
                 logger.warning("privacy budget exhausted at %s: no longer sampled", sorted(spent))

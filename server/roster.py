@@ -160,8 +160,10 @@ class Roster:
         *,
         config: Mapping[str, Any],
         ttl: float,
+        ask: Iterable[int] | None = None,
     ) -> None:
-        """Prune nodes that left, then ask each new connected node who it is."""
+        """Prune nodes that left, then ask each new node of ``ask`` (default: every connected
+        node) who it is; with sampling only the sampled nodes are asked."""
         live = set(connected)
         for node in [n for n in self.sites if n not in live]:
             logger.info("site %s (node %d) is no longer connected", self.sites[node].name, node)
@@ -169,8 +171,11 @@ class Roster:
         for node in [n for n in self._backoff if n not in live]:
             del self._backoff[node]
         now = self._clock()
+        candidates = connected if ask is None else [n for n in ask if n in live]
         new = [
-            n for n in connected if n not in self.sites and self._backoff.get(n, (0.0, 0))[0] <= now
+            n
+            for n in candidates
+            if n not in self.sites and self._backoff.get(n, (0.0, 0))[0] <= now
         ]
         if not new:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from fedmed.server.aggregate import SiteUpdate
@@ -9,6 +11,7 @@ from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import Federation, SiteInfo, train_config
 from fedmed.server.sampling import sample_sites
 from fedmed.server.settings import RunSettings
+from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from fedmed.errors import ConfigError
 
@@ -54,9 +57,14 @@ class _OneSiteNeverReplies(Federation):
         super().__init__(None, settings, holdout_fn=lambda weights, cfg: None)  # type: ignore[arg-type]
         self.broken = broken
         self.asked: list[list[int]] = []
+        for node in (11, 12, 13, 14):
+            self.roster.sites[node] = SiteInfo(node, f"node-{node}", 4, 1, verified=True)
 
     def wait_for_sites(self) -> list[int]:
         return [11, 12, 13, 14]
+
+    def _update_roster(self, connected: list[int], *, ask=None) -> None:
+        pass
 
     def evaluate_final(self, weights, *, last_round=None) -> None:
         pass
@@ -137,7 +145,7 @@ class _SiteBRunsOutOfBudget(Federation):
             self.roster.sites[node] = SiteInfo(node, name, 4, 1, verified=True)
         self.final_round: int | None = None
 
-    def _update_roster(self, connected: list[int]) -> None:
+    def _update_roster(self, connected: list[int], *, ask=None) -> None:
         pass
 
     def evaluate_final(self, weights, *, last_round=None) -> None:
@@ -173,3 +181,57 @@ def test_a_run_whose_sites_run_out_of_privacy_budget_stops_with_its_model(tmp_pa
     records = federation.log.read()
     assert records[-1] == {"round": 2, "status": "stopped", "reason": result.stopped}
     assert CheckpointStore(tmp_path).rounds() == [0, 1]
+
+
+class _ManyNodes:
+    def get_node_ids(self) -> list[int]:
+        return list(range(1000, 2000))  # a thousand connected sites
+
+    def get_nodes(self) -> list:
+        return []
+
+
+def _roster_reply(node: int) -> Message:
+    record = {"name": f"S{node}", "num-train-cases": 4, "num-val-cases": 1}
+    metadata = Metadata(
+        run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=1,
+        reply_to_message_id="q", group_id="roster", created_at=time.time(), ttl=60.0,
+        message_type="query",
+    )  # fmt: skip
+    return Message(content=RecordDict({"site": ConfigRecord(record)}), metadata=metadata)
+
+
+class _SampledFederation(Federation):
+    """1,000 connected nodes; records which of them the roster asks who they are."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(_ManyNodes(), settings, holdout_fn=lambda weights, cfg: None)  # type: ignore[arg-type]
+        self.queried: list[int] = []
+        self.trained: list[list[int]] = []
+
+    def _exchange(self, messages, timeout):
+        self.queried += [m.metadata.dst_node_id for m in messages]
+        return {m.metadata.dst_node_id: _roster_reply(m.metadata.dst_node_id) for m in messages}
+
+    def evaluate_final(self, weights, *, last_round=None) -> None:
+        pass
+
+    def run_round(self, server_round, attempt, nodes, weights):
+        self.trained.append(list(nodes))
+        record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
+        record["missing"] = []
+        updates = [SiteUpdate(self.roster.name_of(n), self._shared(weights), 4, {}) for n in nodes]
+        return record, updates
+
+
+def test_with_sampling_only_the_sampled_sites_are_asked_who_they_are(tmp_path, task_identity):
+    settings = RunSettings(num_rounds=2, sites_per_round=3, out_dir=str(tmp_path), **SMALL)
+    federation = _SampledFederation(settings)
+
+    federation.run()
+
+    # start-up asks nobody; each round asks only the 3 sites it drew (not the 1,000)
+    assert [len(nodes) for nodes in federation.trained] == [3, 3]
+    drawn = {n for nodes in federation.trained for n in nodes}
+    assert set(federation.queried) == drawn and len(federation.queried) == len(drawn)
+    assert set(federation.sites) == drawn
