@@ -23,6 +23,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.e2e,
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # Ray's worker machinery leaks /dev/null handles that the GC reports as ResourceWarning
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
 TINY = ["--features", "4,8,16,32,64", "--patch-size", "32,32", "--local-steps", "1"]
