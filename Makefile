@@ -18,6 +18,7 @@ demo: setup
 test: setup-dev
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -n 4 --dist loadfile
+	scripts/flower-next.sh
 
 lint: setup-dev
 	.venv/bin/ruff check .
