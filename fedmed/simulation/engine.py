@@ -40,6 +40,7 @@ import contextlib
 import io
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -58,7 +59,13 @@ if TYPE_CHECKING:
 
     from .apps import SitePolicy
 
-__all__ = ["SiteResources", "run_federation", "simulation_env", "torch_threads"]
+__all__ = [
+    "SiteResources",
+    "run_federation",
+    "sigterm_as_interrupt",
+    "simulation_env",
+    "torch_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +240,27 @@ class _LogSink:
             sys.stderr.flush()
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a simulation runs, SIGTERM (e.g. ``timeout``) raises KeyboardInterrupt like Ctrl-C,
+    so the clean-up that stops the SuperLink, ``flwr-simulation`` and Ray runs instead of the
+    process dying with its children orphaned. Only where SIGTERM has its default action, in
+    the main thread (a handler set by the caller is left alone)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_federation(
     settings: RunSettings,
     folders: Sequence[str | Path],
@@ -271,7 +299,8 @@ def run_federation(
     run_log = out_dir / "simulation.log"
     sink = _LogSink(run_log, echo=verbose)
     for attempt in range(1, _RAY_START_ATTEMPTS + 1):
-        outcome = _run_once(settings, run_config, federation, workdir=workdir, sink=sink)
+        with sigterm_as_interrupt():  # a SIGTERM still stops the SuperLink, Ray and all
+            outcome = _run_once(settings, run_config, federation, workdir=workdir, sink=sink)
         if outcome.ok:
             return
         text = run_log.read_text(encoding="utf-8", errors="replace")
