@@ -153,19 +153,21 @@ def simulation_config(
     num_supernodes: int,
     num_cpus: float,
     num_gpus: float,
-    ray_cpus: int,
+    ray_cpus: int | None,
     verbose: bool,
 ) -> SimulationConfig:
     """The ``override_federation_config`` of a simulation run (``flwr run --federation-config
-    "num-supernodes=N client-resources-num-cpus=..."``)."""
+    "num-supernodes=N client-resources-num-cpus=..."``). ``ray_cpus`` None: Ray joins an
+    existing cluster (``RAY_ADDRESS``), whose resources it may not set."""
     config = SimulationConfig(
         num_supernodes=num_supernodes,
         client_resources_num_cpus=num_cpus,
         client_resources_num_gpus=num_gpus,
-        init_args_num_cpus=ray_cpus,
         init_args_log_to_driver=verbose,
         init_args_logging_level="INFO" if verbose else "WARNING",
     )
-    if num_gpus == 0:
-        config.init_args_num_gpus = 0
+    if ray_cpus is not None:
+        config.init_args_num_cpus = ray_cpus
+        if num_gpus == 0:
+            config.init_args_num_gpus = 0
     return config

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPU cores per site")
     p.add_argument("--num-gpus", type=float, help="GPU fraction per site (0 = CPU)")
     p.add_argument("--max-parallel", type=int, help="sites training at once")
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the sites on an existing Ray cluster (ray start --head); default: $RAY_ADDRESS, "
+        "else a private local Ray",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="Flower's and the sites' logs")
     return p
 
@@ -166,9 +173,12 @@ def parse_config(argv: Sequence[str]) -> tuple[SimConfig, bool]:
         ("num_cpus", args.num_cpus),
         ("num_gpus", args.num_gpus),
         ("max_parallel", args.max_parallel),
+        ("ray_address", args.ray_address),
     ):
         if value is not None:
             res = dataclasses.replace(res, **{name: value})
+    if not res.ray_address and os.environ.get("RAY_ADDRESS"):
+        res = dataclasses.replace(res, ray_address=os.environ["RAY_ADDRESS"])
     policy = cfg.policy
     if args.disclosure_floor is not None:
         policy = dataclasses.replace(policy, disclosure_floor=args.disclosure_floor)

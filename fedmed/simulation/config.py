@@ -15,7 +15,8 @@ spells them out):
   ``demo-holdout``, ``demo-shape``.
 - ``[data.shift.site-B]`` ...: a :class:`~fedmed.simulation.sites.ScannerShift` for that site
   (``hu-offset``, ``noise-sigma``, ``spacing-scale``).
-- ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``.
+- ``[resources]``: ``num-cpus``, ``num-gpus`` (per site), ``max-parallel``, ``cache-mode``,
+  ``ray-address`` (an existing Ray cluster; fedmed-sim falls back to ``$RAY_ADDRESS``).
 - ``[sites]``: what every simulated site allows (:class:`~fedmed.simulation.apps.SitePolicy`):
   ``disclosure-floor`` (fewest cases a summary may describe, default 5), ``share-models``
   (the sites' own models may travel for cross-site evaluation, default false), ``max-epsilon``
@@ -246,6 +247,7 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
         num_gpus=_take(res, "num-gpus", float, "resources", 0.0),
         max_parallel=_take(res, "max-parallel", int, "resources", 2),
         cache_mode=_take(res, "cache-mode", str, "resources", "auto"),
+        ray_address=_take(res, "ray-address", str, "resources", ""),
     )
     cfg = SimConfig(
         out=_take(sim, "out", str, "sim", base.out),

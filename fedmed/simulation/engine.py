@@ -88,7 +88,9 @@ class SiteResources:
     memory grows with ``max_parallel``, not with the number of sites. ``cache_mode`` is the
     sites' volume cache: ``memory`` keeps every site's volumes in its actor (fast for a few
     sites), ``none`` reads them each round (flat memory for many), ``auto`` picks ``memory`` up
-    to ``max_parallel * 4`` sites.
+    to ``max_parallel * 4`` sites. ``ray_address`` runs the sites on an existing Ray cluster
+    (``ray start --head``; its CPUs and GPUs then bound how many sites train at once, and
+    ``max_parallel`` does not apply); "" starts a private local Ray.
 
     Example:
         >>> SiteResources(num_cpus=1, num_gpus=0.25, max_parallel=4).ray_cpus
@@ -99,6 +101,7 @@ class SiteResources:
     num_gpus: float = 0.0
     max_parallel: int = 2
     cache_mode: str = "auto"
+    ray_address: str = ""  # an existing Ray cluster ("HOST:PORT"); "" starts a local one
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1:
@@ -125,10 +128,12 @@ class SiteResources:
 
 
 @contextlib.contextmanager
-def simulation_env(workdir: str | Path) -> Iterator[dict[str, str]]:
+def simulation_env(workdir: str | Path, *, ray_address: str = "") -> Iterator[dict[str, str]]:
     """Environment variables for one simulation's Flower processes (this process's own
     environment is left alone): Flower home and Ray temp folder under ``workdir``, no
-    telemetry, update check or runtime installs. Removes a private Ray folder it made.
+    telemetry, update check or runtime installs; ``RAY_ADDRESS`` to join an existing cluster
+    (otherwise an inherited one is cleared: the simulation starts its own). Removes a private
+    Ray folder it made.
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +155,7 @@ def simulation_env(workdir: str | Path) -> Iterator[dict[str, str]]:
             "RAY_DEDUP_LOGS": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "RAY_ADDRESS": ray_address,
         }
     finally:
         if private is not None:
@@ -203,7 +209,7 @@ def _federation_config(resources: SiteResources, sites: int, *, verbose: bool) -
         num_supernodes=sites,
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
-        ray_cpus=resources.ray_cpus,
+        ray_cpus=None if resources.ray_address else resources.ray_cpus,
         verbose=verbose,
     )
 
@@ -300,7 +306,14 @@ def run_federation(
     sink = _LogSink(run_log, echo=verbose)
     for attempt in range(1, _RAY_START_ATTEMPTS + 1):
         with sigterm_as_interrupt():  # a SIGTERM still stops the SuperLink, Ray and all
-            outcome = _run_once(settings, run_config, federation, workdir=workdir, sink=sink)
+            outcome = _run_once(
+                settings,
+                run_config,
+                federation,
+                workdir=workdir,
+                sink=sink,
+                ray_address=resources.ray_address,
+            )
         if outcome.ok:
             return
         text = run_log.read_text(encoding="utf-8", errors="replace")
@@ -325,6 +338,7 @@ def _run_once(
     *,
     workdir: str | Path,
     sink: _LogSink,
+    ray_address: str = "",
 ) -> Any:
     """Start a simulation SuperLink, submit the run, follow it to its end, stop everything."""
     with warnings.catch_warnings():
@@ -343,7 +357,7 @@ def _run_once(
     out_dir = settings.out_path.absolute()
     link_log = out_dir / "superlink.log"
     link_log.unlink(missing_ok=True)
-    with simulation_env(workdir) as extra:
+    with simulation_env(workdir, ray_address=ray_address) as extra:
         env = flower_env(Path(extra["FLWR_HOME"]), extra)
         port = free_loopback_port()
         command = [
