@@ -10,8 +10,18 @@ key            meaning
 ``data-dir``   the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs)
 ``cache-dir``  folder for the disk cache and the site's state of a run (optional)
 ``cache-mode`` ``memory`` (default), ``disk`` or ``none``
-``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ...
+``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ... or a device list
+               (``"cuda:0,cuda:1"``, ``"cpu,cuda:0"``) that splits a LAMP model
+``amp`` ...    the other hardware keys (``amp``, ``channels-last``, ``compile``,
+               ``lamp-micro-batches``, ``lamp-checkpointing``, ``lamp-balance``): see
+               :mod:`fedmed.hardware`
 =============  =====================================================================
+
+The hardware keys fit the computation to the site's machine; what changes the model (loss,
+``lamp-skips``, the preprocessing plan) comes from the server in each round's config. A
+device that does not exist, or a list for a model that cannot be split, is a ConfigError
+naming ``device``; so is a LAMP model split over several devices in a run with record-level
+DP (DP-SGD needs the whole model's per-patient gradients on one device).
 
 The train/validation split is seeded by the run's ``seed`` (sent in each round's config), so
 every site splits the same way for a given run.
@@ -69,6 +79,7 @@ from flwr.clientapp import ClientApp
 from fedmed import wire
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
+from fedmed.hardware import HardwareSettings
 from fedmed.io.guard import GuardSettings
 from fedmed.io.msd import split_cases
 from fedmed.pipeline import PipelineSettings, load_cases
@@ -103,9 +114,15 @@ _TASKS: dict[tuple[Any, ...], SiteTask] = {}
 class SiteConfig:
     """Where a site's data is and how to run it.
 
+    ``hardware`` holds the site's devices and how it runs the model on them; without it,
+    ``HardwareSettings(devices=device)``. ``device`` is then set to the device list the site
+    uses (``auto`` resolved), so two configs of the same site compare equal.
+
     Example:
         >>> SiteConfig("A", "demo/data/site-A").cache_mode
         'memory'
+        >>> SiteConfig("A", "demo/data/site-A", device="cpu,cpu").hardware.devices
+        (device(type='cpu'), device(type='cpu'))
     """
 
     name: str
@@ -117,8 +134,14 @@ class SiteConfig:
     share_models: bool = False
     max_epsilon: float = 0.0
     guard: GuardSettings = field(default_factory=GuardSettings)
+    hardware: HardwareSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.hardware is None:  # the device is checked against this machine here
+            object.__setattr__(self, "hardware", HardwareSettings(devices=self.device))
+        assert self.hardware is not None
+        devices = ",".join(str(d) for d in self.hardware.devices)
+        object.__setattr__(self, "device", devices)
         if isinstance(self.disclosure_floor, bool) or not (
             isinstance(self.disclosure_floor, int) and self.disclosure_floor >= 1
         ):
@@ -144,16 +167,17 @@ def site_from_node_config(context: Context) -> SiteConfig:
             "node config lacks 'data-dir': start the site with fedmed-client (or pass "
             "--node-config 'data-dir=\"/path/to/site\"')"
         )
+    name = str(cfg.get("site", f"node-{context.node_id}"))
     return SiteConfig(
-        name=str(cfg.get("site", f"node-{context.node_id}")),
+        name=name,
         data_dir=str(cfg["data-dir"]),
         cache_dir=str(cfg.get("cache-dir", "")),
         cache_mode=str(cfg.get("cache-mode", "memory")),
-        device=str(cfg.get("device", "auto")),
         disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
         share_models=cfg.get("share-models", False) is True,
         max_epsilon=float(cfg.get("max-epsilon", 0.0)),  # type: ignore[arg-type]
         guard=GuardSettings.from_node_config(cfg),
+        hardware=HardwareSettings.from_node_config(cfg, source=f"site {name} node config"),
     )
 
 
@@ -161,7 +185,9 @@ def site_from_node_config(context: Context) -> SiteConfig:
 class PartitionSites:
     """Simulation resolver: simulated node ``partition-id`` i is the site in ``folders[i]``.
 
-    Picklable (Ray ships it to its actors); the site's name is its folder's name.
+    Picklable (Ray ships it to its actors); the site's name is its folder's name. ``devices``
+    gives each site its own device list (``("cpu,cpu", "cpu")``: site 0 splits a LAMP model
+    over two CPU stages); without it every site uses ``device``.
 
     Example:
         >>> resolve = PartitionSites(("demo/data/site-A", "demo/data/site-B"))
@@ -174,6 +200,14 @@ class PartitionSites:
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.devices and len(self.devices) != len(self.folders):
+            raise ConfigError(
+                f"simulation site devices: {len(self.devices)} device lists for "
+                f"{len(self.folders)} sites: give one device list per site (or none)"
+            )
 
     def __call__(self, context: Context) -> SiteConfig:
         pid = int(context.node_config["partition-id"])
@@ -183,11 +217,17 @@ class PartitionSites:
                 f"<= {len(self.folders)} or more folders"
             )
         folder = str(self.folders[pid])
+        name = Path(folder).name
+        device = self.devices[pid] if self.devices else self.device
+        try:
+            hardware = HardwareSettings(devices=device)
+        except ConfigError as err:
+            raise ConfigError(f"simulated site {name}: {err}") from None
         return SiteConfig(
-            Path(folder).name,
+            name,
             folder,
             cache_mode=self.cache_mode,
-            device=self.device,
+            hardware=hardware,
             disclosure_floor=self.disclosure_floor,
             share_models=self.share_models,
             max_epsilon=self.max_epsilon,
@@ -195,8 +235,9 @@ class PartitionSites:
 
 
 def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
-    """The site's pipeline: its cache, and the case guard with the model's classes."""
-    return PipelineSettings(
+    """The site's pipeline: the run's preprocessing plan (spacing, intensity), the site's
+    cache, and the case guard with the model's classes."""
+    return cfg.plan.pipeline_settings(
         cache_mode=site.cache_mode,
         cache_dir=Path(site.cache_dir) if site.cache_dir else None,
         guard=dataclasses.replace(site.guard, num_classes=cfg.out_channels),
@@ -204,17 +245,31 @@ def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
 
 
 def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
-    """One SiteTask per site and split, reused while the process lives (simulation actors)."""
-    key = (site, cfg.val_fraction, cfg.seed, cfg.out_channels)
+    """One SiteTask per site, split and pipeline, reused while the process lives (simulation
+    actors)."""
+    settings = _pipeline(site, cfg)
+    key = (site, cfg.val_fraction, cfg.seed, settings)
     if key not in _TASKS:
         _TASKS[key] = SiteTask(
             site.data_dir,
-            device=site.device,
+            hardware=site.hardware,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
-            settings=_pipeline(site, cfg),
+            settings=settings,
         )
     return _TASKS[key]
+
+
+def _check_record_dp(site: SiteConfig, cfg: TrainConfig) -> None:
+    """DP-SGD takes per-patient gradients of the whole model on one device."""
+    assert site.hardware is not None
+    if cfg.model == "lamp_unet" and len(site.hardware.devices) > 1:
+        raise ConfigError(
+            f"site {site.name}: device = {site.device!r} splits the LAMP model over "
+            f"{len(site.hardware.devices)} devices, but the run uses record-level DP (dp-mode "
+            "= 'record'), whose per-patient gradients need the whole model on one device: "
+            "name one device in the site config, or ask for dp-mode 'site'"
+        )
 
 
 def _error_reply(msg: Message, site: str, err: Exception) -> Message:
@@ -251,6 +306,8 @@ def _train_site(
     task = _task(site, cfg)
     received, server_control = split_controls(received)
     dp = DpParams.from_record(records.get("privacy"))
+    if dp.mode == "record":
+        _check_record_dp(site, cfg)
     budget = entry = dp_sgd = None
     if dp.enabled:  # the site's own budget is checked before anything is trained
         budget = SiteBudget(context, cache_dir=site.cache_dir, max_epsilon=site.max_epsilon)

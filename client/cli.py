@@ -1,7 +1,8 @@
 """``fedmed-client --site A``: a hospital site (Flower SuperNode + the fedmed client app).
 
-Reads ``configs/sites/A.toml``, checks the site's data folder first (exit 4 with the report
-when it is bad), then runs the site's SuperNode, restarting it with backoff when it exits.
+Reads ``configs/sites/A.toml``, checks its hardware keys against this machine (exit 3 naming
+the key, e.g. a ``device`` it lacks) and the site's data folder (exit 4 with the report when
+it is bad), then runs the site's SuperNode, restarting it with backoff when it exits.
 Ctrl-C or SIGTERM stops it.
 
 Example::
@@ -30,7 +31,7 @@ from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import DataError
 from fedmed.flower.version import check_flower_version
 
-__all__ = ["check_data", "main", "run_site"]
+__all__ = ["check_data", "check_hardware", "main", "run_site"]
 
 log = logging.getLogger("fedmed.client")
 _MAX_LISTED = 30
@@ -67,10 +68,22 @@ def check_data(config: SiteConfig) -> None:
     log.info("site %s: data folder %s passed the check", config.site, config.data_dir)
 
 
+def check_hardware(config: SiteConfig) -> None:
+    """Check the site's hardware keys against this machine (a device it lacks, an AMP mode
+    its devices cannot run): ConfigError naming the file and the key, before joining."""
+    from fedmed.hardware import HardwareSettings  # torch: only when starting the site
+
+    hardware = HardwareSettings.from_node_config(
+        config.node_config(), source=f"site config {config.path}"
+    )
+    log.info("site %s: hardware %s", config.site, hardware.describe())
+
+
 def run_site(config: SiteConfig) -> int:
-    """Check the data, then run the site's SuperNode until interrupted."""
+    """Check the hardware and the data, then run the site's SuperNode until interrupted."""
     from fedmed.client.supernode import SiteNode
 
+    check_hardware(config)
     if config.check_data:
         check_data(config)
     node = SiteNode(config, echo=sys.stderr)

@@ -33,7 +33,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "AMP_MODES",
     "CACHE_MODES",
+    "LAMP_BALANCES",
     "ON_BAD_CASE",
     "FederationConfig",
     "ServerConfig",
@@ -52,6 +54,11 @@ _PATH_SUFFIXES = ("-dir", "-file", "-path")
 _MISSING = object()
 _DISCLOSURE_FLOOR = 5  # fedmed.stats.DEFAULT_DISCLOSURE_FLOOR (not imported: no numpy here)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The site's hardware keys (fedmed.hardware.HardwareSettings reads them from the node config
+# and checks the devices against the machine; a test pins these to its values): kept here so
+# reading a config never imports torch.
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+LAMP_BALANCES = ("memory", "time")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -225,6 +232,12 @@ class SiteConfig:
         cache-dir = "../../runs/site-A/cache"
         cache-mode = "disk"          # memory | disk | none
         device = "cpu"               # cpu, cuda, cuda:0, or "cuda:0,cuda:1" for LAMP
+        amp = "auto"                 # auto | off | fp16 | bf16 (see fedmed.hardware)
+        channels-last = false
+        compile = false
+        lamp-micro-batches = 4       # LAMP: GPipe micro-batches per batch
+        lamp-checkpointing = true    # LAMP: recompute activations in backward
+        lamp-balance = "memory"      # LAMP: partition by memory or time
         seed = 0
         on-bad-case = "skip"         # skip | stop: what a case failing the data guard does
         max-image-gib = 2.0          # memory one image may need once read
@@ -240,7 +253,11 @@ class SiteConfig:
     refuses global models the server did not sign with a certificate of the federation CA
     (``ca-cert``); ``require-signed-models = false`` accepts unsigned ones. The four guard
     keys are :class:`fedmed.io.guard.GuardSettings`' (read back from the node config by
-    ``GuardSettings.from_node_config``).
+    ``GuardSettings.from_node_config``). ``device`` may be a list (a TOML list or
+    comma-separated text) that splits a LAMP model over those devices; the hardware keys
+    (``device``, ``amp``, ``channels-last``, ``compile``, ``lamp-*``) are
+    :class:`fedmed.hardware.HardwareSettings`', which checks the devices against the site's
+    machine when ``fedmed-client`` starts.
     """
 
     path: Path
@@ -272,6 +289,12 @@ class SiteConfig:
     disclosure_floor: int = _DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    lamp_micro_batches: int = 4
+    lamp_checkpointing: bool = True
+    lamp_balance: str = "memory"
 
     def node_config(self) -> dict[str, str | int | float | bool]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
@@ -280,8 +303,9 @@ class SiteConfig:
         did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
         ``require-signed-models = false`` and absent when the site runs insecure. The guard
         keys (``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
-        ``allow-external-links``) and the site's evaluation and privacy policy
-        (``disclosure-floor``, ``share-models``, ``max-epsilon``) are always written.
+        ``allow-external-links``), the site's evaluation and privacy policy
+        (``disclosure-floor``, ``share-models``, ``max-epsilon``) and its hardware keys
+        (``amp``, ``channels-last``, ``compile``, ``lamp-*``) are always written.
         """
         node: dict[str, str | int | float | bool] = {
             "site": self.site,
@@ -297,6 +321,12 @@ class SiteConfig:
             "disclosure-floor": self.disclosure_floor,
             "share-models": self.share_models,
             "max-epsilon": self.max_epsilon,
+            "amp": self.amp,
+            "channels-last": self.channels_last,
+            "compile": self.compile,
+            "lamp-micro-batches": self.lamp_micro_batches,
+            "lamp-checkpointing": self.lamp_checkpointing,
+            "lamp-balance": self.lamp_balance,
         }
         if self.ca_cert is not None and not self.insecure:
             node["server-ca"] = str(self.ca_cert) if self.require_signed_models else ""
@@ -434,7 +464,11 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         raise ConfigError(
             f"{path}: site = {name!r} but --site {site} was given: use the site's own config"
         )
-    device = top.get("device", str, "cpu")
+    device = top.get("device", (str, list), "cpu")
+    if isinstance(device, list):  # device = ["cuda:0", "cuda:1"]
+        if not all(isinstance(part, str) for part in device):
+            raise ConfigError(f"{path}: device = {device!r} must list device names")
+        device = ",".join(device)
     if not all(part.strip() for part in device.split(",")):
         raise ConfigError(f"{path}: device = {device!r} must be e.g. cpu, cuda:0, cuda:0,cuda:1")
     insecure = conn.get("insecure", bool, False)
@@ -513,6 +547,12 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         disclosure_floor=top.positive("disclosure-floor", int, _DISCLOSURE_FLOOR),
         share_models=top.get("share-models", bool, False),
         max_epsilon=top.positive("max-epsilon", float, 0.0, zero=True),
+        amp=top.choice("amp", AMP_MODES, "auto"),
+        channels_last=top.get("channels-last", bool, False),
+        compile=top.get("compile", bool, False),
+        lamp_micro_batches=top.positive("lamp-micro-batches", int, 4),
+        lamp_checkpointing=top.get("lamp-checkpointing", bool, True),
+        lamp_balance=top.choice("lamp-balance", LAMP_BALANCES, "memory"),
     )
     top.finish()
     conn.finish()

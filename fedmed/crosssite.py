@@ -105,7 +105,7 @@ def evaluate_models(
         return entries, scores
     for label, arrays in models.items():
         model = task.model(cfg, arrays, local_arrays=local if cfg.fedbn else None)
-        result = evaluate_model(model, task.val, cfg)
+        result = evaluate_model(model, task.val, cfg, hardware=task.hardware)
         entries += summary_entries(label, f"val:{site}", result["cases"], floor=floor)
         scores[label] = {"dice": float(result["dice"]), "n_cases": float(len(result["cases"]))}
     return entries, scores

@@ -3,11 +3,15 @@
 The server app and the client app stay thin over this module:
 
 - :class:`TrainConfig` is what the server sends each round (a Flower ``ConfigRecord``) and all
-  a site needs to train: model, patch, epochs/steps, learning rate, FedProx ``mu``, FedBN.
+  a site needs to train: model, patch, epochs/steps, learning rate, FedProx ``mu``, FedBN, the
+  loss (``dice``, ``dice-ce``, ``nr-dice`` with COPLE-Net's self-ensembling) and the
+  preprocessing (:attr:`TrainConfig.plan`: target spacing, CT window or MR z-score).
 - :func:`build_network`, :func:`model_arrays`, :func:`local_norm_keys` make the global model,
   its state as numpy arrays, and the normalization statistics a site keeps under ``fedbn``.
-- :class:`SiteTask` trains one round on a site's data folder and evaluates on its validation
-  split; :func:`evaluate_folder` runs a model on a labelled folder (the server's held-out set);
+- :class:`SiteTask` trains one round on a site's data folder, on the site's hardware
+  (:class:`~fedmed.hardware.HardwareSettings`: a LAMP model split over a device list keeps its
+  partition), and evaluates on its validation split; :func:`evaluate_folder` runs a model on
+  a labelled folder (the server's held-out set);
   the predictions come from :mod:`fedmed.predict` (which ``fedmed infer`` uses too).
 
 The data pipeline (cached preprocessing, random patches, batches) is :mod:`fedmed.pipeline`.
@@ -39,12 +43,16 @@ import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, ModelError
+from fedmed.hardware import HardwareSettings
 from fedmed.io.guard import require_cases
 from fedmed.io.msd import split_cases
 from fedmed.io.nifti import read_nifti_header
+from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, combine_classes, evaluate_case, summarize
 from fedmed.nets import build_model
 from fedmed.pipeline import (
+    HU_WINDOW,
+    INTENSITIES,
     PatchSamples,
     PipelineSettings,
     Volumes,
@@ -53,6 +61,7 @@ from fedmed.pipeline import (
     patch_loader,
     usable_cases,
 )
+from fedmed.plan import PreprocessingPlan
 from fedmed.predict import adapt_norm_statistics, predict_volume
 from fedmed.text import printable
 from fedmed.train import LocalTrainer, TrainResult
@@ -69,6 +78,7 @@ __all__ = [
     "local_config",
     "local_norm_keys",
     "model_arrays",
+    "model_options",
     "resolve_device",
     "site_volume_mm3",
 ]
@@ -81,11 +91,23 @@ _LOCAL_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 AGGREGATION_WEIGHTS = ("cases", "voxels")
 # What a site reports of a validation summary each round (as ``val-<key>``).
 REPORTED_SUMMARY = ("dice", "hd95", "nsd", "n_cases", "n_missed", "n_spurious", "n_both_empty")
+LAMP_SKIPS = ("carried", "none")
+# Comma-separated tuples in the round config, and the type of their entries.
+_TUPLES = {"model_features": int, "patch_size": int, "target_spacing": float, "hu_window": float}
+# Demo sites with noisy labels keep the clean ones here, beside labelsTr (fedmed.data.demo).
+CLEAN_LABELS_DIR = "labelsTrClean"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """A round's instructions to a site; travels as a flat ``ConfigRecord`` (``to_config``).
+
+    The last fields are the run settings of the same names (:mod:`fedmed.server.settings`):
+    ``loss`` (``auto`` = the model's default: ``nr-dice`` for COPLE-Net, ``dice-ce`` for the
+    U-Nets), ``nr_gamma``, ``nr_denominator``, ``self_ensembling`` with ``ema_decay``,
+    ``lamp_skips`` (``none``: LAMP's skip-free variant), and the preprocessing
+    ``target_spacing`` (mm, ``None`` = native), ``intensity`` and ``hu_window`` (see
+    :attr:`plan`).
 
     Example:
         >>> cfg = TrainConfig(lr=0.01, proximal_mu=0.1)
@@ -113,18 +135,48 @@ class TrainConfig:
     ditto_lambda: float = 0.0
     scaffold: bool = False
     model_norm: str = "batch"
+    loss: str = "auto"
+    nr_gamma: float = 1.5
+    nr_denominator: str = "linear"
+    self_ensembling: bool = False
+    ema_decay: float = 0.99
+    lamp_skips: str = "carried"
+    target_spacing: tuple[float, ...] | None = None
+    intensity: str = "ct-window"
+    hu_window: tuple[float, ...] = HU_WINDOW
 
     @property
     def spatial_dims(self) -> int:
         """2 for COPLE-Net, 3 for the U-Nets."""
         return 2 if self.model == "coplenet" else 3
 
+    @property
+    def loss_name(self) -> str:
+        """``loss`` with ``auto`` resolved: ``nr-dice`` for COPLE-Net (its paper's loss),
+        ``dice-ce`` for the U-Nets."""
+        if self.loss == "auto":
+            return "nr-dice" if self.model == "coplenet" else "dice-ce"
+        return self.loss
+
+    @property
+    def plan(self) -> PreprocessingPlan:
+        """The preprocessing this round's model is trained with (spacing, intensity, patch,
+        model): what every checkpoint records and what the site pipeline runs
+        (:meth:`~fedmed.plan.PreprocessingPlan.pipeline_settings`)."""
+        return PreprocessingPlan.from_run_config(
+            self.to_config(),
+            patch_size=self.patch_size,
+            model=self.model,
+            model_options=model_options(self),
+            source="round config",
+        )
+
     def to_config(self) -> dict[str, int | float | str | bool]:
         """Flat kebab-case values for a Flower ``ConfigRecord``."""
         out: dict[str, int | float | str | bool] = {}
         for name, value in asdict(self).items():
             key = name.replace("_", "-")
-            if name in ("model_features", "patch_size"):
+            if name in _TUPLES:
                 value = ",".join(str(v) for v in value) if value else ""
             out[key] = value
         return out
@@ -139,8 +191,9 @@ class TrainConfig:
                 raise ConfigError(f"round config lacks {key!r}: server and site versions differ?")
             value = config[key]
             try:
-                if name in ("model_features", "patch_size"):
-                    parsed = tuple(int(v) for v in str(value).split(",") if v.strip())
+                if name in _TUPLES:
+                    kind = _TUPLES[name]
+                    parsed = tuple(kind(v) for v in str(value).split(",") if v.strip())
                     value = parsed or None
                 elif isinstance(default, bool):
                     value = bool(value)
@@ -153,8 +206,20 @@ class TrainConfig:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"round config {key!r} is invalid: {value!r}") from err
             values[name] = value
-        if values.get("patch_size") is None:
-            raise ConfigError("round config 'patch-size' is empty")
+        for key in ("patch_size", "hu_window"):
+            if values.get(key) is None:
+                raise ConfigError(f"round config {key.replace('_', '-')!r} is empty")
+        for key, known in (
+            ("loss", ("auto", *LOSSES)),
+            ("nr_denominator", NR_DENOMINATORS),
+            ("lamp_skips", LAMP_SKIPS),
+            ("intensity", INTENSITIES),
+        ):
+            if values[key] not in known:
+                raise ConfigError(
+                    f"round config {key.replace('_', '-')!r} is {values[key]!r}: the site knows "
+                    f"{', '.join(known)}; update fedmed at the site"
+                )
         if values["aggregation_weight"] not in AGGREGATION_WEIGHTS:
             raise ConfigError(
                 f"round config 'aggregation-weight' is {values['aggregation_weight']!r}: the "
@@ -183,17 +248,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def build_network(cfg: TrainConfig, *, seed: int | None = None) -> nn.Module:
-    """The configured network; ``seed`` fixes its initial weights without touching global RNG."""
-    options: dict[str, object] = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
+def model_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The :func:`fedmed.nets.build_model` options of ``cfg``'s network (what a checkpoint's
+    plan records as ``model_options``).
+
+    Example:
+        >>> model_options(TrainConfig(model="lamp_unet", lamp_skips="none"))["skip_connections"]
+        False
+    """
+    options: dict[str, Any] = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
     if cfg.model_features:
-        options["features"] = cfg.model_features
+        options["features"] = tuple(cfg.model_features)
     if cfg.model == "coplenet":
         options["norm"] = cfg.model_norm
+    if cfg.model == "lamp_unet" and cfg.lamp_skips == "none":
+        options["skip_connections"] = False
+    return options
+
+
+def build_network(cfg: TrainConfig, *, seed: int | None = None) -> nn.Module:
+    """The configured network; ``seed`` fixes its initial weights without touching global RNG."""
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return build_model(cfg.model, **options)
+        return build_model(cfg.model, **model_options(cfg))
 
 
 def local_norm_keys(model: nn.Module) -> frozenset[str]:
@@ -256,9 +334,12 @@ def evaluate_model(
     cfg: TrainConfig,
     *,
     nsd_tolerance_mm: float | None = None,
+    hardware: HardwareSettings | None = None,
 ) -> dict[str, Any]:
     """Dice, HD95 (mm), NSD and volume error of ``model`` on preprocessed labelled ``volumes``
-    (NSD at ``nsd_tolerance_mm``, default the run's ``cfg.nsd_tolerance_mm``).
+    (NSD at ``nsd_tolerance_mm``, default the run's ``cfg.nsd_tolerance_mm``); ``hardware``
+    sets the site's mixed precision and memory layout for the predictions (a model split over
+    devices keeps its placement either way).
 
     Each case record (``cases``) has ``case``, ``dice``, ``hd95``, ``nsd``, ``rve`` (means over
     the foreground classes where defined) and ``missed``, ``spurious``, ``both_empty`` (the
@@ -277,7 +358,7 @@ def evaluate_model(
     per_case = []
     for index in range(len(volumes)):
         item = volumes[index]
-        pred = predict_volume(model, item["image"], cfg)
+        pred = predict_volume(model, item["image"], cfg, hardware=hardware)
         spacing = item.get("image_meta", {}).get("spacing")
         m = evaluate_case(
             pred.numpy(),
@@ -305,7 +386,8 @@ def evaluate_folder(
     settings: PipelineSettings | None = None,
 ) -> dict[str, Any]:
     """Dice and HD95 (mm) of ``weights`` on every labelled case of ``folder``
-    (:func:`evaluate_model`'s result).
+    (:func:`evaluate_model`'s result), preprocessed as ``settings`` says (default: the round's
+    plan, ``cfg.plan``: the sites' spacing and intensity normalization).
 
     ``weights`` may lack the normalization layers (FedBN); ``adapt_norm`` then re-estimates
     their statistics on the folder's images (:func:`adapt_norm_statistics`) before predicting.
@@ -313,7 +395,7 @@ def evaluate_folder(
     model = build_network(cfg)
     load_arrays(model, weights, partial=True)
     model.to(resolve_device(device))
-    settings = settings or PipelineSettings()
+    settings = settings or cfg.plan.pipeline_settings()
     settings = dataclasses.replace(
         settings, guard=dataclasses.replace(settings.guard, num_classes=cfg.out_channels)
     )
@@ -330,12 +412,21 @@ class SiteTask:
         data_dir: the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs).
         cache_dir: where the disk cache lives (``cache_mode`` ``disk``/``disk-encrypted``).
         cache_mode: ``memory`` (cache volumes in RAM), ``disk``, ``disk-encrypted`` or ``none``
-            (see :class:`~fedmed.pipeline.PipelineSettings`, which ``settings`` overrides).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+            (see :class:`~fedmed.pipeline.PipelineSettings`, which ``settings`` overrides; a
+            round's plan makes them: :meth:`~fedmed.plan.PreprocessingPlan.pipeline_settings`).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` or a device list ``"cuda:0,cuda:1"``
+            that splits a LAMP model; shorthand for ``hardware``'s devices.
+        hardware: the site's :class:`~fedmed.hardware.HardwareSettings` (devices, LAMP
+            micro-batches and checkpointing, AMP, channels-last, compile); give this or
+            ``device``.
         val_fraction, seed: the deterministic by-patient train/validation split.
 
+    Validation cases whose clean label exists (``labelsTrClean/<name>`` beside
+    ``labelsTr/<name>``: the demo's noisy site, :mod:`fedmed.data.demo`) are also scored against
+    it: :meth:`evaluate` adds ``dice-clean``.
+
     Example:
-        >>> task = SiteTask("demo/data/site-A")
+        >>> task = SiteTask("demo/data/site-A", device="cpu,cpu")
         >>> task.num_train_cases + task.num_val_cases
         6
     """
@@ -347,6 +438,7 @@ class SiteTask:
         cache_dir: str | Path | None = None,
         cache_mode: str = "memory",
         device: str = "auto",
+        hardware: HardwareSettings | None = None,
         val_fraction: float = 0.2,
         seed: int = 0,
         settings: PipelineSettings | None = None,
@@ -355,18 +447,23 @@ class SiteTask:
             settings = PipelineSettings(
                 cache_mode=cache_mode, cache_dir=Path(cache_dir) if cache_dir else None
             )
+        self.hardware = hardware or HardwareSettings(devices=device)
         cases = load_cases([data_dir], settings)
         train, val = split_cases(cases, val_fraction=val_fraction, seed=seed)
         where = printable(Path(data_dir).absolute())
         require_cases(len(train), len(val), where=where)
-        self.device = resolve_device(device)
+        self.name = printable(Path(data_dir).name)  # for the site's own log
+        self.device = self.hardware.devices[0]  # a partitioned model's input device
         self.settings = settings
         self.train = cached_volumes(train, settings)
         self.val = cached_volumes(val, settings)
         require_cases(len(self.train), len(self.val), where=where)
         self.num_train_cases, self.num_val_cases = len(self.train), len(self.val)
         self.train_cases = usable_cases(train, self.train)
+        clean = _with_clean_labels(usable_cases(val, self.val))
+        self.val_clean: Volumes | None = cached_volumes(clean, settings) if clean else None
         self._volume_mm3: float | None = None
+        self._split_logged = False
 
     def samples_per_epoch(self, cfg: TrainConfig) -> int:
         """Training samples in one local epoch (2D: every axial slice; 3D: patches per case)."""
@@ -388,25 +485,43 @@ class SiteTask:
         *,
         local_arrays: Mapping[str, np.ndarray] | None = None,
     ) -> nn.Module:
-        """The network with ``arrays`` loaded over the site's own ``local_arrays``, on the
-        site's device."""
+        """The network with ``arrays`` loaded over the site's own ``local_arrays``, placed on
+        the site's devices (a LAMP model split over a device list); ConfigError naming
+        ``device`` for a list and a model that cannot be split."""
         model = build_network(cfg, seed=cfg.seed)
         if local_arrays:
             load_arrays(model, local_arrays, partial=True)
         load_arrays(model, arrays, partial=True)
-        return model.to(self.device)
+        model = self.hardware.prepare(model, sample_shape=_sample_shape(cfg))
+        stages = getattr(model, "placement", None)
+        if stages is not None and len(stages.sizes) > 1 and not self._split_logged:
+            logger.info(
+                "%s: %s split over %s: %s cells per device",
+                self.name,
+                cfg.model,
+                ",".join(str(d) for d in stages.devices),
+                "+".join(str(n) for n in stages.sizes),
+            )
+            self._split_logged = True
+        return model
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
         """Validation summary of ``model`` as flat metrics (:data:`REPORTED_SUMMARY`: Dice,
-        HD95, NSD and the case counts); empty when the site has no validation cases."""
+        HD95, NSD and the case counts, plus ``dice-clean`` where the site has clean labels);
+        empty when the site has no validation cases."""
         if not len(self.val):
             return {}
-        summary = evaluate_model(model, self.val, cfg)
-        return {
+        summary = evaluate_model(model, self.val, cfg, hardware=self.hardware)
+        out = {
             k: float(summary[k])
             for k in REPORTED_SUMMARY
             if k in summary and math.isfinite(summary[k])
         }
+        if self.val_clean is not None:
+            clean = evaluate_model(model, self.val_clean, cfg, hardware=self.hardware)
+            if math.isfinite(clean.get("dice", math.nan)):
+                out["dice-clean"] = float(clean["dice"])
+        return out
 
     def fit(
         self,
@@ -431,7 +546,9 @@ class SiteTask:
             options = dataclasses.replace(options, proximal_mu=proximal_mu)
         if steps is not None:
             options = dataclasses.replace(options, steps=steps)
-        trainer = LocalTrainer(model, config=options, device=self.device)
+        trainer = LocalTrainer(
+            model, config=options, hardware=self.hardware, sample_shape=_sample_shape(cfg)
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(round_seed)
             # anchor None: the FedProx anchor is the model as loaded (global weights, plus the
@@ -473,13 +590,35 @@ class SiteTask:
 
 
 def local_config(cfg: TrainConfig) -> LocalConfig:
-    """The :class:`fedmed.train.TrainConfig` of a round: COPLE-Net trains with the
-    noise-robust Dice loss, the U-Nets with Dice + cross-entropy (``dataclasses.replace``
-    changes the rest)."""
+    """The :class:`fedmed.train.TrainConfig` of a round: its loss (``auto``: COPLE-Net trains
+    with the noise-robust Dice, the U-Nets with Dice + cross-entropy), self-ensembling and
+    optimizer settings (``dataclasses.replace`` changes the rest)."""
     return LocalConfig(
         epochs=cfg.local_epochs,
         steps=cfg.local_steps or None,
         lr=cfg.lr,
         proximal_mu=cfg.proximal_mu,
-        loss="nr_dice" if cfg.model == "coplenet" else "dice_ce",
+        loss=cfg.loss_name,  # type: ignore[arg-type]  # checked by LocalConfig
+        gamma=cfg.nr_gamma,
+        nr_denominator=cfg.nr_denominator,  # type: ignore[arg-type]
+        self_ensembling=cfg.self_ensembling,
+        ema_alpha=cfg.ema_decay,
     )
+
+
+def _sample_shape(cfg: TrainConfig) -> tuple[int, ...]:
+    """The input LAMP's partitioner profiles: one training patch."""
+    return (1, cfg.in_channels, *cfg.patch_size)
+
+
+def _with_clean_labels(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The cases with their label replaced by the clean one where ``labelsTrClean`` holds it
+    (all of them, or none: a partial set would score another set of cases)."""
+    out = []
+    for case in cases:
+        label = Path(str(case["label"]))
+        clean = label.parent.parent / CLEAN_LABELS_DIR / label.name
+        if not clean.is_file():
+            return []
+        out.append({**case, "label": str(clean)})
+    return out

@@ -83,7 +83,8 @@ HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | N
 
 
 def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") -> TrainConfig:
-    """The round instructions the sites receive."""
+    """The round instructions the sites receive (the preprocessing from ``settings.plan``)."""
+    pipeline = settings.plan.pipeline_settings()
     return TrainConfig(
         model=settings.model,
         model_features=settings.features,
@@ -105,6 +106,15 @@ def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") 
         ditto_lambda=settings.ditto_lambda,
         scaffold=settings.strategy == "scaffold",
         model_norm=settings.model_norm,
+        loss=settings.loss,
+        nr_gamma=settings.nr_gamma,
+        nr_denominator=settings.nr_denominator,
+        self_ensembling=settings.self_ensembling,
+        ema_decay=settings.ema_decay,
+        lamp_skips=settings.lamp_skips,
+        target_spacing=pipeline.pixdim,
+        intensity=pipeline.intensity,
+        hu_window=pipeline.hu_window,
     )
 
 
@@ -141,6 +151,8 @@ class Federation:
         model = build_network(train_config(settings, 0), seed=settings.seed)
         self.local_keys = local_norm_keys(model) if settings.fedbn else frozenset()
         self.initial_weights = model_arrays(model)
+        # every checkpoint records how the sites preprocess, so `fedmed infer` does the same
+        self.plan = train_config(settings, 0).plan.to_metadata()["plan"]
         self.param_keys = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
         controls = None
         if settings.strategy == "scaffold":
@@ -347,7 +359,9 @@ class Federation:
             cfg = self.config(0)
             holdout = self._holdout_fn(self.initial_weights, cfg)
             record = {"round": 0, "status": "initial", "sites": {}, "holdout": holdout}
-            ckpt = self.store.save(0, self.initial_weights, metrics=record, config_hash=ident)
+            ckpt = self.store.save(
+                0, self.initial_weights, metrics=record, config_hash=ident, plan=self.plan
+            )
             self.run_id = ckpt.hash
             self.guard.start(first_round=1, num_rounds=self.settings.num_rounds)
             self.guard.after_attempt(record, [], ckpt)
@@ -409,6 +423,7 @@ class Federation:
                 metrics=record,
                 config_hash=self.settings.identity_hash(),
                 server_state=self.aggregator.state_arrays(),
+                plan=self.plan,
             )
             self.log.append(record)
             self.guard.after_attempt(record, updates, ckpt)

@@ -8,6 +8,8 @@ Each line of ``<out-dir>/metrics.jsonl`` is one round attempt::
      "missing": ["D"],
      "holdout": {"dice": 0.66, "hd95": 4.2, "cases": [{"case": "case-01", "dice": .., "hd95": ..}]}}
 
+A demo site with noisy labels also reports ``val-dice-clean`` (its validation Dice against
+the clean labels the demo generator knows), shown beside its ``val-dice`` in the report.
 ``holdout`` is null when the server has no held-out folder. Round 0 (the initial model) has
 ``status`` "initial" and only ``holdout``. :func:`write_report` redraws ``report.md``,
 ``holdout_dice.png`` and ``site_dice.png`` from the log; it draws with matplotlib's ``Figure``
@@ -230,7 +232,7 @@ def write_report(
     for r in records:
         h = r.get("holdout") or {}
         sites = ", ".join(
-            f"{markdown_cell(s)}: {_fmt((m or {}).get('val-dice'))}"
+            f"{markdown_cell(s)}: {_fmt((m or {}).get('val-dice'))}" + _clean_note(m)
             for s, m in sorted((r.get("sites") or {}).items())
         )
         notes = [
@@ -270,3 +272,9 @@ def write_report(
         fh.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _clean_note(metrics: Mapping[str, Any] | None) -> str:
+    """`` (clean labels 0.71)`` for a demo site with noisy labels (``val-dice-clean``)."""
+    clean = (metrics or {}).get("val-dice-clean")
+    return "" if clean is None else f" (clean labels {_fmt(clean)})"

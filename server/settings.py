@@ -95,7 +95,31 @@ key                         type     default      meaning
                                                   to +-this before quantization
 ``secagg-max-weight``       float    1000         SecAgg+: largest site weight (training
                                                   samples) representable without overflow
+``loss``                    str      "auto"       dice, dice-ce or nr-dice (COPLE-Net's noise-
+                                                  robust Dice); auto = nr-dice for coplenet,
+                                                  dice-ce for the U-Nets (see fedmed.losses)
+``nr-gamma``                float    1.5          nr-dice exponent, in [1, 2] (lower = more
+                                                  robust to noisy labels)
+``nr-denominator``          str      "linear"     nr-dice denominator: linear (the reference
+                                                  code's sum(p + g)) or squared (the paper's
+                                                  sum(p^2 + g^2), Dice-like at gamma 2)
+``self-ensembling``         bool     false        COPLE-Net's adaptive self-ensembling (an EMA
+                                                  teacher; needs loss nr-dice, not record DP)
+``ema-decay``               float    0.99         self-ensembling: the teacher's EMA decay
+``lamp-skips``              str      "carried"    lamp_unet: carried (skips through the
+                                                  stages) or none (the paper's skip-free
+                                                  parallel U-Net; other weight shapes)
+``target-spacing``          str      "native"     voxel size (mm) every scan is resampled to,
+                                                  "x,y,z", or native (each scan's own)
+``intensity``               str      "ct-window"  ct-window (hu-window mapped to [0, 1]), zscore
+                                                  or zscore-nonzero (MR; per volume)
+``hu-window``               str      "-1000,400"  ct-window: "low,high" in HU
 ==========================  =======  ===========  ==============================================
+
+The preprocessing keys (``target-spacing``, ``intensity``, ``hu-window``) with ``patch-size``
+and the model make the run's :class:`~fedmed.plan.PreprocessingPlan` (:attr:`RunSettings.plan`):
+the sites preprocess with it, the server's held-out evaluation too, and every round checkpoint
+records it so ``fedmed infer`` prepares new scans the same way.
 
 Example:
     >>> settings = RunSettings.from_run_config({"num-rounds": 5, "strategy": "fedprox",
@@ -116,6 +140,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
+from fedmed.losses import LOSSES, NR_DENOMINATORS
+from fedmed.plan import PreprocessingPlan
 from fedmed.security.guard import dp_params
 
 __all__ = [
@@ -176,9 +202,19 @@ _NEW_TRAINING_KEYS = {
     "dp-adjacency": "",
     "dp-patients-per-step": 8.0,
     "model-norm": "batch",
+    "loss": "auto",
+    "nr-gamma": 1.5,
+    "nr-denominator": "linear",
+    "self-ensembling": False,
+    "ema-decay": 0.99,
+    "lamp-skips": "carried",
+    "target-spacing": "native",
+    "intensity": "ct-window",
+    "hu-window": "-1000,400",
 }
 MODEL_NORMS = ("batch", "group")
 FEDPROX_DEFAULT_MU = 0.01
+LAMP_SKIPS = ("carried", "none")
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -254,10 +290,21 @@ class RunSettings:
     secagg_max_weight: float = field(
         default=1000.0, metadata=_meta("secagg-max-weight", float, gt=0)
     )
+    loss: str = field(default="auto", metadata=_meta("loss", str))
+    nr_gamma: float = field(default=1.5, metadata=_meta("nr-gamma", float, min=1, max=2))
+    nr_denominator: str = field(default="linear", metadata=_meta("nr-denominator", str))
+    self_ensembling: bool = field(default=False, metadata=_meta("self-ensembling", bool))
+    ema_decay: float = field(default=0.99, metadata=_meta("ema-decay", float, min=0, lt=1))
+    lamp_skips: str = field(default="carried", metadata=_meta("lamp-skips", str))
+    target_spacing: str = field(default="native", metadata=_meta("target-spacing", str))
+    intensity: str = field(default="ct-window", metadata=_meta("intensity", str))
+    hu_window: str = field(default="-1000,400", metadata=_meta("hu-window", str))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.target_spacing.strip().lower() in ("", "native"):  # one spelling, one hash
+            object.__setattr__(self, "target_spacing", "native")
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"run config key 'strategy' is {self.strategy!r}: "
@@ -298,7 +345,14 @@ class RunSettings:
         if self.secure_aggregation:
             self._check_secure_aggregation()
         _ = self.features, self.patch_shape  # parse now so errors surface at construction
+        self._check_training_recipe()
         dp = dp_params(self)  # DP keys checked together (noise needs a clip norm)
+        if dp.mode == "record" and self.self_ensembling:
+            raise ConfigError(
+                "run config key 'self-ensembling' is true but dp-mode is 'record': DP-SGD "
+                "trains on clipped per-patient gradients of the loss alone, without the EMA "
+                "teacher; set self-ensembling = false, or use dp-mode 'site'"
+            )
         if dp.mode == "record" and self.model == "coplenet" and self.model_norm == "batch":
             raise ConfigError(
                 "run config key 'dp-mode' is 'record' but COPLE-Net uses batch norm, whose "
@@ -311,6 +365,32 @@ class RunSettings:
                 self.proximal_mu,
                 self.strategy,
             )
+
+    def _check_training_recipe(self) -> None:
+        """The loss, LAMP and preprocessing keys (each error names its key)."""
+        choices = (
+            ("loss", self.loss, ("auto", *LOSSES)),
+            ("nr-denominator", self.nr_denominator, NR_DENOMINATORS),
+            ("lamp-skips", self.lamp_skips, LAMP_SKIPS),
+        )
+        for key, value, known in choices:
+            if value not in known:
+                raise ConfigError(
+                    f"run config key {key!r} is {value!r}: use one of {', '.join(known)}"
+                )
+        if self.self_ensembling and self.loss_name != "nr-dice":
+            raise ConfigError(
+                f"run config key 'self-ensembling' is true but the loss is {self.loss_name!r}: "
+                "COPLE-Net's self-ensembling builds on the noise-robust Dice; set loss = "
+                "'nr-dice' (or self-ensembling = false)"
+            )
+        if self.lamp_skips != "carried" and self.model != "lamp_unet":
+            raise ConfigError(
+                f"run config key 'lamp-skips' is {self.lamp_skips!r} but model is "
+                f"{self.model!r}: the skip-free variant is LAMP's; use model = 'lamp_unet' or "
+                "lamp-skips = 'carried'"
+            )
+        _ = self.plan  # target-spacing, intensity and hu-window: errors name the key
 
     def _check_secure_aggregation(self) -> None:
         if self.min_sites < SECAGG_MIN_SITES:
@@ -390,6 +470,22 @@ class RunSettings:
                 f"{','.join([str(factor * 4)] * self.spatial_dims)!r}"
             )
         return parsed
+
+    @property
+    def loss_name(self) -> str:
+        """``loss`` with ``auto`` resolved: nr-dice for COPLE-Net, dice-ce for the U-Nets."""
+        if self.loss == "auto":
+            return "nr-dice" if self.model == "coplenet" else "dice-ce"
+        return self.loss
+
+    @property
+    def plan(self) -> PreprocessingPlan:
+        """The run's preprocessing plan: ``target-spacing``, ``intensity``, ``hu-window``, the
+        patch and the model (its options are added by :func:`fedmed.task.model_options`
+        when the round config is built)."""
+        return PreprocessingPlan.from_run_config(
+            self.to_run_config(), patch_size=self.patch_shape, model=self.model
+        )
 
     @property
     def update_bound_rule(self) -> str:
@@ -510,6 +606,7 @@ def _check_value(f: dataclasses.Field[Any], value: Any) -> None:
     key = f.metadata["key"]
     limits = (
         ("min", lambda v, b: v >= b, ">="),
+        ("max", lambda v, b: v <= b, "<="),
         ("gt", lambda v, b: v > b, ">"),
         ("lt", lambda v, b: v < b, "<"),
     )

@@ -205,6 +205,12 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "disclosure-floor": 5,
         "share-models": False,
         "max-epsilon": 0.0,
+        "amp": "auto",
+        "channels-last": False,
+        "compile": False,
+        "lamp-micro-batches": 4,
+        "lamp-checkpointing": True,
+        "lamp-balance": "memory",
         "server-ca": str(tmp_path / "certs" / "ca.pem"),  # refuse unsigned global models
     }
     assert config.runtime_port == 9094
@@ -261,6 +267,19 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
             'data-dir = "data"\nallow-external-links = "yes"',
             "allow-external-links = 'yes' must be bool",
         ),
+        ('data-dir = "data"', 'data-dir = "data"\namp = "fp8"', "amp = 'fp8' must be one of"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nlamp-micro-batches = 0',
+            "lamp-micro-batches = 0 must be > 0",
+        ),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nlamp-balance = "speed"',
+            "lamp-balance = 'speed' must be one of",
+        ),
+        ('data-dir = "data"', 'data-dir = "data"\ncompile = 1', "compile = 1 must be bool"),
+        ('data-dir = "data"', 'data-dir = "data"\ndevice = ["cpu", 0]', "must list device"),
     ],
     ids=[
         "other-site",
@@ -280,6 +299,11 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         "max-image-gib-nan",
         "tolerance",
         "links",
+        "amp",
+        "lamp-micro-batches",
+        "lamp-balance",
+        "compile",
+        "device-list",
     ],
 )
 def test_site_config_errors_name_file_and_key(tmp_path, old, new, match) -> None:
@@ -307,3 +331,44 @@ def test_site_config_sets_the_case_guard_and_its_node_config_reads_back(tmp_path
         allow_external_links=True,
     )
     assert GuardSettings.from_node_config(default.node_config()) == GuardSettings()
+
+
+def test_site_hardware_keys_reach_the_hardware_settings(tmp_path: Path) -> None:
+    from fedmed.config import AMP_MODES as CONFIG_AMP_MODES
+    from fedmed.config import LAMP_BALANCES
+    from fedmed.devices import BALANCES
+    from fedmed.hardware import AMP_MODES, HardwareSettings
+
+    text = SITE.replace(
+        'data-dir = "data"',
+        'data-dir = "data"\ndevice = ["cpu", "cpu"]\namp = "bf16"\nchannels-last = true\n'
+        'lamp-micro-batches = 2\nlamp-checkpointing = false\nlamp-balance = "time"',
+    )
+    config = load_site_config(_write(tmp_path, text), site="A")
+    default = load_site_config(_write(tmp_path, SITE, "default.toml"), site="A")
+
+    assert config.device == "cpu,cpu"
+    assert HardwareSettings.from_node_config(config.node_config()) == HardwareSettings(
+        devices="cpu,cpu",
+        amp="bf16",
+        channels_last=True,
+        lamp_micro_batches=2,
+        lamp_checkpointing=False,
+        lamp_balance="time",
+    )
+    # the config's defaults are HardwareSettings' (reading a config never imports torch)
+    hardware = HardwareSettings.from_node_config(default.node_config())
+    assert hardware == HardwareSettings(devices="cpu")
+    assert set(CONFIG_AMP_MODES) == set(AMP_MODES) and set(LAMP_BALANCES) == set(BALANCES)
+
+
+def test_fedmed_client_refuses_a_device_this_machine_lacks(tmp_path: Path) -> None:
+    import torch
+    from fedmed.client.cli import check_hardware
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    text = SITE.replace('data-dir = "data"', f'data-dir = "data"\ndevice = "cpu,{missing}"')
+    path = _write(tmp_path, text)
+    config = load_site_config(path, site="A")
+    with pytest.raises(ConfigError, match=f"site config {path}: device = 'cpu,{missing}'"):
+        check_hardware(config)

@@ -3,9 +3,10 @@
 ``--model`` takes a ``fedmed train`` checkpoint (``best.safetensors``: the model, its options
 and its preprocessing plan are in its metadata) or a federated run's round checkpoint
 (``runs/.../checkpoints``, a ``round-NNNN`` folder or its ``weights.safetensors``; the
-architecture is read off the weights' shapes, the preprocessing plan from the round's
-``meta.json`` when it records one (else the default preprocessing), and ``--patch-size`` sets
-the U-Nets' window). Each image goes through the training preprocessing (RAS orientation,
+preprocessing plan comes from the round's ``meta.json``, which every round of a federated run
+records, with the network's name and options; a round without one falls back to the default
+preprocessing and the architecture the weights' shapes imply, and ``--patch-size`` sets the
+U-Nets' window). Each image goes through the training preprocessing (RAS orientation,
 resampling to the training spacing, CT window: :mod:`fedmed.plan`), is predicted at that
 spacing (2D slice by slice for COPLE-Net, 3D sliding windows with Gaussian blending for the
 U-Nets), and the label map is mapped back through the recorded spatial steps (resampling
@@ -27,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -186,6 +188,8 @@ def load_model(
         if plan is not None and patch_size is None:
             patch_size = plan.patch_size
         cfg = _config_from_weights(state, weights_file, patch_size)
+        if plan is not None and plan.model_options:
+            cfg = _config_from_plan(plan, cfg, source=str(meta_file))
         settings = plan.pipeline_settings() if plan else PipelineSettings()
     if patch_size is not None and len(patch_size) == cfg.spatial_dims:
         cfg = TrainConfig(**{**cfg.__dict__, "patch_size": tuple(patch_size)})
@@ -264,6 +268,25 @@ def _config_from_weights(
             f"checkpoint {path}: the weights are not a fedmed network: their names or shapes "
             f"do not fit ({err})"
         ) from err
+
+
+def _config_from_plan(plan: PreprocessingPlan, cfg: TrainConfig, *, source: str) -> TrainConfig:
+    """The network a federated run's plan names (``lamp_unet`` and its skip-free variant,
+    COPLE-Net's group norm), over what the weights' names say (``cfg``)."""
+    options = plan.model_options
+    try:
+        features = options.get("features")
+        return dataclasses.replace(
+            cfg,
+            model=plan.model,
+            model_features=tuple(int(f) for f in features) if features else cfg.model_features,
+            in_channels=int(options.get("in_channels", cfg.in_channels)),
+            out_channels=int(options.get("out_channels", cfg.out_channels)),
+            model_norm=str(options.get("norm", cfg.model_norm)),
+            lamp_skips="none" if options.get("skip_connections") is False else "carried",
+        )
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{source}: the plan's model_options are invalid ({err})") from err
 
 
 def _architecture(

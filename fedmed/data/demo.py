@@ -11,7 +11,11 @@ view that crops the body and a coarser one zooms out; the affine records the spa
 storage with or without ``scl_slope``/``scl_inter``, and annotation quality. At a site with
 ``label_noise = p`` (site-C by default) each lesion's label is, with probability p, dilated
 (drawn 30 % larger), eroded (30 % smaller) or missed (left out), one of the three at random;
-the image is unchanged and ``DemoCase.true_label`` keeps the clean label.
+the image is unchanged and ``DemoCase.true_label`` keeps the clean label. Such a site's folder
+also holds the clean labels in ``labelsTrClean/`` (same file names as ``labelsTr/``, not listed
+in ``dataset.json``, never trained on): the site's validation scores its model against them
+too (``val-dice-clean``, :class:`fedmed.task.SiteTask`), so the report shows how well the
+model segments that site's scans, not only how well it reproduces the noise.
 
 Everything is deterministic from ``seed``: case ``i`` of site ``s`` comes from its own
 ``SeedSequence([seed, s, i])``, so adding cases or sites never changes existing ones, and the
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +49,7 @@ from fedmed.io.msd import DATASET_JSON
 from fedmed.io.nifti import write_nifti
 
 __all__ = [
+    "CLEAN_LABELS_DIRNAME",
     "DEFAULT_SHAPE",
     "HOLDOUT_DIRNAME",
     "HOLDOUT_PROFILE",
@@ -63,6 +69,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHAPE = (64, 64, 32)
 NOMINAL_FOV_MM = (380.0, 380.0, 320.0)  # field of view of a neutral scanner, any grid shape
 HOLDOUT_DIRNAME = "holdout"
+CLEAN_LABELS_DIRNAME = "labelsTrClean"  # fedmed.task.CLEAN_LABELS_DIR reads it
 _HOLDOUT_SITE_INDEX = 100_000  # seeds the held-out cases apart from every site's
 _HU_RANGE = (-1024.0, 3071.0)
 
@@ -231,7 +238,8 @@ def write_demo_site(
 ) -> Path:
     """Write ``cases`` phantoms and ``dataset.json`` (MSD layout) into ``site_dir``.
 
-    Images are int16 NIfTI with the profile's ``scl_slope``/``scl_inter``, labels uint8.
+    Images are int16 NIfTI with the profile's ``scl_slope``/``scl_inter``, labels uint8; with
+    label noise, the clean labels in ``labelsTrClean/``.
     An existing demo folder is refreshed (files from an earlier, larger run are removed); any
     other non-empty folder is refused with :class:`DataError`. ``on_case(site, done, total)``
     is called after each case.
@@ -251,6 +259,9 @@ def write_demo_site(
         write_nifti(
             site_dir / "labelsTr" / f"{case_id}.nii.gz", case.label, case.affine, dtype=np.uint8
         )
+        if profile.label_noise > 0:  # what the annotators should have drawn: validation only
+            clean = site_dir / CLEAN_LABELS_DIRNAME / f"{case_id}.nii.gz"
+            write_nifti(clean, case.true_label, case.affine, dtype=np.uint8)
         training.append(
             {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
         )
@@ -258,6 +269,8 @@ def write_demo_site(
         if on_case is not None:
             on_case(name, index + 1, cases)
     _remove_stale(site_dir, {Path(t["image"]).name for t in training})
+    if profile.label_noise == 0:  # a folder rewritten with clean annotators keeps none
+        shutil.rmtree(site_dir / CLEAN_LABELS_DIRNAME, ignore_errors=True)
     meta = {
         "name": name,
         "description": "fedmed demo: synthetic chest-CT-like phantoms, no patient data",
@@ -275,7 +288,7 @@ def write_demo_site(
             "shape": list(shape),
             "scanner": asdict(profile),
             "label_noise": "each lesion's label dilated, eroded or missed with probability "
-            "scanner.label_noise",
+            "scanner.label_noise; the clean labels are in labelsTrClean/ (validation only)",
         },
     }
     tmp = site_dir / f".{DATASET_JSON}.tmp"
@@ -374,7 +387,7 @@ def _claim_folder(site_dir: Path) -> None:
 
 
 def _remove_stale(site_dir: Path, keep: set[str]) -> None:
-    for sub in ("imagesTr", "labelsTr"):
+    for sub in ("imagesTr", "labelsTr", CLEAN_LABELS_DIRNAME):
         for path in (site_dir / sub).glob("*.nii*"):
             if path.name not in keep:
                 path.unlink()

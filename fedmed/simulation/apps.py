@@ -23,6 +23,8 @@ key                 type    meaning
 ``floor``
 ``sim-share-``       bool    whether the sites let their own models travel
 ``models``
+``sim-site-``        str     JSON list of each site's device list (``["cpu,cpu", "cpu"]``;
+``devices``                  ``[]``: every site uses ``sim-device``)
 ==================  ======  ============================================================
 
 Example:
@@ -66,6 +68,7 @@ SIM_KEYS: Mapping[str, str | int | bool] = {
     "sim-disclosure-floor": DEFAULT_DISCLOSURE_FLOOR,
     "sim-share-models": False,
     "sim-max-epsilon": 0.0,
+    "sim-site-devices": "[]",
 }
 
 
@@ -73,16 +76,21 @@ SIM_KEYS: Mapping[str, str | int | bool] = {
 class SitePolicy:
     """What every simulated site allows (in a deployment, each site's own config decides):
     the fewest cases a summary may describe, whether its own models may travel, and its own
-    privacy budget (epsilon per patient; 0 = none: only the run's ``dp-max-epsilon`` applies).
+    privacy budget (epsilon per patient; 0 = none: only the run's ``dp-max-epsilon`` applies);
+    and each site's device list (``devices``, one per site: ``"cpu,cpu"`` splits a LAMP model
+    over two CPU stages; empty: CUDA when the sites get a GPU share, else the CPU).
 
     Example:
         >>> SitePolicy(disclosure_floor=1).share_models
         False
+        >>> SitePolicy(devices=("cpu,cpu", "cpu")).devices[0]
+        'cpu,cpu'
     """
 
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.max_epsilon < float("inf")):
@@ -115,6 +123,7 @@ def sim_run_config(
         "sim-disclosure-floor": policy.disclosure_floor,
         "sim-share-models": policy.share_models,
         "sim-max-epsilon": policy.max_epsilon,
+        "sim-site-devices": json.dumps(list(policy.devices)),
     }
 
 
@@ -125,15 +134,15 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     return sim, app
 
 
-def _folders(run_config: Mapping[str, Any]) -> tuple[str, ...]:
-    text = str(run_config.get("sim-sites", "[]"))
+def _strings(run_config: Mapping[str, Any], key: str, what: str) -> tuple[str, ...]:
+    text = str(run_config.get(key, "[]"))
     try:
-        folders = json.loads(text)
+        values = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"run config key 'sim-sites' is not a JSON list: {text[:80]!r}") from err
-    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
-        raise ConfigError(f"run config key 'sim-sites' must list folder names: {text[:80]!r}")
-    return tuple(folders)
+        raise ConfigError(f"run config key {key!r} is not a JSON list: {text[:80]!r}") from err
+    if not isinstance(values, list) or not all(isinstance(f, str) for f in values):
+        raise ConfigError(f"run config key {key!r} must list {what}: {text[:80]!r}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -147,12 +156,13 @@ class RunConfigSites:
     def __call__(self, context: Context) -> SiteConfig:
         cfg = context.run_config
         resolve = PartitionSites(
-            _folders(cfg),
+            _strings(cfg, "sim-sites", "folder names"),
             cache_mode=str(cfg.get("sim-cache-mode", "memory")),
             device=str(cfg.get("sim-device", "cpu")),
             disclosure_floor=int(cfg.get("sim-disclosure-floor", DEFAULT_DISCLOSURE_FLOOR)),
             share_models=cfg.get("sim-share-models", False) is True,
             max_epsilon=float(cfg.get("sim-max-epsilon", 0.0)),  # type: ignore[arg-type]
+            devices=_strings(cfg, "sim-site-devices", "device lists"),
         )
         return resolve(context)
 

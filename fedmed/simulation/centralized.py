@@ -114,10 +114,14 @@ def train_centralized(
     pooled = pooled_training_folder(
         sites, out, val_fraction=settings.val_fraction, seed=settings.seed
     )
-    task = SiteTask(
-        pooled, cache_mode="memory", device="auto", val_fraction=0.0, seed=settings.seed
-    )
     cfg0 = train_config(settings, 0)
+    task = SiteTask(  # preprocessed as the sites are: the run's plan
+        pooled,
+        device="auto",
+        val_fraction=0.0,
+        seed=settings.seed,
+        settings=cfg0.plan.pipeline_settings(cache_mode="memory"),
+    )
     weights = model_arrays(build_network(cfg0, seed=settings.seed))
     holdout = settings.data_dir
 

@@ -18,6 +18,8 @@ Example::
     fedmed-sim --compare fedavg,fedprox,fedbn --centralized --rounds 5
     fedmed-sim --pooled /data/Task09 --split size-skew --alpha 0.3 --sites 8 --out runs/skew
     fedmed-sim --sites 64 --sites-per-round 8 --out runs/many
+    fedmed-sim --sites 2 --model lamp_unet --features 4,8,16 --patch-size 16,16,16 \
+        --site-devices cpu,cpu cpu       # site-A trains LAMP split over two CPU stages
 """
 
 from __future__ import annotations
@@ -114,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPS",
         help="each site's own privacy budget (epsilon per patient, over all runs; default none)",
     )
+    p.add_argument(
+        "--site-devices",
+        nargs="+",
+        metavar="DEVICES",
+        help="one device list per site, e.g. --site-devices cpu,cpu cpu (site-A splits a "
+        "LAMP model over two CPU stages); cuda needs --num-gpus > 0",
+    )
     p.add_argument("--num-cpus", type=int, help="CPU cores per site")
     p.add_argument("--num-gpus", type=float, help="GPU fraction per site (0 = CPU)")
     p.add_argument("--max-parallel", type=int, help="sites training at once")
@@ -186,6 +195,8 @@ def parse_config(argv: Sequence[str]) -> tuple[SimConfig, bool]:
         policy = dataclasses.replace(policy, share_models=True)
     if args.max_epsilon is not None:
         policy = dataclasses.replace(policy, max_epsilon=args.max_epsilon)
+    if args.site_devices:
+        policy = dataclasses.replace(policy, devices=tuple(args.site_devices))
     cfg = SimConfig(
         out=args.out or cfg.out,
         sites=sites,
@@ -271,7 +282,8 @@ class _RoundPrinter:
 
 
 def format_record(label: str, record: Mapping[str, Any]) -> str:
-    """One console line per round: held-out Dice, each site's validation Dice, seconds."""
+    """One console line per round: held-out Dice, each site's validation Dice (and, at a demo
+    site with noisy labels, its Dice against the clean labels), seconds."""
     holdout = (record.get("holdout") or {}).get("dice")
     dice = "-" if holdout is None else f"{holdout:.3f}"
     if record.get("status") == "initial":
@@ -280,6 +292,7 @@ def format_record(label: str, record: Mapping[str, Any]) -> str:
         return f"[{label}] stopped before round {record['round']}: {record.get('reason', '')}"
     sites = ", ".join(
         f"{s} {m['val-dice']:.3f}"
+        + (f" (clean labels {m['val-dice-clean']:.3f})" if "val-dice-clean" in m else "")
         for s, m in sorted((record.get("sites") or {}).items())
         if m.get("val-dice") is not None
     )

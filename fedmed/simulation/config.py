@@ -20,7 +20,10 @@ spells them out):
 - ``[sites]``: what every simulated site allows (:class:`~fedmed.simulation.apps.SitePolicy`):
   ``disclosure-floor`` (fewest cases a summary may describe, default 5), ``share-models``
   (the sites' own models may travel for cross-site evaluation, default false), ``max-epsilon``
-  (each site's own privacy budget, epsilon per patient; default 0 = none).
+  (each site's own privacy budget, epsilon per patient; default 0 = none), ``devices`` (one
+  device list per site, e.g. ``["cpu,cpu", "cpu"]``: site-A splits a LAMP model over two CPU
+  stages; a CUDA device needs ``num-gpus`` > 0, and Ray gives a site one GPU at most, so
+  only ``cuda``/``cuda:0``).
 - ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
   ``min-sites`` defaults to every site, or to ``sites-per-round`` when sites are sampled.
 
@@ -32,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +52,15 @@ from .engine import SiteResources
 from .partition import SPLIT_METHODS
 from .sites import ScannerShift
 
-__all__ = ["DEMO_APP", "SOURCES", "DataSpec", "SimConfig", "load_sim_config", "run_settings"]
+__all__ = [
+    "DEMO_APP",
+    "SOURCES",
+    "DataSpec",
+    "SimConfig",
+    "check_site_devices",
+    "load_sim_config",
+    "run_settings",
+]
 
 SOURCES = ("demo", "folders", "pooled")
 # COPLE-Net with a quarter of the reference channels: a few minutes on two CPU cores. 12 rounds
@@ -66,6 +78,7 @@ DEMO_APP: Mapping[str, Any] = {
 }
 _RUN_LABELS = (*STRATEGIES, "fedbn", "fedprox+fedbn", "ditto")
 _DEFAULT_DITTO_LAMBDA = 0.1
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,46 @@ class SimConfig:
                 "folder per site (or leave --sites out)"
             )
         run_settings(self, self.strategies[0], out_dir=self.out, holdout="")  # validate [app]
+        check_site_devices(self.policy.devices, sites=self.sites, num_gpus=self.resources.num_gpus)
+
+
+def check_site_devices(devices: tuple[str, ...], *, sites: int, num_gpus: float) -> None:
+    """ConfigError unless ``devices`` is empty or one device list per site, each naming only
+    devices a simulated site has: the CPU, and ``cuda``/``cuda:0`` when Ray gives each site a
+    GPU share (``num-gpus`` > 0; Ray shows a site its one GPU as ``cuda:0``).
+
+    Example:
+        >>> check_site_devices(("cpu,cpu", "cpu"), sites=2, num_gpus=0.0)
+    """
+    if devices and len(devices) != sites:
+        raise ConfigError(
+            f"sites devices lists {len(devices)} device lists for {sites} sites: give one per "
+            "site (e.g. --site-devices cpu,cpu cpu), or none"
+        )
+    for index, text in enumerate(devices):
+        where = f"sites devices[{index}] ({site_name(index)}) = {text!r}"
+        entries = [e.strip().lower() for e in text.split(",")]
+        bad = [e for e in entries if not _DEVICE.match(e)]
+        if bad or not entries:
+            raise ConfigError(
+                f"{where}: {bad[0] if bad else text!r} is not a device; use cpu, "
+                "cuda or a comma-separated list such as 'cpu,cpu'"
+            )
+        if len(entries) > 1 and "auto" in entries:
+            raise ConfigError(f"{where}: 'auto' stands alone; list the devices, e.g. 'cpu,cpu'")
+        cuda = [e for e in entries if e.startswith("cuda")]
+        if cuda and num_gpus <= 0:
+            raise ConfigError(
+                f"{where} names a CUDA device but resources num-gpus is {num_gpus:g}: Ray gives "
+                "the sites no GPU; set num-gpus (e.g. 1.0, or 0.5 for two sites per GPU) or "
+                "use cpu"
+            )
+        beyond = [e for e in cuda if e not in ("cuda", "cuda:0")]
+        if beyond:
+            raise ConfigError(
+                f"{where}: {beyond[0]!r} does not exist at a simulated site: Ray gives each site "
+                "at most one GPU, seen as cuda:0; use cuda:0 (or cpu,cuda:0)"
+            )
 
 
 def run_settings(
@@ -196,6 +249,21 @@ def _take(table: dict[str, Any], key: str, kind: type, where: str, default: Any)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}.{key} is {value!r}: give a TOML {kind.__name__}")
     return value
+
+
+def _device_lists(values: tuple[Any, ...], where: str) -> tuple[str, ...]:
+    """``[sites] devices``: one device list per site, as text or a TOML list of names."""
+    out = []
+    for value in values:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{where}: [sites] devices entry {value!r} must be a device list such as "
+                "'cpu,cpu' or ['cpu', 'cpu']"
+            )
+        out.append(value)
+    return tuple(out)
 
 
 def _no_more(table: Mapping[str, Any], where: str) -> None:
@@ -262,6 +330,7 @@ def load_sim_config(path: str | Path | None) -> SimConfig:
             disclosure_floor=_take(site, "disclosure-floor", int, "sites", 5),
             share_models=_take(site, "share-models", bool, "sites", False),
             max_epsilon=_take(site, "max-epsilon", float, "sites", 0.0),
+            devices=_device_lists(_take(site, "devices", tuple, "sites", ()), where),
         ),
         app={**DEMO_APP, **_table(doc, "app", where)},
     )

@@ -45,7 +45,8 @@ def _holdout_series(records: Records) -> list[tuple[int, float]]:
 
 
 def summarize(records: Records) -> dict[str, Any]:
-    """Final and best held-out Dice, each site's last validation Dice and loss, round times."""
+    """Final and best held-out Dice, each site's last validation Dice (against the clean labels
+    too at a demo site with noisy labels) and loss, round times."""
     done = [r for r in records if r.get("status") == "ok"]
     series = _holdout_series(records)
     last = done[-1] if done else {}
@@ -57,6 +58,11 @@ def summarize(records: Records) -> dict[str, Any]:
         "best-holdout-dice": max((d for _, d in series), default=None),
         "site-val-dice": {
             s: m.get("val-dice") for s, m in sorted((last.get("sites") or {}).items())
+        },
+        "site-val-dice-clean": {  # demo sites with noisy labels: Dice against the clean ones
+            s: m["val-dice-clean"]
+            for s, m in sorted((last.get("sites") or {}).items())
+            if m.get("val-dice-clean") is not None
         },
         "site-train-loss": {
             s: m.get("train-loss") for s, m in sorted((last.get("sites") or {}).items())
@@ -158,7 +164,12 @@ def write_comparison(
         label = f"[{name}]({links[name]})" if links and name in links else name
         cells = [label, str(summary["rounds"]), _fmt(final), _fmt(summary["best-holdout-dice"])]
         cells.append("-" if gap is None or name == CENTRALIZED else f"{gap:+.4f}")
-        cells += [_fmt(summary["site-val-dice"].get(s)) for s in sites]
+        clean = summary.get("site-val-dice-clean") or {}
+        cells += [
+            _fmt(summary["site-val-dice"].get(s))
+            + (f" (clean labels {_fmt(clean[s])})" if s in clean else "")
+            for s in sites
+        ]
         cells.append(_fmt(summary["mean-round-s"]))
         lines.append("| " + " | ".join(cells) + " |")
     if settings:

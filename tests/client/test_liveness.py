@@ -115,7 +115,8 @@ def test_supernode_exits_when_a_500_kills_its_heartbeat_thread(
     assert f"{GUARD_PREFIX} thread" in out and "died: HTTPStatusError: Server error '500" in out
     beats = fake_superlink.got("send-node-heartbeat")
     assert beats and {b.heartbeat_interval for b in beats} == {25.0}
-    assert fake_superlink.got("pull-messages")  # the pull loop was still working
+    # (whether Flower's pull loop polled before the first heartbeat failed is a race: on a
+    # loaded machine the heartbeat thread may die first; the guard stops the node either way)
     assert [r.node_id for r in fake_superlink.got("deactivate-node")] == [NODE_ID]
     assert time.monotonic() - started < TIMEOUT
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedmed.data.demo import (
+    CLEAN_LABELS_DIRNAME,
     HOLDOUT_PROFILE,
     NOMINAL_FOV_MM,
     SITE_PROFILES,
@@ -261,3 +262,27 @@ def test_holdout_zero_writes_no_holdout_folder(tmp_path: Path) -> None:
 
     assert sites == [tmp_path / "site-A", tmp_path / "site-B"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site-A", "site-B"]
+
+
+def test_a_noisy_site_keeps_its_clean_labels_beside_the_noisy_ones(demo_root: Path) -> None:
+    clean_dir = demo_root / "site-C" / CLEAN_LABELS_DIRNAME
+    names = sorted(p.name for p in clean_dir.iterdir())
+    assert names == sorted(p.name for p in (demo_root / "site-C" / "labelsTr").iterdir())
+    differ = 0
+    for index, name in enumerate(names):
+        case = generate_case(
+            seed=0, site_index=2, case_index=index, profile=SITE_PROFILES[2], shape=SHAPE
+        )
+        assert np.array_equal(read_nifti(clean_dir / name).array, case.true_label)
+        differ += not np.array_equal(case.label, case.true_label)
+    assert differ >= 1  # the noise the clean labels let validation see past
+    assert not (demo_root / "site-A" / CLEAN_LABELS_DIRNAME).exists()
+    assert check_site_folder(demo_root / "site-C") == []  # the extra folder is no problem
+
+
+def test_a_folder_rewritten_without_label_noise_drops_its_clean_labels(tmp_path: Path) -> None:
+    kwargs = {"site_index": 2, "cases": 2, "shape": (16, 16, 8)}
+    write_demo_site(tmp_path / "site-C", profile=SITE_PROFILES[2], **kwargs)
+    assert len(list((tmp_path / "site-C" / CLEAN_LABELS_DIRNAME).iterdir())) == 2
+    write_demo_site(tmp_path / "site-C", profile=SITE_PROFILES[0], **kwargs)
+    assert not (tmp_path / "site-C" / CLEAN_LABELS_DIRNAME).exists()

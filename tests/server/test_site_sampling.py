@@ -88,6 +88,15 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
         "dp_adjacency",
         "dp_patients_per_step",
         "model_norm",
+        "loss",
+        "nr_gamma",
+        "nr_denominator",
+        "self_ensembling",
+        "ema_decay",
+        "lamp_skips",
+        "target_spacing",
+        "intensity",
+        "hu_window",
     }
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
