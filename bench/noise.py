@@ -72,7 +72,20 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def _run(cfg: Any, out: Path, recipe: str, seed: int, app: Mapping[str, Any]) -> dict[str, Any]:
-    """One recipe at one training seed: FedAvg and the centralized baseline."""
+    """One recipe at one training seed: FedAvg and the centralized baseline. Resumable: a run
+    whose ``result.json`` exists (with the same settings) is read, not run again."""
+    saved = out / f"{recipe}-seed{seed}" / "result.json"
+    settings = {**app, **RECIPES[recipe], "seed": seed}
+    if saved.is_file():
+        done = json.loads(saved.read_text(encoding="utf-8"))
+        if done.get("settings") == json.loads(json.dumps(settings)):
+            return done["result"]
+    result = _train(cfg, out, recipe, seed, app)
+    saved.write_text(json.dumps({"settings": settings, "result": result}, indent=1) + "\n")
+    return result
+
+
+def _train(cfg: Any, out: Path, recipe: str, seed: int, app: Mapping[str, Any]) -> dict[str, Any]:
     run_cfg = dataclasses.replace(
         cfg,
         out=str(out / f"{recipe}-seed{seed}"),
