@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import json
 from base64 import b64decode, b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,15 +42,17 @@ def _signed(keys: Any = SITE, *, shift_s: float = 0.0, signer: Any = None) -> di
     }
 
 
-HEADER_CASES = {
-    "valid": _signed(),
-    "expired": _signed(shift_s=-400),
-    "from-the-future": _signed(shift_s=60),
-    "signed-by-another-key": _signed(signer=STRANGER),
-    "no-signature": {k: v for k, v in _signed().items() if k != "flwr-signature"},
-    "key-not-base64": {**_signed(), "flwr-public-key": "not base64!"},
-    "key-not-pem": {**_signed(), "flwr-public-key": b64encode(b"junk").decode()},
-    "naive-timestamp": {**_signed(), "flwr-timestamp": "2026-01-01T00:00:00"},
+# built when a test runs, not at import: a timestamp signed minutes before the test (a loaded
+# machine, a long collection) is no longer "from the future"
+HEADER_CASES: dict[str, Callable[[], dict[str, str]]] = {
+    "valid": lambda: _signed(),
+    "expired": lambda: _signed(shift_s=-400),
+    "from-the-future": lambda: _signed(shift_s=60),
+    "signed-by-another-key": lambda: _signed(signer=STRANGER),
+    "no-signature": lambda: {k: v for k, v in _signed().items() if k != "flwr-signature"},
+    "key-not-base64": lambda: {**_signed(), "flwr-public-key": "not base64!"},
+    "key-not-pem": lambda: {**_signed(), "flwr-public-key": b64encode(b"junk").decode()},
+    "naive-timestamp": lambda: {**_signed(), "flwr-timestamp": "2026-01-01T00:00:00"},
 }
 
 
@@ -85,7 +88,7 @@ def _gate_accepts(headers: dict[str, str]) -> bool:
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
 def test_the_gate_accepts_the_headers_flower_accepts(case: str) -> None:
-    headers = HEADER_CASES[case]
+    headers = HEADER_CASES[case]()
     assert _gate_accepts(headers) == _flower_accepts(headers) == (case == "valid")
 
 
@@ -168,7 +171,7 @@ def test_an_unauthenticated_request_is_refused_before_its_body_is_read() -> None
     inner = Inner()
     gate, _ = _gate(inner)
 
-    outcome = _call(gate, HEADER_CASES["expired"], b"\0" * 500_000)
+    outcome = _call(gate, HEADER_CASES["expired"](), b"\0" * 500_000)
 
     assert (outcome.status, outcome.detail) == (401, "Invalid SuperNode authentication")
     assert outcome.reads == 0
