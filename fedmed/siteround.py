@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -193,8 +194,12 @@ def dp_sgd_config(task: SiteTask, cfg: TrainConfig, dp: DpParams) -> DpSgdConfig
 def _fit_private(
     task: SiteTask, model: torch.nn.Module, cfg: TrainConfig, config: DpSgdConfig
 ) -> TrainResult:
-    """DP-SGD: one record = one patch or slice of one patient (a patient's cases pooled)."""
-    seed = int(np.random.default_rng([cfg.seed, cfg.server_round, 4]).integers(2**31))
+    """DP-SGD: one record = one patch or slice of one patient (a patient's cases pooled).
+
+    The patient sampling, the patches and the noise draw from the operating system's entropy,
+    never from the run's seed: the coordinator sets ``seed`` and the round, and could otherwise
+    replay the sampling and subtract the noise, which would void the guarantee against it."""
+    seed = secrets.randbits(31)
     samples = PatchSamples(task.train, cfg.patch_size, seed=seed)
     first = {}
     for index in range(len(samples)):
@@ -207,14 +212,12 @@ def _fit_private(
         sample = samples[first[case]]
         return sample["image"], sample["label"]
 
-    generator = torch.Generator().manual_seed(seed)
     local = local_config(cfg)
     loss_fn = build_loss(local.loss, nr_gamma=local.gamma, nr_denominator=local.nr_denominator).to(
         task.device
     )
-    result = dp_sgd_round(
-        model, loss_fn, sampler, config, num_patients=len(patients), generator=generator
-    )
+    # generator None: dp_sgd_round seeds its sampling and noise generators from OS entropy
+    result = dp_sgd_round(model, loss_fn, sampler, config, num_patients=len(patients))
     return TrainResult(
         loss=float(result.loss) if result.loss is not None else math.nan,
         num_examples=result.records,

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -228,3 +229,24 @@ def test_a_site_refuses_a_round_beyond_its_own_budget(demo_root, tmp_path):
     assert reply.error.reason.startswith("PrivacyBudgetExhausted at site A: privacy budget")
     assert "above its max-epsilon 0.01" in reply.error.reason
     assert not (tmp_path / "privacy-ledger.json").exists()  # nothing was spent
+
+
+@pytest.mark.slow
+def test_the_dp_noise_cannot_be_replayed_from_the_run_config(demo_root, tmp_path):
+    # the coordinator knows the seed, the round and the global model: two sites (or one site
+    # asked twice) with the same run config must still draw their own sampling and noise
+    updates = []
+    for folder in ("a", "b"):
+        node = {
+            "site": "A",
+            "data-dir": str(demo_root / "site-A"),
+            "cache-dir": str(tmp_path / folder),
+        }
+        torch.manual_seed(0)  # everything else the same: only the site's own entropy differs
+        np.random.seed(0)
+        reply = make_client_app()(_message(_private("ab" * 32), "train"), _context(node))
+        assert not reply.has_error(), reply.error
+        updates.append(wire.unpack_content(reply.content))
+    first, second = updates
+    assert first.keys() == second.keys()
+    assert any(not np.array_equal(first[k], second[k]) for k in first)

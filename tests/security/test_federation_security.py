@@ -61,7 +61,7 @@ def _settings(out: Path, **extra: object) -> RunSettings:
         batch_size=2,
         val_fraction=0.34,
         out_dir=str(out),
-        join_timeout=120.0,
+        join_timeout=300.0,  # a starved CI machine may take 120 s to start the apps
         round_timeout=300.0,  # a fresh Ray actor on a loaded CI runner is slow to start
         retry_failed_rounds=0,
         **extra,

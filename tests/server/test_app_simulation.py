@@ -62,7 +62,7 @@ def simulated(demo_root, tmp_path_factory):
         val_fraction=0.34,
         data_dir=str(demo_root / "holdout"),
         out_dir=str(work / "out"),
-        join_timeout=120.0,
+        join_timeout=300.0,  # a starved CI machine may take 120 s to start the apps
         # generous: a round takes seconds here, but minutes on a loaded 2-core CI runner; a
         # failed attempt is retried (and tolerated below)
         round_timeout=300.0,
@@ -190,7 +190,7 @@ def test_fedbn_keeps_only_statistics_at_the_sites(
         batch_size=2,
         data_dir=str(demo_root / "holdout"),
         out_dir=str(work / "out"),
-        join_timeout=120.0,
+        join_timeout=300.0,  # a starved CI machine may take 120 s to start the apps
         round_timeout=300.0,
     )
     # Execute
