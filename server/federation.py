@@ -81,7 +81,8 @@ HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | N
 
 
 def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") -> TrainConfig:
-    """The round instructions the sites receive."""
+    """The round instructions the sites receive (the round's learning rate under
+    ``lr-schedule``; the centralized baseline trains each round-equivalent with it too)."""
     return TrainConfig(
         model=settings.model,
         model_features=settings.features,
@@ -90,7 +91,7 @@ def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") 
         patch_size=settings.patch_shape,
         local_epochs=settings.local_epochs,
         local_steps=settings.local_steps,
-        lr=settings.lr,
+        lr=settings.round_lr(server_round),
         batch_size=settings.batch_size,
         proximal_mu=settings.proximal_mu,
         fedbn=settings.fedbn,

@@ -88,6 +88,7 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
         "dp_adjacency",
         "dp_patients_per_step",
         "model_norm",
+        "lr_schedule",
     }
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
