@@ -7,10 +7,11 @@
     python bench/quality.py --data /data/Task09_Spleen  # any MSD folder, split by patient
 
 The protocol (``configs/quality.toml``, a ``fedmed-sim`` settings file) fixes the data (the
-demo federation generated once with the ``[sim]`` seed, or ``--data`` split by patient) and
-varies only the run's training seed (initial weights, patch sampling, and each site's
-train/validation split, which fedmed derives from the run seed). Every run is ``fedmed-sim``'s
-own machinery; the figures are read from its ``cross_site.json``:
+demo federation generated once with the ``[sim]`` seed, or ``--data`` split by patient, and
+each site's train/validation split, drawn once with that seed and held across training seeds
+by :mod:`quality_data`) and varies only the run's training seed (initial weights, patch
+sampling, site sampling). Every run is ``fedmed-sim``'s own machinery; the figures are read
+from its ``cross_site.json``:
 
 ==============  ===========================  ===============================================
 method          run                          model in cross_site.json
@@ -50,6 +51,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fedmed.server.settings import RunSettings
+from quality_data import pinned_sites
 from quality_table import (
     FORMAT,
     METHODS,
@@ -112,6 +115,7 @@ def protocol(config: Path, *, quick: bool, data: str | None) -> tuple[SimConfig,
         "shifts": {k: dataclasses.asdict(v) for k, v in spec.shifts.items()},
         "sites": dataclasses.asdict(cfg.policy),
         "app": {k: v for k, v in app.items() if k != "seed"},
+        "split": "pinned-1",  # quality_data.pinned_sites: the same validation patients each seed
     }
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return cfg, name, hashlib.sha256(blob).hexdigest()[:16]
@@ -199,6 +203,15 @@ def run_job(
     if "fine-tuned" not in methods:
         app["finetune-epochs"] = 0
     run = out / "runs" / f"{job}-seed{seed}"
+    val_fraction = float(app.get("val-fraction", RunSettings().val_fraction))
+    folders = pinned_sites(
+        data.folders,
+        out / "data" / f"pinned-seed{seed}",
+        seed=seed,
+        val_fraction=val_fraction,
+        data_seed=cfg.seed,
+    )
+    data = dataclasses.replace(data, folders=tuple(str(f) for f in folders))
     job_cfg = dataclasses.replace(
         cfg,
         out=str(run),
