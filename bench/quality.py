@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out.absolute() / name
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     configure_sim_logging(False)
+    # SIGTERM (e.g. from `timeout`) stops like Ctrl-C: fedmed-sim then stops the SuperLink and Ray
+    signal.signal(signal.SIGTERM, _interrupt)
     started, ran = time.monotonic(), []
     jobs = {JOBS[m][0]: [n for n in methods if JOBS[n][0] == JOBS[m][0]] for m in methods}
     data = None
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(summary, sort_keys=True))
     return summary
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _done(path: Path, ident: str) -> bool:
