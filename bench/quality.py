@@ -1,154 +1,321 @@
-"""Federated vs centralized quality on the demo federation; run by hand, ends with one JSON line.
+"""Study-grade quality: centralized, local-only, federated and personalized models over seeds.
 
-    python bench/quality.py                       # the demo settings (configs/sim.toml)
-    python bench/quality.py --rounds 4 --quick    # smaller model and budget, a smoke run
+    python bench/quality.py                          # configs/quality.toml, 5 seeds, every method
+    python bench/quality.py --methods centralized,fedavg --seeds 5
+    python bench/quality.py --quick                  # the machinery in minutes (tiny protocol)
+    python bench/quality.py --table-only             # the table from the results kept so far
+    python bench/quality.py --data /data/Task09_Spleen  # any MSD folder, split by patient
 
-Runs ``fedmed-sim``'s comparison (FedAvg, FedProx, FedBN and the centralized baseline with the
-same epochs/steps, same seed and initial weights) on the demo federation: site-A a clean
-scanner, site-B noisy, +30 HU, zoomed in with thick slices, site-C -25 HU, zoomed out with
-noisy labels (60 % of lesions dilated, eroded or missed); held-out cases from a neutral scanner.
-Reports:
+The protocol (``configs/quality.toml``, a ``fedmed-sim`` settings file) fixes the data (the
+demo federation generated once with the ``[sim]`` seed, or ``--data`` split by patient, and
+each site's train/validation split, drawn once with that seed and held across training seeds
+by :mod:`quality_data`) and varies only the run's training seed (initial weights, patch
+sampling, site sampling). Every run is ``fedmed-sim``'s own machinery; the figures are read
+from its ``cross_site.json``:
 
-1. each run's held-out Dice after the last round and averaged over the last 3 rounds, and
-   FedAvg minus centralized in points (target: FedAvg within 3 points of centralized after the
-   last round; FLamby's published gaps are 10 points for Fed-KITS19/FedProx and 21 for
-   Fed-IXI/FedAvg);
-2. every site's validation Dice (the site's model after its local training) after the last
-   round and averaged over the last 3 rounds, and whether FedBN or FedProx at least matches
-   FedAvg on the shifted/noisy sites (site-B, site-C), on the last-3-round means (one
-   validation case per site in the demo: a single round's value is noisy).
+==============  ===========================  ===============================================
+method          run                          model in cross_site.json
+==============  ===========================  ===============================================
+centralized     the FedAvg run's baseline    ``centralized`` (pooled training data)
+local-only      the FedAvg run               ``local-only@<site>`` on its own split
+fedavg          ``fedavg``                   ``global-final``
+fine-tuned      the FedAvg run               ``finetuned@<site>`` on its own split
+fedprox         ``fedprox``                  ``global-final``
+fedbn           ``fedbn`` (SiloBN)           ``global-final`` (site statistics at a site,
+                                             AdaBN on the held-out set)
+scaffold        ``scaffold``                 ``global-final``
+ditto           ``ditto``                    ``ditto@<site>`` on its own split
+==============  ===========================  ===============================================
 
-FedBN's held-out Dice is the global model with its normalization statistics re-estimated on
-the held-out images (AdaBN): the sites' normalization layers, affine parameters included, never
-leave them, so the server's model keeps its initial ones.
+Each (method, seed) result is ``<results>/<method>-seed<S>.json`` (see
+:mod:`bench.quality_table`); a run whose results all exist is skipped, so an interrupted
+benchmark resumes at the first missing one, and the runs may be spread over sessions
+(results go to ``bench/results/quality/<protocol>/`` by default: commit them). The table is
+built from every result of the protocol present, and the last line printed is one JSON object
+with its figures and the issue's goals.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
+import signal
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmed.simulation.cli import configure_sim_logging, run_sim
-from fedmed.simulation.config import load_sim_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-__all__ = ["main"]
+from fedmed.server.settings import RunSettings
+from quality_data import pinned_sites
+from quality_table import (
+    FORMAT,
+    METHODS,
+    build_table,
+    format_table,
+    goals,
+    load_results,
+    result_path,
+)
 
-SHIFTED_SITES = ("site-B", "site-C")
-RUNS = ("fedavg", "fedprox", "fedbn")
-LAST = 3  # rounds averaged for the smoothed figures
+from fedmed.simulation.apps import SitePolicy
+from fedmed.simulation.cli import configure_sim_logging, prepare_data, run_sim
+from fedmed.simulation.config import DataSpec, SimConfig, load_sim_config
+
+__all__ = ["JOBS", "main", "protocol", "read_results"]
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "quality.toml"
+RESULTS = ROOT / "bench" / "results" / "quality"
+# method -> (the fedmed-sim run it comes from, its model label; {site} = each site)
+JOBS: Mapping[str, tuple[str, str]] = {
+    "centralized": ("fedavg", "centralized"),
+    "local-only": ("fedavg", "local-only@{site}"),
+    "fedavg": ("fedavg", "global-final"),
+    "fine-tuned": ("fedavg", "finetuned@{site}"),
+    "fedprox": ("fedprox", "global-final"),
+    "fedbn": ("fedbn", "global-final"),
+    "scaffold": ("scaffold", "global-final"),
+    "ditto": ("ditto", "ditto@{site}"),
+}
+# --quick: the same machinery on a tiny federation and model (checks, not figures)
+QUICK_APP = {
+    "num-rounds": 3,
+    "model-features": "4,8,16,32,64",
+    "patch-size": "32,32",
+    "local-steps": 2,
+    "batch-size": 4,
+}
+QUICK_DATA = {"demo_cases": 6, "demo_holdout": 5, "demo_shape": (32, 32, 16)}
+_KEEP = ("n", "n_undefined", "status", "mean", "ci_low", "ci_high", "worst_decile")
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [r for r in (json.loads(x) for x in lines if x.strip()) if r.get("status") == "ok"]
+# the site-policy fields the first protocol hashed; a field added to SitePolicy later enters
+# the identity only when set, so results stay comparable while it keeps its default
+_POLICY_FIELDS_V1 = ("disclosure_floor", "share_models")
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+def _policy_identity(policy: SitePolicy) -> dict[str, Any]:
+    default = SitePolicy()
+    return {
+        f.name: getattr(policy, f.name)
+        for f in dataclasses.fields(policy)
+        if f.name in _POLICY_FIELDS_V1 or getattr(policy, f.name) != getattr(default, f.name)
+    }
 
 
-def _holdout(records: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    series = [(r.get("holdout") or {}).get("dice") for r in records]
-    return {"final": series[-1] if series else None, f"last{LAST}": _mean(series[-LAST:])}
+def protocol(config: Path, *, quick: bool, data: str | None) -> tuple[SimConfig, str, str]:
+    """``(settings, name, hash)`` of the benchmark's protocol; the hash covers everything but
+    the training seed, so results of another protocol never mix into the table."""
+    cfg = load_sim_config(config)
+    spec = cfg.data
+    if data:
+        spec = dataclasses.replace(spec, source="pooled", pooled=str(Path(data).absolute()))
+    app = dict(cfg.app)
+    policy = cfg.policy
+    if quick:
+        app.update(QUICK_APP)
+        spec = dataclasses.replace(spec, **QUICK_DATA)
+        policy = dataclasses.replace(policy, disclosure_floor=1)  # 1-2 validation cases a site
+    cfg = dataclasses.replace(cfg, data=spec, app=app, policy=policy, strategies=("fedavg",))
+    name = config.stem + ("-quick" if quick else "") + (f"-{Path(data).name}" if data else "")
+    ident = {
+        "sim": {"sites": cfg.sites, "data-seed": cfg.seed},
+        "data": {k: v for k, v in dataclasses.asdict(spec).items() if k != "shifts"},
+        "shifts": {k: dataclasses.asdict(v) for k, v in spec.shifts.items()},
+        "sites": _policy_identity(cfg.policy),
+        "app": {k: v for k, v in app.items() if k != "seed"},
+        "split": "pinned-1",  # quality_data.pinned_sites: the same validation patients each seed
+    }
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return cfg, name, hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _sites(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    names = sorted({s for r in records for s in r.get("sites", {})})
+def _prepared(cfg: SimConfig, out: Path, ident: str) -> DataSpec:
+    """The federation's folders, written once per protocol under ``out`` and reused."""
+    marker = out / "data.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if saved.get("protocol") == ident:
+            return DataSpec(
+                source="folders", folders=tuple(saved["sites"]), holdout=saved["holdout"]
+            )
+    data = prepare_data(cfg, out)
+    saved = {"protocol": ident, "sites": [str(s) for s in data.sites],
+             "holdout": str(data.holdout or "")}  # fmt: skip
+    marker.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+    return DataSpec(source="folders", folders=tuple(saved["sites"]), holdout=saved["holdout"])
+
+
+def _entries(doc: Mapping[str, Any], model: str, data: str) -> dict[str, dict[str, Any]]:
+    return {
+        e["metric"]: {k: e[k] for k in _KEEP if k in e}
+        for e in doc.get("entries", [])
+        if e.get("model") == model and e.get("data") == data and "metric" in e
+    }
+
+
+def _holdout_series(path: Path) -> list[float | None]:
+    if not path.is_file():
+        return []
+    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [
+        (r.get("holdout") or {}).get("dice")
+        for r in records
+        if r.get("status") in ("ok", "initial")
+    ]
+
+
+def read_results(run: Path, job: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The results of ``methods`` from the finished ``fedmed-sim`` run in ``run``."""
+    path = run / "runs" / job / "cross_site.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    sites = list(doc.get("sites", []))
     out = {}
-    for name in names:
-        series = [r.get("sites", {}).get(name, {}).get("val-dice") for r in records]
-        out[name] = {"final": series[-1], f"last{LAST}": _mean(series[-LAST:])}
+    for method in methods:
+        label = JOBS[method][1]
+        per_site = {s: label.format(site=s) for s in sites}
+        result: dict[str, Any] = {
+            "models": per_site,
+            "sites": {s: _entries(doc, m, f"val:{s}") for s, m in per_site.items()},
+            "missing": doc.get("missing", []),
+            "best-round": doc.get("best-round"),
+            "rounds": doc.get("round"),
+            "cross-site-sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+        if "{site}" in label:  # a site's own model: the held-out set only if it travelled
+            result["holdout-by-site"] = {
+                s: _entries(doc, m, "holdout") for s, m in per_site.items()
+            }
+            result["holdout"] = None
+        else:
+            result["holdout"] = _entries(doc, label, "holdout")
+            log = run / ("centralized" if method == "centralized" else f"runs/{job}")
+            result["holdout-by-round"] = _holdout_series(log / "metrics.jsonl")
+        out[method] = result
     return out
 
 
-def _points(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else round(100.0 * (a - b), 1)
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the comparison; print a table and the JSON summary line."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench-quality", help="output folder")
-    p.add_argument("--rounds", type=int, help="federated rounds (default: sim.toml's)")
-    p.add_argument("--local-epochs", type=int, help="local epochs per round")
-    p.add_argument("--lr", type=float, help="site learning rate (default: sim.toml's)")
-    p.add_argument("--quick", action="store_true", help="8..128 channels, 32x32 patches")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    configure_sim_logging(False)
-    cfg = load_sim_config(None)
-    app = dict(cfg.app)
-    for key, value in (
-        ("num-rounds", args.rounds),
-        ("local-epochs", args.local_epochs),
-        ("lr", args.lr),
-    ):
-        if value:
-            app[key] = value
-    if args.quick:
-        app.update({"model-features": "8,16,32,64,128", "patch-size": "32,32"})
-    cfg = dataclasses.replace(
-        cfg, out=args.out, seed=args.seed, strategies=RUNS, centralized=True, app=app
+def run_job(
+    cfg: SimConfig, data: DataSpec, job: str, seed: int, methods: Sequence[str], out: Path
+) -> tuple[Path, float]:
+    """One ``fedmed-sim`` run of ``job`` with training seed ``seed``; returns its folder and
+    seconds. Only what ``methods`` need is trained (centralized, local-only, fine-tuning)."""
+    app = {**cfg.app, "seed": seed}
+    if "fine-tuned" not in methods:
+        app["finetune-epochs"] = 0
+    run = out / "runs" / f"{job}-seed{seed}"
+    val_fraction = float(app.get("val-fraction", RunSettings().val_fraction))
+    folders = pinned_sites(
+        data.folders,
+        out / "data" / f"pinned-seed{seed}",
+        seed=seed,
+        val_fraction=val_fraction,
+        data_seed=cfg.seed,
+    )
+    data = dataclasses.replace(data, folders=tuple(str(f) for f in folders))
+    job_cfg = dataclasses.replace(
+        cfg,
+        out=str(run),
+        strategies=(job,),
+        centralized="centralized" in methods,
+        local_baselines="local-only" in methods,
+        data=data,
+        app=app,
     )
     started = time.monotonic()
-    report = run_sim(cfg)
-    out = Path(report).parent
-    runs = {name: _records(out / "runs" / name / "metrics.jsonl") for name in RUNS}
-    central = _records(out / "centralized" / "metrics.jsonl")
-    holdout = {name: _holdout(records) for name, records in runs.items()}
-    holdout["centralized"] = _holdout(central)
-    sites = {name: _sites(records) for name, records in runs.items()}
-    smooth = f"last{LAST}"
+    run_sim(job_cfg)
+    return run, time.monotonic() - started
 
-    def shifted(name: str) -> float | None:
-        return _mean([sites[name].get(s, {}).get(smooth) for s in SHIFTED_SITES])
 
-    gap = _points(holdout["fedavg"]["final"], holdout["centralized"]["final"])
-    result = {
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the missing (method, seed) results, then print the table and the JSON line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=CONFIG, help="protocol (fedmed-sim TOML)")
+    p.add_argument("--data", metavar="DIR", help="an MSD folder, split by patient into sites")
+    p.add_argument("--seeds", type=int, default=5, help="training seeds 0..N-1 (data fixed)")
+    p.add_argument("--first-seed", type=int, default=0, help="start the seeds here")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--out", type=Path, default=Path("bench-quality"), help="run folders")
+    p.add_argument("--results", type=Path, help="result JSONs (bench/results/quality/<protocol>)")
+    p.add_argument("--quick", action="store_true", help="tiny protocol: checks the machinery")
+    p.add_argument("--table-only", action="store_true", help="run nothing, build the table")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(JOBS))
+    if unknown:
+        p.error(f"unknown methods {unknown}: use {','.join(METHODS)}")
+    cfg, name, ident = protocol(args.config, quick=args.quick, data=args.data)
+    results = args.results or RESULTS / name
+    out = args.out.absolute() / name
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    configure_sim_logging(False)
+    # SIGTERM (e.g. from `timeout`) stops like Ctrl-C: fedmed-sim then stops the SuperLink and Ray
+    signal.signal(signal.SIGTERM, _interrupt)
+    started, ran = time.monotonic(), []
+    jobs = {JOBS[m][0]: [n for n in methods if JOBS[n][0] == JOBS[m][0]] for m in methods}
+    data = None
+    for seed in seeds if not args.table_only else ():
+        for job, wanted in jobs.items():
+            if all(_done(result_path(results, m, seed), ident) for m in wanted):
+                continue
+            data = data or _prepared(cfg, out, ident)
+            run, seconds = run_job(cfg, data, job, seed, wanted, out)
+            for method, result in read_results(run, job, wanted).items():
+                doc = {"format": FORMAT, "method": method, "seed": seed, "protocol": ident,
+                       "protocol-name": name, "run": job, "seconds": round(seconds, 1),
+                       **result}  # fmt: skip
+                _write_json(result_path(results, method, seed), doc)
+            ran.append(f"{job}-seed{seed}")
+    table = build_table(load_results(results, protocol=ident))
+    print(f"protocol {name} ({ident}), results in {results}")
+    print(format_table(table))
+    summary = {
         "bench": "quality",
-        "rounds": app["num-rounds"],
-        "local-epochs": app["local-epochs"],
-        "lr": app["lr"],
-        "model-features": app["model-features"],
-        "seed": args.seed,
-        "holdout-dice": holdout,
-        "fedavg-minus-centralized-points": gap,
-        f"fedavg-minus-centralized-points-{smooth}": _points(
-            holdout["fedavg"][smooth], holdout["centralized"][smooth]
-        ),
-        "fedavg-within-3-points": gap is not None and gap >= -3.0,
-        "site-val-dice": sites,
-        f"shifted-sites-mean-{smooth}": {name: shifted(name) for name in RUNS},
-        "fedbn-or-fedprox-matches-fedavg-on-shifted": any(
-            (shifted(n) or 0.0) >= (shifted("fedavg") or 0.0) for n in ("fedbn", "fedprox")
-        ),
+        "protocol": name,
+        "protocol-hash": ident,
+        "results": str(results),
+        "ran": ran,
         "seconds": round(time.monotonic() - started, 1),
-        "report": str(report),
+        "table": {
+            method: {
+                col: None if cell is None else {k: cell[k] for k in ("seeds", "mean", "std")}
+                for col, cell in row.items()
+                if col != "_seeds"
+            }
+            for method, row in table["rows"].items()
+        },
+        "goals": goals(table),
     }
-    names = sorted({s for per in sites.values() for s in per})
-    print(f"{'run':12} {'held-out':>9} {smooth:>8} " + " ".join(f"{s:>15}" for s in names))
-    for name in (*RUNS, "centralized"):
-        cells = [
-            f"{(sites.get(name, {}).get(s) or {}).get('final') or 0:.3f}/"
-            f"{(sites.get(name, {}).get(s) or {}).get(smooth) or 0:.3f}"
-            if name in sites
-            else "-"
-            for s in names
-        ]
-        h = holdout[name]
-        print(
-            f"{name:12} {h['final'] or 0:9.3f} {h[smooth] or 0:8.3f} "
-            + " ".join(f"{c:>15}" for c in cells)
-        )
-    print(f"FedAvg - centralized: {gap} points after the last round (site cells: final/{smooth})")
-    print(json.dumps(result, sort_keys=True))
-    return result
+    print(json.dumps(summary, sort_keys=True))
+    return summary
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _done(path: Path, ident: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("protocol") == ident
+    except json.JSONDecodeError:
+        return False
 
 
 if __name__ == "__main__":

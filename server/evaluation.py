@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -116,7 +117,9 @@ def _message(
     fed: Federation, models: Mapping[str, Mapping[str, np.ndarray]], options: Mapping[str, Any]
 ) -> RecordDict:
     arrays = {f"{label}{_SEP}{k}": v for label, m in models.items() for k, v in m.items()}
-    cfg = fed.config(fed.settings.num_rounds)
+    # the sites' end-of-run training (fine-tuning, local-only baselines) uses the base lr,
+    # not the annealed last round's (lr-schedule = cosine ends near 0)
+    cfg = dataclasses.replace(fed.config(fed.settings.num_rounds), lr=fed.settings.lr)
     return RecordDict(
         {
             **wire.pack(arrays),

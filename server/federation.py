@@ -83,7 +83,9 @@ HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | N
 
 
 def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") -> TrainConfig:
-    """The round instructions the sites receive (the preprocessing from ``settings.plan``)."""
+    """The round instructions the sites receive (the preprocessing from ``settings.plan``;
+    the round's learning rate under ``lr-schedule``, which the centralized baseline
+    follows per round-equivalent too)."""
     pipeline = settings.plan.pipeline_settings()
     return TrainConfig(
         model=settings.model,
@@ -93,7 +95,7 @@ def train_config(settings: RunSettings, server_round: int, *, run_id: str = "") 
         patch_size=settings.patch_shape,
         local_epochs=settings.local_epochs,
         local_steps=settings.local_steps,
-        lr=settings.lr,
+        lr=settings.round_lr(server_round),
         batch_size=settings.batch_size,
         proximal_mu=settings.effective_proximal_mu,
         fedbn=settings.fedbn,

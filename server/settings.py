@@ -114,6 +114,10 @@ key                         type     default      meaning
 ``intensity``               str      "ct-window"  ct-window (hu-window mapped to [0, 1]), zscore
                                                   or zscore-nonzero (MR; per volume)
 ``hu-window``               str      "-1000,400"  ct-window: "low,high" in HU
+``lr-schedule``             str      "constant"   the site learning rate over the rounds:
+                                                  constant, or cosine (round r of R trains at
+                                                  lr * (1 + cos(pi (r - 1) / R)) / 2; the
+                                                  centralized baseline follows it per round)
 ==========================  =======  ===========  ==============================================
 
 The preprocessing keys (``target-spacing``, ``intensity``, ``hu-window``) with ``patch-size``
@@ -134,6 +138,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +151,7 @@ from fedmed.security.guard import dp_params
 
 __all__ = [
     "AGGREGATION_WEIGHTS",
+    "LR_SCHEDULES",
     "MODELS",
     "SECAGG_MIN_SITES",
     "SECAGG_STRATEGIES",
@@ -211,10 +217,12 @@ _NEW_TRAINING_KEYS = {
     "target-spacing": "native",
     "intensity": "ct-window",
     "hu-window": "-1000,400",
+    "lr-schedule": "constant",
 }
 MODEL_NORMS = ("batch", "group")
 FEDPROX_DEFAULT_MU = 0.01
 LAMP_SKIPS = ("carried", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -299,6 +307,7 @@ class RunSettings:
     target_spacing: str = field(default="native", metadata=_meta("target-spacing", str))
     intensity: str = field(default="ct-window", metadata=_meta("intensity", str))
     hu_window: str = field(default="-1000,400", metadata=_meta("hu-window", str))
+    lr_schedule: str = field(default="constant", metadata=_meta("lr-schedule", str))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -329,6 +338,11 @@ class RunSettings:
             raise ConfigError(
                 f"run config key 'model-norm' is {self.model_norm!r}: use one of "
                 f"{', '.join(MODEL_NORMS)}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"run config key 'lr-schedule' is {self.lr_schedule!r}: use one of "
+                f"{', '.join(LR_SCHEDULES)}"
             )
         if self.strategy == "scaffold" and self.dp_clip_norm > 0:
             raise ConfigError(
@@ -553,6 +567,23 @@ class RunSettings:
             )
         return {k: Path(v) for k, v in parsed.items()}
 
+    def round_lr(self, server_round: int) -> float:
+        """The site learning rate of ``server_round`` under ``lr-schedule``.
+
+        Cosine annealing over the run (Loshchilov & Hutter 2017, one cycle, no restart):
+        round 1 trains at ``lr`` and round R at ``lr * (1 + cos(pi (R - 1) / R)) / 2``, never
+        0. Round 0 (the initial model) and rounds past ``num-rounds`` (the end-of-run local
+        training: fine-tuning, local-only baselines) get ``lr``.
+
+        Example:
+            >>> s = RunSettings(num_rounds=4, lr=0.01, lr_schedule="cosine")
+            >>> [round(s.round_lr(r), 5) for r in (1, 2, 3, 4)]
+            [0.01, 0.00854, 0.005, 0.00146]
+        """
+        if self.lr_schedule == "constant" or not 1 <= server_round <= self.num_rounds:
+            return self.lr
+        return self.lr * (1.0 + math.cos(math.pi * (server_round - 1) / self.num_rounds)) / 2.0
+
     @property
     def out_path(self) -> Path:
         """``out-dir`` as a path."""
@@ -561,7 +592,8 @@ class RunSettings:
     def identity_hash(self) -> str:
         """sha256 of the settings that shape the trained weights (not timeouts or round count).
 
-        A run may be resumed only with the same identity hash. ``sites-per-round`` counts
+        A run may be resumed only with the same identity hash (``num-rounds`` counts under a
+        learning-rate schedule, which it stretches). ``sites-per-round`` counts
         only when sampling is on and the ``secagg-*`` keys only with secure aggregation, so
         runs without them keep the hash they had before the keys existed (and stay
         resumable).
@@ -579,6 +611,8 @@ class RunSettings:
         for key, default in _NEW_TRAINING_KEYS.items():
             if ident[key] == default:
                 del ident[key]
+        if self.lr_schedule != "constant":  # the schedule spans the run: its length counts
+            ident["num-rounds"] = self.num_rounds
         blob = json.dumps(ident, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

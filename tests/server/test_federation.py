@@ -25,6 +25,11 @@ def test_train_config_carries_the_site_settings():
     assert cfg.model_features == (4, 8, 16, 32, 64) and cfg.patch_size == (32, 32)
 
 
+def test_train_config_sends_the_rounds_annealed_lr():
+    settings = RunSettings(num_rounds=2, lr=0.01, lr_schedule="cosine", **SMALL)
+    assert [train_config(settings, r).lr for r in (0, 1, 2)] == pytest.approx([0.01, 0.01, 0.005])
+
+
 def test_missing_holdout_folder_is_refused_before_any_round(tmp_path):
     settings = RunSettings(data_dir=str(tmp_path / "nope"), out_dir=str(tmp_path / "out"), **SMALL)
     # the grid is never reached: the check comes first

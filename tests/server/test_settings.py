@@ -114,3 +114,28 @@ def test_secagg_keys_count_for_resume_only_when_secure_aggregation_is_on():
         RunSettings(min_sites=3, secure_aggregation=True, secagg_clip_range=4.0).identity_hash()
         != secure.identity_hash()
     )
+
+
+def test_cosine_schedule_anneals_the_rounds_and_leaves_the_rest_at_lr():
+    settings = RunSettings(num_rounds=4, lr=0.01, lr_schedule="cosine")
+    rounds = [settings.round_lr(r) for r in (1, 2, 3, 4)]
+    assert rounds == pytest.approx([0.01, 0.0085355, 0.005, 0.0014645], rel=1e-4)
+    # round 0 (the initial model) and the end-of-run training after the last round
+    assert settings.round_lr(0) == settings.round_lr(5) == 0.01
+    constant = RunSettings(num_rounds=4, lr=0.01)
+    assert [constant.round_lr(r) for r in range(6)] == [0.01] * 6
+
+
+def test_unknown_lr_schedule_is_refused():
+    with pytest.raises(ConfigError, match="'lr-schedule' is 'step': use one of constant, cosine"):
+        RunSettings.from_run_config({"lr-schedule": "step"})
+
+
+def test_lr_schedule_keeps_old_hashes_and_makes_the_round_count_part_of_the_run():
+    # constant (the default) keeps the hash runs had before the key existed, and num-rounds
+    # stays resumable; under cosine the round count shapes every round's lr, so it counts
+    base = RunSettings()
+    cosine = RunSettings(lr_schedule="cosine")
+    assert cosine.identity_hash() != base.identity_hash()
+    assert RunSettings(num_rounds=9).identity_hash() == base.identity_hash()
+    assert RunSettings(lr_schedule="cosine", num_rounds=9).identity_hash() != cosine.identity_hash()

@@ -97,6 +97,7 @@ def test_runs_without_sampling_keep_their_pre_existing_identity_hash() -> None:
         "target_spacing",
         "intensity",
         "hu_window",
+        "lr_schedule",
     }
     keys = {
         f.metadata["key"]: getattr(settings, f.name)
