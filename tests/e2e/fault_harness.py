@@ -179,13 +179,16 @@ class Procs:
                 proc.wait(timeout=30)
         return [proc.returncode for proc in procs]
 
+    def alive(self) -> list[int]:
+        """Pids noted by :meth:`remember` (or a stop) that still run: what a stop left behind."""
+        return [pid for pid, started in self.seen.items() if _start_time(pid) == started]
+
     def close(self) -> None:
         for proc in reversed(self.started):
             self.stop(proc)
         time.sleep(0.5)
-        for pid, started in self.seen.items():  # SuperLink, SuperNodes, apps left behind
-            if _start_time(pid) == started:
-                _kill(pid, signal.SIGKILL)
+        for pid in self.alive():  # SuperLink, SuperNodes, apps left behind
+            _kill(pid, signal.SIGKILL)
 
 
 def wait_until(check: Callable[[], Any], *, timeout: float, what: str, poll: float = 0.2) -> Any:
