@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,3 +63,20 @@ def task_identity() -> Iterator[None]:
     yield
     for name, value in before.items():
         setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="session")
+def reference_epsilon() -> Callable[[float, float, int, float], float]:
+    """Epsilon of ``steps`` Poisson-sampled Gaussian steps by dp-accounting's RDP accountant:
+    the independent reference every DP record fedmed reports is recomputed with."""
+    import dp_accounting
+
+    def epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+        accountant = dp_accounting.rdp.RdpAccountant()
+        event = dp_accounting.PoissonSampledDpEvent(
+            sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+        )
+        accountant.compose(event, steps)
+        return accountant.get_epsilon(delta)
+
+    return epsilon

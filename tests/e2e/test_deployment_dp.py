@@ -17,9 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import dp_accounting
 import pytest
 from fault_harness import FaultRun, Procs, make_demo_data, write_configs
 from fedmed.server.checkpoint import CheckpointStore
@@ -121,15 +121,6 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> FaultRun:
     )
 
 
-def _epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(
-        sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-    )
-    accountant.compose(event, steps)
-    return accountant.get_epsilon(delta)
-
-
 def test_the_run_stops_at_the_sites_budgets_with_round_1s_model(dp_run: FaultRun) -> None:
     assert dp_run.server_codes == [0], dp_run.server_log[-4000:]
     assert "privacy budget exhausted" in dp_run.server_log
@@ -160,7 +151,9 @@ def test_the_run_stops_at_the_sites_budgets_with_round_1s_model(dp_run: FaultRun
         assert "privacy budget exhausted" in dp_run.site_logs[site], site
 
 
-def test_each_sites_epsilon_is_recomputable_and_within_its_own_budget(dp_run: FaultRun) -> None:
+def test_each_sites_epsilon_is_recomputable_and_within_its_own_budget(
+    dp_run: FaultRun, reference_epsilon: Callable[[float, float, int, float], float]
+) -> None:
     (round_1,) = [r for r in dp_run.metrics if r["status"] == "ok"]
     assert (round_1["dp"]["mode"], round_1["dp"]["adjacency"]) == ("record", "add-remove")
     assert set(round_1["sites"]) == set(SITES)
@@ -168,11 +161,11 @@ def test_each_sites_epsilon_is_recomputable_and_within_its_own_budget(dp_run: Fa
         assert metrics["dp-sample-rate"] == pytest.approx(0.5), site  # 1 of 2 patients
         assert (metrics["dp-steps"], metrics["dp-noise-multiplier"]) == (2, 1.0), site
         assert metrics["dp-delta"] == APP["dp-delta"], site
-        reference = _epsilon(0.5, 1.0, 2, metrics["dp-delta"])
+        reference = reference_epsilon(0.5, 1.0, 2, metrics["dp-delta"])
         assert metrics["dp-epsilon"] == pytest.approx(reference, abs=1e-6), site
         # a fresh site: its whole history is this round, within its own budget
         assert metrics["dp-epsilon-total"] == pytest.approx(reference, abs=1e-6), site
-        assert reference < BUDGETS[site] < _epsilon(0.5, 1.0, 4, metrics["dp-delta"])
+        assert reference < BUDGETS[site] < reference_epsilon(0.5, 1.0, 4, metrics["dp-delta"])
         # under DP a site's reply carries the update, its counts and the DP record: no metrics
         assert "train-loss" not in metrics and "val-dice" not in metrics, site
         # the site's own ledger holds the one round it released, with the same parameters
