@@ -9,7 +9,8 @@ key            meaning
 ``site``       the site's name (what the server's roster and report show)
 ``data-dir``   the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs)
 ``cache-dir``  folder for the disk cache and the site's state of a run (optional)
-``cache-mode`` ``memory`` (default), ``disk`` or ``none``
+``cache-mode`` ``memory`` (default), ``disk`` or ``none``; ``disk`` needs ``FEDMED_CACHE_KEY``
+               (the cache is encrypted) or ``plaintext-cache = true``
 ``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ... or a device list
                (``"cuda:0,cuda:1"``, ``"cpu,cuda:0"``) that splits a LAMP model
 ``amp`` ...    the other hardware keys (``amp``, ``channels-last``, ``compile``,
@@ -86,6 +87,7 @@ from fedmed.pipeline import PipelineSettings, load_cases
 from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.dp import DpParams, reduce_metrics
+from fedmed.security.encryption import PLAINTEXT_CACHE, check_cache_at_rest
 from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
 from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
@@ -116,7 +118,8 @@ class SiteConfig:
 
     ``hardware`` holds the site's devices and how it runs the model on them; without it,
     ``HardwareSettings(devices=device)``. ``device`` is then set to the device list the site
-    uses (``auto`` resolved), so two configs of the same site compare equal.
+    uses (``auto`` resolved), so two configs of the same site compare equal. A ``disk`` cache
+    needs ``FEDMED_CACHE_KEY`` or ``plaintext_cache`` (ConfigError otherwise).
 
     Example:
         >>> SiteConfig("A", "demo/data/site-A").cache_mode
@@ -130,6 +133,7 @@ class SiteConfig:
     cache_dir: str = ""
     cache_mode: str = "memory"
     device: str = "auto"
+    plaintext_cache: bool = False
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
@@ -142,6 +146,11 @@ class SiteConfig:
         assert self.hardware is not None
         devices = ",".join(str(d) for d in self.hardware.devices)
         object.__setattr__(self, "device", devices)
+        check_cache_at_rest(
+            self.cache_mode,
+            plaintext_cache=self.plaintext_cache,
+            source=f"site {self.name} node config",
+        )
         if isinstance(self.disclosure_floor, bool) or not (
             isinstance(self.disclosure_floor, int) and self.disclosure_floor >= 1
         ):
@@ -173,6 +182,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
         data_dir=str(cfg["data-dir"]),
         cache_dir=str(cfg.get("cache-dir", "")),
         cache_mode=str(cfg.get("cache-mode", "memory")),
+        plaintext_cache=cfg.get(PLAINTEXT_CACHE, False) is True,
         disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
         share_models=cfg.get("share-models", False) is True,
         max_epsilon=float(cfg.get("max-epsilon", 0.0)),  # type: ignore[arg-type]
@@ -236,9 +246,11 @@ class PartitionSites:
 
 def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
     """The site's pipeline: the run's preprocessing plan (spacing, intensity), the site's
-    cache, and the case guard with the model's classes."""
+    cache (on disk sealed, unless the site accepts plaintext), and the case guard with the
+    model's classes."""
+    sealed = site.cache_mode == "disk" and not site.plaintext_cache
     return cfg.plan.pipeline_settings(
-        cache_mode=site.cache_mode,
+        cache_mode="disk-encrypted" if sealed else site.cache_mode,
         cache_dir=Path(site.cache_dir) if site.cache_dir else None,
         guard=dataclasses.replace(site.guard, num_classes=cfg.out_channels),
     )

@@ -231,6 +231,7 @@ class SiteConfig:
         data-dir = "../../demo/data/site-A"
         cache-dir = "../../runs/site-A/cache"
         cache-mode = "disk"          # memory | disk | none
+        plaintext-cache = false      # true accepts a disk cache without FEDMED_CACHE_KEY
         device = "cpu"               # cpu, cuda, cuda:0, or "cuda:0,cuda:1" for LAMP
         amp = "auto"                 # auto | off | fp16 | bf16 (see fedmed.hardware)
         channels-last = false
@@ -248,6 +249,9 @@ class SiteConfig:
         ca-cert = "../../certs/ca.pem"
         private-key = "../../certs/siteA.key"
 
+    A ``disk`` cache holds the site's preprocessed patient images: ``fedmed-client`` refuses
+    to start one without ``FEDMED_CACHE_KEY`` (which encrypts it) unless
+    ``plaintext-cache = true`` accepts it in the clear.
     ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
     derived from its installed fedmed (see ``fedmed.flower.pinning``). With TLS the site
     refuses global models the server did not sign with a certificate of the federation CA
@@ -295,6 +299,7 @@ class SiteConfig:
     lamp_micro_batches: int = 4
     lamp_checkpointing: bool = True
     lamp_balance: str = "memory"
+    plaintext_cache: bool = False
 
     def node_config(self) -> dict[str, str | int | float | bool]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
@@ -302,7 +307,7 @@ class SiteConfig:
         ``server-ca`` is the federation CA, so the site refuses global models that the server
         did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
         ``require-signed-models = false`` and absent when the site runs insecure. The guard
-        keys (``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
+        keys (``plaintext-cache``, ``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
         ``allow-external-links``), the site's evaluation and privacy policy
         (``disclosure-floor``, ``share-models``, ``max-epsilon``) and its hardware keys
         (``amp``, ``channels-last``, ``compile``, ``lamp-*``) are always written.
@@ -312,6 +317,7 @@ class SiteConfig:
             "data-dir": str(self.data_dir),
             "cache-dir": str(self.cache_dir),
             "cache-mode": self.cache_mode,
+            "plaintext-cache": self.plaintext_cache,
             "device": self.device,
             "seed": self.seed,
             "on-bad-case": self.on_bad_case,
@@ -521,6 +527,7 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         data_dir=top.path_value("data-dir"),  # type: ignore[arg-type]
         cache_dir=top.path_value("cache-dir", None) or state_dir / "cache",
         cache_mode=top.choice("cache-mode", CACHE_MODES, "memory"),
+        plaintext_cache=top.get("plaintext-cache", bool, False),
         device=device,
         seed=top.get("seed", int, 0),
         check_data=top.get("check-data", bool, True),

@@ -196,6 +196,7 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "data-dir": str(tmp_path / "data"),
         "cache-dir": str(tmp_path / ".fedmed-site-A" / "cache"),
         "cache-mode": "memory",
+        "plaintext-cache": False,
         "device": "cpu",
         "seed": 0,
         "on-bad-case": "skip",
@@ -279,6 +280,11 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
             "lamp-balance = 'speed' must be one of",
         ),
         ('data-dir = "data"', 'data-dir = "data"\ncompile = 1', "compile = 1 must be bool"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nplaintext-cache = "yes"',
+            "plaintext-cache = 'yes' must be bool",
+        ),
         ('data-dir = "data"', 'data-dir = "data"\ndevice = ["cpu", 0]', "must list device"),
     ],
     ids=[
@@ -303,6 +309,7 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         "lamp-micro-batches",
         "lamp-balance",
         "compile",
+        "plaintext-cache",
         "device-list",
     ],
 )
