@@ -159,13 +159,18 @@ def load_key(
 
 
 def check_cache_at_rest(
-    cache_mode: str, *, plaintext_cache: bool, source: str
+    cache_mode: str,
+    *,
+    plaintext_cache: bool,
+    source: str,
+    opt_in: str = f"set {PLAINTEXT_CACHE} = true in the site config",
 ) -> EncryptionKey | None:
     """The key that seals a site's disk cache (from ``FEDMED_CACHE_KEY``), or ``None``.
 
     A ``disk`` cache holds the site's preprocessed patient images; without a key they would be
     written in the clear, which the site must accept in its config (``plaintext-cache = true``).
-    A cache in memory (or none) needs neither. ``source`` names the config in the message.
+    A cache in memory (or none) needs neither. ``source`` names the config in the message,
+    ``opt_in`` how to accept a plaintext cache there.
 
     Raises:
         ConfigError: a disk cache, no key and no ``plaintext-cache = true``.
@@ -182,8 +187,8 @@ def check_cache_at_rest(
             f"{source}: cache-mode = {cache_mode!r} would write the site's patient images to "
             f"disk unencrypted, and {KEY_ENV_VAR} is not set: set {KEY_ENV_VAR} (32 bytes as "
             "hex or base64, e.g. from `openssl rand -base64 32`; keep it out of the config) to "
-            f"encrypt the cache, or set {PLAINTEXT_CACHE} = true in the site config to accept "
-            "a plaintext cache (or use cache-mode = 'memory')"
+            f"encrypt the cache, or {opt_in} to accept a plaintext cache (or use cache-mode = "
+            "'memory')"
         )
     return key
 
