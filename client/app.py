@@ -53,7 +53,7 @@ server selects its best model by), then trained. What the site keeps between rou
 (:mod:`.local_state`), never reused by another run.
 
 Example:
-    >>> client_app = make_client_app(resolve_site=lambda ctx: SiteConfig("A", "demo/site-A"))
+    >>> client_app = make_client_app(resolve_site=lambda ctx: SiteRuntime("A", "demo/site-A"))
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedmed import wire
+from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
 from fedmed.hardware import HardwareSettings
@@ -105,7 +106,7 @@ from .evaluate import evaluate_message
 from .local_state import StateStore
 from .privacy import SiteBudget
 
-__all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
+__all__ = ["PartitionSites", "SiteRuntime", "app", "make_client_app", "site_from_node_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ _TASKS: dict[tuple[Any, ...], SiteTask] = {}
 
 
 @dataclass(frozen=True)
-class SiteConfig:
-    """Where a site's data is and how to run it.
+class SiteRuntime:
+    """A site as the client app runs it: its data, cache, policy and hardware, resolved from
+    the SuperNode's node config (:func:`site_from_node_config`; a deployment writes it from the
+    site's :class:`fedmed.config.SiteConfig`) or from a simulation's :class:`PartitionSites`.
 
     ``hardware`` holds the site's devices and how it runs the model on them; without it,
     ``HardwareSettings(devices=device)``. ``device`` is then set to the device list the site
@@ -122,9 +125,9 @@ class SiteConfig:
     needs ``FEDMED_CACHE_KEY`` or ``plaintext_cache`` (ConfigError otherwise).
 
     Example:
-        >>> SiteConfig("A", "demo/data/site-A").cache_mode
+        >>> SiteRuntime("A", "demo/data/site-A").cache_mode
         'memory'
-        >>> SiteConfig("A", "demo/data/site-A", device="cpu,cpu").hardware.devices
+        >>> SiteRuntime("A", "demo/data/site-A", device="cpu,cpu").hardware.devices
         (device(type='cpu'), device(type='cpu'))
     """
 
@@ -146,6 +149,7 @@ class SiteConfig:
         assert self.hardware is not None
         devices = ",".join(str(d) for d in self.hardware.devices)
         object.__setattr__(self, "device", devices)
+        check_cache_mode(self.cache_mode, where=f"site {self.name} node config: cache-mode")
         check_cache_at_rest(
             self.cache_mode,
             plaintext_cache=self.plaintext_cache,
@@ -165,10 +169,10 @@ class SiteConfig:
             )
 
 
-SiteResolver = Callable[[Context], SiteConfig]
+SiteResolver = Callable[[Context], SiteRuntime]
 
 
-def site_from_node_config(context: Context) -> SiteConfig:
+def site_from_node_config(context: Context) -> SiteRuntime:
     """Read the site from ``--node-config``; ConfigError names a missing key."""
     cfg = context.node_config
     if "data-dir" not in cfg:
@@ -177,7 +181,7 @@ def site_from_node_config(context: Context) -> SiteConfig:
             "--node-config 'data-dir=\"/path/to/site\"')"
         )
     name = str(cfg.get("site", f"node-{context.node_id}"))
-    return SiteConfig(
+    return SiteRuntime(
         name=name,
         data_dir=str(cfg["data-dir"]),
         cache_dir=str(cfg.get("cache-dir", "")),
@@ -219,7 +223,7 @@ class PartitionSites:
                 f"{len(self.folders)} sites: give one device list per site (or none)"
             )
 
-    def __call__(self, context: Context) -> SiteConfig:
+    def __call__(self, context: Context) -> SiteRuntime:
         pid = int(context.node_config["partition-id"])
         if not 0 <= pid < len(self.folders):
             raise ConfigError(
@@ -233,7 +237,7 @@ class PartitionSites:
             hardware = HardwareSettings(devices=device)
         except ConfigError as err:
             raise ConfigError(f"simulated site {name}: {err}") from None
-        return SiteConfig(
+        return SiteRuntime(
             name,
             folder,
             cache_mode=self.cache_mode,
@@ -244,7 +248,7 @@ class PartitionSites:
         )
 
 
-def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
+def _pipeline(site: SiteRuntime, cfg: TrainConfig) -> PipelineSettings:
     """The site's pipeline: the run's preprocessing plan (spacing, intensity), the site's
     cache (on disk sealed, unless the site accepts plaintext), and the case guard with the
     model's classes."""
@@ -256,7 +260,7 @@ def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
     )
 
 
-def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
+def _task(site: SiteRuntime, cfg: TrainConfig) -> SiteTask:
     """One SiteTask per site, split and pipeline, reused while the process lives (simulation
     actors)."""
     settings = _pipeline(site, cfg)
@@ -272,7 +276,7 @@ def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
     return _TASKS[key]
 
 
-def _check_record_dp(site: SiteConfig, cfg: TrainConfig) -> None:
+def _check_record_dp(site: SiteRuntime, cfg: TrainConfig) -> None:
     """DP-SGD takes per-patient gradients of the whole model on one device."""
     assert site.hardware is not None
     if cfg.model == "lamp_unet" and len(site.hardware.devices) > 1:
@@ -297,7 +301,7 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
 
 
 def _train_site(
-    site: SiteConfig,
+    site: SiteRuntime,
     context: Context,
     received: dict[str, np.ndarray],
     config: dict[str, Any],

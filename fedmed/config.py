@@ -40,11 +40,18 @@ __all__ = [
     "FederationConfig",
     "ServerConfig",
     "SiteConfig",
+    "check_cache_mode",
     "load_federation_config",
     "load_site_config",
 ]
 
+# The one vocabulary of ``cache-mode`` (site config, node config, fedmed train; the simulation
+# takes memory | none and ``auto`` to choose between them); retired words map to their fix.
 CACHE_MODES = ("memory", "disk", "none")
+_RETIRED_CACHE_MODES = {
+    "disk-encrypted": "'disk' (encrypted with FEDMED_CACHE_KEY, which a disk cache needs "
+    "unless plaintext-cache = true)",
+}
 # The site's case guard (fedmed.io.guard.GuardSettings reads these node config keys; a test
 # pins the defaults to GuardSettings'): kept here so reading a config never imports numpy.
 ON_BAD_CASE = ("skip", "stop")
@@ -71,6 +78,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def check_cache_mode(value: object, *, where: str) -> str:
+    """``value`` if it is one of :data:`CACHE_MODES`; ConfigError naming ``where`` (the file
+    or source and the key) otherwise, with the word to write for a retired one.
+
+    Example:
+        >>> check_cache_mode("disk", where="configs/sites/A.toml: [site] cache-mode")
+        'disk'
+    """
+    if isinstance(value, str) and value in CACHE_MODES:
+        return value
+    if isinstance(value, str) and value in _RETIRED_CACHE_MODES:
+        raise ConfigError(
+            f"{where} = {value!r} is a retired spelling: write {_RETIRED_CACHE_MODES[value]}"
+        )
+    raise ConfigError(f"{where} = {value!r} must be one of {', '.join(CACHE_MODES)}")
 
 
 class _Table:
@@ -526,7 +550,9 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         site=name,
         data_dir=top.path_value("data-dir"),  # type: ignore[arg-type]
         cache_dir=top.path_value("cache-dir", None) or state_dir / "cache",
-        cache_mode=top.choice("cache-mode", CACHE_MODES, "memory"),
+        cache_mode=check_cache_mode(
+            top.get("cache-mode", str, "memory"), where=f"{path}: [site] cache-mode"
+        ),
         plaintext_cache=top.get("plaintext-cache", bool, False),
         device=device,
         seed=top.get("seed", int, 0),

@@ -242,7 +242,7 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         (
             'data-dir = "data"',
             'data-dir = "data"\ncache-mode = "ram"',
-            "cache-mode = 'ram' must be",
+            "cache-mode = 'ram' must be one of memory, disk, none",
         ),
         ('data-dir = "data"', 'data-dir = "data"\ndevice = "cuda:0,"', "device = 'cuda:0,'"),
         ('data-dir = "data"', "", "data-dir is missing"),
@@ -282,6 +282,12 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         ('data-dir = "data"', 'data-dir = "data"\ncompile = 1', "compile = 1 must be bool"),
         (
             'data-dir = "data"',
+            'data-dir = "data"\ncache-mode = "disk-encrypted"',
+            r"\[site\] cache-mode = 'disk-encrypted' is a retired spelling: write 'disk' "
+            r"\(encrypted with FEDMED_CACHE_KEY, which a disk cache needs unless plaintext-cache",
+        ),
+        (
+            'data-dir = "data"',
             'data-dir = "data"\nplaintext-cache = "yes"',
             "plaintext-cache = 'yes' must be bool",
         ),
@@ -309,6 +315,7 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         "lamp-micro-batches",
         "lamp-balance",
         "compile",
+        "cache-mode-retired",
         "plaintext-cache",
         "device-list",
     ],

@@ -41,13 +41,13 @@ from typing import Any
 import torch
 
 from fedmed.checkpoint import save_checkpoint
+from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.nets import MODELS
 from fedmed.pipeline import (
-    CACHE_MODES,
     INTENSITIES,
     PipelineSettings,
     cached_volumes,
@@ -243,14 +243,16 @@ def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
     )
     cache_dir = options.get("cache-dir")
     mode = options.get("cache-mode") or ("disk" if cache_dir else "memory")
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"cache-mode {mode!r} is unknown: use one of {', '.join(CACHE_MODES)}")
+    mode = check_cache_mode(mode, where="fedmed train [train] cache-mode")
+    plaintext = bool(options.get("plaintext-cache", False))
     check_cache_at_rest(
         mode,
-        plaintext_cache=bool(options.get("plaintext-cache", False)),
+        plaintext_cache=plaintext,
         source=f"fedmed train --cache-dir {cache_dir}",
         opt_in="pass --plaintext-cache (or plaintext-cache = true in [train])",
     )
+    if mode == "disk" and not plaintext:  # the pipeline refuses to write it in the clear
+        mode = "disk-encrypted"
     pixdim = options.get("pixdim")
     guard = {k: v for k, v in options.items() if k in _GUARD_KEYS}
     settings = PipelineSettings(

@@ -169,6 +169,10 @@ def test_train_refuses_a_plaintext_disk_cache_unless_accepted(demo_root, tmp_pat
     assert not cache.exists() and not (tmp_path / "o").exists()
     accepted = train_cli._options(build_parser().parse_args([*base, "--plaintext-cache"]))
     assert train_cli._build(accepted)[1].cache_mode == "disk"
+    config = tmp_path / "train.toml"
+    config.write_text('[train]\ncache-mode = "disk-encrypted"\n')
+    with pytest.raises(ConfigError, match="cache-mode = 'disk-encrypted' is a retired spelling"):
+        _run([*base, "--config", str(config)])
 
 
 def test_infer_errors_name_the_checkpoint_or_input(tmp_path, lps_image):

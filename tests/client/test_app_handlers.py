@@ -10,7 +10,7 @@ import pytest
 import torch
 from fedmed.client.app import (
     PartitionSites,
-    SiteConfig,
+    SiteRuntime,
     _task,
     make_client_app,
     site_from_node_config,
@@ -109,7 +109,7 @@ def test_node_config_without_data_dir_is_an_error_reply():
 def test_partition_sites_maps_partition_to_folder(demo_root):
     resolve = PartitionSites((str(demo_root / "site-A"), str(demo_root / "site-B")))
     site = resolve(_context({"partition-id": 1, "num-partitions": 2}))
-    assert site == SiteConfig("site-B", str(demo_root / "site-B"), device="cpu")
+    assert site == SiteRuntime("site-B", str(demo_root / "site-B"), device="cpu")
 
 
 def _disk_site(demo_root, cache, **extra) -> dict:
@@ -120,7 +120,7 @@ def _disk_site(demo_root, cache, **extra) -> dict:
 def _voxel_chunks(demo_root) -> list[bytes]:
     """Pieces of site A's voxels as read from its files and as its pipeline caches them."""
     raw = read_nifti(load_site_dataset(demo_root / "site-A").cases[0]["image"]).array.tobytes()
-    cached = _task(SiteConfig("A", str(demo_root / "site-A"), device="cpu"), CFG)
+    cached = _task(SiteRuntime("A", str(demo_root / "site-A"), device="cpu"), CFG)
     image = cached.train[0]["image"].numpy().tobytes()
     return [raw[:64], raw[1000:1064], image[:64], image[4096:4160]]
 
@@ -147,6 +147,33 @@ def test_a_disk_cache_without_a_key_is_refused_unless_the_site_accepts_plaintext
         site_from_node_config(ctx)
     # a memory cache needs neither
     assert site_from_node_config(_context(_disk_site(demo_root, "", **{"cache-mode": "memory"})))
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [
+        ("disk-encrypted", r"cache-mode = 'disk-encrypted' is a retired spelling: write 'disk'"),
+        ("ram", r"cache-mode = 'ram' must be one of memory, disk, none"),
+    ],
+    ids=["retired", "unknown"],
+)
+def test_the_node_configs_cache_mode_is_one_of_the_site_words(demo_root, tmp_path, mode, match):
+    node = _disk_site(demo_root, tmp_path / "cache", **{"cache-mode": mode})
+    with pytest.raises(ConfigError, match=rf"^site A node config: {match}"):
+        site_from_node_config(_context(node))
+
+
+def test_the_client_apps_public_api_is_pinned() -> None:
+    import fedmed.client.app as module
+
+    assert sorted(module.__all__) == [
+        "PartitionSites",
+        "SiteRuntime",
+        "app",
+        "make_client_app",
+        "site_from_node_config",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
 
 
 def test_a_site_that_accepts_plaintext_caches_its_voxels_in_the_clear(
