@@ -181,7 +181,10 @@ def check_cache_at_rest(
     """
     if not cache_mode.startswith("disk"):
         return None
-    key = load_key(None)
+    try:
+        key = load_key(None)
+    except SecurityError as err:
+        raise SecurityError(f"{source}: {KEY_ENV_VAR} is not a valid key: {err}") from err
     if key is None and not plaintext_cache:
         raise ConfigError(
             f"{source}: cache-mode = {cache_mode!r} would write the site's patient images to "

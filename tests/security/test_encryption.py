@@ -98,7 +98,9 @@ def test_a_disk_cache_needs_the_key_or_the_sites_consent(
     monkeypatch.setenv("FEDMED_CACHE_KEY", key.to_text())
     assert check_cache_at_rest("disk", plaintext_cache=False, source=source) == key
     monkeypatch.setenv("FEDMED_CACHE_KEY", "not a key")
-    with pytest.raises(SecurityError, match="neither 64 hex digits nor base64"):
+    with pytest.raises(
+        SecurityError, match=rf"^{source}: FEDMED_CACHE_KEY is not a valid key: .* neither 64 hex"
+    ):
         check_cache_at_rest("disk", plaintext_cache=True, source=source)
 
 
