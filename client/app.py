@@ -9,7 +9,8 @@ key            meaning
 ``site``       the site's name (what the server's roster and report show)
 ``data-dir``   the site's data folder (MSD layout or ``*_img``/``*_seg`` pairs)
 ``cache-dir``  folder for the disk cache and the site's state of a run (optional)
-``cache-mode`` ``memory`` (default), ``disk`` or ``none``
+``cache-mode`` ``memory`` (default), ``disk`` or ``none``; ``disk`` needs ``FEDMED_CACHE_KEY``
+               (the cache is encrypted) or ``plaintext-cache = true``
 ``device``     ``auto`` (default), ``cpu``, ``cuda``, ``cuda:1`` ... or a device list
                (``"cuda:0,cuda:1"``, ``"cpu,cuda:0"``) that splits a LAMP model
 ``amp`` ...    the other hardware keys (``amp``, ``channels-last``, ``compile``,
@@ -52,7 +53,7 @@ server selects its best model by), then trained. What the site keeps between rou
 (:mod:`.local_state`), never reused by another run.
 
 Example:
-    >>> client_app = make_client_app(resolve_site=lambda ctx: SiteConfig("A", "demo/site-A"))
+    >>> client_app = make_client_app(resolve_site=lambda ctx: SiteRuntime("A", "demo/site-A"))
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedmed import wire
+from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
 from fedmed.hardware import HardwareSettings
@@ -86,6 +88,7 @@ from fedmed.pipeline import PipelineSettings, load_cases
 from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.dp import DpParams, reduce_metrics
+from fedmed.security.encryption import PLAINTEXT_CACHE, check_cache_at_rest
 from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
 from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
@@ -103,7 +106,7 @@ from .evaluate import evaluate_message
 from .local_state import StateStore
 from .privacy import SiteBudget
 
-__all__ = ["PartitionSites", "SiteConfig", "app", "make_client_app", "site_from_node_config"]
+__all__ = ["PartitionSites", "SiteRuntime", "app", "make_client_app", "site_from_node_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +114,20 @@ _TASKS: dict[tuple[Any, ...], SiteTask] = {}
 
 
 @dataclass(frozen=True)
-class SiteConfig:
-    """Where a site's data is and how to run it.
+class SiteRuntime:
+    """A site as the client app runs it: its data, cache, policy and hardware, resolved from
+    the SuperNode's node config (:func:`site_from_node_config`; a deployment writes it from the
+    site's :class:`fedmed.config.SiteConfig`) or from a simulation's :class:`PartitionSites`.
 
     ``hardware`` holds the site's devices and how it runs the model on them; without it,
     ``HardwareSettings(devices=device)``. ``device`` is then set to the device list the site
-    uses (``auto`` resolved), so two configs of the same site compare equal.
+    uses (``auto`` resolved), so two configs of the same site compare equal. A ``disk`` cache
+    needs ``FEDMED_CACHE_KEY`` or ``plaintext_cache`` (ConfigError otherwise).
 
     Example:
-        >>> SiteConfig("A", "demo/data/site-A").cache_mode
+        >>> SiteRuntime("A", "demo/data/site-A").cache_mode
         'memory'
-        >>> SiteConfig("A", "demo/data/site-A", device="cpu,cpu").hardware.devices
+        >>> SiteRuntime("A", "demo/data/site-A", device="cpu,cpu").hardware.devices
         (device(type='cpu'), device(type='cpu'))
     """
 
@@ -130,6 +136,7 @@ class SiteConfig:
     cache_dir: str = ""
     cache_mode: str = "memory"
     device: str = "auto"
+    plaintext_cache: bool = False
     disclosure_floor: int = DEFAULT_DISCLOSURE_FLOOR
     share_models: bool = False
     max_epsilon: float = 0.0
@@ -142,6 +149,12 @@ class SiteConfig:
         assert self.hardware is not None
         devices = ",".join(str(d) for d in self.hardware.devices)
         object.__setattr__(self, "device", devices)
+        check_cache_mode(self.cache_mode, where=f"site {self.name} node config: cache-mode")
+        check_cache_at_rest(
+            self.cache_mode,
+            plaintext_cache=self.plaintext_cache,
+            source=f"site {self.name} node config",
+        )
         if isinstance(self.disclosure_floor, bool) or not (
             isinstance(self.disclosure_floor, int) and self.disclosure_floor >= 1
         ):
@@ -156,10 +169,10 @@ class SiteConfig:
             )
 
 
-SiteResolver = Callable[[Context], SiteConfig]
+SiteResolver = Callable[[Context], SiteRuntime]
 
 
-def site_from_node_config(context: Context) -> SiteConfig:
+def site_from_node_config(context: Context) -> SiteRuntime:
     """Read the site from ``--node-config``; ConfigError names a missing key."""
     cfg = context.node_config
     if "data-dir" not in cfg:
@@ -168,11 +181,12 @@ def site_from_node_config(context: Context) -> SiteConfig:
             "--node-config 'data-dir=\"/path/to/site\"')"
         )
     name = str(cfg.get("site", f"node-{context.node_id}"))
-    return SiteConfig(
+    return SiteRuntime(
         name=name,
         data_dir=str(cfg["data-dir"]),
         cache_dir=str(cfg.get("cache-dir", "")),
         cache_mode=str(cfg.get("cache-mode", "memory")),
+        plaintext_cache=cfg.get(PLAINTEXT_CACHE, False) is True,
         disclosure_floor=cfg.get("disclosure-floor", DEFAULT_DISCLOSURE_FLOOR),  # type: ignore[arg-type]
         share_models=cfg.get("share-models", False) is True,
         max_epsilon=float(cfg.get("max-epsilon", 0.0)),  # type: ignore[arg-type]
@@ -209,7 +223,7 @@ class PartitionSites:
                 f"{len(self.folders)} sites: give one device list per site (or none)"
             )
 
-    def __call__(self, context: Context) -> SiteConfig:
+    def __call__(self, context: Context) -> SiteRuntime:
         pid = int(context.node_config["partition-id"])
         if not 0 <= pid < len(self.folders):
             raise ConfigError(
@@ -223,7 +237,7 @@ class PartitionSites:
             hardware = HardwareSettings(devices=device)
         except ConfigError as err:
             raise ConfigError(f"simulated site {name}: {err}") from None
-        return SiteConfig(
+        return SiteRuntime(
             name,
             folder,
             cache_mode=self.cache_mode,
@@ -234,17 +248,19 @@ class PartitionSites:
         )
 
 
-def _pipeline(site: SiteConfig, cfg: TrainConfig) -> PipelineSettings:
+def _pipeline(site: SiteRuntime, cfg: TrainConfig) -> PipelineSettings:
     """The site's pipeline: the run's preprocessing plan (spacing, intensity), the site's
-    cache, and the case guard with the model's classes."""
+    cache (on disk sealed, unless the site accepts plaintext), and the case guard with the
+    model's classes."""
+    sealed = site.cache_mode == "disk" and not site.plaintext_cache
     return cfg.plan.pipeline_settings(
-        cache_mode=site.cache_mode,
+        cache_mode="disk-encrypted" if sealed else site.cache_mode,
         cache_dir=Path(site.cache_dir) if site.cache_dir else None,
         guard=dataclasses.replace(site.guard, num_classes=cfg.out_channels),
     )
 
 
-def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
+def _task(site: SiteRuntime, cfg: TrainConfig) -> SiteTask:
     """One SiteTask per site, split and pipeline, reused while the process lives (simulation
     actors)."""
     settings = _pipeline(site, cfg)
@@ -260,7 +276,7 @@ def _task(site: SiteConfig, cfg: TrainConfig) -> SiteTask:
     return _TASKS[key]
 
 
-def _check_record_dp(site: SiteConfig, cfg: TrainConfig) -> None:
+def _check_record_dp(site: SiteRuntime, cfg: TrainConfig) -> None:
     """DP-SGD takes per-patient gradients of the whole model on one device."""
     assert site.hardware is not None
     if cfg.model == "lamp_unet" and len(site.hardware.devices) > 1:
@@ -285,7 +301,7 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
 
 
 def _train_site(
-    site: SiteConfig,
+    site: SiteRuntime,
     context: Context,
     received: dict[str, np.ndarray],
     config: dict[str, Any],

@@ -1,6 +1,8 @@
 """``fedmed-client --site A``: a hospital site (Flower SuperNode + the fedmed client app).
 
-Reads ``configs/sites/A.toml``, checks its hardware keys against this machine (exit 3 naming
+Reads ``configs/sites/A.toml``, refuses a disk cache that would hold patient images in the
+clear (``cache-mode = "disk"`` without ``FEDMED_CACHE_KEY`` or ``plaintext-cache = true``;
+exit 3), checks its hardware keys against this machine (exit 3 naming
 the key, e.g. a ``device`` it lacks) and the site's data folder (exit 4 with the report when
 it is bad), then runs the site's SuperNode, restarting it with backoff when it exits.
 Ctrl-C or SIGTERM stops it.
@@ -31,7 +33,7 @@ from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import DataError
 from fedmed.flower.version import check_flower_version
 
-__all__ = ["check_data", "check_hardware", "main", "run_site"]
+__all__ = ["check_cache", "check_data", "check_hardware", "main", "run_site"]
 
 log = logging.getLogger("fedmed.client")
 _MAX_LISTED = 30
@@ -68,6 +70,26 @@ def check_data(config: SiteConfig) -> None:
     log.info("site %s: data folder %s passed the check", config.site, config.data_dir)
 
 
+def check_cache(config: SiteConfig) -> None:
+    """Refuse a disk cache that would hold the site's patient images in the clear: ConfigError
+    naming the file, ``FEDMED_CACHE_KEY`` and ``plaintext-cache``, before joining."""
+    from fedmed.security.encryption import check_cache_at_rest
+
+    key = check_cache_at_rest(
+        config.cache_mode,
+        plaintext_cache=config.plaintext_cache,
+        source=f"site config {config.path}",
+    )
+    if key is not None:
+        log.info("site %s: disk cache encrypted (key %s)", config.site, key.fingerprint)
+    elif config.cache_mode == "disk":
+        log.warning(
+            "site %s: disk cache %s holds patient images in the clear (plaintext-cache = true)",
+            config.site,
+            config.cache_dir,
+        )
+
+
 def check_hardware(config: SiteConfig) -> None:
     """Check the site's hardware keys against this machine (a device it lacks, an AMP mode
     its devices cannot run): ConfigError naming the file and the key, before joining."""
@@ -80,9 +102,11 @@ def check_hardware(config: SiteConfig) -> None:
 
 
 def run_site(config: SiteConfig) -> int:
-    """Check the hardware and the data, then run the site's SuperNode until interrupted."""
+    """Check the cache, the hardware and the data, then run the site's SuperNode until
+    interrupted."""
     from fedmed.client.supernode import SiteNode
 
+    check_cache(config)
     check_hardware(config)
     if config.check_data:
         check_data(config)

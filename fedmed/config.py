@@ -40,11 +40,18 @@ __all__ = [
     "FederationConfig",
     "ServerConfig",
     "SiteConfig",
+    "check_cache_mode",
     "load_federation_config",
     "load_site_config",
 ]
 
+# The one vocabulary of ``cache-mode`` (site config, node config, fedmed train; the simulation
+# takes memory | none and ``auto`` to choose between them); retired words map to their fix.
 CACHE_MODES = ("memory", "disk", "none")
+_RETIRED_CACHE_MODES = {
+    "disk-encrypted": "'disk' (encrypted with FEDMED_CACHE_KEY, which a disk cache needs "
+    "unless plaintext-cache = true)",
+}
 # The site's case guard (fedmed.io.guard.GuardSettings reads these node config keys; a test
 # pins the defaults to GuardSettings'): kept here so reading a config never imports numpy.
 ON_BAD_CASE = ("skip", "stop")
@@ -71,6 +78,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def check_cache_mode(value: object, *, where: str) -> str:
+    """``value`` if it is one of :data:`CACHE_MODES`; ConfigError naming ``where`` (the file
+    or source and the key) otherwise, with the word to write for a retired one.
+
+    Example:
+        >>> check_cache_mode("disk", where="configs/sites/A.toml: [site] cache-mode")
+        'disk'
+    """
+    if isinstance(value, str) and value in CACHE_MODES:
+        return value
+    if isinstance(value, str) and value in _RETIRED_CACHE_MODES:
+        raise ConfigError(
+            f"{where} = {value!r} is a retired spelling: write {_RETIRED_CACHE_MODES[value]}"
+        )
+    raise ConfigError(f"{where} = {value!r} must be one of {', '.join(CACHE_MODES)}")
 
 
 class _Table:
@@ -231,6 +255,7 @@ class SiteConfig:
         data-dir = "../../demo/data/site-A"
         cache-dir = "../../runs/site-A/cache"
         cache-mode = "disk"          # memory | disk | none
+        plaintext-cache = false      # true accepts a disk cache without FEDMED_CACHE_KEY
         device = "cpu"               # cpu, cuda, cuda:0, or "cuda:0,cuda:1" for LAMP
         amp = "auto"                 # auto | off | fp16 | bf16 (see fedmed.hardware)
         channels-last = false
@@ -248,6 +273,9 @@ class SiteConfig:
         ca-cert = "../../certs/ca.pem"
         private-key = "../../certs/siteA.key"
 
+    A ``disk`` cache holds the site's preprocessed patient images: ``fedmed-client`` refuses
+    to start one without ``FEDMED_CACHE_KEY`` (which encrypts it) unless
+    ``plaintext-cache = true`` accepts it in the clear.
     ``app-hash`` (optional list of sha256 hex digests) adds apps this site accepts to the one
     derived from its installed fedmed (see ``fedmed.flower.pinning``). With TLS the site
     refuses global models the server did not sign with a certificate of the federation CA
@@ -295,6 +323,7 @@ class SiteConfig:
     lamp_micro_batches: int = 4
     lamp_checkpointing: bool = True
     lamp_balance: str = "memory"
+    plaintext_cache: bool = False
 
     def node_config(self) -> dict[str, str | int | float | bool]:
         """The SuperNode's ``--node-config`` (``context.node_config`` in the client app).
@@ -302,7 +331,7 @@ class SiteConfig:
         ``server-ca`` is the federation CA, so the site refuses global models that the server
         did not sign; it is empty (no check, whatever ``$FEDMED_SERVER_CA`` says) with
         ``require-signed-models = false`` and absent when the site runs insecure. The guard
-        keys (``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
+        keys (``plaintext-cache``, ``on-bad-case``, ``max-image-gib``, ``label-affine-tolerance``,
         ``allow-external-links``), the site's evaluation and privacy policy
         (``disclosure-floor``, ``share-models``, ``max-epsilon``) and its hardware keys
         (``amp``, ``channels-last``, ``compile``, ``lamp-*``) are always written.
@@ -312,6 +341,7 @@ class SiteConfig:
             "data-dir": str(self.data_dir),
             "cache-dir": str(self.cache_dir),
             "cache-mode": self.cache_mode,
+            "plaintext-cache": self.plaintext_cache,
             "device": self.device,
             "seed": self.seed,
             "on-bad-case": self.on_bad_case,
@@ -520,7 +550,10 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         site=name,
         data_dir=top.path_value("data-dir"),  # type: ignore[arg-type]
         cache_dir=top.path_value("cache-dir", None) or state_dir / "cache",
-        cache_mode=top.choice("cache-mode", CACHE_MODES, "memory"),
+        cache_mode=check_cache_mode(
+            top.get("cache-mode", str, "memory"), where=f"{path}: [site] cache-mode"
+        ),
+        plaintext_cache=top.get("plaintext-cache", bool, False),
         device=device,
         seed=top.get("seed", int, 0),
         check_data=top.get("check-data", bool, True),

@@ -196,6 +196,7 @@ def test_site_config_node_config_and_defaults(tmp_path: Path) -> None:
         "data-dir": str(tmp_path / "data"),
         "cache-dir": str(tmp_path / ".fedmed-site-A" / "cache"),
         "cache-mode": "memory",
+        "plaintext-cache": False,
         "device": "cpu",
         "seed": 0,
         "on-bad-case": "skip",
@@ -241,7 +242,7 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         (
             'data-dir = "data"',
             'data-dir = "data"\ncache-mode = "ram"',
-            "cache-mode = 'ram' must be",
+            "cache-mode = 'ram' must be one of memory, disk, none",
         ),
         ('data-dir = "data"', 'data-dir = "data"\ndevice = "cuda:0,"', "device = 'cuda:0,'"),
         ('data-dir = "data"', "", "data-dir is missing"),
@@ -279,6 +280,17 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
             "lamp-balance = 'speed' must be one of",
         ),
         ('data-dir = "data"', 'data-dir = "data"\ncompile = 1', "compile = 1 must be bool"),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\ncache-mode = "disk-encrypted"',
+            r"\[site\] cache-mode = 'disk-encrypted' is a retired spelling: write 'disk' "
+            r"\(encrypted with FEDMED_CACHE_KEY, which a disk cache needs unless plaintext-cache",
+        ),
+        (
+            'data-dir = "data"',
+            'data-dir = "data"\nplaintext-cache = "yes"',
+            "plaintext-cache = 'yes' must be bool",
+        ),
         ('data-dir = "data"', 'data-dir = "data"\ndevice = ["cpu", 0]', "must list device"),
     ],
     ids=[
@@ -303,6 +315,8 @@ def test_site_config_reads_app_hashes(tmp_path: Path) -> None:
         "lamp-micro-batches",
         "lamp-balance",
         "compile",
+        "cache-mode-retired",
+        "plaintext-cache",
         "device-list",
     ],
 )

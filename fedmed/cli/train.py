@@ -16,7 +16,9 @@ than two usable cases remain.
 Each epoch is one ``LocalTrainer.fit`` pass (a fresh Adam state per epoch, as in a site's round).
 ``--device`` takes a device list for LAMP (``cuda:0,cuda:1``); the hardware keys of
 :mod:`fedmed.hardware` (``amp``, ``channels-last``, ``compile``, ``lamp-*``) may be set in the
-``[train]`` table of ``--config``.
+``[train]`` table of ``--config``. ``--cache-dir`` caches the patients' images on disk: encrypted
+with ``FEDMED_CACHE_KEY``, or in the clear only with ``--plaintext-cache`` (ConfigError
+otherwise), as at a site.
 
 Example::
 
@@ -39,13 +41,13 @@ from typing import Any
 import torch
 
 from fedmed.checkpoint import save_checkpoint
+from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.nets import MODELS
 from fedmed.pipeline import (
-    CACHE_MODES,
     INTENSITIES,
     PipelineSettings,
     cached_volumes,
@@ -54,6 +56,7 @@ from fedmed.pipeline import (
     site_volumes,
 )
 from fedmed.plan import PreprocessingPlan
+from fedmed.security.encryption import check_cache_at_rest
 from fedmed.task import TrainConfig, build_network, evaluate_model, local_config
 from fedmed.train import LocalTrainer
 from fedmed.train import TrainConfig as LocalConfig
@@ -94,6 +97,7 @@ _CONFIG_KEYS = {
     "self-ensembling": bool,
     "cache-mode": str,
     "cache-dir": str,
+    "plaintext-cache": bool,
     # the case guard, as in a site config
     "on-bad-case": str,
     "max-image-gib": float,
@@ -156,7 +160,9 @@ def register(subparsers: Any) -> None:
     add("--device", help="auto, cpu, cuda, cuda:1, or a list for LAMP: cuda:0,cuda:1 (auto)")
     add("--amp", choices=AMP_MODES, help="mixed precision (auto: fp16 on CUDA, else off)")
     add("--cache-dir", type=Path, metavar="DIR", help="cache volumes on disk there (sealed "
-        "when FEDMED_CACHE_KEY is set) instead of in memory")  # fmt: skip
+        "with FEDMED_CACHE_KEY) instead of in memory")  # fmt: skip
+    add("--plaintext-cache", action=argparse.BooleanOptionalAction, default=None,
+        help="accept a disk cache of the images in the clear (no FEDMED_CACHE_KEY)")  # fmt: skip
     add("--threads", type=int, metavar="N", help="CPU threads for torch (torch's default)")
     add("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
@@ -237,8 +243,16 @@ def _build(options: dict[str, Any]) -> tuple[TrainConfig, PipelineSettings]:
     )
     cache_dir = options.get("cache-dir")
     mode = options.get("cache-mode") or ("disk" if cache_dir else "memory")
-    if mode not in CACHE_MODES:
-        raise ConfigError(f"cache-mode {mode!r} is unknown: use one of {', '.join(CACHE_MODES)}")
+    mode = check_cache_mode(mode, where="fedmed train [train] cache-mode")
+    plaintext = bool(options.get("plaintext-cache", False))
+    check_cache_at_rest(
+        mode,
+        plaintext_cache=plaintext,
+        source=f"fedmed train --cache-dir {cache_dir}",
+        opt_in="pass --plaintext-cache (or plaintext-cache = true in [train])",
+    )
+    if mode == "disk" and not plaintext:  # the pipeline refuses to write it in the clear
+        mode = "disk-encrypted"
     pixdim = options.get("pixdim")
     guard = {k: v for k, v in options.items() if k in _GUARD_KEYS}
     settings = PipelineSettings(

@@ -17,6 +17,9 @@ Example:
     >>> decrypt(blob, key)
     b'voxels'
     >>> key = load_key(None)  # from the FEDMED_CACHE_KEY environment variable, or None
+
+A site's disk cache holds its preprocessed patient images: :func:`check_cache_at_rest` refuses
+to write it in the clear unless the site config accepts that (``plaintext-cache = true``).
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fedmed.errors import SecurityError
+from fedmed.errors import ConfigError, SecurityError
 
 __all__ = [
     "KEY_ENV_VAR",
+    "PLAINTEXT_CACHE",
     "EncryptionKey",
     "TamperedDataError",
     "WrongKeyError",
+    "check_cache_at_rest",
     "decrypt",
     "encrypt",
     "is_encrypted",
@@ -46,6 +51,7 @@ __all__ = [
 ]
 
 KEY_ENV_VAR = "FEDMED_CACHE_KEY"
+PLAINTEXT_CACHE = "plaintext-cache"  # the site setting that accepts a disk cache in the clear
 _MAGIC = b"FMENC"
 _VERSION = 1
 _FINGERPRINT_BYTES = 8
@@ -150,6 +156,44 @@ def load_key(
         f"an encryption key must be bytes or text, got {type(value).__name__}; "
         "generate one with EncryptionKey.generate().to_text()"
     )
+
+
+def check_cache_at_rest(
+    cache_mode: str,
+    *,
+    plaintext_cache: bool,
+    source: str,
+    opt_in: str = f"set {PLAINTEXT_CACHE} = true in the site config",
+) -> EncryptionKey | None:
+    """The key that seals a site's disk cache (from ``FEDMED_CACHE_KEY``), or ``None``.
+
+    A ``disk`` cache holds the site's preprocessed patient images; without a key they would be
+    written in the clear, which the site must accept in its config (``plaintext-cache = true``).
+    A cache in memory (or none) needs neither. ``source`` names the config in the message,
+    ``opt_in`` how to accept a plaintext cache there.
+
+    Raises:
+        ConfigError: a disk cache, no key and no ``plaintext-cache = true``.
+        SecurityError: ``FEDMED_CACHE_KEY`` is not a valid key.
+
+    Example:
+        >>> check_cache_at_rest("memory", plaintext_cache=False, source="site config A.toml")
+    """
+    if not cache_mode.startswith("disk"):
+        return None
+    try:
+        key = load_key(None)
+    except SecurityError as err:
+        raise SecurityError(f"{source}: {KEY_ENV_VAR} is not a valid key: {err}") from err
+    if key is None and not plaintext_cache:
+        raise ConfigError(
+            f"{source}: cache-mode = {cache_mode!r} would write the site's patient images to "
+            f"disk unencrypted, and {KEY_ENV_VAR} is not set: set {KEY_ENV_VAR} (32 bytes as "
+            "hex or base64, e.g. from `openssl rand -base64 32`; keep it out of the config) to "
+            f"encrypt the cache, or {opt_in} to accept a plaintext cache (or use cache-mode = "
+            "'memory')"
+        )
+    return key
 
 
 def is_encrypted(blob: bytes | bytearray | memoryview) -> bool:

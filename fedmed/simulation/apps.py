@@ -43,7 +43,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
+from fedmed.client.app import PartitionSites, SiteRuntime, make_client_app
 from fedmed.errors import ConfigError
 from fedmed.server.app import make_server_app
 from fedmed.server.settings import RunSettings
@@ -153,7 +153,7 @@ class RunConfigSites:
         >>> client = make_client_app(resolve_site=RunConfigSites())
     """
 
-    def __call__(self, context: Context) -> SiteConfig:
+    def __call__(self, context: Context) -> SiteRuntime:
         cfg = context.run_config
         resolve = PartitionSites(
             _strings(cfg, "sim-sites", "folder names"),

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedmed.checkpoint import load_checkpoint, save_checkpoint
+from fedmed.cli import train as train_cli
 from fedmed.cli.infer import input_images, load_model, predict_image
 from fedmed.cli.main import build_parser, main
 from fedmed.cli.train import checkpoint_metadata
@@ -149,6 +150,29 @@ def test_train_errors_name_the_flag_or_file(demo_root, tmp_path):
         _run(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="--batch-size 0 must be >= 1"):
         _run([*base, "--batch-size", "0"])
+
+
+def test_train_refuses_a_plaintext_disk_cache_unless_accepted(demo_root, tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.delenv("FEDMED_CACHE_KEY", raising=False)
+    cache = tmp_path / "cache"
+    base = ["train", "--data", str(demo_root / "site-A"), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--cache-dir", str(cache)]  # fmt: skip
+    # Execute / Assert
+    with pytest.raises(
+        ConfigError,
+        match=rf"fedmed train --cache-dir {cache}: cache-mode = 'disk' would write .* "
+        r"unencrypted.*set FEDMED_CACHE_KEY .* or pass --plaintext-cache \(or plaintext-cache "
+        r"= true in \[train\]\) to accept a plaintext cache",
+    ):
+        _run(base)
+    assert not cache.exists() and not (tmp_path / "o").exists()
+    accepted = train_cli._options(build_parser().parse_args([*base, "--plaintext-cache"]))
+    assert train_cli._build(accepted)[1].cache_mode == "disk"
+    config = tmp_path / "train.toml"
+    config.write_text('[train]\ncache-mode = "disk-encrypted"\n')
+    with pytest.raises(ConfigError, match="cache-mode = 'disk-encrypted' is a retired spelling"):
+        _run([*base, "--config", str(config)])
 
 
 def test_infer_errors_name_the_checkpoint_or_input(tmp_path, lps_image):

@@ -8,13 +8,22 @@ import time
 import numpy as np
 import pytest
 import torch
-from fedmed.client.app import PartitionSites, SiteConfig, make_client_app
+from fedmed.client.app import (
+    PartitionSites,
+    SiteRuntime,
+    _task,
+    make_client_app,
+    site_from_node_config,
+)
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
+from fedmed.errors import ConfigError
 from fedmed.io.msd import load_site_dataset, split_cases
+from fedmed.io.nifti import read_nifti
 from fedmed.security.accountant import recompute_epsilon
 from fedmed.security.dp import RELEASED_METRICS, DpParams
+from fedmed.security.encryption import EncryptionKey
 from fedmed.task import TrainConfig, build_network, local_norm_keys, model_arrays
 
 RUN = "ab" * 32  # the run's identity: its round-0 checkpoint's sha256
@@ -100,7 +109,106 @@ def test_node_config_without_data_dir_is_an_error_reply():
 def test_partition_sites_maps_partition_to_folder(demo_root):
     resolve = PartitionSites((str(demo_root / "site-A"), str(demo_root / "site-B")))
     site = resolve(_context({"partition-id": 1, "num-partitions": 2}))
-    assert site == SiteConfig("site-B", str(demo_root / "site-B"), device="cpu")
+    assert site == SiteRuntime("site-B", str(demo_root / "site-B"), device="cpu")
+
+
+def _disk_site(demo_root, cache, **extra) -> dict:
+    data = str(demo_root / "site-A")
+    return {"site": "A", "data-dir": data, "cache-dir": str(cache), "cache-mode": "disk", **extra}
+
+
+def _voxel_chunks(demo_root) -> list[bytes]:
+    """Pieces of site A's voxels as read from its files and as its pipeline caches them."""
+    raw = read_nifti(load_site_dataset(demo_root / "site-A").cases[0]["image"]).array.tobytes()
+    cached = _task(SiteRuntime("A", str(demo_root / "site-A"), device="cpu"), CFG)
+    image = cached.train[0]["image"].numpy().tobytes()
+    return [raw[:64], raw[1000:1064], image[:64], image[4096:4160]]
+
+
+def test_a_disk_cache_without_a_key_is_refused_unless_the_site_accepts_plaintext(
+    demo_root, tmp_path, monkeypatch, caplog
+):
+    # Prepare
+    monkeypatch.delenv("FEDMED_CACHE_KEY", raising=False)
+    ctx = _context(_disk_site(demo_root, tmp_path / "cache"))
+    arrays = model_arrays(build_network(CFG, seed=0))
+    # Execute: a train message, the way the SuperNode delivers it
+    reply = make_client_app()(_message(_train_content(arrays, CFG), "train"), ctx)
+    # Assert: refused before anything reached the disk, the reason only in the site's log
+    assert reply.error.reason == "ConfigError at site node-7; details are in the site's log"
+    assert "set FEDMED_CACHE_KEY" in caplog.text and "plaintext-cache = true" in caplog.text
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(
+        ConfigError,
+        match=r"site A node config: cache-mode = 'disk' would write the site's patient images "
+        r"to disk unencrypted, and FEDMED_CACHE_KEY is not set: set FEDMED_CACHE_KEY .* or set "
+        r"plaintext-cache = true in the site config to accept a plaintext cache",
+    ):
+        site_from_node_config(ctx)
+    # a memory cache needs neither
+    assert site_from_node_config(_context(_disk_site(demo_root, "", **{"cache-mode": "memory"})))
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [
+        ("disk-encrypted", r"cache-mode = 'disk-encrypted' is a retired spelling: write 'disk'"),
+        ("ram", r"cache-mode = 'ram' must be one of memory, disk, none"),
+    ],
+    ids=["retired", "unknown"],
+)
+def test_the_node_configs_cache_mode_is_one_of_the_site_words(demo_root, tmp_path, mode, match):
+    node = _disk_site(demo_root, tmp_path / "cache", **{"cache-mode": mode})
+    with pytest.raises(ConfigError, match=rf"^site A node config: {match}"):
+        site_from_node_config(_context(node))
+
+
+def test_the_client_apps_public_api_is_pinned() -> None:
+    import fedmed.client.app as module
+
+    assert sorted(module.__all__) == [
+        "PartitionSites",
+        "SiteRuntime",
+        "app",
+        "make_client_app",
+        "site_from_node_config",
+    ]
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_a_site_that_accepts_plaintext_caches_its_voxels_in_the_clear(
+    demo_root, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FEDMED_CACHE_KEY", raising=False)
+    node = _disk_site(demo_root, tmp_path / "cache", **{"plaintext-cache": True})
+    site = site_from_node_config(_context(node))
+    _task(site, CFG)
+    blobs = [p.read_bytes() for p in (tmp_path / "cache" / "volumes").iterdir()]
+    assert site.plaintext_cache and all(not b.startswith(b"FMENC") for b in blobs)
+    # the voxel pieces the encrypted test looks for are there in a plaintext cache
+    assert any(chunk in blob for chunk in _voxel_chunks(demo_root)[2:] for blob in blobs)
+
+
+@pytest.mark.slow
+def test_with_a_key_the_sites_disk_cache_holds_no_plaintext_voxels(
+    demo_root, tmp_path, monkeypatch
+):
+    # Prepare
+    monkeypatch.setenv("FEDMED_CACHE_KEY", EncryptionKey.generate().to_text())
+    ctx = _context(_disk_site(demo_root, tmp_path / "cache"))
+    arrays = model_arrays(build_network(CFG, seed=0))
+    cfg = TrainConfig(**{**CFG.__dict__, "server_round": 1})
+    # Execute: one round at the site
+    reply = make_client_app()(_message(_train_content(arrays, cfg), "train"), ctx)
+    # Assert
+    assert not reply.has_error(), reply.error
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    entries = [p for p in files if p.parent.name == "volumes"]
+    assert len(entries) == 3 and all(p.name.endswith(".safetensors.enc") for p in entries)
+    chunks = _voxel_chunks(demo_root)
+    for path in files:
+        blob = path.read_bytes()
+        assert not any(chunk in blob for chunk in chunks), path
 
 
 @pytest.fixture(scope="module")

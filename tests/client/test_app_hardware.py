@@ -10,7 +10,7 @@ import pytest
 import torch
 from fedmed.client.app import (
     PartitionSites,
-    SiteConfig,
+    SiteRuntime,
     _task,
     make_client_app,
     site_from_node_config,
@@ -105,7 +105,7 @@ def test_simulated_sites_get_their_own_device_lists(demo_root):
     first = resolve(_context({"partition-id": 0, "num-partitions": 2}))
     second = resolve(_context({"partition-id": 1, "num-partitions": 2}))
     assert [len(s.hardware.devices) for s in (first, second)] == [2, 1]
-    assert second == SiteConfig("site-B", folders[1], device="cpu")
+    assert second == SiteRuntime("site-B", folders[1], device="cpu")
     with pytest.raises(ConfigError, match="site devices: 1 device lists for 2 sites"):
         PartitionSites(folders, devices=("cpu",))
     missing = f"cuda:{torch.cuda.device_count()}"
@@ -115,7 +115,7 @@ def test_simulated_sites_get_their_own_device_lists(demo_root):
 
 
 def test_the_site_pipeline_follows_the_rounds_plan_and_keeps_the_case_guard(demo_root):
-    site = SiteConfig("A", str(demo_root / "site-A"), device="cpu")
+    site = SiteRuntime("A", str(demo_root / "site-A"), device="cpu")
     site = dataclasses.replace(
         site, guard=dataclasses.replace(site.guard, on_bad_case="stop", max_image_bytes=1 << 28)
     )

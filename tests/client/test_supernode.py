@@ -26,6 +26,7 @@ from fedmed.client.supernode import (
 
 from fedmed.config import SiteConfig
 from fedmed.errors import DataError, FederationError, SecurityError
+from fedmed.security.encryption import EncryptionKey
 
 
 def _free_port() -> int:
@@ -209,6 +210,36 @@ def test_client_refuses_a_bad_data_folder_with_exit_4(tmp_path: Path, capsys) ->
 
     assert code == DataError.exit_code
     assert "data folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "code"),
+    [("", False, 3), ("plaintext-cache = true\n", False, 4), ("", True, 4)],
+    ids=["no-key", "plaintext-accepted", "key"],
+)
+def test_client_refuses_a_plaintext_disk_cache_unless_the_site_accepts_it(
+    tmp_path: Path, monkeypatch, capsys, extra: str, key: bool, code: int
+) -> None:
+    # Prepare: a disk cache; the data folder is missing, so a site past the cache check exits 4
+    monkeypatch.delenv("FEDMED_CACHE_KEY", raising=False)
+    if key:
+        monkeypatch.setenv("FEDMED_CACHE_KEY", EncryptionKey.generate().to_text())
+    path = tmp_path / "A.toml"
+    path.write_text(
+        f'site = "A"\ndata-dir = "missing"\ncache-mode = "disk"\n{extra}[connection]\n'
+        'server-address = "127.0.0.1:9"\ninsecure = true\n'
+    )
+    # Execute
+    exit_code = client_main(["--site", "A", "--config", str(path)])
+    # Assert
+    err = capsys.readouterr().err
+    assert exit_code == code, err
+    if code == 3:
+        assert f"site config {path}: cache-mode = 'disk' would write the site's patient" in err
+        assert "set FEDMED_CACHE_KEY" in err and "set plaintext-cache = true" in err
+        assert not (tmp_path / ".fedmed-site-A").exists()
+    else:
+        assert "data folder" in err
 
 
 def test_client_reports_a_missing_config_with_exit_3(tmp_path: Path, capsys) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from fault_harness import app_hash
 
+from fedmed.security.encryption import EncryptionKey
 from fedmed.security.pki import write_pki
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -35,6 +36,7 @@ def free_port() -> int:
 
 
 RUN_TIMEOUT = 540.0
+CACHE_KEY = EncryptionKey.generate().to_text()  # site A's disk cache is sealed with it
 MINIMAL_APP = {"server_module": "fedmed_e2e_app:server", "client_module": "fedmed_e2e_app:client"}
 
 
@@ -42,6 +44,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E_DIR), env.get("PYTHONPATH")) if p)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FEDMED_CACHE_KEY"] = CACHE_KEY
     return env
 
 
@@ -98,13 +101,16 @@ def _write_configs(root: Path, data: Path, app: str) -> tuple[Path, dict[str, Pa
         f'[server.sites]\nA = "certs/siteA.pub"\nB = "certs/siteB.pub"\n[app]\n{app_lines[1]}'
     )
     sites = {}
+    disk_cache = "cache-mode = 'disk'"
     for site in ("A", "B"):
         sites[site] = root / f"{site}.toml"
         sites[site].write_text(
             f'site = "{site}"\ndata-dir = "{data / f"site-{site}"}"\nstate-dir = "site-{site}"\n'
             f"check-data = {'false' if app == 'minimal' else 'true'}\n"
-            # site A discloses summaries of its single validation case, B keeps the default 5
+            # site A discloses summaries of its single validation case, B keeps the default 5;
+            # A caches on disk (sealed with FEDMED_CACHE_KEY), B in memory
             f"{'disclosure-floor = 1' if site == 'A' else ''}\n"
+            f"{disk_cache if site == 'A' else ''}\n"
             f'[connection]\nserver-address = "127.0.0.1:{port}"\nca-cert = "certs/ca.pem"\n'
             f'private-key = "{pki.site_private_keys[site]}"\nruntime-port = {free_port()}\n'
             "backoff-initial = 1.0\nbackoff-max = 4.0\nheartbeat-interval = 10.0\n"
@@ -184,6 +190,9 @@ def test_cli_federation_with_fedmed_app_on_demo_data(federation_run) -> None:
         trained = [x for x in trained if x.get("event") == "train"]
         assert [x["round"] for x in trained][-2:] == [1, 2], trained
         assert {x["signature"] for x in trained} == {"verified"}
+    # site A's disk cache holds its preprocessed cases, every one sealed
+    entries = list((root / "site-A" / "cache" / "volumes").iterdir())
+    assert len(entries) == 3 and all(p.name.endswith(".safetensors.enc") for p in entries)
 
 
 def test_sigterm_stops_the_server_and_its_superlink(tmp_path: Path) -> None:

@@ -6,11 +6,12 @@ import logging
 
 import pytest
 
-from fedmed.errors import SecurityError
+from fedmed.errors import ConfigError, SecurityError
 from fedmed.security.encryption import (
     EncryptionKey,
     TamperedDataError,
     WrongKeyError,
+    check_cache_at_rest,
     decrypt,
     encrypt,
     is_encrypted,
@@ -76,6 +77,31 @@ def test_key_comes_from_environment_when_not_given(
     assert load_key(None) is None
     monkeypatch.setenv("FEDMED_CACHE_KEY", key.to_text())
     assert load_key(None) == key
+
+
+def test_a_disk_cache_needs_the_key_or_the_sites_consent(
+    key: EncryptionKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    monkeypatch.delenv("FEDMED_CACHE_KEY", raising=False)
+    source = "site config /etc/fedmed/A.toml"
+    # Execute / Assert: memory and none need neither; disk needs one of them
+    for mode in ("memory", "none"):
+        assert check_cache_at_rest(mode, plaintext_cache=False, source=source) is None
+    with pytest.raises(
+        ConfigError,
+        match=r"^site config /etc/fedmed/A.toml: cache-mode = 'disk' would write .* unencrypted"
+        r".*set FEDMED_CACHE_KEY .* or set plaintext-cache = true in the site config",
+    ):
+        check_cache_at_rest("disk", plaintext_cache=False, source=source)
+    assert check_cache_at_rest("disk", plaintext_cache=True, source=source) is None
+    monkeypatch.setenv("FEDMED_CACHE_KEY", key.to_text())
+    assert check_cache_at_rest("disk", plaintext_cache=False, source=source) == key
+    monkeypatch.setenv("FEDMED_CACHE_KEY", "not a key")
+    with pytest.raises(
+        SecurityError, match=rf"^{source}: FEDMED_CACHE_KEY is not a valid key: .* neither 64 hex"
+    ):
+        check_cache_at_rest("disk", plaintext_cache=True, source=source)
 
 
 @pytest.mark.parametrize(
