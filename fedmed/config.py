@@ -17,20 +17,14 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
 from fedmed.security.pki import is_valid_site_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from fedmed.tomlfile import TomlTable, read_toml
 
 __all__ = [
     "AMP_MODES",
@@ -58,7 +52,6 @@ ON_BAD_CASE = ("skip", "stop")
 _MAX_IMAGE_GIB = 2.0
 _LABEL_AFFINE_TOLERANCE_MM = 1e-3
 _PATH_SUFFIXES = ("-dir", "-file", "-path")
-_MISSING = object()
 _DISCLOSURE_FLOOR = 5  # fedmed.stats.DEFAULT_DISCLOSURE_FLOOR (not imported: no numpy here)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The site's hardware keys (fedmed.hardware.HardwareSettings reads them from the node config
@@ -66,18 +59,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # reading a config never imports torch.
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 LAMP_BALANCES = ("memory", "time")
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError as err:
-        raise ConfigError(f"config file {path} does not exist: pass --config PATH") from err
-    except OSError as err:
-        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
 
 
 def check_cache_mode(value: object, *, where: str) -> str:
@@ -95,71 +76,6 @@ def check_cache_mode(value: object, *, where: str) -> str:
             f"{where} = {value!r} is a retired spelling: write {_RETIRED_CACHE_MODES[value]}"
         )
     raise ConfigError(f"{where} = {value!r} must be one of {', '.join(CACHE_MODES)}")
-
-
-class _Table:
-    """Typed reads from one TOML table, with errors naming file and key; flags unknown keys."""
-
-    def __init__(self, path: Path, name: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: [{name}] must be a table")
-        self.path, self.name, self.data = path, name, data
-        self.used: set[str] = set()
-
-    def _where(self, key: str) -> str:
-        return f"{self.path}: [{self.name}] {key}"
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is _MISSING:
-                raise ConfigError(f"{self._where(key)} is missing: add it to the file")
-            return default
-        value = self.data[key]
-        # bool is an int subclass: `port = true` must not pass as an integer
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self._where(key)} = {value!r} must be {names}")
-        return float(value) if kinds == (float, int) else value
-
-    def positive(self, key: str, kind: type, default: Any = _MISSING, *, zero: bool = False) -> Any:
-        value = self.get(key, (float, int) if kind is float else kind, default)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{self._where(key)} = {value!r} must be a finite number")
-        if value is not None and (value < 0 or (value == 0 and not zero)):
-            bound = ">= 0" if zero else "> 0"
-            raise ConfigError(f"{self._where(key)} = {value!r} must be {bound}")
-        return value
-
-    def port(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.get(key, int, default)
-        if value is not None and not 1 <= value <= 65535:
-            raise ConfigError(f"{self._where(key)} = {value!r} must be a port in 1..65535")
-        return value
-
-    def path_value(self, key: str, default: Any = _MISSING) -> Path | None:
-        value = self.get(key, str, default)
-        if value is None:
-            return None
-        if not value:
-            raise ConfigError(f"{self._where(key)} is empty: give a path")
-        return (self.path.parent / Path(value).expanduser()).resolve()
-
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
-        value = self.get(key, str, default)
-        if value not in choices:
-            raise ConfigError(f"{self._where(key)} = {value!r} must be one of {choices}")
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.path}: [{self.name}] has unknown key(s) {', '.join(unknown)}: "
-                f"check the spelling (known: {', '.join(sorted(self.used))})"
-            )
 
 
 @dataclass(frozen=True)
@@ -386,11 +302,11 @@ def load_federation_config(path: Path) -> FederationConfig:
         ConfigError: the file is missing, invalid, or a key is missing or wrong.
     """
     path = Path(path).expanduser().resolve()
-    data = _read_toml(path)
+    data = read_toml(path)
     unknown = sorted(set(data) - {"server", "app"})
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}: use [server] and [app]")
-    table = _Table(path, "server", data.get("server", {}))
+    table = TomlTable(path, "server", data.get("server", {}))
     insecure = table.get("insecure", bool, False)
     certs_dir = table.path_value("certs-dir", None)
 
@@ -479,9 +395,9 @@ def load_site_config(path: Path, *, site: str | None = None) -> SiteConfig:
         ConfigError: the file is missing, invalid, or a key is missing or wrong.
     """
     path = Path(path).expanduser().resolve()
-    data = _read_toml(path)
-    top = _Table(path, "site", {k: v for k, v in data.items() if k != "connection"})
-    conn = _Table(path, "connection", data.get("connection", {}))
+    data = read_toml(path)
+    top = TomlTable(path, "site", {k: v for k, v in data.items() if k != "connection"})
+    conn = TomlTable(path, "connection", data.get("connection", {}))
     name = top.get("site", str, site)
     if name is None:
         raise ConfigError(f'{path}: site is missing: add site = "A" or pass --site A')

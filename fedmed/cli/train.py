@@ -58,13 +58,9 @@ from fedmed.pipeline import (
 from fedmed.plan import PreprocessingPlan
 from fedmed.security.encryption import check_cache_at_rest
 from fedmed.task import TrainConfig, build_network, evaluate_model, local_config
+from fedmed.tomlfile import TomlTable, read_toml
 from fedmed.train import LocalTrainer
 from fedmed.train import TrainConfig as LocalConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -181,29 +177,11 @@ def _int_list(text: str) -> list[int]:
 def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err.strerror})") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid TOML ({err})") from err
-    table = data.get("train", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"--config {path}: [train] must be a table")
-    for key, value in table.items():
-        kind = _CONFIG_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(
-                f"--config {path}: [train] has unknown key {key!r}; known keys: "
-                f"{', '.join(sorted(_CONFIG_KEYS))}"
-            )
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(
-                f"--config {path}: [train] {key} = {value!r} must be a {kind.__name__}"
-            )
-    return table
+    table = TomlTable(path, "train", read_toml(path).get("train", {}))
+    values = {key: table.get(key, _CONFIG_KEYS[key]) for key in table.data if key in _CONFIG_KEYS}
+    table.used.update(_CONFIG_KEYS)  # finish() lists every key a [train] table may hold
+    table.finish()
+    return values
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

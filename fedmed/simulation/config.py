@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from fedmed.data.demo import site_name
 from fedmed.errors import ConfigError
 from fedmed.server.settings import FEDPROX_DEFAULT_MU, STRATEGIES, RunSettings
+from fedmed.tomlfile import TomlTable, read_toml
 
 from .apps import SitePolicy
 from .engine import SiteResources
@@ -229,26 +228,9 @@ def run_settings(
     return RunSettings.from_run_config(values)
 
 
-def _table(doc: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
-    table = doc.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [{name}] must be a table")
-    return dict(table)
-
-
-def _take(table: dict[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
-    if key not in table:
-        return default
-    value = table.pop(key)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}.{key} is {value!r}: give a list")
-        return tuple(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}.{key} is {value!r}: give a TOML {kind.__name__}")
-    return value
+def _tuple(table: TomlTable, key: str, default: tuple[Any, ...]) -> tuple[Any, ...]:
+    value = table.get(key, list, None)
+    return default if value is None else tuple(value)
 
 
 def _device_lists(values: tuple[Any, ...], where: str) -> tuple[str, ...]:
@@ -266,74 +248,64 @@ def _device_lists(values: tuple[Any, ...], where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _no_more(table: Mapping[str, Any], where: str) -> None:
-    if table:
-        raise ConfigError(f"[{where}] has unknown keys {sorted(table)}: see configs/sim.toml")
-
-
 def load_sim_config(path: str | Path | None) -> SimConfig:
     """Read a ``sim.toml`` (None: the built-in demo defaults); ConfigError names the key."""
     if path is None:
         return SimConfig()
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise ConfigError(f"{path}: config file not found: give --config PATH") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    doc = read_toml(path)
     where = str(path)
     unknown = sorted(set(doc) - {"sim", "data", "resources", "sites", "app"})
     if unknown:
         raise ConfigError(
             f"{where}: unknown tables {unknown}: use sim, data, resources, sites, app"
         )
-    sim, data, res, site = (_table(doc, n, where) for n in ("sim", "data", "resources", "sites"))
-    shift_tables = data.pop("shift", {})
-    if not isinstance(shift_tables, dict):
-        raise ConfigError(f"{where}: [data.shift] must hold one table per site")
+    sim, data, res, site, app = (
+        TomlTable(path, n, doc.get(n, {})) for n in ("sim", "data", "resources", "sites", "app")
+    )
+    shift_tables = data.get("shift", dict, {})
     shifts = {
         name: ScannerShift.from_table(t, where=f"{where} [data.shift.{name}]")
         for name, t in shift_tables.items()
     }
     base = SimConfig()
     spec = DataSpec(
-        source=_take(data, "source", str, "data", base.data.source),
-        folders=_take(data, "folders", tuple, "data", ()),
-        pooled=_take(data, "pooled", str, "data", ""),
-        holdout=_take(data, "holdout", str, "data", ""),
-        split=_take(data, "split", str, "data", base.data.split),
-        alpha=_take(data, "alpha", float, "data", base.data.alpha),
-        holdout_fraction=_take(data, "holdout-fraction", float, "data", 0.2),
-        demo_cases=_take(data, "demo-cases", int, "data", base.data.demo_cases),
-        demo_holdout=_take(data, "demo-holdout", int, "data", base.data.demo_holdout),
-        demo_shape=_take(data, "demo-shape", tuple, "data", base.data.demo_shape),
+        source=data.get("source", str, base.data.source),
+        folders=_tuple(data, "folders", ()),
+        pooled=data.get("pooled", str, ""),
+        holdout=data.get("holdout", str, ""),
+        split=data.get("split", str, base.data.split),
+        alpha=data.get("alpha", float, base.data.alpha),
+        holdout_fraction=data.get("holdout-fraction", float, 0.2),
+        demo_cases=data.get("demo-cases", int, base.data.demo_cases),
+        demo_holdout=data.get("demo-holdout", int, base.data.demo_holdout),
+        demo_shape=_tuple(data, "demo-shape", base.data.demo_shape),
         shifts=shifts,
     )
     resources = SiteResources(
-        num_cpus=_take(res, "num-cpus", int, "resources", 1),
-        num_gpus=_take(res, "num-gpus", float, "resources", 0.0),
-        max_parallel=_take(res, "max-parallel", int, "resources", 2),
-        cache_mode=_take(res, "cache-mode", str, "resources", "auto"),
-        ray_address=_take(res, "ray-address", str, "resources", ""),
+        num_cpus=res.get("num-cpus", int, 1),
+        num_gpus=res.get("num-gpus", float, 0.0),
+        max_parallel=res.get("max-parallel", int, 2),
+        cache_mode=res.get("cache-mode", str, "auto"),
+        ray_address=res.get("ray-address", str, ""),
     )
     cfg = SimConfig(
-        out=_take(sim, "out", str, "sim", base.out),
-        sites=_take(sim, "sites", int, "sim", base.sites),
-        seed=_take(sim, "seed", int, "sim", base.seed),
-        strategies=_take(sim, "strategies", tuple, "sim", base.strategies),
-        centralized=_take(sim, "centralized", bool, "sim", False),
-        local_baselines=_take(sim, "local-baselines", bool, "sim", False),
+        out=sim.get("out", str, base.out),
+        sites=sim.get("sites", int, base.sites),
+        seed=sim.get("seed", int, base.seed),
+        strategies=_tuple(sim, "strategies", base.strategies),
+        centralized=sim.get("centralized", bool, False),
+        local_baselines=sim.get("local-baselines", bool, False),
         data=spec,
         resources=resources,
         policy=SitePolicy(
-            disclosure_floor=_take(site, "disclosure-floor", int, "sites", 5),
-            share_models=_take(site, "share-models", bool, "sites", False),
-            max_epsilon=_take(site, "max-epsilon", float, "sites", 0.0),
-            devices=_device_lists(_take(site, "devices", tuple, "sites", ()), where),
+            disclosure_floor=site.get("disclosure-floor", int, 5),
+            share_models=site.get("share-models", bool, False),
+            max_epsilon=site.get("max-epsilon", float, 0.0),
+            devices=_device_lists(_tuple(site, "devices", ()), where),
         ),
-        app={**DEMO_APP, **_table(doc, "app", where)},
+        app={**DEMO_APP, **app.data},
     )
-    for table, name in ((sim, "sim"), (data, "data"), (res, "resources"), (site, "sites")):
-        _no_more(table, name)
+    for table in (sim, data, res, site):
+        table.finish()
     return cfg

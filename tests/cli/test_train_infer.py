@@ -141,10 +141,12 @@ def test_train_errors_name_the_flag_or_file(demo_root, tmp_path):
         _run([*base, "--patch-size", "32,32,8"])
     config = tmp_path / "train.toml"
     config.write_text('[train]\nmodel = "unet3d"\nlearning-rate = 0.1\n')
-    with pytest.raises(ConfigError, match=f"--config {config}: \\[train\\] has unknown key"):
+    with pytest.raises(
+        ConfigError, match=f"{config}: \\[train\\] has unknown key\\(s\\) learning-rate"
+    ):
         _run([*base, "--config", str(config)])
     config.write_text("[train]\nepochs = 'two'\n")
-    with pytest.raises(ConfigError, match="epochs = 'two' must be a int"):
+    with pytest.raises(ConfigError, match=r"train.toml: \[train\] epochs = 'two' must be int"):
         _run([*base, "--config", str(config)])
     with pytest.raises(DataError, match="site data folder not found"):
         _run(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])

@@ -60,7 +60,7 @@ def test_data_folders_set_the_number_of_sites(tmp_path):
         (["--model", "vit"], "key 'model' is 'vit'"),
         (["--num-gpus", "2"], "num-gpus is 2.0"),
         (["--max-parallel", "0"], "max-parallel is 0"),
-        (["--config", "missing.toml"], "missing.toml: config file not found"),
+        (["--config", "missing.toml"], "config file missing.toml does not exist"),
     ],
     ids=[
         "strategy-and-compare",
@@ -99,10 +99,12 @@ def test_main_prints_one_line_for_a_config_error(capsys):
 def test_config_file_errors_name_the_key(tmp_path):
     path = tmp_path / "sim.toml"
     path.write_text('[sim]\nsites = "three"\n[data.shift.site-Q]\nhu-offset = 3\n')
-    with pytest.raises(ConfigError, match=r"sim.sites is 'three': give a TOML int"):
+    with pytest.raises(ConfigError, match=r"sim.toml: \[sim\] sites = 'three' must be int"):
         load_sim_config(path)
     path.write_text("[resources]\ngpu = 1\n")
-    with pytest.raises(ConfigError, match=r"\[resources\] has unknown keys \['gpu'\]"):
+    with pytest.raises(
+        ConfigError, match=r"sim.toml: \[resources\] has unknown key\(s\) gpu: check the spelling"
+    ):
         load_sim_config(path)
 
 
