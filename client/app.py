@@ -79,10 +79,12 @@ from flwr.clientapp import ClientApp
 from fedmed import wire
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
+from fedmed.globalmodel import build_network, model_arrays
 from fedmed.hardware import HardwareSettings
 from fedmed.io.guard import GuardSettings
 from fedmed.io.msd import split_cases
 from fedmed.pipeline import PipelineSettings, load_cases
+from fedmed.roundconfig import TrainConfig
 from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.dp import DpParams, reduce_metrics
@@ -90,14 +92,7 @@ from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
 from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
 from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
-from fedmed.task import (
-    SiteTask,
-    TrainConfig,
-    build_network,
-    ensure_app_logging,
-    model_arrays,
-    site_volume_mm3,
-)
+from fedmed.task import SiteTask, ensure_app_logging, site_volume_mm3
 
 from .evaluate import evaluate_message
 from .local_state import StateStore

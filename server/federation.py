@@ -13,7 +13,8 @@ Each round:
    (:mod:`.sampling`);
 2. send every picked site the global arrays (without the sites' normalization statistics
    under FedBN; with SCAFFOLD's control variate) packed into one Flower object
-   (:mod:`fedmed.wire`), the round's :class:`~fedmed.task.TrainConfig` and the run's identity;
+   (:mod:`fedmed.wire`), the round's :class:`~fedmed.roundconfig.TrainConfig` and the run's
+   identity;
 3. collect replies until all answered or ``round-timeout``; check each one on its own
    (:mod:`.attempt`, :mod:`.validation`), dropping bad ones with a logged reason;
 4. with fewer than ``min-sites`` valid replies the attempt is logged as failed and the round
@@ -56,10 +57,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedmed.errors import ConfigError, FederationError
+from fedmed.globalmodel import build_network, local_norm_keys, model_arrays
+from fedmed.roundconfig import TrainConfig
 from fedmed.scaffold import join_controls
+from fedmed.scoring import evaluate_folder
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.guard import ServerGuard
-from fedmed.task import TrainConfig, build_network, evaluate_folder, local_norm_keys, model_arrays
 
 from .aggregate import Aggregator, SiteUpdate
 from .attempt import ReplyBounds, run_plain_attempt

@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from fedmed.errors import ConfigError
 from fedmed.losses import LOSSES, NR_DENOMINATORS
+from fedmed.roundconfig import AGGREGATION_WEIGHTS, LAMP_SKIPS
 from fedmed.security.guard import dp_params
 
 if TYPE_CHECKING:
     from .settings import RunSettings
 
 __all__ = [
-    "AGGREGATION_WEIGHTS",
     "FEDPROX_DEFAULT_MU",
-    "LAMP_SKIPS",
     "LR_SCHEDULES",
     "MODELS",
     "MODEL_NORMS",
@@ -48,14 +47,12 @@ STRATEGIES = (
     "trimmed-mean",
     "scaffold",
 )
-AGGREGATION_WEIGHTS = ("cases", "voxels")
 MODELS = ("coplenet", "unet3d", "lamp_unet")
 # Strategies that need only the weighted mean of the updates: the one thing SecAgg+ reveals.
 SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 SECAGG_MIN_SITES = 3
 MODEL_NORMS = ("batch", "group")
 FEDPROX_DEFAULT_MU = 0.01
-LAMP_SKIPS = ("carried", "none")
 LR_SCHEDULES = ("constant", "cosine")
 
 

@@ -1,5 +1,6 @@
-"""fedmed.task: the loss, LAMP and preprocessing settings of a round, and the site's hardware
-(a LAMP model split over a device list), and the demo's clean labels in validation."""
+"""fedmed.task and fedmed.roundconfig: the loss, LAMP and preprocessing settings of a round,
+the site's hardware (a LAMP model split over a device list), and the demo's clean labels in
+validation."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import pytest
 import torch
 
 from fedmed.errors import ConfigError
-from fedmed.task import (
-    CLEAN_LABELS_DIR,
-    SiteTask,
-    TrainConfig,
-    build_network,
-    evaluate_folder,
-    local_config,
-    model_arrays,
-)
+from fedmed.globalmodel import build_network, model_arrays
+from fedmed.roundconfig import TrainConfig, local_config
+from fedmed.scoring import evaluate_folder
+from fedmed.task import CLEAN_LABELS_DIR, SiteTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,7 +1,7 @@
 """``fedmed train``: centralized training, the baseline every federated result compares with.
 
 It runs the code a site runs (:mod:`fedmed.pipeline` for data, :class:`fedmed.train.LocalTrainer`
-for the loop, :func:`fedmed.task.evaluate_model` for validation) on one or more data folders
+for the loop, :func:`fedmed.scoring.evaluate_model` for validation) on one or more data folders
 pooled together, validates after each epoch and writes to ``--out``. The site's case guard runs
 too (:mod:`fedmed.io.guard`): a case that fails the data check is skipped with a warning (or
 stops the run with ``on-bad-case = "stop"`` in ``[train]``), and training is refused when fewer
@@ -40,6 +40,7 @@ import torch
 
 from fedmed.checkpoint import save_checkpoint
 from fedmed.errors import ConfigError
+from fedmed.globalmodel import build_network
 from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.losses import LOSSES, NR_DENOMINATORS
@@ -54,7 +55,8 @@ from fedmed.pipeline import (
     site_volumes,
 )
 from fedmed.plan import PreprocessingPlan
-from fedmed.task import TrainConfig, build_network, evaluate_model, local_config
+from fedmed.roundconfig import TrainConfig, local_config
+from fedmed.scoring import evaluate_model
 from fedmed.train import LocalTrainer
 from fedmed.train import TrainConfig as LocalConfig
 
@@ -277,7 +279,7 @@ def checkpoint_metadata(
 
 
 def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
-    """The round's local config (:func:`fedmed.task.local_config`) with the loss options."""
+    """The round's local config (:func:`fedmed.roundconfig.local_config`) with the loss options."""
     local = local_config(cfg)
     changes = {
         field: options[key]

@@ -16,7 +16,7 @@ from fedmed.hardware import HardwareSettings
 from fedmed.inference import sliding_window_inference
 from fedmed.nets import COPLENet, LAMPUNet
 from fedmed.predict import predict_volume
-from fedmed.task import TrainConfig as TaskConfig
+from fedmed.roundconfig import TrainConfig as TaskConfig
 from fedmed.train import LocalTrainer, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

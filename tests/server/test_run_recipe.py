@@ -13,7 +13,7 @@ from fedmed.server.settings import RunSettings
 from fedmed.cli.infer import load_model
 from fedmed.errors import ConfigError
 from fedmed.plan import PreprocessingPlan
-from fedmed.task import TrainConfig, local_config
+from fedmed.roundconfig import TrainConfig, local_config
 
 LAMP = {"model": "lamp_unet", "model_features": "4,8,16", "patch_size": "16,16,16"}
 
