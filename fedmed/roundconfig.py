@@ -4,8 +4,8 @@
 parsed back by :meth:`TrainConfig.from_config`): model, patch, epochs/steps, learning rate,
 FedProx ``mu``, FedBN, the loss (``dice``, ``dice-ce``, ``nr-dice`` with COPLE-Net's
 self-ensembling) and the preprocessing (:attr:`TrainConfig.plan`: target spacing, CT window or
-MR z-score). :func:`local_config` gives the round's local trainer settings
-(:class:`fedmed.train.TrainConfig`); :mod:`fedmed.globalmodel` builds the network it describes.
+MR z-score). :func:`trainer_config` gives the round's local trainer settings
+(:class:`fedmed.train.TrainerConfig`); :mod:`fedmed.globalmodel` builds the network it describes.
 
 The server builds it from the run settings (:func:`fedmed.server.federation.train_config`);
 a site refuses a round config it cannot read with a ConfigError naming the key.
@@ -28,9 +28,9 @@ from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM
 from fedmed.pipeline import HU_WINDOW, INTENSITIES
 from fedmed.plan import PreprocessingPlan
-from fedmed.train import TrainConfig as LocalConfig
+from fedmed.train import TrainerConfig
 
-__all__ = ["AGGREGATION_WEIGHTS", "LAMP_SKIPS", "TrainConfig", "local_config"]
+__all__ = ["AGGREGATION_WEIGHTS", "LAMP_SKIPS", "TrainConfig", "trainer_config"]
 
 AGGREGATION_WEIGHTS = ("cases", "voxels")
 LAMP_SKIPS = ("carried", "none")
@@ -168,16 +168,16 @@ class TrainConfig:
         return cls(**values)
 
 
-def local_config(cfg: TrainConfig) -> LocalConfig:
-    """The :class:`fedmed.train.TrainConfig` of a round: its loss (``auto``: COPLE-Net trains
+def trainer_config(cfg: TrainConfig) -> TrainerConfig:
+    """The :class:`fedmed.train.TrainerConfig` of a round: its loss (``auto``: COPLE-Net trains
     with the noise-robust Dice, the U-Nets with Dice + cross-entropy), self-ensembling and
     optimizer settings (``dataclasses.replace`` changes the rest)."""
-    return LocalConfig(
+    return TrainerConfig(
         epochs=cfg.local_epochs,
         steps=cfg.local_steps or None,
         lr=cfg.lr,
         proximal_mu=cfg.proximal_mu,
-        loss=cfg.loss_name,  # type: ignore[arg-type]  # checked by LocalConfig
+        loss=cfg.loss_name,  # type: ignore[arg-type]  # checked by TrainerConfig
         gamma=cfg.nr_gamma,
         nr_denominator=cfg.nr_denominator,  # type: ignore[arg-type]
         self_ensembling=cfg.self_ensembling,

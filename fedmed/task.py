@@ -45,7 +45,7 @@ from fedmed.pipeline import (
     patch_loader,
     usable_cases,
 )
-from fedmed.roundconfig import TrainConfig, local_config
+from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scoring import evaluate_model
 from fedmed.text import printable
 from fedmed.train import LocalTrainer, TrainResult
@@ -225,7 +225,7 @@ class SiteTask:
         batches = patch_loader(
             self.train, patch_size=cfg.patch_size, batch_size=cfg.batch_size, seed=round_seed
         )
-        options = local_config(cfg)
+        options = trainer_config(cfg)
         if proximal_mu is not None:
             options = dataclasses.replace(options, proximal_mu=proximal_mu)
         if steps is not None:

@@ -55,10 +55,9 @@ from fedmed.pipeline import (
     site_volumes,
 )
 from fedmed.plan import PreprocessingPlan
-from fedmed.roundconfig import TrainConfig, local_config
+from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scoring import evaluate_model
-from fedmed.train import LocalTrainer
-from fedmed.train import TrainConfig as LocalConfig
+from fedmed.train import LocalTrainer, TrainerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -278,9 +277,10 @@ def checkpoint_metadata(
     }
 
 
-def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
-    """The round's local config (:func:`fedmed.roundconfig.local_config`) with the loss options."""
-    local = local_config(cfg)
+def _trainer_config(cfg: TrainConfig, options: dict[str, Any]) -> TrainerConfig:
+    """The round's trainer settings (:func:`fedmed.roundconfig.trainer_config`) with the loss
+    options."""
+    local = trainer_config(cfg)
     changes = {
         field: options[key]
         for key, field in (
@@ -294,7 +294,7 @@ def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
     return dataclasses.replace(local, **changes)
 
 
-def _loss_record(local: LocalConfig) -> dict[str, Any]:
+def _loss_record(local: TrainerConfig) -> dict[str, Any]:
     """The loss settings a checkpoint was trained with, under their run-setting names."""
     return {
         "loss": local.loss.replace("_", "-"),
@@ -315,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg, settings = _build(options)
     set_threads(args.threads)
     hardware = _hardware(options)
-    local = _local_config(cfg, options)
+    local = _trainer_config(cfg, options)
     device = ",".join(str(d) for d in hardware.devices)
     progress = not args.no_progress and sys.stderr.isatty()
     logger.info("caching the training and validation cases")
