@@ -41,7 +41,7 @@ import torch
 from fedmed.globalmodel import local_norm_keys, model_arrays
 from fedmed.io.msd import patient_id
 from fedmed.losses import build_loss
-from fedmed.pipeline import PatchSamples
+from fedmed.patches import PatchSamples
 from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scaffold import GradientCorrection, zero_controls
 from fedmed.security.dp import DpParams

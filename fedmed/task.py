@@ -4,9 +4,10 @@
 (:class:`~fedmed.hardware.HardwareSettings`: a LAMP model split over a device list keeps its
 partition), and evaluates on its validation split (:mod:`fedmed.scoring`). What the round
 asks for is the round config (:class:`~fedmed.roundconfig.TrainConfig`); the network and its
-weights as arrays are :mod:`fedmed.globalmodel`; the data pipeline (cached preprocessing,
-random patches, batches) is :mod:`fedmed.pipeline`. COPLE-Net trains on 2D axial patches and
-predicts whole slices; the U-Nets train on 3D patches and predict with a sliding window.
+weights as arrays are :mod:`fedmed.globalmodel`; the data pipeline is :mod:`fedmed.pipeline`
+(cached preprocessing) and :mod:`fedmed.patches` (random patches, batches). COPLE-Net trains
+on 2D axial patches and predicts whole slices; the U-Nets train on 3D patches and predict
+with a sliding window.
 
 Example:
     >>> cfg = TrainConfig(model="coplenet", model_features=(8, 16, 32, 64, 128),
@@ -36,15 +37,8 @@ from fedmed.hardware import HardwareSettings
 from fedmed.io.guard import require_cases
 from fedmed.io.msd import split_cases
 from fedmed.io.nifti import read_nifti_header
-from fedmed.pipeline import (
-    PatchSamples,
-    PipelineSettings,
-    Volumes,
-    cached_volumes,
-    load_cases,
-    patch_loader,
-    usable_cases,
-)
+from fedmed.patches import PatchSamples, patch_loader
+from fedmed.pipeline import PipelineSettings, Volumes, cached_volumes, load_cases, usable_cases
 from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scoring import evaluate_model
 from fedmed.text import printable

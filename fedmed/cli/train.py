@@ -45,13 +45,13 @@ from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.nets import MODELS
+from fedmed.patches import patch_loader
 from fedmed.pipeline import (
     CACHE_MODES,
     INTENSITIES,
     PipelineSettings,
     cached_volumes,
     load_cases,
-    patch_loader,
     site_volumes,
 )
 from fedmed.plan import PreprocessingPlan
