@@ -23,10 +23,11 @@ from torch import nn
 from fedmed.devices import parse_devices
 from fedmed.globalmodel import build_network, load_arrays
 from fedmed.hardware import HardwareSettings
-from fedmed.metrics import combine_classes, evaluate_case, summarize
+from fedmed.metrics import evaluate_case
 from fedmed.pipeline import PipelineSettings, Volumes, cached_volumes, load_cases
 from fedmed.predict import adapt_norm_statistics, predict_volume
 from fedmed.roundconfig import TrainConfig
+from fedmed.summary import combine_classes, summarize
 
 __all__ = ["evaluate_folder", "evaluate_model"]
 
@@ -48,7 +49,7 @@ def evaluate_model(
     the foreground classes where defined) and ``missed``, ``spurious``, ``both_empty`` (the
     number of foreground classes so flagged; see :mod:`fedmed.metrics` for the edge cases),
     plus the per-class keys (``dice_1``, ``missed_1``, ...) when ``out_channels > 2``. The
-    summary (:func:`fedmed.metrics.summarize`) gives each metric's mean over the cases where it
+    summary (:func:`fedmed.summary.summarize`) gives each metric's mean over the cases where it
     is defined with its count (``dice``, ``dice_n``, ``hd95``, ``hd95_n``, ...), ``n_cases``,
     ``n_missed``, ``n_spurious`` and ``n_both_empty``.
 
