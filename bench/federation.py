@@ -128,7 +128,7 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 def _stock_main(grid: Grid, context: Context) -> None:
     from fedmed.server.federation import train_config
 
-    from fedmed.task import build_network
+    from fedmed.globalmodel import build_network
 
     settings = _settings(context)
     out = Path(settings.out_dir)
@@ -154,7 +154,8 @@ def _stock_main(grid: Grid, context: Context) -> None:
 
 
 def _site_task(msg: Message, context: Context) -> tuple[Any, Any, Path]:
-    from fedmed.task import SiteTask, TrainConfig
+    from fedmed.roundconfig import TrainConfig
+    from fedmed.task import SiteTask
 
     cfg = TrainConfig.from_config(msg.content["config"])
     node = context.node_config
@@ -193,7 +194,8 @@ def _stock_train(msg: Message, context: Context) -> Message:
 
 @stock_client.evaluate()
 def _stock_evaluate(msg: Message, context: Context) -> Message:
-    from fedmed.task import build_network, evaluate_model, load_arrays
+    from fedmed.globalmodel import build_network, load_arrays
+    from fedmed.scoring import evaluate_model
 
     task, cfg, out = _site_task(msg, context)
     start = time.perf_counter()
@@ -282,7 +284,7 @@ def _model_bytes(model: str) -> int:
     from fedmed.server.federation import train_config
     from fedmed.server.settings import RunSettings
 
-    from fedmed.task import build_network, model_arrays
+    from fedmed.globalmodel import build_network, model_arrays
 
     settings = RunSettings.from_run_config({"model": model, **MODELS[model]})
     net = build_network(train_config(settings, 0), seed=0)

@@ -221,7 +221,7 @@ def bench_lamp(args: argparse.Namespace, volume: torch.Tensor | None) -> dict:
 def bench_inference(args: argparse.Namespace, volume: torch.Tensor | None, device: str) -> dict:
     """LAMP whole-volume prediction vs fedmed's default sliding window, interleaved rounds."""
     from fedmed.predict import predict_volume
-    from fedmed.task import TrainConfig
+    from fedmed.roundconfig import TrainConfig
 
     cfg = TrainConfig(
         model="lamp_unet", model_features=args.infer_features, patch_size=(args.roi,) * 3

@@ -17,7 +17,7 @@ Usage::
 
 Volumes smaller than the patch on some axis (a CT with 48 slices for a 96^3 patch) are
 zero-padded after the CT window (0 = air), as the training pipeline
-(``fedmed.pipeline.PatchSamples``) does, in the fedmed and the MONAI chain alike.
+(``fedmed.patches.PatchSamples``) does, in the fedmed and the MONAI chain alike.
 
 The last line printed is one JSON object with every figure.
 """

@@ -81,10 +81,12 @@ from fedmed import wire
 from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
+from fedmed.globalmodel import build_network, model_arrays
 from fedmed.hardware import HardwareSettings
 from fedmed.io.guard import GuardSettings
 from fedmed.io.msd import split_cases
 from fedmed.pipeline import PipelineSettings, load_cases
+from fedmed.roundconfig import TrainConfig
 from fedmed.scaffold import join_controls, split_controls
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.dp import DpParams, reduce_metrics
@@ -93,14 +95,7 @@ from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
 from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
 from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
-from fedmed.task import (
-    SiteTask,
-    TrainConfig,
-    build_network,
-    ensure_app_logging,
-    model_arrays,
-    site_volume_mm3,
-)
+from fedmed.task import SiteTask, ensure_app_logging, site_volume_mm3
 
 from .evaluate import evaluate_message
 from .local_state import StateStore

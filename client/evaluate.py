@@ -5,7 +5,8 @@ The server's message (see :mod:`fedmed.server.evaluation`) holds:
 - the models to evaluate, packed in one payload (:mod:`fedmed.wire`) with keys
   ``<label>::<state_dict key>`` (``global-final``, ``global-best``, ``centralized``, and in the
   second stage other sites' models such as ``finetuned@B``);
-- ConfigRecord ``config``: the run's last :class:`~fedmed.task.TrainConfig` (with ``run-id``);
+- ConfigRecord ``config``: the run's last round config
+  (:class:`~fedmed.roundconfig.TrainConfig`, with ``run-id``);
 - ConfigRecord ``evaluation``: ``own-models`` (build this site's own models: fine-tuned, Ditto,
   local-only), ``finetune-epochs``, ``local-baseline``, ``send-models`` (the server may
   evaluate models that travel; DP runs never ask).
@@ -34,7 +35,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmed import wire
 from fedmed.crosssite import evaluate_models, own_models
-from fedmed.task import SiteTask, TrainConfig, build_network, model_arrays
+from fedmed.globalmodel import build_network, model_arrays
+from fedmed.roundconfig import TrainConfig
+from fedmed.task import SiteTask
 
 from .local_state import StateStore
 

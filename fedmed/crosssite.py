@@ -35,9 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from fedmed.globalmodel import build_network, model_arrays
+from fedmed.roundconfig import TrainConfig
+from fedmed.scoring import evaluate_model
 from fedmed.siteround import SiteState
 from fedmed.stats import summarize_cases
-from fedmed.task import SiteTask, TrainConfig, build_network, evaluate_model, model_arrays
+from fedmed.task import SiteTask
 
 __all__ = ["evaluate_models", "own_models", "summary_entries"]
 

@@ -12,7 +12,7 @@ average of the student's weights, made adaptive twice over:
 - the student (:class:`SelfEnsemblingLoss`) learns from the teacher, through a consistency
   term, only where the teacher's loss against the label is lower than its own.
 
-:class:`~fedmed.train.LocalTrainer` runs both with ``TrainConfig(self_ensembling=True)``.
+:class:`~fedmed.train.LocalTrainer` runs both with ``TrainerConfig(self_ensembling=True)``.
 
 Example:
     >>> teacher = EMATeacher(model, alpha=0.99)

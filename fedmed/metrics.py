@@ -48,17 +48,17 @@ setting (the inter-rater variation one accepts at the boundary);
 :data:`DEFAULT_NSD_TOLERANCE_MM` is 2.0 mm, and federated runs take it from the run setting
 ``nsd-tolerance-mm``.
 
+A case's record over its classes and the summary over cases are :mod:`fedmed.summary`.
+
 Example:
-    >>> per_case = [evaluate_case(pred, label, num_classes=2, spacing=(0.7, 0.7, 5.0))]
-    >>> summary = summarize(per_case)
-    >>> summary["hd95_1"], summary["hd95_1_n"], summary["n_missed"]
+    >>> m = evaluate_case(pred, label, num_classes=2, spacing=(0.7, 0.7, 5.0))
+    >>> m["dice_1"], m["hd95_1"], m["nsd_1"], m["missed_1"]
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,6 @@ __all__ = [
     "DEFAULT_NSD_TOLERANCE_MM",
     "FLAGS",
     "METRICS",
-    "combine_classes",
     "dice_per_class",
     "dice_score",
     "evaluate_case",
@@ -80,7 +79,6 @@ __all__ = [
     "nsd_per_class",
     "relative_volume_error",
     "rve_per_class",
-    "summarize",
 ]
 
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -94,7 +92,6 @@ FLAGS = ("missed", "spurious", "both_empty")
 
 ArrayLike = np.ndarray | torch.Tensor
 Spacing = float | Sequence[float] | None
-_FLAG_KEY = re.compile(r"^(missed|spurious|both_empty)(_\d+)?$")
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:
@@ -379,68 +376,4 @@ def evaluate_case(
         out[f"missed_{c}"] = has_label and not has_pred
         out[f"spurious_{c}"] = has_pred and not has_label
         out[f"both_empty_{c}"] = not has_pred and not has_label
-    return out
-
-
-def combine_classes(
-    case: Mapping[str, float | bool], classes: Sequence[int], *, keep_classes: bool = False
-) -> dict[str, float | int | bool]:
-    """One case's record over ``classes``: each metric's mean over the classes where it is
-    defined (nan if none), and ``missed``/``spurious``/``both_empty`` as the number of classes
-    so flagged; ``keep_classes`` keeps the per-class keys too.
-
-    Example:
-        >>> combine_classes(evaluate_case(pred, label, num_classes=3), [1, 2])["missed"]
-        1
-    """
-    out: dict[str, float | int | bool] = {}
-    for name in METRICS:
-        values = [float(case[f"{name}_{c}"]) for c in classes]
-        defined = [v for v in values if not math.isnan(v)]
-        out[name] = float(np.mean(defined)) if defined else math.nan
-    for flag in FLAGS:
-        out[flag] = sum(int(bool(case[f"{flag}_{c}"])) for c in classes)
-    if keep_classes:
-        out.update({f"{n}_{c}": case[f"{n}_{c}"] for n in (*METRICS, *FLAGS) for c in classes})
-    return out
-
-
-def summarize(per_case: Sequence[Mapping[str, object]]) -> dict[str, float | int]:
-    """Means of the metrics over cases, each with its count, and the flag counts.
-
-    For every numeric key ``k`` that is not a flag: ``k`` the mean over the cases where it
-    is defined (nan if none) and ``k_n`` that number of cases; undefined values are
-    both-empty surfaces and RVE of spurious cases, so ``n_cases - k_n`` is explained
-    by the flag counts. For every flag key ``f`` (``missed``, ``missed_1``, ...):
-    ``n_f`` the number of cases where it is set (a count where it counts classes). Always:
-    ``n_cases``, and ``n_missed``, ``n_spurious``, ``n_both_empty`` counting (case, class)
-    pairs. Non-numeric values (the case id) are skipped.
-
-    Example:
-        >>> summarize([{"dice_1": 0.8, "missed_1": False}, {"dice_1": 0.0, "missed_1": True}])
-        {'dice_1': 0.4, 'dice_1_n': 2, 'n_missed_1': 1, 'n_cases': 2, 'n_missed': 1,
-         'n_spurious': 0, 'n_both_empty': 0}
-    """
-    keys: list[str] = []
-    for case in per_case:
-        keys.extend(k for k in case if k not in keys)
-    out: dict[str, float | int] = {}
-    for key in keys:
-        raw = [case[key] for case in per_case if key in case]
-        if not all(isinstance(v, (int, float, np.number)) for v in raw):
-            continue
-        values = [float(v) for v in raw]  # type: ignore[arg-type]
-        if _FLAG_KEY.match(key):
-            out[f"n_{key}"] = int(sum(values))
-            continue
-        defined = [v for v in values if not math.isnan(v)]
-        out[key] = float(np.mean(defined)) if defined else math.nan
-        out[f"{key}_n"] = len(defined)
-    out["n_cases"] = len(per_case)
-    for flag in FLAGS:
-        # a case-level count (``missed``) already counts classes; else add the per-class ones
-        total = out.get(f"n_{flag}")
-        if total is None:
-            total = sum(v for k, v in out.items() if re.fullmatch(f"n_{flag}_\\d+", k))
-        out[f"n_{flag}"] = int(total)
     return out

@@ -1,4 +1,4 @@
-"""A site's data pipeline: cached preprocessing of its volumes, random patches in batches.
+"""A site's data pipeline: its cases listed, checked, preprocessed and cached as volumes.
 
 The same code feeds a federated site (:class:`~fedmed.task.SiteTask`), centralized training
 (``fedmed train``), evaluation and inference:
@@ -11,19 +11,14 @@ The same code feeds a federated site (:class:`~fedmed.task.SiteTask`), centraliz
   NormalizeIntensityd (MR z-score) -> FgBgToIndicesd``, wrapped in :class:`CaseGuard`, which
   checks the voxels just loaded (NaN/inf, undeclared label values), so the guard costs no
   extra read and its verdict is cached with the case.
-- :func:`augmentation` is the random part, run on every access: a patch sampled by label
-  (:class:`~fedmed.transforms.RandCropByPosNegLabeld`; one axial slice squeezed to 2D for
-  COPLE-Net, a 3D patch for the U-Nets), flips, quarter turns and intensity jitter.
-- :class:`PatchSamples` is an epoch of patches over the cached volumes (2D: as many slices as
-  the volumes have; 3D: :data:`PATCHES_PER_CASE_3D` per case) and :func:`patch_loader` batches
-  it with a :class:`~fedmed.data.ThreadDataLoader`.
+- the random part, run on every access (patches by label, flips, intensity jitter, batches),
+  is :mod:`fedmed.patches`.
 
 Example:
     >>> settings = PipelineSettings(cache_mode="memory")
     >>> volumes = cached_volumes(load_cases(["demo/data/site-A"]), settings)
-    >>> loader = patch_loader(volumes, patch_size=(96, 96), batch_size=4, seed=0)
-    >>> next(iter(loader))["image"].shape
-    torch.Size([4, 1, 96, 96])
+    >>> volumes[0]["image"].shape[0]  # channel-first, preprocessed
+    1
 """
 
 from __future__ import annotations
@@ -39,7 +34,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from fedmed.data import CacheDataset, PersistentDataset, ThreadDataLoader
+from fedmed.data import CacheDataset, PersistentDataset
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import value_problems
 from fedmed.io.guard import (
@@ -60,30 +55,19 @@ from fedmed.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
-    SpatialPadd,
 )
 
 __all__ = [
     "CACHE_MODES",
     "HU_WINDOW",
     "INTENSITIES",
-    "PATCHES_PER_CASE_3D",
     "CaseGuard",
-    "PatchSamples",
     "PipelineSettings",
     "Volumes",
-    "augmentation",
     "cached_volumes",
     "load_cases",
-    "patch_loader",
     "preprocessing",
     "site_volumes",
     "usable_cases",
@@ -94,9 +78,7 @@ logger = logging.getLogger(__name__)
 CACHE_MODES = ("memory", "disk", "disk-encrypted", "none")
 HU_WINDOW = (-1000.0, 400.0)
 INTENSITIES = ("ct-window", "zscore", "zscore-nonzero")
-PATCHES_PER_CASE_3D = 4
 _KEYS = ("image", "label")
-_INDEX_KEYS = ("label_fg_indices", "label_bg_indices")
 _FAILED = "guard_failure"  # key of a case CaseGuard refused; its value says why
 
 
@@ -368,91 +350,3 @@ def _build(dataset: PersistentDataset, workers: int, progress: bool) -> list[dic
             found.append(item)
             bar.update()
     return found
-
-
-def augmentation(patch_size: Sequence[int], *, seed: int) -> Compose:
-    """The random part: a patch by label (pos:neg 1:1), then flips, rot90 and intensity jitter.
-
-    A 2-entry ``patch_size`` samples one axial slice ``(C, H, W)``; 3 entries a 3D patch.
-    Seeded, so the same ``seed`` gives the same patches in the same order.
-    """
-    patch = tuple(int(s) for s in patch_size)
-    if len(patch) not in (2, 3) or min(patch) < 1:
-        raise ConfigError(f"patch-size {patch} must be 2 (COPLE-Net) or 3 (U-Nets) sizes >= 1")
-    two_d = len(patch) == 2
-    size = (*patch, 1) if two_d else patch
-    steps: list[Callable[[Any], Any]] = [
-        RandCropByPosNegLabeld(_KEYS, "label", size, pos=1.0, neg=1.0, squeeze_depth=two_d)
-    ]
-    steps += [RandFlipd(_KEYS, prob=0.2, spatial_axis=axis) for axis in range(len(patch))]
-    if patch[0] == patch[1]:  # a quarter turn in the axial plane keeps the patch shape
-        steps.append(RandRotate90d(_KEYS, prob=0.2, spatial_axes=(0, 1)))
-    steps += [
-        RandScaleIntensityd("image", factors=0.1, prob=0.15),
-        RandShiftIntensityd("image", offsets=0.1, prob=0.15),
-        RandGaussianNoised("image", std=0.02, prob=0.15),
-    ]
-    return Compose(steps).set_random_state(seed)
-
-
-class PatchSamples:
-    """An epoch of random patches over cached ``volumes``: item ``j`` is one patch of case
-    ``case_of(j)``, so ``len()`` counts samples (FedAvg's weight) and shuffling mixes cases.
-
-    2D patches: each case appears once per axial slice; 3D: ``PATCHES_PER_CASE_3D`` times.
-    Volumes smaller than the patch are zero-padded first (their stored label indices then no
-    longer fit and are recomputed).
-
-    Example:
-        >>> samples = PatchSamples(volumes, (96, 96), seed=0)
-        >>> samples[0]["image"].shape
-        torch.Size([1, 96, 96])
-    """
-
-    def __init__(self, volumes: Volumes, patch_size: Sequence[int], *, seed: int) -> None:
-        if len(volumes) == 0:
-            raise DataError("no training cases: the site has nothing to train on")
-        self.volumes = volumes
-        self.patch_size = tuple(int(s) for s in patch_size)
-        self.transform = augmentation(self.patch_size, seed=seed)
-        if len(self.patch_size) == 2:
-            counts = [int(volumes[i]["image"].shape[-1]) for i in range(len(volumes))]
-        else:
-            counts = [PATCHES_PER_CASE_3D] * len(volumes)
-        self._case_of = [case for case, n in enumerate(counts) for _ in range(n)]
-        self._pad = SpatialPadd(_KEYS, (*self.patch_size, -1)[:3])
-
-    def __len__(self) -> int:
-        return len(self._case_of)
-
-    def case_of(self, index: int) -> int:
-        """The case sample ``index`` is drawn from."""
-        return self._case_of[index]
-
-    def __getitem__(self, index: int) -> dict[Hashable, Any]:
-        item: Mapping[Hashable, Any] = self.volumes[self._case_of[index]]
-        shape = item["label"].shape[1:]
-        if any(s < p for s, p in zip(shape, self.patch_size, strict=False)):
-            item = {k: v for k, v in self._pad(item).items() if k not in _INDEX_KEYS}
-        (sample,) = self.transform(item)
-        return sample
-
-
-def patch_loader(
-    volumes: Volumes,
-    *,
-    patch_size: Sequence[int],
-    batch_size: int,
-    seed: int,
-    num_threads: int = 1,
-) -> ThreadDataLoader:
-    """Shuffled batches of :class:`PatchSamples`; ``loader.dataset`` is the samples.
-
-    One thread (the default) keeps the patches reproducible for a given ``seed``.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch-size {batch_size} must be >= 1")
-    samples = PatchSamples(volumes, patch_size, seed=seed)
-    return ThreadDataLoader(
-        samples, batch_size=batch_size, shuffle=True, seed=seed, num_threads=num_threads
-    )

@@ -4,7 +4,7 @@ COPLE-Net (2D) predicts every axial slice of the volume, padded to a multiple of
 four poolings; the U-Nets (3D) predict with a sliding window of the training patch size
 (25 % overlap, Gaussian blending, batched windows), or, with ``whole_volume=True``, in one
 forward over the whole volume padded to a multiple of the poolings (LAMP's large-input
-inference). ``cfg`` is the round's :class:`~fedmed.task.TrainConfig` (its ``spatial_dims``
+inference). ``cfg`` is the round's :class:`~fedmed.roundconfig.TrainConfig` (its ``spatial_dims``
 and ``patch_size``).
 
 A model split over devices (LAMP) keeps its placement: inputs go to its first stage's device
@@ -29,7 +29,7 @@ from fedmed.inference import slicewise_inference, sliding_window_inference
 
 if TYPE_CHECKING:
     from fedmed.hardware import HardwareSettings
-    from fedmed.task import TrainConfig
+    from fedmed.roundconfig import TrainConfig
 
 __all__ = ["adapt_norm_statistics", "predict_volume"]
 

@@ -38,13 +38,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedmed.globalmodel import local_norm_keys, model_arrays
 from fedmed.io.msd import patient_id
 from fedmed.losses import build_loss
-from fedmed.pipeline import PatchSamples
+from fedmed.patches import PatchSamples
+from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scaffold import GradientCorrection, zero_controls
 from fedmed.security.dp import DpParams
 from fedmed.security.dpsgd import DpSgdConfig, dp_sgd_round
-from fedmed.task import SiteTask, TrainConfig, local_config, local_norm_keys, model_arrays
+from fedmed.task import SiteTask
 from fedmed.train import TrainResult
 
 __all__ = ["SiteRoundResult", "SiteState", "dp_sgd_config", "num_patients", "run_site_round"]
@@ -212,7 +214,7 @@ def _fit_private(
         sample = samples[first[case]]
         return sample["image"], sample["label"]
 
-    local = local_config(cfg)
+    local = trainer_config(cfg)
     loss_fn = build_loss(local.loss, nr_gamma=local.gamma, nr_denominator=local.nr_denominator).to(
         task.device
     )

@@ -7,7 +7,7 @@ rate schedule, and optional COPLE-Net self-ensembling. Each ``fit`` builds a fre
 a federated round starts from the global weights, not from the site's optimizer state of the
 last round.
 
-What changes the numerics is :class:`TrainConfig` (the run settings); how the site's hardware
+What changes the numerics is :class:`TrainerConfig` (the run settings); how the site's hardware
 runs it is :class:`~fedmed.hardware.HardwareSettings` (devices, a LAMP model split over a
 device list, mixed precision fp16/bf16, channels-last, ``torch.compile``). A partitioned model
 keeps its placement: inputs go to the first stage's device, targets and the loss to the output
@@ -16,7 +16,7 @@ device, and the FedProx anchor of each parameter to that parameter's device.
 Checkpoints are :mod:`fedmed.checkpoint`.
 
 Example:
-    >>> trainer = LocalTrainer(model, config=TrainConfig(epochs=1, lr=1e-3, proximal_mu=0.01),
+    >>> trainer = LocalTrainer(model, config=TrainerConfig(epochs=1, lr=1e-3, proximal_mu=0.01),
     ...                        hardware=HardwareSettings(devices="cuda:0,cuda:1"))
     >>> result = trainer.fit(loader, global_weights=global_state)
     >>> result.loss, result.num_examples
@@ -42,7 +42,7 @@ from fedmed.fedprox import proximal_anchor, proximal_term
 from fedmed.hardware import HardwareSettings
 from fedmed.losses import NR_DENOMINATORS, build_loss
 
-__all__ = ["LocalTrainer", "TrainConfig", "TrainResult"]
+__all__ = ["LocalTrainer", "TrainResult", "TrainerConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ _LOSSES = ("dice", "dice_ce", "nr_dice")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainerConfig:
     """Options of one local training run; invalid values raise ``ConfigError`` at construction.
 
     ``steps`` (when set) is the exact number of optimizer steps, cycling over the batches as
@@ -70,7 +70,7 @@ class TrainConfig:
     ``ema_loss_momentum``), and a consistency term toward it weighted ``consistency_weight``.
 
     Example:
-        >>> TrainConfig(steps=200, optimizer="sgd", lr=0.01, lr_schedule="poly", proximal_mu=0.01)
+        >>> TrainerConfig(steps=200, optimizer="sgd", lr=0.01, lr_schedule="poly", proximal_mu=0.01)
     """
 
     epochs: int = 1
@@ -160,7 +160,7 @@ class LocalTrainer:
     the model's own); with ``self_ensembling`` the last ``fit``'s teacher is ``self.teacher``.
 
     Example:
-        >>> trainer = LocalTrainer(model, config=TrainConfig(steps=100), device="cuda:0,cuda:1")
+        >>> trainer = LocalTrainer(model, config=TrainerConfig(steps=100), device="cuda:0,cuda:1")
         >>> trainer.fit(batches, val_fn=lambda m: validate(m)).val_dice
     """
 
@@ -168,7 +168,7 @@ class LocalTrainer:
         self,
         model: nn.Module,
         *,
-        config: TrainConfig,
+        config: TrainerConfig,
         hardware: HardwareSettings | None = None,
         device: torch.device | str | None = None,
         sample_shape: Sequence[int] | None = None,

@@ -14,7 +14,7 @@ same trajectory).
 - scaffold: FedAvg of the models, plus the server control variate moved by the sites' control
   changes (:mod:`fedmed.scaffold`), kept in the server state like the optimizer's.
 - FedBN is not a rule here: the server never sends or receives the sites' normalization
-  statistics, so they never reach the aggregator (see ``fedmed.task.local_norm_keys``).
+  statistics, so they never reach the aggregator (see ``fedmed.globalmodel.local_norm_keys``).
 
 Weights are the sites' ``num-examples`` as validated (:mod:`.validation`): positive, finite and
 no more than each site announced; their sum must be a positive finite number, or the

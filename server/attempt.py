@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedmed import wire
+from fedmed.roundconfig import TrainConfig
 from fedmed.scaffold import split_controls
-from fedmed.task import TrainConfig
 from fedmed.text import printable
 
 from .aggregate import SiteUpdate

@@ -58,8 +58,8 @@ from safetensors.numpy import load_file
 from fedmed import wire
 from fedmed.crosssite import summary_entries
 from fedmed.errors import ConfigError
+from fedmed.scoring import evaluate_folder
 from fedmed.stats import TOO_FEW_CASES
-from fedmed.task import evaluate_folder
 from fedmed.text import is_identifier, printable
 
 from .selection import record_selection

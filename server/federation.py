@@ -13,11 +13,13 @@ Each round:
    (:mod:`.sampling`);
 2. send every picked site the global arrays (without the sites' normalization statistics
    under FedBN; with SCAFFOLD's control variate) packed into one Flower object
-   (:mod:`fedmed.wire`), the round's :class:`~fedmed.task.TrainConfig` and the run's identity;
+   (:mod:`fedmed.wire`), the round's :class:`~fedmed.roundconfig.TrainConfig` and the run's
+   identity;
 3. collect replies until all answered or ``round-timeout``; check each one on its own
    (:mod:`.attempt`, :mod:`.validation`), dropping bad ones with a logged reason;
 4. with fewer than ``min-sites`` valid replies the attempt is logged as failed and the round
-   retried (``retry-failed-rounds`` times, then FederationError); otherwise aggregate
+   retried (``retry-failed-rounds`` times, then FederationError; steps 1-4 are
+   :mod:`.rounds`); otherwise aggregate
    (:mod:`.aggregate`), evaluate on the held-out folder (reported, never used to choose a
    model), checkpoint, log, redraw the report.
 
@@ -44,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,29 +57,27 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedmed.errors import ConfigError, FederationError
-from fedmed.scaffold import join_controls
+from fedmed.globalmodel import build_network, local_norm_keys, model_arrays
+from fedmed.roundconfig import TrainConfig
+from fedmed.scoring import evaluate_folder
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.guard import ServerGuard
-from fedmed.task import TrainConfig, build_network, evaluate_folder, local_norm_keys, model_arrays
 
 from .aggregate import Aggregator, SiteUpdate
-from .attempt import ReplyBounds, run_plain_attempt
 from .checkpoint import CheckpointStore
 from .evaluation import run_final_evaluation
 from .polling import exchange
 from .report import MetricsLog, completed_records, write_report
 from .roster import Roster, SiteInfo, registered_names
-from .sampling import sample_sites
+from .rounds import run_attempt, run_attempts
 from .secagg import SecureRound
 from .selection import record_selection
 from .settings import RunSettings
-from .validation import default_update_bound
 
 __all__ = ["Federation", "FederationResult", "SiteInfo", "train_config"]
 
 logger = logging.getLogger(__name__)
 
-_BUDGET_REFUSAL = "PrivacyBudgetExhausted"  # a site's error reply when it refuses a round
 HoldoutFn = Callable[[Mapping[str, np.ndarray], TrainConfig], dict[str, Any] | None]
 
 
@@ -274,79 +273,12 @@ class Federation:
     def _shared(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v for k, v in weights.items() if k not in self.local_keys}
 
-    def _bounds(self, sent: Mapping[str, np.ndarray]) -> ReplyBounds:
-        settings = self.settings
-        rule = settings.update_bound_rule
-        if rule == "fixed":
-            bound = settings.max_update_norm
-        elif rule == "default":
-            noised = sum(v.size for k, v in sent.items() if k in self.param_keys)
-            noise = settings.dp_noise_multiplier * settings.dp_clip_norm * math.sqrt(noised)
-            if self.guard.dp.mode == "record":
-                noise = self._record_dp_allowance(noised)
-            bound = default_update_bound(sent, keys=self.param_keys, dp_noise_norm=noise)
-        else:
-            bound = 0.0
-        voxels = settings.aggregation_weight == "voxels"
-        max_weight = {
-            node: site.num_train_voxels if voxels else float(site.num_train_cases)
-            for node, site in self.sites.items()
-        }
-        return ReplyBounds(
-            bound,
-            max_weight,
-            whole_weight=not voxels,
-            norm_keys=self.param_keys,
-            noised=self.guard.dp.mode == "site",
-        )
-
-    def _record_dp_allowance(self, noised: int) -> float:
-        """Record-level DP trains with Adam on noisy gradients: each step moves a coordinate
-        by about ``lr`` whatever the noise, so a round moves the model at most about
-        ``lr * steps * sqrt(d)`` (steps from the largest site's announced cases)."""
-        settings = self.settings
-        cases = max((s.num_train_cases for s in self.sites.values()), default=1)
-        steps = settings.local_steps or settings.local_epochs * math.ceil(
-            cases / settings.dp_patients_per_step
-        )
-        return settings.lr * steps * math.sqrt(noised) / 3.0
-
     def run_round(
         self, server_round: int, attempt: int, nodes: list[int], weights: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, Any], list[SiteUpdate]]:
-        """One attempt: send, collect, validate. Returns the log record and valid updates."""
-        started = time.monotonic()
-        sent = self._shared(weights)
-        cfg = self.config(server_round)
-        names = {n: self.roster.name_of(n) for n in nodes}
-        extras = self.guard.train_records(
-            sent,
-            cfg.to_config(),
-            server_round=server_round,
-            attempt=attempt,
-            sites=list(names.values()),
-            secure_min_sites=self.settings.min_sites if self.secure is not None else 0,
-        )
-        if self.secure is not None:  # SecAgg+: the server only ever sees the weighted mean
-            record, updates = self.secure.attempt(
-                server_round, attempt, names, sent, cfg.to_config(), extras
-            )
-        else:
-            payload = join_controls(sent, self.aggregator.control)
-            record, updates = run_plain_attempt(
-                self._exchange,
-                server_round,
-                attempt,
-                names,
-                payload,
-                cfg,
-                extras,
-                self._bounds(sent),
-                timeout=self.settings.round_timeout,
-            )
-        record["duration-s"] = round(time.monotonic() - started, 3)
-        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return record, updates
+        """One attempt: send, collect, validate (:func:`.rounds.run_attempt`). Returns the log
+        record and the valid updates."""
+        return run_attempt(self, server_round, attempt, nodes, weights)
 
     # -- the run -------------------------------------------------------------------------
     def _start(self) -> tuple[dict[str, np.ndarray], int]:
@@ -400,7 +332,7 @@ class Federation:
         failed, last, stopped = 0, first - 1, ""
         for server_round in range(first, self.settings.num_rounds + 1):
             try:
-                record, updates, retries = self._attempts(server_round, weights)
+                record, updates, retries = run_attempts(self, server_round, weights)
             except PrivacyBudgetExhausted as err:  # an ending, not a failure: the model stands
                 stopped = str(err)
                 logger.warning("run stops before round %d: %s", server_round, stopped)
@@ -442,52 +374,6 @@ class Federation:
         """The end-of-run evaluation (:mod:`.evaluation`): scores the final round, writes the
         cross-site table."""
         run_final_evaluation(self, weights, last_round=last_round)
-
-    def _attempts(
-        self, server_round: int, weights: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, Any], list[SiteUpdate], int]:
-        """Attempts of one round until ``min-sites`` valid replies: (record, updates, failed
-        attempts); FederationError after ``retry-failed-rounds`` retries."""
-        avoid: set[int] = set()  # sites that failed this round: asked last on a retry
-        for attempt in range(1, self.settings.retry_failed_rounds + 2):
-            connected = self.wait_for_sites()
-            nodes = sample_sites(
-                connected, self.settings, server_round, names=self._names(), avoid=avoid
-            )
-            unnamed: list[int] = []
-            if self._sampling:  # ask the sampled nodes who they are; one that cannot is missing
-                self._update_roster(connected, ask=nodes)
-                unnamed = [n for n in nodes if n not in self.sites]
-                nodes = [n for n in nodes if n in self.sites]
-            record, updates = self.run_round(server_round, attempt, nodes, weights)
-            record["missing"] = [*record["missing"], *(f"node-{n}" for n in unnamed)]
-            spent = {s for s, why in record["rejected"].items() if _BUDGET_REFUSAL in why}
-            if spent - self.exhausted:
-                logger.warning("privacy budget exhausted at %s: no longer sampled", sorted(spent))
-                self.exhausted |= spent
-            if record.get("contributors", len(updates)) >= self.settings.min_sites:
-                return record, updates, attempt - 1
-            bad = {*record["missing"], *record["rejected"]}
-            avoid |= {n for n in nodes if self.roster.name_of(n) in bad}
-            record["status"] = "failed"
-            logger.warning(
-                "round %d attempt %d failed: %d valid replies, min-sites is %d",
-                server_round,
-                attempt,
-                record.get("contributors", len(updates)),
-                self.settings.min_sites,
-            )
-            record["dp"] = self.guard.privacy_spent()
-            self.log.append(record)
-            self.guard.after_attempt(record, updates)
-            self._report()
-            if spent:  # raises PrivacyBudgetExhausted when too few sites may still train
-                self.wait_for_sites()
-        raise FederationError(
-            f"round {server_round} had fewer than min-sites {self.settings.min_sites} "
-            f"valid replies in {self.settings.retry_failed_rounds + 1} attempts (see "
-            f"{self.log.path}): check the sites' logs, raise round-timeout or lower min-sites"
-        )
 
     def _report(self) -> None:
         write_report(

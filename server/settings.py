@@ -24,7 +24,7 @@ key                         type     default      meaning
                                                   the server and each site, Karimireddy 2020)
 ``fedbn``                   bool     false        keep the normalization *statistics* at each
                                                   site (SiloBN: affine weights are shared, so
-                                                  the global model exists; see fedmed.task)
+                                                  the global model exists; see fedmed.globalmodel)
 ``aggregation-weight``      str      "cases"      what ``num-examples`` counts: training cases,
                                                   or ``voxels`` (the training images' volume in
                                                   mm^3, i.e. voxels at 1 mm isotropic)
@@ -125,6 +125,10 @@ and the model make the run's :class:`~fedmed.plan.PreprocessingPlan` (:attr:`Run
 the sites preprocess with it, the server's held-out evaluation too, and every round checkpoint
 records it so ``fedmed infer`` prepares new scans the same way.
 
+Which values and combinations are valid is :mod:`.settings_rules` (checked at construction);
+what follows from the keys (patch shape, loss, plan, per-round learning rate, deadlines) is
+:mod:`.settings_derived`, the base class of :class:`RunSettings`.
+
 Example:
     >>> settings = RunSettings.from_run_config({"num-rounds": 5, "strategy": "fedprox",
     ...                                         "proximal-mu": 0.01})
@@ -137,44 +141,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
-from fedmed.losses import LOSSES, NR_DENOMINATORS
-from fedmed.plan import PreprocessingPlan
-from fedmed.security.guard import dp_params
 
-__all__ = [
-    "AGGREGATION_WEIGHTS",
-    "LR_SCHEDULES",
-    "MODELS",
-    "SECAGG_MIN_SITES",
-    "SECAGG_STRATEGIES",
-    "STRATEGIES",
-    "RunSettings",
-]
+from .settings_derived import DerivedSettings
+from .settings_rules import check_settings
 
-logger = logging.getLogger(__name__)
+__all__ = ["RunSettings"]
 
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedmedian",
-    "trimmed-mean",
-    "scaffold",
-)
-AGGREGATION_WEIGHTS = ("cases", "voxels")
-MODELS = ("coplenet", "unet3d", "lamp_unet")
-# Strategies that need only the weighted mean of the updates: the one thing SecAgg+ reveals.
-SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
-SECAGG_MIN_SITES = 3
 
 # Keys that do not change the training trajectory: a run may be resumed with other values.
 _RESUMABLE_KEYS = frozenset(
@@ -219,10 +196,6 @@ _NEW_TRAINING_KEYS = {
     "hu-window": "-1000,400",
     "lr-schedule": "constant",
 }
-MODEL_NORMS = ("batch", "group")
-FEDPROX_DEFAULT_MU = 0.01
-LAMP_SKIPS = ("carried", "none")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
@@ -230,7 +203,7 @@ def _meta(key: str, kind: type, **limits: float) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunSettings(DerivedSettings):
     """Validated federation settings; see the module docstring for each key.
 
     Example:
@@ -310,129 +283,9 @@ class RunSettings:
     lr_schedule: str = field(default="constant", metadata=_meta("lr-schedule", str))
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_value(f, getattr(self, f.name))
         if self.target_spacing.strip().lower() in ("", "native"):  # one spelling, one hash
             object.__setattr__(self, "target_spacing", "native")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"run config key 'strategy' is {self.strategy!r}: "
-                f"use one of {', '.join(STRATEGIES)}"
-            )
-        if self.model not in MODELS:
-            raise ConfigError(
-                f"run config key 'model' is {self.model!r}: use one of {', '.join(MODELS)}"
-            )
-        if self.aggregation_weight not in AGGREGATION_WEIGHTS:
-            raise ConfigError(
-                f"run config key 'aggregation-weight' is {self.aggregation_weight!r}: use one of "
-                f"{', '.join(AGGREGATION_WEIGHTS)}"
-            )
-        if -1.0 < self.max_update_norm < 0.0:
-            raise ConfigError(
-                f"run config key 'max-update-norm' is {self.max_update_norm}: give -1 (the "
-                "default rule), 0 (no bound) or a positive L2 norm"
-            )
-        _ = self.reference_model_paths  # parse now so errors surface at construction
-        if self.model_norm not in MODEL_NORMS:
-            raise ConfigError(
-                f"run config key 'model-norm' is {self.model_norm!r}: use one of "
-                f"{', '.join(MODEL_NORMS)}"
-            )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(
-                f"run config key 'lr-schedule' is {self.lr_schedule!r}: use one of "
-                f"{', '.join(LR_SCHEDULES)}"
-            )
-        if self.strategy == "scaffold" and self.dp_clip_norm > 0:
-            raise ConfigError(
-                "run config key 'strategy' is 'scaffold' but DP is on (dp-clip-norm > 0): the "
-                "sites' control variates would leave them without noise; use fedavg or fedprox "
-                "with DP"
-            )
-        if 0 < self.sites_per_round < self.min_sites:
-            raise ConfigError(
-                f"run config key 'sites-per-round' is {self.sites_per_round} but min-sites is "
-                f"{self.min_sites}: a round needs min-sites replies, so sample at least that "
-                "many (raise sites-per-round, lower min-sites, or 0 = all sites)"
-            )
-        if self.secure_aggregation:
-            self._check_secure_aggregation()
-        _ = self.features, self.patch_shape  # parse now so errors surface at construction
-        self._check_training_recipe()
-        dp = dp_params(self)  # DP keys checked together (noise needs a clip norm)
-        if dp.mode == "record" and self.self_ensembling:
-            raise ConfigError(
-                "run config key 'self-ensembling' is true but dp-mode is 'record': DP-SGD "
-                "trains on clipped per-patient gradients of the loss alone, without the EMA "
-                "teacher; set self-ensembling = false, or use dp-mode 'site'"
-            )
-        if dp.mode == "record" and self.model == "coplenet" and self.model_norm == "batch":
-            raise ConfigError(
-                "run config key 'dp-mode' is 'record' but COPLE-Net uses batch norm, whose "
-                "statistics mix the patients of a batch (DP-SGD needs per-patient gradients): "
-                "set model-norm = 'group'"
-            )
-        if self.strategy != "fedprox" and self.proximal_mu > 0.0:
-            logger.info(
-                "proximal-mu %s with strategy %r: the sites add the proximal term",
-                self.proximal_mu,
-                self.strategy,
-            )
-
-    def _check_training_recipe(self) -> None:
-        """The loss, LAMP and preprocessing keys (each error names its key)."""
-        choices = (
-            ("loss", self.loss, ("auto", *LOSSES)),
-            ("nr-denominator", self.nr_denominator, NR_DENOMINATORS),
-            ("lamp-skips", self.lamp_skips, LAMP_SKIPS),
-        )
-        for key, value, known in choices:
-            if value not in known:
-                raise ConfigError(
-                    f"run config key {key!r} is {value!r}: use one of {', '.join(known)}"
-                )
-        if self.self_ensembling and self.loss_name != "nr-dice":
-            raise ConfigError(
-                f"run config key 'self-ensembling' is true but the loss is {self.loss_name!r}: "
-                "COPLE-Net's self-ensembling builds on the noise-robust Dice; set loss = "
-                "'nr-dice' (or self-ensembling = false)"
-            )
-        if self.lamp_skips != "carried" and self.model != "lamp_unet":
-            raise ConfigError(
-                f"run config key 'lamp-skips' is {self.lamp_skips!r} but model is "
-                f"{self.model!r}: the skip-free variant is LAMP's; use model = 'lamp_unet' or "
-                "lamp-skips = 'carried'"
-            )
-        _ = self.plan  # target-spacing, intensity and hu-window: errors name the key
-
-    def _check_secure_aggregation(self) -> None:
-        if self.min_sites < SECAGG_MIN_SITES:
-            raise ConfigError(
-                f"run config key 'secure-aggregation' is true but min-sites is {self.min_sites}: "
-                f"SecAgg+ needs at least {SECAGG_MIN_SITES} sites in every round (with 2, each "
-                "site could subtract its own update from the sum and learn the other's); set "
-                f"min-sites >= {SECAGG_MIN_SITES} with that many sites, or secure-aggregation = "
-                "false"
-            )
-        if self.strategy not in SECAGG_STRATEGIES:
-            raise ConfigError(
-                f"run config key 'strategy' is {self.strategy!r}, which needs each site's "
-                "update, but secure-aggregation shows the server only their sum: use one of "
-                f"{', '.join(SECAGG_STRATEGIES)}, or secure-aggregation = false"
-            )
-        if self.strategy == "scaffold":
-            raise ConfigError(
-                "run config key 'strategy' is 'scaffold', whose control variates the server "
-                "must see per site, but secure-aggregation shows only sums: use fedavg or "
-                "fedprox, or secure-aggregation = false"
-            )
-        if self.max_update_norm > 0:
-            raise ConfigError(
-                "run config key 'max-update-norm' needs each site's update, but "
-                "secure-aggregation shows the server only their sum: set max-update-norm = 0 "
-                "(bound the updates at the sites with dp-clip-norm instead)"
-            )
+        check_settings(self)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
@@ -452,142 +305,6 @@ class RunSettings:
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """The settings as kebab-case ``run_config`` (``from_run_config`` round-trips it)."""
         return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @property
-    def features(self) -> tuple[int, ...] | None:
-        """``model-features`` parsed, or None for the model's default."""
-        return _int_tuple("model-features", self.model_features, allow_empty=True)
-
-    @property
-    def spatial_dims(self) -> int:
-        """2 for COPLE-Net (slices), 3 for the U-Nets (patches)."""
-        return 2 if self.model == "coplenet" else 3
-
-    @property
-    def patch_shape(self) -> tuple[int, ...]:
-        """The training patch, ``patch-size`` parsed or the model's default."""
-        parsed = _int_tuple("patch-size", self.patch_size, allow_empty=True)
-        if parsed is None:
-            return (96, 96) if self.spatial_dims == 2 else (64, 64, 64)
-        if len(parsed) != self.spatial_dims:
-            raise ConfigError(
-                f"run config key 'patch-size' is {self.patch_size!r} but model {self.model!r} "
-                f"needs {self.spatial_dims} sizes: give e.g. "
-                f"{','.join(['64'] * self.spatial_dims)!r}"
-            )
-        levels = len(self.features) if self.features else 5
-        factor = 16 if self.spatial_dims == 2 else 2 ** (levels - 1)
-        if any(p % factor for p in parsed):
-            raise ConfigError(
-                f"run config key 'patch-size' is {self.patch_size!r} but model {self.model!r} "
-                f"with {levels} levels needs multiples of {factor}: e.g. "
-                f"{','.join([str(factor * 4)] * self.spatial_dims)!r}"
-            )
-        return parsed
-
-    @property
-    def loss_name(self) -> str:
-        """``loss`` with ``auto`` resolved: nr-dice for COPLE-Net, dice-ce for the U-Nets."""
-        if self.loss == "auto":
-            return "nr-dice" if self.model == "coplenet" else "dice-ce"
-        return self.loss
-
-    @property
-    def plan(self) -> PreprocessingPlan:
-        """The run's preprocessing plan: ``target-spacing``, ``intensity``, ``hu-window``, the
-        patch and the model (its options are added by :func:`fedmed.task.model_options`
-        when the round config is built)."""
-        return PreprocessingPlan.from_run_config(
-            self.to_run_config(), patch_size=self.patch_shape, model=self.model
-        )
-
-    @property
-    def update_bound_rule(self) -> str:
-        """``default``, ``off`` or ``fixed``: how ``max-update-norm`` bounds an update."""
-        if self.secure_aggregation or self.max_update_norm == 0:
-            return "off"
-        return "default" if self.max_update_norm < 0 else "fixed"
-
-    @property
-    def evaluation_deadline(self) -> float:
-        """Seconds the end-of-run evaluation may take (``evaluation-timeout`` or derived)."""
-        if self.evaluation_timeout > 0:
-            return self.evaluation_timeout
-        return self.round_timeout * (max(2, self.num_rounds) if self.local_baselines else 2)
-
-    @property
-    def effective_proximal_mu(self) -> float:
-        """The proximal term the sites use: ``proximal-mu``, or FedProx's default 0.01 when
-        the strategy is ``fedprox`` and it is 0 (the same in ``fedmed-sim`` and a deployment).
-
-        Example:
-            >>> RunSettings(strategy="fedprox").effective_proximal_mu
-            0.01
-        """
-        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
-            return FEDPROX_DEFAULT_MU
-        return self.proximal_mu
-
-    @property
-    def run_deadline(self) -> float:
-        """Seconds the whole run may take, derived from the settings: joining, every round
-        with all its attempts (each may wait ``join-timeout`` for sites and ``round-timeout``
-        per stage; SecAgg+ has 4 stages), the end-of-run evaluation (twice its deadline: the
-        sites' own models, then the models that travel) and 10 minutes for start-up and
-        checkpoints. A multi-day study gets a multi-day bound.
-
-        Example:
-            >>> RunSettings(num_rounds=2, join_timeout=60, round_timeout=100).run_deadline
-            2020.0
-        """
-        attempts = self.retry_failed_rounds + 1
-        stages = 4 if self.secure_aggregation else 1
-        per_round = attempts * (self.join_timeout + stages * self.round_timeout)
-        evaluation = 2 * self.evaluation_deadline if self.cross_site_evaluation else 0.0
-        return self.join_timeout + self.num_rounds * per_round + evaluation + 600.0
-
-    @property
-    def reference_model_paths(self) -> dict[str, Path]:
-        """``reference-models`` parsed: label -> checkpoint path."""
-        if not self.reference_models.strip():
-            return {}
-        try:
-            parsed = json.loads(self.reference_models)
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"run config key 'reference-models' is not JSON: {self.reference_models[:80]!r}"
-                ': give {"centralized": "/path/model.safetensors"}'
-            ) from err
-        if not isinstance(parsed, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
-        ):
-            raise ConfigError(
-                "run config key 'reference-models' must map labels to checkpoint paths, got "
-                f"{self.reference_models[:80]!r}"
-            )
-        return {k: Path(v) for k, v in parsed.items()}
-
-    def round_lr(self, server_round: int) -> float:
-        """The site learning rate of ``server_round`` under ``lr-schedule``.
-
-        Cosine annealing over the run (Loshchilov & Hutter 2017, one cycle, no restart):
-        round 1 trains at ``lr`` and round R at ``lr * (1 + cos(pi (R - 1) / R)) / 2``, never
-        0. Round 0 (the initial model) and rounds past ``num-rounds`` (the end-of-run local
-        training: fine-tuning, local-only baselines) get ``lr``.
-
-        Example:
-            >>> s = RunSettings(num_rounds=4, lr=0.01, lr_schedule="cosine")
-            >>> [round(s.round_lr(r), 5) for r in (1, 2, 3, 4)]
-            [0.01, 0.00854, 0.005, 0.00146]
-        """
-        if self.lr_schedule == "constant" or not 1 <= server_round <= self.num_rounds:
-            return self.lr
-        return self.lr * (1.0 + math.cos(math.pi * (server_round - 1) / self.num_rounds)) / 2.0
-
-    @property
-    def out_path(self) -> Path:
-        """``out-dir`` as a path."""
-        return Path(self.out_dir)
 
     def identity_hash(self) -> str:
         """sha256 of the settings that shape the trained weights (not timeouts or round count).
@@ -634,36 +351,3 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         f"run config key {key!r} is {value!r} ({type(value).__name__}): "
         f"it must be a TOML {kind.__name__}"
     )
-
-
-def _check_value(f: dataclasses.Field[Any], value: Any) -> None:
-    key = f.metadata["key"]
-    limits = (
-        ("min", lambda v, b: v >= b, ">="),
-        ("max", lambda v, b: v <= b, "<="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("lt", lambda v, b: v < b, "<"),
-    )
-    for name, ok, sign in limits:
-        if name in f.metadata and not ok(value, f.metadata[name]):
-            raise ConfigError(
-                f"run config key {key!r} is {value!r}: it must be {sign} {f.metadata[name]}"
-            )
-    if isinstance(value, float) and value != value:  # NaN passes every comparison above
-        raise ConfigError(f"run config key {key!r} is NaN: give a number")
-
-
-def _int_tuple(key: str, text: str, *, allow_empty: bool) -> tuple[int, ...] | None:
-    if not text.strip():
-        if allow_empty:
-            return None
-        raise ConfigError(f"run config key {key!r} is empty: give comma-separated integers")
-    try:
-        parsed = tuple(int(part) for part in text.split(","))
-    except ValueError as err:
-        raise ConfigError(
-            f"run config key {key!r} is {text!r}: give comma-separated integers like '16,32,64'"
-        ) from err
-    if any(v < 1 for v in parsed):
-        raise ConfigError(f"run config key {key!r} is {text!r}: every size must be >= 1")
-    return parsed

@@ -1,5 +1,5 @@
-"""fedmed.pipeline: settings, cached preprocessing in every cache mode, patch epochs, loaders,
-and the case guard."""
+"""fedmed.pipeline and fedmed.patches: settings, cached preprocessing in every cache mode,
+patch epochs, loaders, and the case guard."""
 
 from __future__ import annotations
 
@@ -16,14 +16,11 @@ import torch
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.guard import CLASSES_KEY, GuardSettings
 from fedmed.io.nifti import read_nifti, write_nifti
+from fedmed.patches import PATCHES_PER_CASE_3D, PatchSamples, augmentation, patch_loader
 from fedmed.pipeline import (
-    PATCHES_PER_CASE_3D,
-    PatchSamples,
     PipelineSettings,
-    augmentation,
     cached_volumes,
     load_cases,
-    patch_loader,
     preprocessing,
     site_volumes,
 )

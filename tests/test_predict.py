@@ -9,7 +9,7 @@ from fedmed.hardware import HardwareSettings
 from fedmed.inference import sliding_window_inference
 from fedmed.nets import LAMPUNet
 from fedmed.predict import predict_volume
-from fedmed.task import TrainConfig
+from fedmed.roundconfig import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

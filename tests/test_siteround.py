@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from fedmed.crosssite import own_models
+from fedmed.globalmodel import build_network, local_norm_keys, model_arrays
+from fedmed.roundconfig import TrainConfig
 from fedmed.scaffold import zero_controls
 from fedmed.siteround import SiteState, run_site_round
-from fedmed.task import SiteTask, TrainConfig, build_network, local_norm_keys, model_arrays
+from fedmed.task import SiteTask
 
 CFG = TrainConfig(
     model="coplenet",

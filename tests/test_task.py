@@ -1,4 +1,5 @@
-"""fedmed.task: round config, model arrays, FedBN keys, one local round, folder evaluation."""
+"""fedmed.task with fedmed.roundconfig, fedmed.globalmodel and fedmed.scoring: round config,
+model arrays, FedBN keys, one local round, folder evaluation."""
 
 from __future__ import annotations
 
@@ -10,21 +11,14 @@ import torch
 from torch import nn
 
 from fedmed.errors import ConfigError, ModelError
+from fedmed.globalmodel import build_network, load_arrays, local_norm_keys, model_arrays
 from fedmed.io.nifti import read_nifti_header
 from fedmed.metrics import image_diagonal_mm
 from fedmed.pipeline import PipelineSettings, cached_volumes, load_cases
 from fedmed.predict import adapt_norm_statistics, predict_volume
-from fedmed.task import (
-    SiteTask,
-    TrainConfig,
-    build_network,
-    evaluate_folder,
-    evaluate_model,
-    load_arrays,
-    local_norm_keys,
-    model_arrays,
-    site_volume_mm3,
-)
+from fedmed.roundconfig import TrainConfig
+from fedmed.scoring import evaluate_folder, evaluate_model
+from fedmed.task import SiteTask, site_volume_mm3
 
 SMALL = TrainConfig(
     model="coplenet",

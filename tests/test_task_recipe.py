@@ -1,5 +1,6 @@
-"""fedmed.task: the loss, LAMP and preprocessing settings of a round, and the site's hardware
-(a LAMP model split over a device list), and the demo's clean labels in validation."""
+"""fedmed.task and fedmed.roundconfig: the loss, LAMP and preprocessing settings of a round,
+the site's hardware (a LAMP model split over a device list), and the demo's clean labels in
+validation."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import pytest
 import torch
 
 from fedmed.errors import ConfigError
-from fedmed.task import (
-    CLEAN_LABELS_DIR,
-    SiteTask,
-    TrainConfig,
-    build_network,
-    evaluate_folder,
-    local_config,
-    model_arrays,
-)
+from fedmed.globalmodel import build_network, model_arrays
+from fedmed.roundconfig import TrainConfig, trainer_config
+from fedmed.scoring import evaluate_folder
+from fedmed.task import CLEAN_LABELS_DIR, SiteTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,8 +75,8 @@ def test_round_config_refuses_unknown_recipe_values(key, value, match):
 
 def test_auto_loss_is_the_models_own_and_the_settings_reach_the_trainer():
     # what federated training used before the loss was a setting
-    assert local_config(COPLENET).loss == "nr_dice"
-    assert local_config(LAMP).loss == "dice_ce"
+    assert trainer_config(COPLENET).loss == "nr_dice"
+    assert trainer_config(LAMP).loss == "dice_ce"
     cfg = dataclasses.replace(
         LAMP,
         loss="nr-dice",
@@ -89,7 +85,7 @@ def test_auto_loss_is_the_models_own_and_the_settings_reach_the_trainer():
         self_ensembling=True,
         ema_decay=0.9,
     )
-    local = local_config(cfg)
+    local = trainer_config(cfg)
     assert (local.loss, local.gamma, local.nr_denominator) == ("nr_dice", 2.0, "squared")
     assert (local.self_ensembling, local.ema_alpha) == (True, 0.9)
 

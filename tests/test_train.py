@@ -14,7 +14,7 @@ from fedmed.fedprox import proximal_term
 from fedmed.hardware import HardwareSettings
 from fedmed.losses import NoiseRobustDiceLoss
 from fedmed.nets import LAMPUNet
-from fedmed.train import LocalTrainer, TrainConfig
+from fedmed.train import LocalTrainer, TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,7 +53,7 @@ def _mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], loss_fn
 def test_loss_goes_down_on_a_tiny_problem(loss: str) -> None:
     # Prepare
     model, batches = _tiny_net(), _batches()
-    config = TrainConfig(steps=20, lr=0.05, loss=loss)
+    config = TrainerConfig(steps=20, lr=0.05, loss=loss)
     trainer = LocalTrainer(model, config=config, device="cpu")
     before = _mean_loss(model, batches, trainer.loss_fn)
     # Execute
@@ -67,7 +67,7 @@ def test_loss_goes_down_on_a_tiny_problem(loss: str) -> None:
 
 
 def test_one_shot_iterator_stops_early_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    trainer = LocalTrainer(_tiny_net(), config=TrainConfig(steps=5), device="cpu")
+    trainer = LocalTrainer(_tiny_net(), config=TrainerConfig(steps=5), device="cpu")
     with caplog.at_level(logging.WARNING, logger="fedmed.train"):
         result = trainer.fit(iter(_batches(num=2, batch_size=2)), progress=False)
     assert (result.steps, result.num_examples) == (2, 4)
@@ -83,7 +83,7 @@ def test_epochs_count_steps_and_examples_and_val_fn_is_called() -> None:
         seen.append(model.training)
         return 0.75
 
-    trainer = LocalTrainer(_tiny_net(), config=TrainConfig(epochs=2), device="cpu")
+    trainer = LocalTrainer(_tiny_net(), config=TrainerConfig(epochs=2), device="cpu")
     result = trainer.fit(batches, val_fn=val_fn, progress=False)
     assert (result.steps, result.num_examples, result.val_dice) == (6, 6, 0.75)
     assert seen == [False]  # validated once, in eval mode
@@ -94,7 +94,7 @@ def test_steps_cycle_over_a_generator_source_and_count_one_pass() -> None:
         def __iter__(self):
             yield from _batches(num=3, batch_size=2)
 
-    trainer = LocalTrainer(_tiny_net(), config=TrainConfig(steps=7), device="cpu")
+    trainer = LocalTrainer(_tiny_net(), config=TrainerConfig(steps=7), device="cpu")
     result = trainer.fit(Reiterable(), progress=False)
     assert (result.steps, result.num_examples) == (7, 6)
 
@@ -105,7 +105,7 @@ def test_fedprox_keeps_weights_closer_to_the_global_model() -> None:
 
     def drift(mu: float) -> float:
         model = _tiny_net()
-        config = TrainConfig(steps=10, lr=0.05, proximal_mu=mu)
+        config = TrainerConfig(steps=10, lr=0.05, proximal_mu=mu)
         LocalTrainer(model, config=config, device="cpu").fit(
             batches, global_weights=global_weights, progress=False
         )
@@ -118,7 +118,7 @@ def test_fedprox_keeps_weights_closer_to_the_global_model() -> None:
 def test_gradient_clipping_bounds_each_sgd_update() -> None:
     model = _tiny_net()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    config = TrainConfig(steps=1, optimizer="sgd", lr=1.0, momentum=0.0, grad_clip=0.01)
+    config = TrainerConfig(steps=1, optimizer="sgd", lr=1.0, momentum=0.0, grad_clip=0.01)
     LocalTrainer(model, config=config, device="cpu").fit(_batches(num=1), progress=False)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm() == pytest.approx(0.01, rel=1e-3)
@@ -130,7 +130,7 @@ def test_gradient_clipping_bounds_each_sgd_update() -> None:
 )
 def test_lr_schedules(schedule: str, factor_at_half: float) -> None:
     trainer = LocalTrainer(
-        _tiny_net(), config=TrainConfig(lr_schedule=schedule, steps=10), device="cpu"
+        _tiny_net(), config=TrainerConfig(lr_schedule=schedule, steps=10), device="cpu"
     )
     assert trainer._lr_factor(0, 10) == pytest.approx(1.0)
     assert trainer._lr_factor(5, 10) == pytest.approx(factor_at_half)
@@ -141,7 +141,7 @@ def test_amp_auto_is_off_on_cpu_and_equals_amp_off() -> None:
     for amp in ("auto", "off"):
         model = _tiny_net()
         hardware = HardwareSettings(devices="cpu", amp=amp)
-        trainer = LocalTrainer(model, config=TrainConfig(steps=3), hardware=hardware)
+        trainer = LocalTrainer(model, config=TrainerConfig(steps=3), hardware=hardware)
         assert not trainer.use_amp
         trainer.fit(_batches(num=3), progress=False)
         results.append(model.state_dict())
@@ -153,7 +153,7 @@ def test_bf16_on_cpu_trains_with_float32_weights_and_loss() -> None:
     # Prepare
     model, batches = _tiny_net(), _batches()
     hardware = HardwareSettings(devices="cpu", amp="bf16")
-    trainer = LocalTrainer(model, config=TrainConfig(steps=20, lr=0.05), hardware=hardware)
+    trainer = LocalTrainer(model, config=TrainerConfig(steps=20, lr=0.05), hardware=hardware)
     before = _mean_loss(model, batches, trainer.loss_fn)
     # Execute
     result = trainer.fit(batches, progress=False)
@@ -170,7 +170,7 @@ def test_channels_last_training_matches_the_default_layout() -> None:
         model = _tiny_net()
         hardware = HardwareSettings(devices="cpu", channels_last=channels_last)
         # SGD: Adam would blow up the rounding noise of the bias ahead of batch norm
-        config = TrainConfig(steps=3, lr=0.05, optimizer="sgd")
+        config = TrainerConfig(steps=3, lr=0.05, optimizer="sgd")
         trainer = LocalTrainer(model, config=config, hardware=hardware)
         result = trainer.fit(_batches(num=3), progress=False)
         results.append((result.loss, model.state_dict()))
@@ -183,20 +183,20 @@ def test_channels_last_training_matches_the_default_layout() -> None:
 def test_device_and_hardware_together_are_refused() -> None:
     with pytest.raises(ConfigError, match="give one"):
         LocalTrainer(
-            _tiny_net(), config=TrainConfig(), device="cpu", hardware=HardwareSettings("cpu")
+            _tiny_net(), config=TrainerConfig(), device="cpu", hardware=HardwareSettings("cpu")
         )
 
 
 def test_a_device_list_for_a_model_that_cannot_be_split_is_refused() -> None:
     with pytest.raises(ConfigError, match="device lists 2 devices but Sequential cannot be split"):
-        LocalTrainer(_tiny_net(), config=TrainConfig(), device="cpu,cpu")
+        LocalTrainer(_tiny_net(), config=TrainerConfig(), device="cpu,cpu")
 
 
 def test_self_ensembling_trains_student_and_keeps_an_ema_teacher() -> None:
     # Prepare
     model = _tiny_net()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    config = TrainConfig(
+    config = TrainerConfig(
         steps=6, lr=0.05, loss="nr-dice", nr_denominator="squared", self_ensembling=True,
         ema_alpha=0.5, ema_loss_momentum=0.5,
     )  # fmt: skip
@@ -218,13 +218,13 @@ def test_self_ensembling_trains_student_and_keeps_an_ema_teacher() -> None:
 def test_diverging_training_raises_model_error() -> None:
     batches = _batches(num=1)
     batches[0]["image"][0, 0, 0, 0] = float("nan")
-    trainer = LocalTrainer(_tiny_net(), config=TrainConfig(steps=1), device="cpu")
+    trainer = LocalTrainer(_tiny_net(), config=TrainerConfig(steps=1), device="cpu")
     with pytest.raises(ModelError, match="training loss became nan at step 0: lower lr"):
         trainer.fit(batches, progress=False)
 
 
 def test_batches_without_label_or_data_raise_data_error() -> None:
-    trainer = LocalTrainer(_tiny_net(), config=TrainConfig(steps=1), device="cpu")
+    trainer = LocalTrainer(_tiny_net(), config=TrainerConfig(steps=1), device="cpu")
     with pytest.raises(DataError, match="training batch has no 'label' entry"):
         trainer.fit([{"image": torch.zeros(1, 1, 8, 8)}], progress=False)
     with pytest.raises(DataError, match="the training batches are empty"):
@@ -232,7 +232,7 @@ def test_batches_without_label_or_data_raise_data_error() -> None:
 
 
 def test_schedule_without_known_length_needs_steps() -> None:
-    config = TrainConfig(lr_schedule="cosine")
+    config = TrainerConfig(lr_schedule="cosine")
     trainer = LocalTrainer(_tiny_net(), config=config, device="cpu")
     with pytest.raises(ConfigError, match="set steps"):
         trainer.fit(iter(_batches(num=1)), progress=False)
@@ -263,25 +263,25 @@ def test_schedule_without_known_length_needs_steps() -> None:
 )
 def test_invalid_config_raises_config_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        TrainConfig(**kwargs)
+        TrainerConfig(**kwargs)
 
 
 def test_the_trainer_builds_the_loss_with_gamma_and_denominator() -> None:
-    config = TrainConfig(loss="nr_dice", gamma=1.2, nr_denominator="squared")
+    config = TrainerConfig(loss="nr_dice", gamma=1.2, nr_denominator="squared")
     loss = LocalTrainer(_tiny_net(), config=config, device="cpu").loss_fn
     assert isinstance(loss, NoiseRobustDiceLoss)
     assert (loss.gamma, loss.denominator) == (1.2, "squared")
 
 
 def test_run_setting_spellings_of_the_loss_are_accepted() -> None:
-    assert TrainConfig(loss="dice-ce").loss == "dice_ce"
-    assert TrainConfig(loss="nr-dice").loss == "nr_dice"
+    assert TrainerConfig(loss="dice-ce").loss == "dice_ce"
+    assert TrainerConfig(loss="nr-dice").loss == "nr_dice"
 
 
 def test_public_api_is_pinned() -> None:
     import fedmed.train as module
 
-    assert sorted(module.__all__) == ["LocalTrainer", "TrainConfig", "TrainResult"]
+    assert sorted(module.__all__) == ["LocalTrainer", "TrainResult", "TrainerConfig"]
     assert all(hasattr(module, name) for name in module.__all__)
 
 
@@ -301,7 +301,7 @@ def _lamp_pair(**config: object) -> tuple[LocalTrainer, LocalTrainer]:
     reference = LAMPUNet(features=(4, 8, 16), chunks=1, checkpoint=False)
     split = LAMPUNet(features=(4, 8, 16))
     split.load_state_dict(reference.state_dict())
-    cfg = TrainConfig(steps=1, optimizer="sgd", lr=0.1, **config)  # type: ignore[arg-type]
+    cfg = TrainerConfig(steps=1, optimizer="sgd", lr=0.1, **config)  # type: ignore[arg-type]
     hardware = HardwareSettings(devices="cpu,cpu", lamp_micro_batches=2)
     return (
         LocalTrainer(reference, config=cfg, device="cpu"),
@@ -336,7 +336,7 @@ def test_a_step_on_a_split_lamp_model_equals_the_unpartitioned_step(config: dict
 
 def test_a_model_split_beforehand_keeps_its_placement() -> None:
     net = LAMPUNet(features=(4, 8, 16), devices=["cpu", "cpu"], balance=(2, 4), chunks=3)
-    trainer = LocalTrainer(net, config=TrainConfig(steps=1))
+    trainer = LocalTrainer(net, config=TrainerConfig(steps=1))
     assert trainer.model.placement.sizes == (2, 4)
     assert trainer.hardware.lamp_micro_batches == 3
     trainer.fit(_lamp_batches(), progress=False)
@@ -348,7 +348,7 @@ def test_compile_wraps_the_forward_only_so_state_dict_keys_are_the_models() -> N
     model = _tiny_net()
     keys = list(model.state_dict())
     trainer = LocalTrainer(
-        model, config=TrainConfig(), hardware=HardwareSettings(devices="cpu", compile=True)
+        model, config=TrainerConfig(), hardware=HardwareSettings(devices="cpu", compile=True)
     )
     assert trainer.model is model and list(trainer.model.state_dict()) == keys
     assert trainer._forward is not model and not any("_orig_mod" in k for k in keys)

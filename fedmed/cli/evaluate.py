@@ -40,9 +40,10 @@ from tqdm.auto import tqdm
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.check import DEFAULT_AFFINE_ATOL
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti
-from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, METRICS, combine_classes, evaluate_case
-from fedmed.metrics import summarize as summarize_metrics
+from fedmed.metrics import DEFAULT_NSD_TOLERANCE_MM, METRICS, evaluate_case
 from fedmed.stats import CASE_METRICS, summarize_cases
+from fedmed.summary import combine_classes
+from fedmed.summary import summarize as summarize_metrics
 
 __all__ = ["evaluate_folders", "register", "summarize_folder"]
 

@@ -43,15 +43,16 @@ from fedmed.checkpoint import load_checkpoint
 from fedmed.cli.model_limits import DEFAULT_MAX_BYTES, check_image_request, check_model_request
 from fedmed.cli.train import set_threads
 from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
+from fedmed.globalmodel import build_network, load_arrays
 from fedmed.hardware import HardwareSettings
 from fedmed.io.nifti import NIFTI_SUFFIXES, is_nifti, read_nifti_header
 from fedmed.pipeline import PipelineSettings, preprocessing
 from fedmed.plan import PreprocessingPlan
 from fedmed.predict import predict_volume
+from fedmed.roundconfig import TrainConfig
 from fedmed.security.at_rest import checkpoint_key, read_arrays
 from fedmed.security.chain import check_loadable, read_pointer
 from fedmed.security.signing import Verifier
-from fedmed.task import TrainConfig, build_network, load_arrays
 from fedmed.transforms import save_prediction
 
 __all__ = ["LoadedModel", "load_model", "predict_image", "register"]

@@ -1,7 +1,7 @@
 """``fedmed train``: centralized training, the baseline every federated result compares with.
 
 It runs the code a site runs (:mod:`fedmed.pipeline` for data, :class:`fedmed.train.LocalTrainer`
-for the loop, :func:`fedmed.task.evaluate_model` for validation) on one or more data folders
+for the loop, :func:`fedmed.scoring.evaluate_model` for validation) on one or more data folders
 pooled together, validates after each epoch and writes to ``--out``. The site's case guard runs
 too (:mod:`fedmed.io.guard`): a case that fails the data check is skipped with a warning (or
 stops the run with ``on-bad-case = "stop"`` in ``[train]``), and training is refused when fewer
@@ -43,24 +43,25 @@ import torch
 from fedmed.checkpoint import save_checkpoint
 from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
+from fedmed.globalmodel import build_network
 from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
 from fedmed.io.guard import GuardSettings, require_cases
 from fedmed.losses import LOSSES, NR_DENOMINATORS
 from fedmed.nets import MODELS
+from fedmed.patches import patch_loader
 from fedmed.pipeline import (
     INTENSITIES,
     PipelineSettings,
     cached_volumes,
     load_cases,
-    patch_loader,
     site_volumes,
 )
 from fedmed.plan import PreprocessingPlan
+from fedmed.roundconfig import TrainConfig, trainer_config
+from fedmed.scoring import evaluate_model
 from fedmed.security.encryption import check_cache_at_rest
-from fedmed.task import TrainConfig, build_network, evaluate_model, local_config
 from fedmed.tomlfile import TomlTable, read_toml
-from fedmed.train import LocalTrainer
-from fedmed.train import TrainConfig as LocalConfig
+from fedmed.train import LocalTrainer, TrainerConfig
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -268,9 +269,10 @@ def checkpoint_metadata(
     }
 
 
-def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
-    """The round's local config (:func:`fedmed.task.local_config`) with the loss options."""
-    local = local_config(cfg)
+def _trainer_config(cfg: TrainConfig, options: dict[str, Any]) -> TrainerConfig:
+    """The round's trainer settings (:func:`fedmed.roundconfig.trainer_config`) with the loss
+    options."""
+    local = trainer_config(cfg)
     changes = {
         field: options[key]
         for key, field in (
@@ -284,7 +286,7 @@ def _local_config(cfg: TrainConfig, options: dict[str, Any]) -> LocalConfig:
     return dataclasses.replace(local, **changes)
 
 
-def _loss_record(local: LocalConfig) -> dict[str, Any]:
+def _loss_record(local: TrainerConfig) -> dict[str, Any]:
     """The loss settings a checkpoint was trained with, under their run-setting names."""
     return {
         "loss": local.loss.replace("_", "-"),
@@ -305,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg, settings = _build(options)
     set_threads(args.threads)
     hardware = _hardware(options)
-    local = _local_config(cfg, options)
+    local = _trainer_config(cfg, options)
     device = ",".join(str(d) for d in hardware.devices)
     progress = not args.no_progress and sys.stderr.isatty()
     logger.info("caching the training and validation cases")

@@ -18,12 +18,13 @@ from fedmed.cli.infer import input_images, load_model, predict_image
 from fedmed.cli.main import build_parser, main
 from fedmed.cli.train import checkpoint_metadata
 from fedmed.errors import ConfigError, DataError, ModelError, SecurityError
+from fedmed.globalmodel import build_network, model_arrays
 from fedmed.io.nifti import read_nifti, read_nifti_header, write_nifti
 from fedmed.pipeline import PipelineSettings
+from fedmed.roundconfig import TrainConfig
 from fedmed.security.chain import sign_checkpoint
 from fedmed.security.pki import write_pki
 from fedmed.security.signing import Signer
-from fedmed.task import TrainConfig, build_network, model_arrays
 
 COPLE = TrainConfig(model="coplenet", model_features=(4, 8, 16, 32, 64), patch_size=(32, 32))
 UNET = TrainConfig(model="unet3d", model_features=(4, 8), patch_size=(16, 16, 8))

@@ -19,12 +19,13 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
 from fedmed.errors import ConfigError
+from fedmed.globalmodel import build_network, local_norm_keys, model_arrays
 from fedmed.io.msd import load_site_dataset, split_cases
 from fedmed.io.nifti import read_nifti
+from fedmed.roundconfig import TrainConfig
 from fedmed.security.accountant import recompute_epsilon
 from fedmed.security.dp import RELEASED_METRICS, DpParams
 from fedmed.security.encryption import EncryptionKey
-from fedmed.task import TrainConfig, build_network, local_norm_keys, model_arrays
 
 RUN = "ab" * 32  # the run's identity: its round-0 checkpoint's sha256
 CFG = TrainConfig(

@@ -19,9 +19,10 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
 from fedmed.errors import ConfigError
+from fedmed.globalmodel import build_network, model_arrays
 from fedmed.hardware import HardwareSettings
+from fedmed.roundconfig import TrainConfig
 from fedmed.security.dp import DpParams
-from fedmed.task import TrainConfig, build_network, model_arrays
 
 LAMP = TrainConfig(
     model="lamp_unet",

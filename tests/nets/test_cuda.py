@@ -16,8 +16,8 @@ from fedmed.hardware import HardwareSettings
 from fedmed.inference import sliding_window_inference
 from fedmed.nets import COPLENet, LAMPUNet
 from fedmed.predict import predict_volume
-from fedmed.task import TrainConfig as TaskConfig
-from fedmed.train import LocalTrainer, TrainConfig
+from fedmed.roundconfig import TrainConfig
+from fedmed.train import LocalTrainer, TrainerConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -106,7 +106,7 @@ def test_amp_training_on_cuda_learns_and_keeps_float32_weights(amp: str) -> None
     model = COPLENet(features=(8, 16, 32, 64, 128))
     batches = _disc_batches(4, "cpu")
     hardware = HardwareSettings(devices="cuda", amp=amp, channels_last=amp == "bf16")
-    trainer = LocalTrainer(model, config=TrainConfig(steps=40, lr=3e-3), hardware=hardware)
+    trainer = LocalTrainer(model, config=TrainerConfig(steps=40, lr=3e-3), hardware=hardware)
     assert trainer.amp_dtype == (torch.bfloat16 if amp == "bf16" else torch.float16)
 
     def mean_loss() -> float:
@@ -154,7 +154,7 @@ def test_a_training_step_on_a_lamp_model_split_over_cpu_and_gpu_matches_the_cpu_
     label = (torch.rand(4, 1, 16, 16, 16, generator=gen) > 0.7).long()
     batches = [{"image": label.float() + 0.3 * torch.randn(label.shape, generator=gen),
                 "label": label}]  # fmt: skip
-    config = TrainConfig(steps=1, optimizer="sgd", lr=0.1, proximal_mu=0.1)
+    config = TrainerConfig(steps=1, optimizer="sgd", lr=0.1, proximal_mu=0.1)
     hardware = HardwareSettings(devices=devices, amp="off", lamp_micro_batches=2)
     cpu = LocalTrainer(reference, config=config, device="cpu")
     gpu = LocalTrainer(split, config=config, hardware=hardware, sample_shape=SAMPLE)
@@ -176,7 +176,7 @@ def test_prediction_with_a_lamp_model_split_over_cpu_and_gpu_matches_the_cpu() -
     reference = LAMPUNet(features=FEATURES, chunks=1, checkpoint=False)
     split = LAMPUNet(features=FEATURES, devices=["cpu", "cuda:0"], balance=(3, 3), chunks=2)
     split.load_state_dict(reference.state_dict())
-    cfg = TaskConfig(model="lamp_unet", model_features=FEATURES, patch_size=(16, 16, 16))
+    cfg = TrainConfig(model="lamp_unet", model_features=FEATURES, patch_size=(16, 16, 16))
     image = torch.randn(1, 24, 20, 18)
     for whole in (False, True):
         expected = predict_volume(reference, image, cfg, whole_volume=whole)

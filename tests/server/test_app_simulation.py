@@ -19,7 +19,7 @@ from fedmed.server.report import MetricsLog, completed_records
 from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
-from fedmed.task import build_network, local_norm_keys
+from fedmed.globalmodel import build_network, local_norm_keys
 
 pytestmark = [
     pytest.mark.slow,

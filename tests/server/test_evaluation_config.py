@@ -10,7 +10,7 @@ from fedmed.server.evaluation import _message
 from fedmed.server.federation import train_config
 from fedmed.server.settings import RunSettings
 
-from fedmed.task import TrainConfig
+from fedmed.roundconfig import TrainConfig
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

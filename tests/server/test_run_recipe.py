@@ -13,7 +13,7 @@ from fedmed.server.settings import RunSettings
 from fedmed.cli.infer import load_model
 from fedmed.errors import ConfigError
 from fedmed.plan import PreprocessingPlan
-from fedmed.task import TrainConfig, local_config
+from fedmed.roundconfig import TrainConfig, trainer_config
 
 LAMP = {"model": "lamp_unet", "model_features": "4,8,16", "patch_size": "16,16,16"}
 
@@ -46,8 +46,8 @@ def test_the_recipe_settings_travel_in_the_round_config():
 def test_the_default_loss_is_what_each_model_trained_with_before():
     assert RunSettings().loss_name == "nr-dice"
     assert RunSettings(model="unet3d").loss_name == "dice-ce"
-    assert local_config(train_config(RunSettings(), 1)).loss == "nr_dice"
-    assert local_config(train_config(RunSettings(**LAMP), 1)).loss == "dice_ce"
+    assert trainer_config(train_config(RunSettings(), 1)).loss == "nr_dice"
+    assert trainer_config(train_config(RunSettings(**LAMP), 1)).loss == "dice_ce"
 
 
 @pytest.mark.parametrize(
