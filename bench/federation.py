@@ -114,7 +114,7 @@ stock_client = ClientApp()
 
 
 def _settings(context: Context) -> Any:
-    from fedmed.server.settings import RunSettings
+    from fedmed.runsettings.settings import RunSettings
 
     return RunSettings.from_run_config(context.run_config)
 
@@ -282,9 +282,9 @@ class CountingProxy:
 
 def _model_bytes(model: str) -> int:
     from fedmed.server.federation import train_config
-    from fedmed.server.settings import RunSettings
 
     from fedmed.globalmodel import build_network, model_arrays
+    from fedmed.runsettings.settings import RunSettings
 
     settings = RunSettings.from_run_config({"model": model, **MODELS[model]})
     net = build_network(train_config(settings, 0), seed=0)

@@ -215,8 +215,9 @@ def table_lines(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _prepare(args: argparse.Namespace, work: Path) -> tuple[list[Path], Path]:
     """The fixed federation: site folders and the held-out folder (written once)."""
-    from fedmed.data.demo import HOLDOUT_DIRNAME, generate_demo_federation
     from fedmed.simulation.sites import pooled_federation
+
+    from fedmed.data.demo import HOLDOUT_DIRNAME, generate_demo_federation
 
     marker = work / "data" / "ready.json"
     spec = {k: getattr(args, k) for k in ("data", "sites", "cases", "holdout")}
@@ -254,9 +255,9 @@ def _run(
 ) -> dict[str, Any]:
     """One federation; its result dict (held-out Dice, DP records checked)."""
     from fedmed.server.report import MetricsLog
-    from fedmed.server.settings import RunSettings
-
     from fedmed.simulation.engine import SiteResources, run_federation
+
+    from fedmed.runsettings.settings import RunSettings
 
     folders, holdout = data
     names = [p.name for p in folders]

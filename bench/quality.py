@@ -52,7 +52,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedmed.server.settings import RunSettings
+from fedmed.simulation.apps import SitePolicy
+from fedmed.simulation.cli import configure_sim_logging, prepare_data, run_sim
+from fedmed.simulation.config import DataSpec, SimConfig, load_sim_config
 from quality_data import pinned_sites
 from quality_table import (
     FORMAT,
@@ -64,9 +66,7 @@ from quality_table import (
     result_path,
 )
 
-from fedmed.simulation.apps import SitePolicy
-from fedmed.simulation.cli import configure_sim_logging, prepare_data, run_sim
-from fedmed.simulation.config import DataSpec, SimConfig, load_sim_config
+from fedmed.runsettings.settings import RunSettings
 
 __all__ = ["JOBS", "main", "protocol", "read_results"]
 

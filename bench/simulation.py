@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from fedmed.server.report import MetricsLog
-from fedmed.server.settings import RunSettings
+from fedmed.simulation.engine import SiteResources, run_federation
 
 from fedmed.data.demo import generate_demo_federation
-from fedmed.simulation.engine import SiteResources, run_federation
+from fedmed.runsettings.settings import RunSettings
 
 __all__ = ["main", "tree_rss_bytes"]
 

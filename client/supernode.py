@@ -79,11 +79,9 @@ CLIENT_APP_MODULE = "fedmed.client.app"  # preloaded by the warm-start server
 def installed_app_hash() -> str:
     """sha256 of the shim app the installed fedmed builds (what an honest server sends)."""
     # The app declares every run setting with its default (RunSettings), so they decide its
-    # bytes; they live in server/settings.py today: the one import of server/ by the site
-    # (allowed by name in tests/flower/test_layering.py until RunSettings moves below both).
-    from fedmed.server.settings import RunSettings
-
+    # bytes: the site hashes the same library defaults the server ships.
     from fedmed.flower.fab import fab_from_files, shim_files
+    from fedmed.runsettings import RunSettings
 
     return fab_from_files(shim_files(RunSettings().to_run_config())).hash_str
 

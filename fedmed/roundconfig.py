@@ -42,7 +42,7 @@ _TUPLES = {"model_features": int, "patch_size": int, "target_spacing": float, "h
 class TrainConfig:
     """A round's instructions to a site; travels as a flat ``ConfigRecord`` (``to_config``).
 
-    The last fields are the run settings of the same names (:mod:`fedmed.server.settings`):
+    The last fields are the run settings of the same names (:mod:`fedmed.runsettings.settings`):
     ``loss`` (``auto`` = the model's default: ``nr-dice`` for COPLE-Net, ``dice-ce`` for the
     U-Nets), ``nr_gamma``, ``nr_denominator``, ``self_ensembling`` with ``ema_decay``,
     ``lamp_skips`` (``none``: LAMP's skip-free variant), and the preprocessing

@@ -14,8 +14,9 @@ if ! "$VENV/bin/python" -c "import flwr, sys; sys.exit(flwr.__version__ != '$FLW
     "$VENV/bin/python" -m pip --disable-pip-version-check -q install "flwr[simulation]==$FLWR_NEXT"
     echo "import site; site.addsitedir('$(site .venv/bin/python)')" \
         > "$(site "$VENV/bin/python")/zz_fedmed.pth"
-    "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
 fi
+# every time, as scripts/setup.sh does: the package layout may have changed since the build
+"$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
 "$VENV/bin/python" -c "import flwr; print('flower-next: flwr', flwr.__version__)"
 export FLWR_TELEMETRY_ENABLED=0
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/flower/test_flower_contract.py \

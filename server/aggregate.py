@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedmed.runsettings import RunSettings
 from fedmed.scaffold import update_server_control
-
-from .settings import RunSettings
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.flower.version import check_flower_version
+from fedmed.runsettings import RunSettings
 from fedmed.task import ensure_app_logging
 
 from .federation import Federation
-from .settings import RunSettings
 
 __all__ = ["app", "make_server_app"]
 

@@ -56,7 +56,7 @@ def _check_run_config(config: FederationConfig) -> None:
     """Refuse a bad ``[app]`` table now, before any process starts (fedmed's app only)."""
     if config.server.server_app != "fedmed.server.app":
         return
-    from fedmed.server.settings import RunSettings
+    from fedmed.runsettings.settings import RunSettings
 
     try:
         RunSettings.from_run_config(config.app)
@@ -114,13 +114,13 @@ _FOREIGN_APP_TIMEOUT_S = 24 * 3600.0  # a server app other than fedmed's: its se
 
 def run_timeout(config: FederationConfig) -> float:
     """``[server] run-timeout`` when set, else the bound the run's own settings imply
-    (:attr:`~fedmed.server.settings.RunSettings.run_deadline`), so a study of many long rounds
+    (:attr:`~fedmed.runsettings.settings.RunSettings.run_deadline`), so a study of many long rounds
     is not stopped at an arbitrary hour."""
     if config.server.run_timeout_s is not None:
         return config.server.run_timeout_s
     if config.server.server_app != "fedmed.server.app":
         return _FOREIGN_APP_TIMEOUT_S
-    from fedmed.server.settings import RunSettings
+    from fedmed.runsettings.settings import RunSettings
 
     return RunSettings.from_run_config(dict(config.app)).run_deadline
 

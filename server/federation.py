@@ -59,6 +59,7 @@ from flwr.serverapp import Grid
 from fedmed.errors import ConfigError, FederationError
 from fedmed.globalmodel import build_network, local_norm_keys, model_arrays
 from fedmed.roundconfig import TrainConfig
+from fedmed.runsettings import RunSettings
 from fedmed.scoring import evaluate_folder
 from fedmed.security.accountant import PrivacyBudgetExhausted
 from fedmed.security.guard import ServerGuard
@@ -72,7 +73,6 @@ from .roster import Roster, SiteInfo, registered_names
 from .rounds import run_attempt, run_attempts
 from .secagg import SecureRound
 from .selection import record_selection
-from .settings import RunSettings
 
 __all__ = ["Federation", "FederationResult", "SiteInfo", "train_config"]
 

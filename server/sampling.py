@@ -14,7 +14,7 @@ server or simulation samples the same sites. Memory and time per round then foll
 ``sites-per-round``, not the size of the federation.
 
 Example:
-    >>> from fedmed.server.settings import RunSettings
+    >>> from fedmed.runsettings.settings import RunSettings
     >>> settings = RunSettings(min_sites=2, sites_per_round=3, seed=0)
     >>> picked = sample_sites(list(range(100, 110)), settings, server_round=1)
     >>> len(picked), picked == sample_sites(list(range(109, 99, -1)), settings, server_round=1)
@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping, Sequence
 
-from .settings import RunSettings
+from fedmed.runsettings import RunSettings
 
 __all__ = ["sample_sites"]
 

@@ -52,12 +52,12 @@ from flwr.serverapp import Grid
 from fedmed import wire
 from fedmed.errors import FederationError
 from fedmed.flower.secaggplus import run_secaggplus
+from fedmed.runsettings import RunSettings
 from fedmed.security.secagg import QUANTIZATION_RANGE, flatten_records, split_update
 
 from .aggregate import SiteUpdate
 from .polling import PollingGrid
 from .report import attempt_record
-from .settings import RunSettings
 
 __all__ = ["SecureRound", "SecureRoundResult", "apply_update"]
 

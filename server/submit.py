@@ -39,9 +39,8 @@ from fedmed.flower.fab import (
     fab_from_files,
     shim_files,
 )
+from fedmed.runsettings import RunSettings
 from fedmed.security.pki import load_site_public_key_pem
-
-from .settings import RunSettings
 
 __all__ = [
     "RunOutcome",

@@ -11,7 +11,7 @@ A reply is refused, with a reason the server logs and writes to ``metrics.jsonl`
 - its metrics are not a small set of finite numbers under short identifier keys
   (:func:`fedmed.text.is_identifier`; at most :data:`MAX_METRICS`);
 - its aggregation weight ``num-examples`` (training cases by default, see
-  :mod:`fedmed.server.settings` ``aggregation-weight``) is not a positive finite number, not a
+  :mod:`fedmed.runsettings.settings` ``aggregation-weight``) is not a positive finite number, not a
   whole number where cases are counted, or more than the site announced when it joined (the
   roster's ``num-train-cases``): a site cannot buy itself a larger share of the average.
 

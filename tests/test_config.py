@@ -67,7 +67,7 @@ def test_shipped_site_configs_load_with_distinct_ports(site: str) -> None:
 
 
 def test_shipped_app_table_is_accepted_by_the_server_app_settings() -> None:
-    settings = pytest.importorskip("fedmed.server.settings")
+    settings = pytest.importorskip("fedmed.runsettings.settings")
     config = load_federation_config(CONFIGS / "federation.toml")
 
     run = settings.RunSettings.from_run_config(config.app)

@@ -11,7 +11,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPED = {"server": "fedmed.server", "client": "fedmed.client"}
+MAPPED = {"server": "fedmed.server", "client": "fedmed.client", "simulation": "fedmed.simulation"}
 
 
 def _package_folders() -> set[str]:
@@ -31,6 +31,13 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
     assert _package_folders() == listed
+
+
+def test_the_app_folders_install_under_fedmed() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["package-dir"] == {"fedmed": "fedmed"} | {
+        package: folder for folder, package in MAPPED.items()
+    }
 
 
 def test_test_module_basenames_are_unique() -> None:

@@ -87,8 +87,7 @@ def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _guarded_run(out: Path, certs: Path | None, rounds: int = 3) -> Path:
     """A run written as the server writes it: ServerGuard's audit lines, scored checkpoints,
     signed (with the CA recorded in the audit start line) when ``certs`` is given."""
-    from fedmed.server.settings import RunSettings
-
+    from fedmed.runsettings.settings import RunSettings
     from fedmed.security.guard import ServerGuard
 
     settings = RunSettings(out_dir=str(out), signing_dir=str(certs) if certs else "")
@@ -235,8 +234,7 @@ def test_a_redirected_best_pointer_fails(tmp_path, certs, capsys) -> None:
 
 def test_a_run_resumed_after_deleting_its_last_round_verifies(tmp_path, certs, capsys) -> None:
     # Prepare: the documented recovery: delete the last round's folder, restart the server
-    from fedmed.server.settings import RunSettings
-
+    from fedmed.runsettings.settings import RunSettings
     from fedmed.security.guard import ServerGuard
 
     _guarded_run(tmp_path, certs)

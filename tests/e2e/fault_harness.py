@@ -219,8 +219,9 @@ def make_demo_data(out: Path, sites: int) -> Path:
 
 def app_hash(*, server_module: str, client_module: str) -> str:
     """sha256 of the shim app fedmed-server would ship for these modules, computed the way a
-    freshly started process sees the tree (the FAB embeds server/settings.py's defaults, which
-    may have changed on disk since this pytest process imported them)."""
+    freshly started process sees the tree (the FAB embeds the defaults of
+    fedmed/runsettings/settings.py, which may have changed on disk since this pytest process
+    imported them)."""
     code = (
         "from fedmed.server.submit import build_fab\n"
         f"print(build_fab(server_module={server_module!r}, client_module={client_module!r})"

@@ -1,7 +1,9 @@
-"""Layering: only ``fedmed/flower/`` touches Flower beyond its public app API, and the site
-(``client/``) never imports the central side (``server/``).
+"""Layering: only ``fedmed/flower/`` touches Flower beyond its public app API, the site
+(``client/``) never imports the central side (``server/``), and the library (``fedmed/``)
+never imports the apps (``server/``, ``client/``, ``simulation/``) but through the console
+entry points of ``fedmed/cli/main.py``.
 
-A grep over the syntax tree of every module in ``fedmed/``, ``server/`` and ``client/``: imports
+A grep over the syntax tree of every module in ``fedmed/`` and the apps: imports
 (also inside functions) and string constants that name a module (``importlib.import_module``,
 ``monkeypatch`` targets, ``-m`` commands). Docstrings and comments may mention anything.
 """
@@ -14,18 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fedmed", "server", "client")
+PACKAGES = ("fedmed", "server", "client", "simulation")
 FLOWER_ROOM = ROOT / "fedmed" / "flower"
 PUBLIC_FLOWER = ("flwr.app", "flwr.serverapp", "flwr.clientapp")
 _FLWR_NAME = re.compile(r"\bflwr(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 _SERVER_NAME = re.compile(r"\bfedmed\.server(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_APP_NAME = re.compile(r"\bfedmed\.(?:server|client|simulation)(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+# the console scripts fedmed-server, fedmed-client and fedmed-sim: the library's one way in
+ENTRY_POINTS = ROOT / "fedmed" / "cli" / "main.py"
 
 # Known edges, each with its reason; a stale entry fails the test (remove it then).
-ALLOWED_CLIENT_TO_SERVER = {
-    # The app FAB declares every run setting with its default, so the site hashes RunSettings'
-    # defaults; goes when RunSettings moves below client/ and server/.
-    ("client/supernode.py", "fedmed.server.settings"),
-}
+ALLOWED_CLIENT_TO_SERVER: set[tuple[str, str]] = set()
 
 
 def _public_flower(name: str) -> bool:
@@ -60,7 +61,7 @@ def imported_and_named(source: str) -> Iterator[tuple[int, str, str]]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if id(node) in skip:
                 continue
-            for pattern in (_FLWR_NAME, _SERVER_NAME):
+            for pattern in (_FLWR_NAME, _APP_NAME):
                 for match in pattern.finditer(node.value):
                     yield node.lineno, "string", match.group()
 
@@ -149,3 +150,39 @@ def test_every_flower_module_exports_what_it_defines() -> None:
         assert exported is not None, f"{name} declares no __all__"
         missing = [n for n in exported if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names {missing}, which it does not define"
+
+
+def app_uses(source: str, *, kinds: tuple[str, ...] = ("import", "string")) -> set[str]:
+    """The app packages (``fedmed.server``, ``fedmed.client``, ``fedmed.simulation``) that
+    ``source`` imports or names (``kinds``)."""
+    return {
+        ".".join(name.split(".")[:2])
+        for _, kind, name in imported_and_named(source)
+        if kind in kinds and _APP_NAME.fullmatch(name)
+    }
+
+
+# Library modules that name the default app modules as values (the FAB's components, the
+# federation config's server-app/client-app defaults); they never import them.
+NAMES_THE_APPS = {ROOT / "fedmed" / "config.py", ROOT / "fedmed" / "flower" / "fab.py"}
+
+
+def test_the_library_does_not_import_the_apps() -> None:
+    offences = []
+    for path in sorted((ROOT / "fedmed").rglob("*.py")):
+        if path == ENTRY_POINTS:
+            continue
+        kinds = ("import",) if path in NAMES_THE_APPS else ("import", "string")
+        for name in sorted(app_uses(path.read_text(), kinds=kinds)):
+            offences.append(f"{path.relative_to(ROOT)} -> {name}")
+    assert not offences, (
+        "the library imports an app (move the shared code below the apps, into fedmed/):\n"
+        + "\n".join(offences)
+    )
+    assert app_uses(ENTRY_POINTS.read_text()) == {
+        "fedmed.server",
+        "fedmed.client",
+        "fedmed.simulation",
+    }
+    for path in NAMES_THE_APPS:  # a stale entry goes
+        assert app_uses(path.read_text(), kinds=("string",)), f"{path} names no app: drop it"

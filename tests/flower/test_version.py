@@ -59,7 +59,6 @@ def test_every_command_refuses_to_start_on_an_untested_flower(
 ) -> None:
     from fedmed.client.cli import main as client_main
     from fedmed.server.cli import main as server_main
-
     from fedmed.simulation.cli import main as sim_main
 
     missing = str(tmp_path / "missing.toml")  # the check comes before the config is read
@@ -78,7 +77,8 @@ def test_every_command_refuses_to_start_on_an_untested_flower(
 
 def test_the_server_app_refuses_to_run_on_an_untested_flower(untested_flower: None) -> None:
     from fedmed.server.app import make_server_app
-    from fedmed.server.settings import RunSettings
+
+    from fedmed.runsettings.settings import RunSettings
 
     app = make_server_app(RunSettings())
     with pytest.raises(FederationError, match=r"flwr 1\.99\.0 is installed"):

@@ -13,11 +13,11 @@ import pytest
 from fedmed.client.app import PartitionSites, make_client_app
 from fedmed.server.app import make_server_app
 from fedmed.server.report import MetricsLog
-from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.errors import FederationError
+from fedmed.runsettings.settings import RunSettings
 from fedmed.security.accountant import gaussian_epsilon
 from fedmed.security.pki import write_pki
 

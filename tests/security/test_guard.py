@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedmed.server.settings import RunSettings
 
 from fedmed.errors import ConfigError, FederationError
+from fedmed.runsettings.settings import RunSettings
 from fedmed.security.audit import verify_audit_log
 from fedmed.security.dp import update_norm
 from fedmed.security.guard import ServerGuard, SiteGuard

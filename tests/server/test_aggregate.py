@@ -14,8 +14,9 @@ from fedmed.server.aggregate import (
     trimmed_mean,
     weighted_average,
 )
-from fedmed.server.settings import RunSettings
 from scipy import stats
+
+from fedmed.runsettings.settings import RunSettings
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import pytest
 from fedmed.client.app import PartitionSites, make_client_app
 from fedmed.server.app import make_server_app
 from fedmed.server.report import MetricsLog
-from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
 from fedmed.errors import FederationError
+from fedmed.runsettings.settings import RunSettings
 
 pytestmark = [
     pytest.mark.slow,

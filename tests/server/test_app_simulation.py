@@ -16,10 +16,10 @@ from fedmed.server.app import make_server_app
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import train_config
 from fedmed.server.report import MetricsLog, completed_records
-from fedmed.server.settings import RunSettings
 from flwr.simulation import run_simulation
 
 from fedmed.globalmodel import build_network, local_norm_keys
+from fedmed.runsettings.settings import RunSettings
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from fedmed.server.attempt import ReplyBounds, parse_train_reply, run_plain_attempt
 from fedmed.server.federation import Federation, train_config
-from fedmed.server.settings import RunSettings
 from fedmed.server.validation import InvalidReply
 from flwr.app import (
     Array,
@@ -22,6 +21,7 @@ from flwr.app import (
 )
 
 from fedmed import wire
+from fedmed.runsettings.settings import RunSettings
 
 SMALL = {"model_features": "4,8,16,32,64", "patch_size": "32,32"}
 METRICS = {"num-examples": 12, "train-loss": 0.5}

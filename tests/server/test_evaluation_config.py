@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fedmed.server.evaluation import _message
 from fedmed.server.federation import train_config
-from fedmed.server.settings import RunSettings
 
 from fedmed.roundconfig import TrainConfig
+from fedmed.runsettings.settings import RunSettings
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

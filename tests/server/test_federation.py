@@ -10,10 +10,10 @@ from fedmed.server.aggregate import SiteUpdate
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import Federation, SiteInfo, train_config
 from fedmed.server.sampling import sample_sites
-from fedmed.server.settings import RunSettings
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from fedmed.errors import ConfigError
+from fedmed.runsettings.settings import RunSettings
 
 SMALL = {"model_features": "4,8,16,32,64", "patch_size": "32,32"}
 

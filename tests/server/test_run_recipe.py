@@ -8,12 +8,12 @@ import json
 import pytest
 from fedmed.server.aggregate import SiteUpdate
 from fedmed.server.federation import Federation, train_config
-from fedmed.server.settings import RunSettings
 
 from fedmed.cli.infer import load_model
 from fedmed.errors import ConfigError
 from fedmed.plan import PreprocessingPlan
 from fedmed.roundconfig import TrainConfig, trainer_config
+from fedmed.runsettings.settings import RunSettings
 
 LAMP = {"model": "lamp_unet", "model_features": "4,8,16", "patch_size": "16,16,16"}
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from fedmed.server.cli import _with_default_signing, _with_insecure, main, run_timeout
-from fedmed.server.settings import RunSettings
 
 from fedmed.config import load_federation_config
 from fedmed.errors import ConfigError
+from fedmed.runsettings.settings import RunSettings
 from fedmed.security.pki import write_pki
 
 

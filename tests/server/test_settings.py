@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from fedmed.server.federation import train_config
-from fedmed.server.settings import RunSettings
 
 from fedmed.errors import ConfigError
+from fedmed.runsettings.settings import RunSettings
 
 
 def test_empty_run_config_gives_defaults():

@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 from fedmed.server.sampling import sample_sites
-from fedmed.server.settings import _RESUMABLE_KEYS, RunSettings
 
 from fedmed.errors import ConfigError
+from fedmed.runsettings.settings import _RESUMABLE_KEYS, RunSettings
 
 NODES = [9000 + 17 * i for i in range(64)]
 

@@ -7,10 +7,6 @@ import zipfile
 
 import pytest
 import tomllib
-from fedmed.server.settings import RunSettings
-from flwr.app import Context, RecordDict
-
-from fedmed.errors import ConfigError
 from fedmed.simulation.apps import (
     SIM_KEYS,
     RunConfigSites,
@@ -18,6 +14,10 @@ from fedmed.simulation.apps import (
     split_run_config,
 )
 from fedmed.simulation.engine import simulation_fab
+from flwr.app import Context, RecordDict
+
+from fedmed.errors import ConfigError
+from fedmed.runsettings.settings import RunSettings
 
 
 def _context(partition: int, run_config: dict) -> Context:

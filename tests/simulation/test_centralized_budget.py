@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from fedmed.server.settings import RunSettings
-
 from fedmed.simulation.centralized import centralized_steps
+
+from fedmed.runsettings.settings import RunSettings
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedmed.server.settings import RunSettings
+from fedmed.simulation.engine import SiteResources, run_federation
 
 from fedmed.errors import FederationError
 from fedmed.flower.process import descendants
-from fedmed.simulation.engine import SiteResources, run_federation
+from fedmed.runsettings.settings import RunSettings
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,7 +71,7 @@ def test_failed_run_names_the_reason_and_leaves_no_process(demo_root, short_dir)
 # a program that calls run_federation itself (as bench/simulation.py does), no handlers of its own
 _LIBRARY_CALLER = """
 import sys
-from fedmed.server.settings import RunSettings
+from fedmed.runsettings.settings import RunSettings
 from fedmed.simulation.engine import SiteResources, run_federation
 site_a, site_b, holdout, out = sys.argv[1:]
 settings = RunSettings(num_rounds=50, model_features="4,8,16,32,64", patch_size="32,32",

@@ -4,7 +4,7 @@ Tables (every key optional; the built-in defaults are the demo, and ``configs/si
 spells them out):
 
 - ``[sim]``: ``out`` (output folder), ``sites``, ``seed``, ``strategies`` (run labels: a
-  strategy name from :data:`~fedmed.server.settings_rules.STRATEGIES`, or ``fedbn`` = FedAvg keeping
+  strategy name from :data:`~fedmed.runsettings.rules.STRATEGIES`, or ``fedbn`` = FedAvg keeping
   normalization statistics local, ``fedprox+fedbn``, or ``ditto`` = FedAvg with Ditto personal
   models, ``ditto-lambda`` 0.1 unless ``[app]`` sets it), ``centralized`` (bool),
   ``local-baselines`` (bool: each site also trains a local-only model, same budget).
@@ -24,7 +24,7 @@ spells them out):
   device list per site, e.g. ``["cpu,cpu", "cpu"]``: site-A splits a LAMP model over two CPU
   stages; a CUDA device needs ``num-gpus`` > 0, and Ray gives a site one GPU at most, so
   only ``cuda``/``cuda:0``).
-- ``[app]``: federation ``run_config`` keys (:class:`~fedmed.server.settings.RunSettings`).
+- ``[app]``: federation ``run_config`` keys (:class:`~fedmed.runsettings.settings.RunSettings`).
   ``min-sites`` defaults to every site, or to ``sites-per-round`` when sites are sampled.
 
 Example:
@@ -43,8 +43,8 @@ from typing import Any
 
 from fedmed.data.demo import site_name
 from fedmed.errors import ConfigError
-from fedmed.server.settings import RunSettings
-from fedmed.server.settings_rules import FEDPROX_DEFAULT_MU, STRATEGIES
+from fedmed.runsettings.rules import FEDPROX_DEFAULT_MU, STRATEGIES
+from fedmed.runsettings.settings import RunSettings
 from fedmed.tomlfile import TomlTable, read_toml
 
 from .apps import SitePolicy

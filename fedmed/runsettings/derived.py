@@ -1,7 +1,7 @@
 """What follows from the run settings: the model's shape, the loss, the preprocessing plan,
 the learning rate of each round, the deadlines, and the parsed path keys.
 
-:class:`DerivedSettings` is the base of :class:`~fedmed.server.settings.RunSettings`: the keys
+:class:`DerivedSettings` is the base of :class:`~fedmed.runsettings.settings.RunSettings`: the keys
 are its fields, these are its properties. Nothing here reads ``run_config``; each value is
 computed from the validated keys, so the server, the simulation and the benches derive it the
 same way.
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 from fedmed.errors import ConfigError
 from fedmed.plan import PreprocessingPlan
 
-from .settings_rules import FEDPROX_DEFAULT_MU
+from .rules import FEDPROX_DEFAULT_MU
 
 __all__ = ["DerivedSettings"]
 
 
 class DerivedSettings:
-    """The values :class:`~fedmed.server.settings.RunSettings` derives from its keys."""
+    """The values :class:`~fedmed.runsettings.settings.RunSettings` derives from its keys."""
 
     if TYPE_CHECKING:  # the fields of RunSettings these values read
         num_rounds: int

@@ -6,7 +6,7 @@ node, ``node_config = {"partition-id": i, "num-partitions": n}``. So ``fedmed-si
 its run settings plus a few simulation keys (:data:`SIM_KEYS`, prefix ``sim-``) and these two
 apps split them:
 
-- :data:`server_app` builds :class:`~fedmed.server.settings.RunSettings` from the fedmed keys
+- :data:`server_app` builds :class:`~fedmed.runsettings.settings.RunSettings` from the fedmed keys
   (unknown keys still refused) and runs ``fedmed.server.app.make_server_app(settings)``, the
   deployment's server app;
 - :data:`client_app` is ``fedmed.client.app.make_client_app`` with a resolver that maps
@@ -40,13 +40,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedmed.client.app import PartitionSites, SiteRuntime, make_client_app
+from fedmed.server.app import make_server_app
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed.client.app import PartitionSites, SiteRuntime, make_client_app
 from fedmed.errors import ConfigError
-from fedmed.server.app import make_server_app
-from fedmed.server.settings import RunSettings
+from fedmed.runsettings.settings import RunSettings
 from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
 
 __all__ = [

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedmed.server.report import json_safe
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from fedmed.server.report import json_safe
 
 __all__ = ["summarize", "write_comparison"]
 

@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedmed.server.report import MetricsLog, write_report
+from fedmed.simulation.sites import link_file
 from safetensors.numpy import save_file
 
 from fedmed.globalmodel import build_network, model_arrays
 from fedmed.io.msd import DATASET_JSON, load_site_dataset, split_cases
+from fedmed.runsettings.settings import RunSettings
 from fedmed.scoring import evaluate_folder
-from fedmed.server.report import MetricsLog, write_report
-from fedmed.server.settings import RunSettings
-from fedmed.simulation.sites import link_file
 from fedmed.task import SiteTask
 
 __all__ = ["CENTRALIZED_MODEL", "centralized_steps", "pooled_training_folder", "train_centralized"]

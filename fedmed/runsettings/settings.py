@@ -147,8 +147,8 @@ from typing import Any
 
 from fedmed.errors import ConfigError
 
-from .settings_derived import DerivedSettings
-from .settings_rules import check_settings
+from .derived import DerivedSettings
+from .rules import check_settings
 
 __all__ = ["RunSettings"]
 

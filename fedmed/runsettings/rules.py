@@ -1,6 +1,6 @@
 """Which run settings are valid: each key's bounds and vocabulary, and the rules between keys.
 
-:class:`~fedmed.server.settings.RunSettings` calls :func:`check_settings` at construction, so
+:class:`~fedmed.runsettings.settings.RunSettings` calls :func:`check_settings` at construction, so
 a run with an unknown strategy, a patch the model cannot take, SecAgg+ with too few sites or
 DP-SGD on batch norm never starts; each ConfigError names the key, the bad value and the fix.
 Legal but unusual combinations are logged.

@@ -55,7 +55,7 @@ import tomllib
 from fedmed.errors import ConfigError, FederationError
 
 if TYPE_CHECKING:
-    from fedmed.server.settings import RunSettings
+    from fedmed.runsettings.settings import RunSettings
 
     from .apps import SitePolicy
 
@@ -186,8 +186,9 @@ def simulation_fab() -> Any:
     """
     import json
 
-    from fedmed.flower.fab import fab_from_files
     from fedmed.server.submit import fab_files
+
+    from fedmed.flower.fab import fab_from_files
 
     from .apps import SIM_KEYS
 
@@ -344,6 +345,8 @@ def _run_once(
     with warnings.catch_warnings():
         # flwr.cli imports typer, which uses an API click 8.3 deprecates
         warnings.simplefilter("ignore", DeprecationWarning)
+        from fedmed.server.submit import wait_for_run
+
         from fedmed.flower.control import control_client
         from fedmed.flower.process import (
             flower_env,
@@ -352,7 +355,6 @@ def _run_once(
             stop_process,
             wait_for_health,
         )
-        from fedmed.server.submit import wait_for_run
 
     out_dir = settings.out_path.absolute()
     link_log = out_dir / "superlink.log"
