@@ -459,10 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedmed.server.submit import build_fab, register_sites, wait_for_sites
     from fedmed.server.superlink import SuperLink
 
-    from fedmed.config import ServerConfig, SiteConfig
+    from fedmed.config import ServerConfig
     from fedmed.flower.control import control_client
     from fedmed.flower.process import free_loopback_port
     from fedmed.security.pki import write_pki
+    from fedmed.site_config import SiteConfig
 
     if args.data is not None:
         folders = sorted(p for p in args.data.iterdir() if p.is_dir())[: len(SITES)]

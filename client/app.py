@@ -78,7 +78,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedmed import wire
-from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.flower.codes import ErrorCode
 from fedmed.globalmodel import build_network, model_arrays
@@ -93,6 +92,7 @@ from fedmed.security.dp import DpParams, reduce_metrics
 from fedmed.security.encryption import PLAINTEXT_CACHE, check_cache_at_rest
 from fedmed.security.guard import SiteGuard
 from fedmed.security.secagg import is_secure_message, secure_train
+from fedmed.site_config import check_cache_mode
 from fedmed.siteround import dp_sgd_config, num_patients, run_site_round
 from fedmed.stats import DEFAULT_DISCLOSURE_FLOOR
 from fedmed.task import SiteTask, ensure_app_logging, site_volume_mm3
@@ -112,7 +112,7 @@ _TASKS: dict[tuple[Any, ...], SiteTask] = {}
 class SiteRuntime:
     """A site as the client app runs it: its data, cache, policy and hardware, resolved from
     the SuperNode's node config (:func:`site_from_node_config`; a deployment writes it from the
-    site's :class:`fedmed.config.SiteConfig`) or from a simulation's :class:`PartitionSites`.
+    site's :class:`fedmed.site_config.SiteConfig`) or from a simulation's :class:`PartitionSites`.
 
     ``hardware`` holds the site's devices and how it runs the model on them; without it,
     ``HardwareSettings(devices=device)``. ``device`` is then set to the device list the site

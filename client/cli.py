@@ -29,9 +29,9 @@ from pathlib import Path
 from types import FrameType
 
 from fedmed.cli.runner import add_version, configure_logging, run_command
-from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import DataError
 from fedmed.flower.version import check_flower_version
+from fedmed.site_config import SiteConfig, load_site_config
 
 __all__ = ["check_cache", "check_data", "check_hardware", "main", "run_site"]
 

@@ -47,11 +47,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmed.config import SiteConfig
 from fedmed.errors import FederationError, SecurityError
 from fedmed.flower.liveness import GUARD_PREFIX
 from fedmed.flower.pinning import install_wrapper, verify_pinning, write_pins
 from fedmed.flower.process import flower_env, start_process, stop_process, tail
+from fedmed.site_config import SiteConfig
 
 __all__ = [
     "SiteNode",

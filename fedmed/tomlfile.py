@@ -1,10 +1,11 @@
 """The one reader of fedmed's TOML config files and their one error format.
 
-Three files configure fedmed: ``configs/federation.toml`` and ``configs/sites/X.toml``
-(:mod:`fedmed.config`), ``configs/sim.toml`` (:mod:`fedmed.simulation.config`), and
-``fedmed train --config`` (:mod:`fedmed.cli.train`). All of them are read by :func:`read_toml`
-and their tables by :class:`TomlTable`, so every error is a :class:`~fedmed.errors.ConfigError`
-worded the same way: the file, then the table and key, then what is wrong and the fix::
+Four files configure fedmed: ``configs/federation.toml`` (:mod:`fedmed.config`),
+``configs/sites/X.toml`` (:mod:`fedmed.site_config`), ``configs/sim.toml``
+(:mod:`fedmed.simulation.config`) and ``fedmed train --config`` (:mod:`fedmed.cli.train`).
+All of them are read by :func:`read_toml` and their tables by :class:`TomlTable`, so every
+error is a :class:`~fedmed.errors.ConfigError` worded the same way: the file, then the table
+and key, then what is wrong and the fix::
 
     config file sim.toml does not exist: pass --config PATH
     sim.toml: [sim] sites = 'three' must be int

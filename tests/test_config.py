@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.config import load_federation_config, load_site_config
+from fedmed.config import load_federation_config
 from fedmed.errors import ConfigError
+from fedmed.site_config import load_site_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -348,10 +349,10 @@ def test_site_config_sets_the_case_guard_and_its_node_config_reads_back(tmp_path
 
 
 def test_site_hardware_keys_reach_the_hardware_settings(tmp_path: Path) -> None:
-    from fedmed.config import AMP_MODES as CONFIG_AMP_MODES
-    from fedmed.config import LAMP_BALANCES
     from fedmed.devices import BALANCES
     from fedmed.hardware import AMP_MODES, HardwareSettings
+    from fedmed.site_config import AMP_MODES as CONFIG_AMP_MODES
+    from fedmed.site_config import LAMP_BALANCES
 
     text = SITE.replace(
         'data-dir = "data"',

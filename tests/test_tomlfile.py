@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fedmed.simulation.config import load_sim_config
 
 from fedmed.cli.train import _read_config
-from fedmed.config import load_federation_config, load_site_config
+from fedmed.config import load_federation_config
 from fedmed.errors import ConfigError
-from fedmed.simulation.config import load_sim_config
+from fedmed.site_config import load_site_config
 from fedmed.tomlfile import TomlTable, read_toml
 
 READERS = {

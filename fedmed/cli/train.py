@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from fedmed.checkpoint import save_checkpoint
-from fedmed.config import check_cache_mode
 from fedmed.errors import ConfigError
 from fedmed.globalmodel import build_network
 from fedmed.hardware import AMP_MODES, HARDWARE_KEYS, HardwareSettings
@@ -60,6 +59,7 @@ from fedmed.plan import PreprocessingPlan
 from fedmed.roundconfig import TrainConfig, trainer_config
 from fedmed.scoring import evaluate_model
 from fedmed.security.encryption import check_cache_at_rest
+from fedmed.site_config import check_cache_mode
 from fedmed.tomlfile import TomlTable, read_toml
 from fedmed.train import LocalTrainer, TrainerConfig
 

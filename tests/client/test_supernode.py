@@ -24,9 +24,9 @@ from fedmed.client.supernode import (
     write_node_config,
 )
 
-from fedmed.config import SiteConfig
 from fedmed.errors import DataError, FederationError, SecurityError
 from fedmed.security.encryption import EncryptionKey
+from fedmed.site_config import SiteConfig
 
 
 def _free_port() -> int:

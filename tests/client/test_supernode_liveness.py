@@ -12,8 +12,8 @@ import pytest
 from fake_superlink import FakeSuperLink
 from fedmed.client.supernode import SiteNode
 
-from fedmed.config import load_site_config
 from fedmed.errors import ConfigError, FederationError
+from fedmed.site_config import load_site_config
 
 
 def _write_site(tmp_path: Path, address: str, extra: str = "") -> Path:

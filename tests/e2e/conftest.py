@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.config import ServerConfig, SiteConfig
+from fedmed.config import ServerConfig
 from fedmed.security.pki import PkiManifest, write_pki
+from fedmed.site_config import SiteConfig
 
 E2E_DIR = Path(__file__).resolve().parent
 # Sites heartbeat every 10 s (Flower's shortest, its default 30 s): a site that went away, or

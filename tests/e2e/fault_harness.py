@@ -235,7 +235,7 @@ def app_hash(*, server_module: str, client_module: str) -> str:
 
 def _app_hash(client_app: str) -> str | None:
     """sha256 of the app the server ships with ``client_app`` (sites must pin it)."""
-    from fedmed.config import SiteConfig
+    from fedmed.site_config import SiteConfig
 
     if "app_hashes" not in {f.name for f in dataclasses.fields(SiteConfig)}:
         return None
