@@ -41,11 +41,12 @@ message into one Flower object, :mod:`fedmed.wire`; stock sends one object per a
 
 Speed-ups (:mod:`fedmed.flower.speedups`): ``--without fastpoll,warmstart`` (or ``all``) runs
 everything with those switched off (``FEDMED_FLOWER_WITHOUT`` in every Flower process).
-``--ablate [LIST]`` then measures what each one earns on the first model: per speed-up, a
-fresh federation (SuperLink and sites restarted) runs the fedmed recipe with only that one off
-(``added-s``: its overhead per round minus the all-on run's; > 0 means the speed-up saves that
-much), and one runs Flower's stock recipe with every speed-up off (``stock-flower``: an
-unmodified Flower deployment; ``overhead-ratio-vs-stock-flower``). ``heartbeat`` and
+``--ablate [LIST]`` then measures what each one earns on the first model: a fresh federation
+(SuperLink and sites restarted) runs the fedmed recipe with all on (``all-on``), then one per
+speed-up with only that one off (``added-s``: its overhead per round minus ``all-on``'s; > 0
+means the speed-up saves that much), and, with ``stock`` among the recipes, one runs Flower's
+stock recipe with every speed-up off (``stock-flower``: an unmodified Flower deployment;
+``overhead-ratio-vs-stock-flower``). ``heartbeat`` and
 ``sqlite-timeout`` guard liveness and a loaded machine, not a round's latency: expect ~0.
 
 Options for issue #7's overhead figures, each a further fedmed run on the same federation and
@@ -535,11 +536,14 @@ def _ablation(
     base: frozenset[str],
     model: str,
 ) -> dict[str, Any]:
-    """What each speed-up earns: the fedmed recipe on a fresh federation with that one speed-up
-    switched off (beside ``base``), and Flower's stock recipe with every speed-up off (stock
-    Flower). Per run: overhead per round; ``added-s``: minus the all-on overhead."""
-    runs = [(f"without-{n}", base | {n}, "fedmed") for n in names]
-    runs.append(("stock-flower", frozenset(SPEEDUPS), "stock"))
+    """What each speed-up earns: the fedmed recipe on a fresh federation with every speed-up on
+    (``all-on``, the baseline: same conditions), then with each one switched off in turn
+    (beside ``base``), and Flower's stock recipe with every speed-up off (stock Flower) when
+    ``stock`` is among the recipes. Per run: overhead per round."""
+    runs = [("all-on", base, "fedmed")]
+    runs += [(f"without-{n}", base | {n}, "fedmed") for n in names]
+    if "stock" in args.recipes.split(","):
+        runs.append(("stock-flower", frozenset(SPEEDUPS), "stock"))
     results: dict[str, Any] = {"model": model}
     for tag, without, recipe in runs:
         out = work / f"out-{model}-{tag}"
@@ -722,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     if ablate:
         model = args.models.split(",")[0]
         ablation = _ablation(args, work, federation, fabs, ablate, without, model)
-        base = figures.get(model, {}).get("fedmed", {}).get("overhead-s")
+        base = ablation.get("all-on", {}).get("overhead-s")
         for name in ablate:
             off_s = ablation.get(f"without-{name}", {}).get("overhead-s")
             if base is not None and off_s is not None:  # > 0: the speed-up saves that much
