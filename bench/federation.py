@@ -39,6 +39,16 @@ therefore a lower bound for an unmodified Flower deployment. What differs is the
 count per round, the server's polling and the message encoding (fedmed packs all arrays of a
 message into one Flower object, :mod:`fedmed.wire`; stock sends one object per array).
 
+Speed-ups (:mod:`fedmed.flower.speedups`): ``--without fastpoll,warmstart`` (or ``all``) runs
+everything with those switched off (``FEDMED_FLOWER_WITHOUT`` in every Flower process).
+``--ablate [LIST]`` then measures what each one earns on the first model: a fresh federation
+(SuperLink and sites restarted) runs the fedmed recipe with all on (``all-on``), then one per
+speed-up with only that one off (``added-s``: its overhead per round minus ``all-on``'s; > 0
+means the speed-up saves that much), and, with ``stock`` among the recipes, one runs Flower's
+stock recipe with every speed-up off (``stock-flower``: an unmodified Flower deployment;
+``overhead-ratio-vs-stock-flower``). ``heartbeat`` and
+``sqlite-timeout`` guard liveness and a loaded machine, not a round's latency: expect ~0.
+
 Options for issue #7's overhead figures, each a further fedmed run on the same federation and
 model, reported beside the plain one (``dp-added-s``, ``secagg-added-s``: what the option adds
 to the overhead per round):
@@ -57,6 +67,7 @@ Usage::
     python bench/federation.py                       # demo data, COPLE-Net and 3D U-Net
     python bench/federation.py --data DIR --rounds 3 # DIR holds one MSD folder per site
     python bench/federation.py --dp --secagg         # plus the DP and SecAgg+ overheads
+    python bench/federation.py --models coplenet --ablate   # what each speed-up earns
 
 Ends with one JSON line of its figures.
 """
@@ -76,6 +87,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +97,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+
+from fedmed.errors import ConfigError
+from fedmed.flower.speedups import SPEEDUPS, WITHOUT_ENV, switched_off
 
 __all__ = ["stock_client", "stock_server"]
 
@@ -418,6 +433,150 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@contextlib.contextmanager
+def _federation(
+    work: Path,
+    tag: str,
+    folders: list[Path],
+    pki: Any,
+    app_hashes: tuple[str, ...],
+    without: frozenset[str],
+) -> Iterator[tuple[Any, dict[str, CountingProxy]]]:
+    """A SuperLink (fedmed's gateway) and the 3 sites (each behind a :class:`CountingProxy`),
+    every Flower process started with the speed-ups in ``without`` switched off; yields
+    ``(link, proxies)`` once all sites joined, stops everything after."""
+    from fedmed.client.supernode import SiteNode
+    from fedmed.server.submit import register_sites, wait_for_sites
+    from fedmed.server.superlink import SuperLink
+
+    from fedmed.config import ServerConfig
+    from fedmed.flower.control import control_client
+    from fedmed.flower.process import free_loopback_port
+    from fedmed.site_config import SiteConfig
+
+    previous = os.environ.get(WITHOUT_ENV)
+    os.environ[WITHOUT_ENV] = ",".join(sorted(without))  # inherited by every Flower process
+    link = SuperLink(
+        ServerConfig(
+            host="127.0.0.1",
+            port=free_loopback_port(),
+            state_dir=work / tag / "server",
+            ca_cert=pki.ca_cert,
+            server_cert=pki.server_cert,
+            server_key=pki.server_key,
+            insecure=False,
+            min_sites=len(SITES),
+            sites={s: pki.site_public_keys[s] for s in SITES},
+            wait_for_sites_s=120,
+            run_timeout_s=900,
+            startup_timeout_s=60,
+            stream_logs=False,
+        )
+    )
+    proxies: dict[str, CountingProxy] = {}
+    nodes: list[SiteNode] = []
+    threads: list[threading.Thread] = []
+    link.start()
+    try:
+        with control_client(link.address, ca_cert=pki.ca_cert) as client:
+            register_sites(client, link.config.sites)
+        for site, folder in zip(SITES, folders, strict=True):
+            proxies[site] = CountingProxy(("127.0.0.1", link.config.port))
+            state = work / tag / f"site-{site}"
+            config = SiteConfig(
+                path=state / "site.toml",
+                site=site,
+                data_dir=folder,
+                cache_dir=state / "cache",
+                cache_mode="memory",
+                device="cpu",
+                seed=0,
+                server_address=f"127.0.0.1:{proxies[site].port}",
+                ca_cert=pki.ca_cert,
+                private_key=pki.site_private_keys[site],
+                insecure=False,
+                state_dir=state,
+                runtime_port=free_loopback_port(),
+                max_restarts=3,
+                backoff_initial_s=1.0,
+                backoff_max_s=4.0,
+                check_data=False,
+                app_hashes=app_hashes,
+            )
+            nodes.append(SiteNode(config))
+            threads.append(threading.Thread(target=nodes[-1].run, daemon=True))
+            threads[-1].start()
+        with control_client(link.address, ca_cert=pki.ca_cert) as client:
+            wait_for_sites(client, min_sites=len(SITES), timeout=120, alive=link.alive)
+        yield link, proxies
+    finally:
+        for node in nodes:
+            node.stop()
+        for thread in threads:
+            thread.join(timeout=30)
+        link.stop()
+        for proxy in proxies.values():
+            proxy.close()
+        if previous is None:
+            os.environ.pop(WITHOUT_ENV, None)
+        else:
+            os.environ[WITHOUT_ENV] = previous
+
+
+def _overheads(out: Path, recipe: str, num_rounds: int) -> tuple[list[float], list[float]]:
+    """(round seconds, overhead seconds) per completed round of a finished run."""
+    if recipe == "stock":
+        return _stock_overheads(out, num_rounds)
+    return _fedmed_overheads(_trained_rounds(out))
+
+
+def _ablation(
+    args: argparse.Namespace,
+    work: Path,
+    federation: Any,
+    fabs: dict[str, Any],
+    names: list[str],
+    base: frozenset[str],
+    model: str,
+) -> dict[str, Any]:
+    """What each speed-up earns: the fedmed recipe on a fresh federation with every speed-up on
+    (``all-on``, the baseline: same conditions), then with each one switched off in turn
+    (beside ``base``), and Flower's stock recipe with every speed-up off (stock Flower) when
+    ``stock`` is among the recipes. Per run: overhead per round."""
+    runs = [("all-on", base, "fedmed")]
+    runs += [(f"without-{n}", base | {n}, "fedmed") for n in names]
+    if "stock" in args.recipes.split(","):
+        runs.append(("stock-flower", frozenset(SPEEDUPS), "stock"))
+    results: dict[str, Any] = {"model": model}
+    for tag, without, recipe in runs:
+        out = work / f"out-{model}-{tag}"
+        with federation(tag, without) as (link, _):
+            config = _run_config(model, args, out, recipe)
+            if recipe != "stock":
+                config["signing-dir"] = str(link.config.server_key.parent)
+            ok, seconds = _submit(link, link.config.ca_cert, fabs[recipe], config)
+        if not ok:
+            results[tag] = {"ok": False, "out": str(out)}
+            continue
+        rounds, overheads = _overheads(out, recipe, args.rounds)
+        results[tag] = {
+            "without": sorted(without),
+            "run-s": round(seconds, 1),
+            "round-s": round(_mean(rounds), 2),
+            "overhead-s": round(_mean(overheads), 2),
+        }
+        log.info("ablation %s %s: %s", model, tag, results[tag])
+    return results
+
+
+def _without(parser: argparse.ArgumentParser, value: str) -> frozenset[str]:
+    """``--without``/``--ablate`` names, checked against fedmed's speed-ups."""
+    try:
+        return switched_off({WITHOUT_ENV: value})
+    except ConfigError as err:
+        parser.error(str(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="folder with one MSD folder per site (3)")
@@ -438,7 +597,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace", action="store_true", help="log every SuperLink request to WORK/trace.jsonl"
     )
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"speed-ups switched off for every run: 'all' or some of {', '.join(SPEEDUPS)}",
+    )
+    parser.add_argument(
+        "--ablate",
+        nargs="?",
+        const="all",
+        default=None,
+        help="then, on the first model: fedmed with each of these speed-ups off in turn "
+        "(default: all), and stock Flower (stock recipe, every speed-up off)",
+    )
     args = parser.parse_args(argv)
+    without = _without(parser, args.without)
+    ablate = [n for n in SPEEDUPS if n in _without(parser, args.ablate or "") - without]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "fedmed.server.submit"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -455,15 +629,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[TRACE_ENV] = str(work / "trace.jsonl")
 
-    from fedmed.client.supernode import SiteNode
-    from fedmed.server.submit import build_fab, register_sites, wait_for_sites
-    from fedmed.server.superlink import SuperLink
+    from fedmed.server.submit import build_fab
 
-    from fedmed.config import ServerConfig
-    from fedmed.flower.control import control_client
-    from fedmed.flower.process import free_loopback_port
     from fedmed.security.pki import write_pki
-    from fedmed.site_config import SiteConfig
 
     if args.data is not None:
         folders = sorted(p for p in args.data.iterdir() if p.is_dir())[: len(SITES)]
@@ -479,63 +647,18 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         folders = [demo / f"site-{site}" for site in SITES]
     pki = write_pki(work / "certs", server_hosts=["127.0.0.1"], sites=list(SITES))
-    link = SuperLink(
-        ServerConfig(
-            host="127.0.0.1",
-            port=free_loopback_port(),
-            state_dir=work / "server",
-            ca_cert=pki.ca_cert,
-            server_cert=pki.server_cert,
-            server_key=pki.server_key,
-            insecure=False,
-            min_sites=len(SITES),
-            sites={s: pki.site_public_keys[s] for s in SITES},
-            wait_for_sites_s=120,
-            run_timeout_s=900,
-            startup_timeout_s=60,
-            stream_logs=False,
-        )
-    )
-    recipes = args.recipes.split(",")
+    recipes = [r for r in args.recipes.split(",") if r]
     recipes += [v for v, on in (("fedmed-dp", args.dp), ("fedmed-secagg", args.secagg)) if on]
     stock_fab, fedmed_fab = build_fab(**STOCK_APP), build_fab()
-    proxies: dict[str, CountingProxy] = {}
-    nodes: list[SiteNode] = []
-    threads: list[threading.Thread] = []
+    fabs = {"stock": stock_fab, "fedmed": fedmed_fab}
+
+    def federation(tag: str, off: frozenset[str]) -> Any:
+        return _federation(work, tag, folders, pki, (stock_fab.hash_str,), off)
+
     figures: dict[str, Any] = {"rounds": args.rounds, "local-steps": args.local_steps, "sites": 3}
+    figures["without"] = sorted(without)
     figures["load-avg-start"] = [round(x, 2) for x in os.getloadavg()]  # a quiet machine?
-    link.start()
-    try:
-        with control_client(link.address, ca_cert=pki.ca_cert) as client:
-            register_sites(client, link.config.sites)
-        for site, folder in zip(SITES, folders, strict=True):
-            proxies[site] = CountingProxy(("127.0.0.1", link.config.port))
-            state = work / f"site-{site}"
-            config = SiteConfig(
-                path=state / "site.toml",
-                site=site,
-                data_dir=folder,
-                cache_dir=state / "cache",
-                cache_mode="memory",
-                device="cpu",
-                seed=0,
-                server_address=f"127.0.0.1:{proxies[site].port}",
-                ca_cert=pki.ca_cert,
-                private_key=pki.site_private_keys[site],
-                insecure=False,
-                state_dir=state,
-                runtime_port=free_loopback_port(),
-                max_restarts=3,
-                backoff_initial_s=1.0,
-                backoff_max_s=4.0,
-                check_data=False,
-                app_hashes=(stock_fab.hash_str,),
-            )
-            nodes.append(SiteNode(config))
-            threads.append(threading.Thread(target=nodes[-1].run, daemon=True))
-            threads[-1].start()
-        with control_client(link.address, ca_cert=pki.ca_cert) as client:
-            wait_for_sites(client, min_sites=len(SITES), timeout=120, alive=link.alive)
+    with federation("main", without) as (link, proxies):
         # Idle traffic (polls, heartbeats) per site and second, to tell it from the model's.
         idle_start = {s: p.counts() for s, p in proxies.items()}
         time.sleep(args.idle_window)
@@ -563,11 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not ok:
                     entry[recipe] = {"ok": False, "out": str(out)}
                     continue
-                if recipe == "stock":
-                    rounds, overheads = _stock_overheads(out, args.rounds)
-                else:
-                    trained = _trained_rounds(out)
-                    rounds, overheads = _fedmed_overheads(trained)
+                rounds, overheads = _overheads(out, recipe, args.rounds)
                 traffic = _traffic(proxies, before, args.rounds)
                 down = max(t[0] for t in traffic.values())
                 up = max(t[1] for t in traffic.values())
@@ -589,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 if recipe == "stock":  # round boundaries: the evaluate_fn calls
                     bounds = _stock_bounds(out, offset=time.time() - time.monotonic())
                 elif args.trace and recipe in ("fedmed", "fedmed-dp"):
+                    trained = _trained_rounds(out)
                     bounds = _train_pushes(work / "trace.jsonl", window, len(trained))
                     if cycles := _cycle_overheads(bounds, trained):
                         entry[recipe]["cycle-overhead-s"] = round(_mean(cycles), 2)
@@ -606,14 +726,18 @@ def main(argv: list[str] | None = None) -> int:
                 if plain is not None and extra is not None:
                     entry[f"{variant.removeprefix('fedmed-')}-added-s"] = round(extra - plain, 2)
             figures[model] = entry
-    finally:
-        for node in nodes:
-            node.stop()
-        for thread in threads:
-            thread.join(timeout=30)
-        link.stop()
-        for proxy in proxies.values():
-            proxy.close()
+    if ablate:
+        model = args.models.split(",")[0]
+        ablation = _ablation(args, work, federation, fabs, ablate, without, model)
+        base = ablation.get("all-on", {}).get("overhead-s")
+        for name in ablate:
+            off_s = ablation.get(f"without-{name}", {}).get("overhead-s")
+            if base is not None and off_s is not None:  # > 0: the speed-up saves that much
+                ablation[f"without-{name}"]["added-s"] = round(off_s - base, 2)
+        stock_s = ablation.get("stock-flower", {}).get("overhead-s")
+        if base is not None and stock_s:
+            ablation["overhead-ratio-vs-stock-flower"] = round(base / stock_s, 3)
+        figures["ablation"] = ablation
     figures["load-avg-end"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(figures, recipes)
     print(json.dumps({"bench": "federation", **figures}))
@@ -635,6 +759,16 @@ def _print_table(figures: dict[str, Any], recipes: list[str]) -> None:
                 )
             elif r:
                 print(f"{model:10} {recipe:13} FAILED (see {r.get('out')})")
+    ablation = figures.get("ablation", {})
+    if ablation:
+        print(f"\nablation ({ablation['model']}): overhead s per round; added: vs all on")
+    for tag, r in ablation.items():
+        if isinstance(r, dict) and r.get("overhead-s") is not None:
+            added = r.get("added-s")
+            extra = f" added {added:+.2f}" if added is not None else ""
+            print(f"  {tag:26} {r['overhead-s']:8.2f}{extra}")
+        elif isinstance(r, dict):
+            print(f"  {tag:26} FAILED (see {r.get('out')})")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ Flower beyond its public app API (``flwr.app``, ``flwr.serverapp``, ``flwr.clien
 ``tests/flower/test_layering.py`` fails if any other module imports (or names) a Flower
 internal; ``tests/flower/test_flower_contract.py`` asserts every internal these modules use, on
 each flwr series of :data:`SUPPORTED_SERIES`; every fedmed start checks the installed flwr
-against it (:func:`check_flower_version`). The security controls here fail closed.
+against it (:func:`check_flower_version`). The security controls here fail closed; the
+speed-ups switch off to Flower's own behaviour.
 
 Versions and values:
 
 * :mod:`fedmed.flower.version`: the tested flwr range and the start-up check;
-* :mod:`fedmed.flower.codes`: Flower's protocol constants fedmed writes into messages.
+* :mod:`fedmed.flower.codes`: Flower's protocol constants fedmed writes into messages;
+* :mod:`fedmed.flower.speedups`: the latency speed-ups below switch off with one warning
+  (stock Flower) where Flower drifted, or on request (``FEDMED_FLOWER_WITHOUT``).
 
 Processes and the app:
 

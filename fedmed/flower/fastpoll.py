@@ -16,7 +16,9 @@ the site's ClientApp processes. Nothing else changes: same flags, same protocol,
 
 Uses Flower internals (``tests/flower/test_fastpoll.py`` and
 ``tests/flower/test_flower_contract.py`` fail if the module stops sleeping through its
-module-level ``time``).
+module-level ``time``). Both are speed-ups (:mod:`fedmed.flower.speedups`: ``fastpoll``,
+``backoff``): on a Flower that lacks what they patch they change nothing and warn once, and
+``FEDMED_FLOWER_WITHOUT`` switches them off.
 
 Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 
@@ -33,12 +35,25 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["BUSY_S", "CappedSleep", "cap_supernode_sleep", "main", "shorten_pull_backoff"]
+from fedmed.flower.speedups import drifted, enabled, source_of
+
+__all__ = [
+    "BUSY_S",
+    "IDLE_SLEEP",
+    "PULL_BACKOFF",
+    "PULL_FUNCTIONS",
+    "CappedSleep",
+    "cap_supernode_sleep",
+    "main",
+    "shorten_pull_backoff",
+]
 
 SUPERNODE_MODULE = "flwr.supernode.start_client_internal"
 INFLATABLE_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 BUSY_S = 0.05  # cap of the SuperNode's short (local) waits while a message is in work
 PULL_BACKOFF = {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": 10_000}
+PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+IDLE_SLEEP = "time.sleep(3)"  # the idle wait in Flower's SuperNode loop that fastpoll caps
 
 
 class CappedSleep:
@@ -62,31 +77,66 @@ class CappedSleep:
         return getattr(time, name)
 
 
-def cap_supernode_sleep(poll_s: float, busy_s: float = BUSY_S) -> ModuleType:
+def cap_supernode_sleep(poll_s: float, busy_s: float = BUSY_S) -> ModuleType | None:
     """Make Flower's SuperNode loop sleep at most ``poll_s`` s when idle and ``busy_s`` s in
-    its short waits; return the patched module."""
+    its short waits; return the patched module.
+
+    Returns None (Flower's own sleeps, stock) when the speed-up ``fastpoll`` is switched off
+    or Flower's loop no longer idles through its module-level ``time`` (one
+    :class:`~fedmed.flower.speedups.FlowerDriftWarning`).
+
+    Raises:
+        ValueError: ``poll_s`` or ``busy_s`` out of range (a site config error).
+    """
     if not 0 < poll_s <= 3:
         raise ValueError(f"poll interval {poll_s} must be in (0, 3] seconds")
     if not 0 < busy_s <= 0.5:
         raise ValueError(f"busy wait {busy_s} must be in (0, 0.5] seconds")
-    module = importlib.import_module(SUPERNODE_MODULE)
-    if not isinstance(module.time, (ModuleType, CappedSleep)):
-        raise RuntimeError(f"{SUPERNODE_MODULE}.time is not the time module: flwr moved")
+    if not enabled("fastpoll"):
+        return None
+    try:
+        module = importlib.import_module(SUPERNODE_MODULE)
+    except ImportError as err:
+        drifted("fastpoll", f"{SUPERNODE_MODULE} cannot be imported ({err})")
+        return None
+    current = getattr(module, "time", None)
+    if not (current is time or isinstance(current, CappedSleep)):
+        drifted("fastpoll", f"{SUPERNODE_MODULE} has no module-level `time` to cap")
+        return None
+    if IDLE_SLEEP not in source_of(module):
+        drifted("fastpoll", f"{SUPERNODE_MODULE} no longer idles with `{IDLE_SLEEP}`")
+        return None
     module.time = CappedSleep(poll_s, busy_s)
     return module
 
 
-def shorten_pull_backoff(**backoff: float) -> None:
+def shorten_pull_backoff(**backoff: float) -> bool:
     """Make Flower's object pulls in this process retry an object that is not there yet after
     0.05 s (doubling to 0.5 s) instead of 1 s (doubling to 10 s), with as many tries as fit in
-    Flower's overall ``max_time``; keyword arguments override :data:`PULL_BACKOFF`."""
-    module = importlib.import_module(INFLATABLE_MODULE)
+    Flower's overall ``max_time``; keyword arguments override :data:`PULL_BACKOFF`.
+
+    Returns False, changing nothing (Flower's back-off, stock), when the speed-up ``backoff``
+    is switched off or a pull function lacks these keyword defaults (one
+    :class:`~fedmed.flower.speedups.FlowerDriftWarning`).
+    """
+    if not enabled("backoff"):
+        return False
     values = {**PULL_BACKOFF, **backoff}
-    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
-        defaults = getattr(module, name).__kwdefaults__
-        if not defaults or not set(values) <= set(defaults):
-            raise RuntimeError(f"{INFLATABLE_MODULE}.{name} has no {sorted(values)}: flwr moved")
+    try:
+        module = importlib.import_module(INFLATABLE_MODULE)
+    except ImportError as err:
+        drifted("backoff", f"{INFLATABLE_MODULE} cannot be imported ({err})")
+        return False
+    found = []
+    for name in PULL_FUNCTIONS:
+        defaults = getattr(getattr(module, name, None), "__kwdefaults__", None) or {}
+        if missing := sorted(set(values) - set(defaults)):
+            drifted("backoff", f"{INFLATABLE_MODULE}.{name} has no keyword defaults {missing}")
+            return False
+        found.append(defaults)
+    for defaults in found:  # all or nothing
         defaults.update(values)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:

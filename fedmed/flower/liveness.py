@@ -17,7 +17,9 @@ and a log line starting with :data:`GUARD_PREFIX`, so :class:`fedmed.client.supe
 restarts the SuperNode with its backoff.
 
 Uses Flower internals (module-level heartbeat constants; ``tests/client/test_liveness.py`` and
-``tests/flower/test_flower_contract.py`` fail if they move).
+``tests/flower/test_flower_contract.py`` fail if they move). The interval is a speed-up
+(:mod:`fedmed.flower.speedups`, ``heartbeat``): where the constants moved it stays Flower's
+30 s with one warning; the liveness guard uses no Flower internal.
 
 Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 
@@ -37,6 +39,8 @@ import threading
 import time
 from collections.abc import Sequence
 from types import ModuleType
+
+from fedmed.flower.speedups import drifted, enabled
 
 __all__ = [
     "EXIT_STOPPED_WORKING",
@@ -66,23 +70,32 @@ _EXIT_GRACE_S = 30.0
 def set_heartbeat_interval(seconds: float) -> list[ModuleType]:
     """Make this process's SuperNode declare (and send heartbeats for) ``seconds``.
 
-    Returns the patched Flower modules.
+    Returns the patched Flower modules: none (Flower's 30 s, stock) when the speed-up
+    ``heartbeat`` is switched off or a heartbeat constant moved (one
+    :class:`~fedmed.flower.speedups.FlowerDriftWarning`; all or nothing).
 
     Raises:
         ValueError: ``seconds`` is outside what the SuperLink accepts.
-        RuntimeError: Flower's heartbeat constants moved (flwr changed).
     """
     if not MIN_HEARTBEAT_S <= seconds <= MAX_HEARTBEAT_S:
         raise ValueError(
             f"heartbeat interval {seconds} s must be within [{MIN_HEARTBEAT_S:g}, "
             f"{MAX_HEARTBEAT_S:g}] s (the SuperLink refuses other values)"
         )
-    modules = [importlib.import_module(name) for name in HEARTBEAT_MODULES]
-    for module in modules:
+    if not enabled("heartbeat"):
+        return []
+    modules = []
+    for name in HEARTBEAT_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            drifted("heartbeat", f"{name} cannot be imported ({err})")
+            return []
         if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
-            raise RuntimeError(
-                f"{module.__name__} has no HEARTBEAT_DEFAULT_INTERVAL: the flwr internals moved"
-            )
+            drifted("heartbeat", f"{name} has no HEARTBEAT_DEFAULT_INTERVAL")
+            return []
+        modules.append(module)
+    for module in modules:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds
     return modules
 

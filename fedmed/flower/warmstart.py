@@ -11,10 +11,12 @@ with the child's exit code. The child runs exactly what the plain wrapper runs
 (:func:`fedmed.flower.pinning.clientapp_main`: pin check, then Flower's ``flwr-clientapp``).
 When the server is not reachable the wrapper runs ``clientapp_main`` itself (cold start).
 
-The server forks only while it has a single thread (checked), and never runs torch code
-before forking. Its children retry a message's not-yet-available objects after 0.05 s instead
-of Flower's 1 s (:func:`fedmed.flower.fastpoll.shorten_pull_backoff`): the SuperNode offers the
-message to its ClientApp before it has pulled all of the message's objects from the server.
+The server forks only while it has a single thread (checked: otherwise it warns and exits,
+and every message starts cold, as with stock Flower), and never runs torch code before
+forking. ``FEDMED_FLOWER_WITHOUT=warmstart`` switches it off (:mod:`fedmed.flower.speedups`).
+Its children retry a message's not-yet-available objects after 0.05 s instead of Flower's 1 s
+(:func:`fedmed.flower.fastpoll.shorten_pull_backoff`): the SuperNode offers the message to its
+ClientApp before it has pulled all of the message's objects from the server.
 
 Example (what :class:`fedmed.client.supernode.SiteNode` starts next to its SuperNode)::
 
@@ -37,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedmed.flower.pinning import CLIENTAPP_MODULES
+from fedmed.flower.speedups import drifted, enabled
 
 __all__ = ["PRELOAD", "WRAPPER_SOURCE", "main", "serve"]
 
@@ -119,17 +122,27 @@ def _child(conn: socket.socket, request: dict, fds: Sequence[int], pins: Path) -
 
 def serve(sock_path: Path, pins: Path, apps: Sequence[str] = ()) -> None:
     """Preload :data:`PRELOAD` and ``apps`` (module names), listen on ``sock_path`` and fork
-    one flwr-clientapp per request (forever)."""
+    one flwr-clientapp per request (forever).
+
+    Returns at once, listening on nothing, when the speed-up ``warmstart`` is switched off or
+    threads run after preloading (a Flower that starts one on import: one warning): the
+    site's wrapper then starts each flwr-clientapp cold, as Flower does.
+    """
+    if not enabled("warmstart"):
+        return
     preload = (*PRELOAD, *apps)
     for name in preload:
         importlib.import_module(name)
     from fedmed.flower.fastpoll import shorten_pull_backoff
 
     shorten_pull_backoff()
-    if threading.active_count() != 1:
-        raise RuntimeError(
-            f"warm start refuses to fork with {threading.active_count()} threads after preloading"
+    if threading.active_count() != 1:  # a fork copies other threads' locks half-held
+        drifted(
+            "warmstart",
+            f"{threading.active_count() - 1} thread(s) run after importing {', '.join(preload)} "
+            "and a fork is only safe from a single thread",
         )
+        return
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     sock_path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

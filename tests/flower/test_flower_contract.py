@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import inspect
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -360,3 +361,43 @@ def test_uvicorn_protocol_is_what_port_limits_py_subclasses() -> None:
     for name in ("connection_made", "connection_lost", "data_received"):
         assert callable(getattr(protocol, name)), name
     assert isinstance(httptools_impl.STATUS_LINE, dict)
+
+
+def test_every_speedup_applies_here_without_a_drift_warning(monkeypatch) -> None:
+    # fastpoll.py, liveness.py, linkstate.py, warmstart.py: each checks Flower before it
+    # patches and switches off with a FlowerDriftWarning (an error here) where Flower changed.
+    from fedmed.flower import fastpoll, linkstate, liveness, speedups, warmstart
+
+    monkeypatch.setattr(speedups, "_OFF", {})
+    monkeypatch.delenv(speedups.WITHOUT_ENV, raising=False)
+    supernode = _module(fastpoll.SUPERNODE_MODULE)
+    monkeypatch.setattr(supernode, "time", supernode.time)
+    pulls = [getattr(_module(fastpoll.INFLATABLE_MODULE), n) for n in fastpoll.PULL_FUNCTIONS]
+    saved = [dict(f.__kwdefaults__) for f in pulls]
+    for name in liveness.HEARTBEAT_MODULES:
+        module = _module(name)
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    sql_mixin = _module(linkstate.SQL_MIXIN)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    state = _module(linkstate.LINKSTATE_MODULE).SqlLinkState
+    for name in ("get_message_ins", "get_message_res"):
+        monkeypatch.setattr(state, name, getattr(state, name))
+    monkeypatch.setattr(state, "_fedmed_hold_s", None, raising=False)
+    try:
+        assert fastpoll.cap_supernode_sleep(0.5) is supernode
+        assert fastpoll.shorten_pull_backoff()
+        assert len(liveness.set_heartbeat_interval(10.0)) == len(liveness.HEARTBEAT_MODULES)
+        assert linkstate.lengthen_sqlite_busy_timeout()
+        assert linkstate.handout_mismatch() == ""
+        assert linkstate.deliver_complete_messages()
+    finally:
+        for function, defaults in zip(pulls, saved, strict=True):
+            function.__kwdefaults__.update(defaults)
+    assert speedups.off() == {}
+    # warm start forks only from a single thread: importing what it preloads starts none
+    code = f"import importlib, threading\nfor m in {warmstart.PRELOAD}: importlib.import_module(m)"
+    result = subprocess.run(
+        [sys.executable, "-c", f"{code}\nprint(threading.active_count())"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert result.stdout.split()[-1] == "1", result.stdout

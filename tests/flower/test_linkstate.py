@@ -1,5 +1,6 @@
 """The SuperLink's SQL state: a longer SQLite lock wait, and a message handed out only once its
-objects arrived, on a real Flower SqlLinkState and object store."""
+objects arrived, on a real Flower SqlLinkState and object store; on a Flower whose state does
+not match (drift simulated), the hand-out is off and messages are delivered as Flower does."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from flwr.superlink.federation.noop_federation_manager import (
     NOOP_FEDERATION_ID,
     NoOpFederationManager,
 )
+from sqlalchemy import text
 
 from fedmed import wire
+from fedmed.flower import speedups
 from fedmed.flower.linkstate import (
     deliver_complete_messages,
     incomplete_objects,
     lengthen_sqlite_busy_timeout,
 )
+from fedmed.flower.speedups import WITHOUT_ENV, FlowerDriftWarning
 
 # Flower's SQL state runs alembic migrations, which warn about their own config
 pytestmark = pytest.mark.filterwarnings("ignore:No path_separator found:DeprecationWarning")
@@ -47,6 +51,8 @@ def link(tmp_path, monkeypatch) -> Iterator[Link]:
     for name in ("get_message_ins", "get_message_res"):
         monkeypatch.setattr(SqlLinkState, name, getattr(SqlLinkState, name))
     monkeypatch.setattr(SqlLinkState, "_fedmed_hold_s", None, raising=False)
+    monkeypatch.setattr(speedups, "_OFF", {})  # no speed-up off yet in this process
+    monkeypatch.delenv(WITHOUT_ENV, raising=False)
     database = str(tmp_path / "state.db")
     store = SqlObjectStore(database)
     store.initialize()
@@ -141,3 +147,66 @@ def test_sqlite_busy_timeout_is_lengthened_where_flower_reads_it(monkeypatch) ->
 
     assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "60000"
     assert dict(sql_mixin.SQLITE_PRAGMAS)["journal_mode"] == "WAL"
+
+
+# ------------------------------------------------------------------- drift: Flower's behaviour
+
+
+def test_handout_on_a_changed_delivery_signature_stays_flowers(link, monkeypatch):
+    flowers = SqlLinkState.get_message_ins
+
+    def get_message_ins(self, node_id, limit, *, run_id=None, federation=None):  # newer Flower
+        return flowers(self, node_id, limit, run_id=run_id)
+
+    monkeypatch.setattr(SqlLinkState, "get_message_ins", get_message_ins)
+
+    with pytest.warns(
+        FlowerDriftWarning,
+        match=r"'handout' is off: SqlLinkState.get_message_ins takes \[.*'federation'\], not "
+        r".* \(flwr 1\.\d+\.\d+\)",
+    ):
+        assert deliver_complete_messages() is False
+
+    assert SqlLinkState.get_message_ins is get_message_ins  # not wrapped
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)  # at once, objects or not
+    assert pulled.metadata.message_id == message.object_id
+
+
+def test_handout_on_a_changed_object_model_stays_flowers(link, monkeypatch):
+    models = importlib.import_module("flwr.supercore.state.schema.objectstore_models")
+
+    class StoredObject:  # a newer schema: availability tracked elsewhere
+        __table__ = type("Table", (), {"columns": {"object_id": None, "content": None}})
+
+    monkeypatch.setattr(models, "StoredObject", StoredObject)
+
+    with pytest.warns(FlowerDriftWarning, match=r"StoredObject has no column \['is_available'\]"):
+        assert deliver_complete_messages() is False
+    assert getattr(SqlLinkState, "_fedmed_hold_s", None) is None
+
+
+def test_handout_whose_query_fails_while_running_delivers_as_flower_does(link):
+    deliver_complete_messages()
+    patched = SqlLinkState.get_message_ins
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    assert link.state.get_message_ins(node_id=link.node, limit=1) == []  # held: objects missing
+    with link.store.session() as session:  # a Flower migration renames the column it reads
+        session.execute(text("ALTER TABLE objects RENAME COLUMN is_available TO available"))
+
+    with pytest.warns(
+        FlowerDriftWarning, match=r"'handout' is off: its query over Flower's tables failed: "
+    ):
+        (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)
+
+    assert pulled.metadata.message_id == message.object_id  # delivered, not broken
+    assert SqlLinkState.get_message_ins is not patched  # Flower's own from now on
+    assert speedups.off()["handout"].startswith("its query over Flower's tables failed")
+
+
+def test_handout_switched_off_by_env_delivers_at_once(link, monkeypatch):
+    monkeypatch.setenv(WITHOUT_ENV, "handout")
+    assert deliver_complete_messages() is False
+    message = _push(link, _content(), src=SUPERLINK_NODE_ID, dst=link.node)
+    (pulled,) = link.state.get_message_ins(node_id=link.node, limit=1)
+    assert pulled.metadata.message_id == message.object_id
