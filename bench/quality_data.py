@@ -23,9 +23,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedmed.simulation.sites import link_file
+
 from fedmed.errors import DataError
 from fedmed.io.msd import DATASET_JSON, load_site_dataset, patient_id, split_cases
-from fedmed.simulation.sites import link_file
 
 __all__ = ["pinned_sites", "validation_patients"]
 

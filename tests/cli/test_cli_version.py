@@ -7,10 +7,10 @@ from importlib.metadata import version
 import pytest
 from fedmed.client.cli import main as client_main
 from fedmed.server.cli import main as server_main
+from fedmed.simulation.cli import build_parser
 
 from fedmed import __version__
 from fedmed.cli.main import main as fedmed_main
-from fedmed.simulation.cli import build_parser
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from fedmed.errors import ConfigError
 from fedmed.simulation.cli import format_record, main, parse_config
 from fedmed.simulation.config import DEMO_APP, load_sim_config, run_settings
+
+from fedmed.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

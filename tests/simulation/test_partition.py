@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedmed.simulation import dirichlet_counts, split_patients
 
 from fedmed.errors import ConfigError
-from fedmed.simulation import dirichlet_counts, split_patients
 
 PATIENTS = [f"patient_{i:03d}" for i in range(40)]
 

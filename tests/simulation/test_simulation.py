@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.report import completed_records
-
 from fedmed.simulation.cli import main
 
 pytestmark = [

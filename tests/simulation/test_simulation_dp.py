@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
+from fedmed.simulation.cli import main
 
 from fedmed.io.msd import load_site_dataset, split_cases
-from fedmed.simulation.cli import main
 
 pytestmark = [
     pytest.mark.slow,

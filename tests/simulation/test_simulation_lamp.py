@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from fedmed.simulation.cli import main
 
 from fedmed.plan import PreprocessingPlan
-from fedmed.simulation.cli import main
 
 pytestmark = [
     pytest.mark.slow,

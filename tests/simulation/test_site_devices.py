@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Context, RecordDict
-
-from fedmed.errors import ConfigError
 from fedmed.simulation.apps import SIM_KEYS, RunConfigSites, SitePolicy, sim_run_config
 from fedmed.simulation.cli import format_record, parse_config
 from fedmed.simulation.config import load_sim_config
+from flwr.app import Context, RecordDict
+
+from fedmed.errors import ConfigError
 
 
 def test_the_flag_and_the_config_file_give_each_site_its_devices(tmp_path):

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from fedmed.simulation.sites import ScannerShift, pooled_federation, shifted_federation
 
 from fedmed.errors import ConfigError, DataError
 from fedmed.io.msd import load_site_dataset, patient_id
 from fedmed.io.nifti import read_nifti
-from fedmed.simulation.sites import ScannerShift, pooled_federation, shifted_federation
 
 
 def test_pooled_split_builds_disjoint_site_folders_and_a_holdout(pooled_root, tmp_path):
