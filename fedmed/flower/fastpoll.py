@@ -28,14 +28,13 @@ Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from fedmed.flower.speedups import drifted, enabled, source_of
+from fedmed.flower.speedups import drifted, enabled, import_for, source_of
 
 __all__ = [
     "BUSY_S",
@@ -94,10 +93,8 @@ def cap_supernode_sleep(poll_s: float, busy_s: float = BUSY_S) -> ModuleType | N
         raise ValueError(f"busy wait {busy_s} must be in (0, 0.5] seconds")
     if not enabled("fastpoll"):
         return None
-    try:
-        module = importlib.import_module(SUPERNODE_MODULE)
-    except ImportError as err:
-        drifted("fastpoll", f"{SUPERNODE_MODULE} cannot be imported ({err})")
+    module = import_for("fastpoll", SUPERNODE_MODULE)
+    if module is None:
         return None
     current = getattr(module, "time", None)
     if not (current is time or isinstance(current, CappedSleep)):
@@ -122,10 +119,8 @@ def shorten_pull_backoff(**backoff: float) -> bool:
     if not enabled("backoff"):
         return False
     values = {**PULL_BACKOFF, **backoff}
-    try:
-        module = importlib.import_module(INFLATABLE_MODULE)
-    except ImportError as err:
-        drifted("backoff", f"{INFLATABLE_MODULE} cannot be imported ({err})")
+    module = import_for("backoff", INFLATABLE_MODULE)
+    if module is None:
         return False
     found = []
     for name in PULL_FUNCTIONS:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fedmed.flower.speedups import drifted, enabled, source_of
+from fedmed.flower.speedups import drifted, enabled, import_for, source_of
 
 __all__ = [
     "HOLD_INCOMPLETE_S",
@@ -75,10 +75,8 @@ def lengthen_sqlite_busy_timeout(milliseconds: str = SQLITE_BUSY_TIMEOUT_MS) -> 
     """
     if not enabled("sqlite-timeout"):
         return False
-    try:
-        sql_mixin = importlib.import_module(SQL_MIXIN)
-    except ImportError as err:
-        drifted("sqlite-timeout", f"{SQL_MIXIN} cannot be imported ({err})")
+    sql_mixin = import_for("sqlite-timeout", SQL_MIXIN)
+    if sql_mixin is None:
         return False
     try:
         pragmas = tuple((str(k), str(v)) for k, v in getattr(sql_mixin, "SQLITE_PRAGMAS", ()))

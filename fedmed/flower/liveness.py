@@ -30,7 +30,6 @@ Example (what :func:`fedmed.client.supernode.supernode_command` runs)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
@@ -40,7 +39,7 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
-from fedmed.flower.speedups import drifted, enabled
+from fedmed.flower.speedups import drifted, enabled, import_for
 
 __all__ = [
     "EXIT_STOPPED_WORKING",
@@ -86,10 +85,8 @@ def set_heartbeat_interval(seconds: float) -> list[ModuleType]:
         return []
     modules = []
     for name in HEARTBEAT_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as err:
-            drifted("heartbeat", f"{name} cannot be imported ({err})")
+        module = import_for("heartbeat", name)
+        if module is None:
             return []
         if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
             drifted("heartbeat", f"{name} has no HEARTBEAT_DEFAULT_INTERVAL")
