@@ -179,10 +179,9 @@ def _read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     table = TomlTable(path, "train", read_toml(path).get("train", {}))
-    values = {key: table.get(key, _CONFIG_KEYS[key]) for key in table.data if key in _CONFIG_KEYS}
-    table.used.update(_CONFIG_KEYS)  # finish() lists every key a [train] table may hold
-    table.finish()
-    return values
+    values = {key: table.get(key, kind, None) for key, kind in _CONFIG_KEYS.items()}
+    table.finish()  # after a read of every key: its error lists them all as known
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

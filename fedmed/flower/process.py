@@ -45,6 +45,7 @@ __all__ = [
     "descendants",
     "flower_env",
     "free_loopback_port",
+    "process_alive",
     "start_process",
     "stop_process",
     "tail",
@@ -158,7 +159,8 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 15.0) -> int
     return proc.returncode
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie or a dead process does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -169,14 +171,14 @@ def _alive(pid: int) -> bool:
 def _terminate(pids: Sequence[int], *, timeout: float) -> None:
     """SIGTERM ``pids`` (not our children), SIGKILL those still alive after ``timeout`` s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        living = [pid for pid in pids if _alive(pid)]
+        living = [pid for pid in pids if process_alive(pid)]
         for pid in living:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while living and time.monotonic() < deadline:
             time.sleep(0.1)
-            living = [pid for pid in living if _alive(pid)]
+            living = [pid for pid in living if process_alive(pid)]
         if not living:
             return
 

@@ -16,7 +16,7 @@ import pytest
 from fedmed.simulation.engine import SiteResources, run_federation
 
 from fedmed.errors import FederationError
-from fedmed.flower.process import descendants
+from fedmed.flower.process import descendants, process_alive
 from fedmed.runsettings.settings import RunSettings
 
 pytestmark = [
@@ -40,15 +40,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def _alive(pids: list[int]) -> list[int]:
-    living = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            living.append(pid)
-    return living
+    return [pid for pid in pids if process_alive(pid)]
 
 
 def test_failed_run_names_the_reason_and_leaves_no_process(demo_root, short_dir):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.flower.process import descendants
+from fedmed.flower.process import descendants, process_alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -66,15 +66,7 @@ def ray_head(short_ray_tmpdir: Path) -> Iterator[tuple[str, list[int]]]:
         log.close()
     # stopping the group stopped the whole cluster (GCS, raylet, workers)
     time.sleep(1.0)
-    assert [p for p in processes if _alive(p)] == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    assert [p for p in processes if process_alive(p)] == []
 
 
 def test_the_sites_run_on_an_existing_ray_cluster(demo_root, short_ray_tmpdir, ray_head):
@@ -97,4 +89,4 @@ def test_the_sites_run_on_an_existing_ray_cluster(demo_root, short_ray_tmpdir, r
     # Ray joined the cluster instead of starting its own, and the cluster outlived the run
     log = (out / "runs" / "fedavg" / "simulation.log").read_text(errors="replace")
     assert "Connecting to existing Ray cluster" in log or address in log, log[-3000:]
-    assert _alive(cluster[0])
+    assert process_alive(cluster[0])
