@@ -8,9 +8,9 @@ polls ``pull_messages`` every ``poll-interval`` (0.1 s).
 Each round:
 
 1. wait until ``min-sites`` sites are connected and in the roster (at most ``join-timeout`` s,
-   then FederationError); new nodes are asked who they are (:mod:`.roster`: the name comes
-   from the key a site authenticated with); with ``sites-per-round`` pick that many of them
-   (:mod:`.sampling`);
+   and one more ask of the nodes still unnamed then, then FederationError); new nodes are
+   asked who they are (:mod:`.roster`: the name comes from the key a site authenticated
+   with); with ``sites-per-round`` pick that many of them (:mod:`.sampling`);
 2. send every picked site the global arrays (without the sites' normalization statistics
    under FedBN; with SCAFFOLD's control variate) packed into one Flower object
    (:mod:`fedmed.wire`), the round's :class:`~fedmed.roundconfig.TrainConfig` and the run's
@@ -199,10 +199,10 @@ class Federation:
         """Node ids of the connected sites that may train, once at least ``min-sites`` are:
         sites in the roster, or (sampling) every connected node not out of budget."""
         deadline = time.monotonic() + self.settings.join_timeout
-        logged = -1
+        logged, last_ask = -1, False
         while True:
             connected = sorted(self.grid.get_node_ids())
-            self._update_roster(connected, ask=[] if self._sampling else None)
+            self._update_roster(connected, ask=[] if self._sampling else None, now=last_ask)
             known = connected if self._sampling else [n for n in connected if n in self.sites]
             able = [n for n in known if self.roster.name_of(n) not in self.exhausted]
             if len(able) >= self.settings.min_sites:
@@ -222,8 +222,13 @@ class Federation:
                     self.settings.min_sites,
                 )
                 logged = len(known)
+            unnamed = len(connected) - len(known)
+            if time.monotonic() >= deadline and unnamed and not last_ask:
+                # a node whose app started after the first ask timed out answers a new one
+                logger.warning("join-timeout reached: asking %d unnamed nodes once more", unnamed)
+                last_ask = True
+                continue
             if time.monotonic() >= deadline:
-                unnamed = len(connected) - len(known)
                 raise FederationError(
                     f"only {len(known)} of min-sites {self.settings.min_sites} sites connected "
                     f"after join-timeout {self.settings.join_timeout:g} s"
@@ -233,7 +238,11 @@ class Federation:
                 )
             time.sleep(min(1.0, self.settings.poll_interval * 10))
 
-    def _update_roster(self, connected: list[int], *, ask: list[int] | None = None) -> None:
+    def _update_roster(
+        self, connected: list[int], *, ask: list[int] | None = None, now: bool = False
+    ) -> None:
+        """Name the new nodes of ``ask`` (default: every connected node); ``now`` asks even
+        those still pausing after a failed answer."""
         asked = connected if ask is None else ask
         pruned = all(n in set(connected) for n in self.sites)
         if pruned and all(n in self.sites for n in asked):
@@ -250,6 +259,7 @@ class Federation:
             config=self.config(0).to_config(),
             ttl=self.settings.round_timeout,
             ask=ask,
+            now=now,
         )
 
     def _names(self) -> dict[int, str]:

@@ -161,21 +161,23 @@ class Roster:
         config: Mapping[str, Any],
         ttl: float,
         ask: Iterable[int] | None = None,
+        now: bool = False,
     ) -> None:
         """Prune nodes that left, then ask each new node of ``ask`` (default: every connected
-        node) who it is; with sampling only the sampled nodes are asked."""
+        node) who it is; with sampling only the sampled nodes are asked. A node that failed to
+        answer waits out its pause unless ``now``."""
         live = set(connected)
         for node in [n for n in self.sites if n not in live]:
             logger.info("site %s (node %d) is no longer connected", self.sites[node].name, node)
             del self.sites[node]
         for node in [n for n in self._backoff if n not in live]:
             del self._backoff[node]
-        now = self._clock()
+        clock = self._clock()
         candidates = connected if ask is None else [n for n in ask if n in live]
         new = [
             n
             for n in candidates
-            if n not in self.sites and self._backoff.get(n, (0.0, 0))[0] <= now
+            if n not in self.sites and (now or self._backoff.get(n, (0.0, 0))[0] <= clock)
         ]
         if not new:
             return

@@ -16,7 +16,8 @@ key                         type     default      meaning
                                                   the connected ones (0 = all; else >=
                                                   ``min-sites``; see :mod:`.sampling`)
 ``join-timeout``            float    300          seconds to wait for ``min-sites`` sites to be
-                                                  connected before a FederationError
+                                                  connected (nodes unnamed then are asked
+                                                  once more) before a FederationError
 ``round-timeout``           float    600          seconds a round waits for replies
 ``retry-failed-rounds``     int      2            retries of a round with too few valid replies
 ``strategy``                str      "fedavg"     fedavg, fedprox, fedadam, fedyogi, fedmedian,

@@ -12,7 +12,7 @@ from fedmed.server.federation import Federation, SiteInfo, train_config
 from fedmed.server.sampling import sample_sites
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
-from fedmed.errors import ConfigError
+from fedmed.errors import ConfigError, FederationError
 from fedmed.runsettings.settings import RunSettings
 
 SMALL = {"model_features": "4,8,16,32,64", "patch_size": "32,32"}
@@ -68,7 +68,7 @@ class _OneSiteNeverReplies(Federation):
     def wait_for_sites(self) -> list[int]:
         return [11, 12, 13, 14]
 
-    def _update_roster(self, connected: list[int], *, ask=None) -> None:
+    def _update_roster(self, connected: list[int], *, ask=None, now=False) -> None:
         pass
 
     def evaluate_final(self, weights, *, last_round=None) -> None:
@@ -150,7 +150,7 @@ class _SiteBRunsOutOfBudget(Federation):
             self.roster.sites[node] = SiteInfo(node, name, 4, 1, verified=True)
         self.final_round: int | None = None
 
-    def _update_roster(self, connected: list[int], *, ask=None) -> None:
+    def _update_roster(self, connected: list[int], *, ask=None, now=False) -> None:
         pass
 
     def evaluate_final(self, weights, *, last_round=None) -> None:
@@ -240,3 +240,37 @@ def test_with_sampling_only_the_sampled_sites_are_asked_who_they_are(tmp_path, t
     drawn = {n for nodes in federation.trained for n in nodes}
     assert set(federation.queried) == drawn and len(federation.queried) == len(drawn)
     assert set(federation.sites) == drawn
+
+
+class _AppsStartLate(Federation):
+    """Two connected nodes whose apps start only after the first roster query timed out."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(_Grid(), settings, holdout_fn=lambda weights, cfg: None)  # type: ignore[arg-type]
+        self.asks = 0
+
+    def _exchange(self, messages, timeout):
+        self.asks += 1
+        if self.asks == 1:  # the first query waits out the join deadline, unanswered
+            time.sleep(self.settings.join_timeout + 0.1)
+            return {}
+        return {m.metadata.dst_node_id: _roster_reply(m.metadata.dst_node_id) for m in messages}
+
+
+def test_nodes_unanswered_at_the_join_deadline_are_asked_once_more(tmp_path, caplog, task_identity):
+    settings = RunSettings(min_sites=2, join_timeout=0.2, out_dir=str(tmp_path), **SMALL)
+    federation = _AppsStartLate(settings)
+
+    assert federation.wait_for_sites() == [11, 12]
+
+    assert federation.asks == 2 and sorted(federation.roster.names().values()) == ["S11", "S12"]
+    assert "join-timeout reached: asking 2 unnamed nodes once more" in caplog.text
+
+
+def test_nodes_that_never_answer_fail_the_join_after_one_more_ask(tmp_path, task_identity):
+    settings = RunSettings(min_sites=2, join_timeout=0.2, out_dir=str(tmp_path), **SMALL)
+    federation = _AppsStartLate(settings)
+    federation._exchange = lambda messages, timeout: {}  # type: ignore[method-assign]
+
+    with pytest.raises(FederationError, match=r"only 0 of min-sites 2 .* \(2 more did not say"):
+        federation.wait_for_sites()
