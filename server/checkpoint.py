@@ -49,7 +49,7 @@ import numpy as np
 
 from fedmed.errors import ModelError, SecurityError
 from fedmed.security.at_rest import checkpoint_key, read_arrays, write_arrays
-from fedmed.security.chain import verify_links
+from fedmed.security.chain import round_folder_name, verify_links
 from fedmed.security.signing import SignatureError, Signer, Verifier
 
 from .report import json_safe
@@ -119,7 +119,7 @@ class CheckpointStore:
 
     def round_dir(self, round_: int) -> Path:
         """The folder of round ``round_``."""
-        return self.root / f"round-{round_:04d}"
+        return self.root / round_folder_name(round_)
 
     def rounds(self) -> list[int]:
         """Rounds with a complete folder, ascending."""
@@ -150,7 +150,7 @@ class CheckpointStore:
         self.root.mkdir(parents=True, exist_ok=True)
         parent = self._parent_hash(round_)
         final = self.round_dir(round_)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".round-{round_:04d}."))
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{round_folder_name(round_)}."))
         try:
             write_arrays(tmp / _WEIGHTS, _contiguous(weights), key=self.key)
             write_arrays(tmp / _STATE, _contiguous(server_state or {}), key=self.key)

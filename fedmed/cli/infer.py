@@ -51,7 +51,8 @@ from fedmed.plan import PreprocessingPlan
 from fedmed.predict import predict_volume
 from fedmed.roundconfig import TrainConfig
 from fedmed.security.at_rest import checkpoint_key, read_arrays
-from fedmed.security.chain import check_loadable, read_pointer
+from fedmed.security.chain import round_folder_name
+from fedmed.security.pointers import check_loadable, read_pointer
 from fedmed.security.signing import Verifier
 from fedmed.transforms import save_prediction
 
@@ -243,7 +244,7 @@ def _server_weights(path: Path, *, verifier: Verifier | None = None) -> Path | N
                 f"--model {path}: no weights.safetensors, best.json or latest.json in it; give "
                 "a fedmed train checkpoint (.safetensors) or a run's checkpoints folder"
             )
-        folder = root / f"round-{found[1]:04d}"
+        folder = root / round_folder_name(found[1])
         if not (folder / "weights.safetensors").is_file():
             raise ModelError(
                 f"{found[0]} names round {found[1]} but {folder / 'weights.safetensors'} does "

@@ -39,7 +39,8 @@ from fedmed.security.audit import (
     score_claims,
     verify_audit_log,
 )
-from fedmed.security.chain import check_audit_claims, check_pointers, read_links, verify_checkpoints
+from fedmed.security.chain import read_links, verify_checkpoints
+from fedmed.security.pointers import check_audit_claims, check_pointers
 from fedmed.security.signing import Verifier, certificate_fingerprint
 
 __all__ = ["register", "verify_path"]

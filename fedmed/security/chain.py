@@ -11,9 +11,9 @@ Checks, from cheap to thorough:
   certificate the :class:`~fedmed.security.signing.Verifier` trusts, no weights read; resume
   and ``fedmed infer --ca`` run it, then :func:`check_round_files` on the one round they load;
 - :func:`verify_checkpoints`: every file of every round (``fedmed verify``);
-- :func:`check_pointers` and :func:`check_audit_claims`: ``latest.json``, ``best.json`` and the
-  audit log name exactly the checkpoints that exist (a deleted last round fails);
-- :func:`check_loadable`: the one round ``fedmed infer`` is about to load.
+- :mod:`.pointers`: ``latest.json``, ``best.json`` and the audit log name exactly the
+  checkpoints that exist (a deleted last round fails), and the one round ``fedmed infer`` is
+  about to load.
 
 Not detectable from the folder alone: deleting the last rounds together with the pointers and
 the matching audit lines (a rollback); compare with a site's audit log or a backup.
@@ -28,32 +28,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmed.errors import FedmedError, SecurityError
+from fedmed.errors import SecurityError
 
-from .audit import AUDIT_FILE, read_entries, score_claims
 from .signing import SignatureError, Signer, Verifier
 
 __all__ = [
+    "META_FILE",
     "SIGNATURE_FILE",
     "Link",
-    "check_audit_claims",
-    "check_loadable",
-    "check_pointers",
     "check_round_files",
     "checkpoint_payload",
     "checkpoint_signature",
-    "expected_best",
     "file_sha256",
     "read_links",
     "read_meta",
-    "read_pointer",
+    "round_folder_name",
     "round_folders",
     "sign_checkpoint",
     "verify_checkpoints",
@@ -61,7 +55,7 @@ __all__ = [
 ]
 
 SIGNATURE_FILE = "signature.json"
-_META = "meta.json"
+META_FILE = "meta.json"
 _FILES = {
     "weights.safetensors": "weights_sha256",
     "server_state.safetensors": "server_state_sha256",
@@ -91,6 +85,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def round_folder_name(round_: int) -> str:
+    """``round-NNNN``: the folder name of a round's checkpoint."""
+    return f"round-{round_:04d}"
+
+
 def round_folders(root: Path) -> list[tuple[int, Path]]:
     """``(round, folder)`` of every ``round-NNNN`` folder under ``root``, ascending."""
     found = []
@@ -108,24 +107,24 @@ def _is_hash(value: Any) -> bool:
 def read_meta(folder: Path, *, what: str) -> dict[str, Any]:
     """A round's ``meta.json`` with its chain fields checked; SignatureError names ``what``."""
     try:
-        meta = json.loads((folder / _META).read_text())
+        meta = json.loads((folder / META_FILE).read_text())
     except (OSError, ValueError) as err:
-        raise SignatureError(f"{what}: {_META} cannot be read ({err})") from err
+        raise SignatureError(f"{what}: {META_FILE} cannot be read ({err})") from err
     if not isinstance(meta, dict):
-        raise SignatureError(f"{what}: {_META} is not a JSON object")
+        raise SignatureError(f"{what}: {META_FILE} is not a JSON object")
     round_ = meta.get("round")
     if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
-        raise SignatureError(f"{what}: {_META} has round {round_!r}")
+        raise SignatureError(f"{what}: {META_FILE} has round {round_!r}")
     if not all(_is_hash(meta.get(key)) for key in _FILES.values()):
-        raise SignatureError(f"{what}: {_META} lacks the sha256 of its files")
+        raise SignatureError(f"{what}: {META_FILE} lacks the sha256 of its files")
     if meta.get("parent_hash") is not None and not _is_hash(meta["parent_hash"]):
-        raise SignatureError(f"{what}: {_META} has parent_hash {meta['parent_hash']!r}")
+        raise SignatureError(f"{what}: {META_FILE} has parent_hash {meta['parent_hash']!r}")
     return meta
 
 
 def checkpoint_payload(folder: Path) -> dict[str, Any]:
     """What a checkpoint's signature covers, read from its ``meta.json``."""
-    meta_bytes = (folder / _META).read_bytes()
+    meta_bytes = (folder / META_FILE).read_bytes()
     meta = json.loads(meta_bytes)
     return {
         "kind": "checkpoint",
@@ -166,13 +165,15 @@ def checkpoint_signature(folder: Path, verifier: Verifier, *, what: str) -> str 
         record = json.loads(sig_file.read_text())
         expected = checkpoint_payload(folder)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SignatureError(f"{what}: {SIGNATURE_FILE} or {_META} cannot be read ({err})") from err
+        raise SignatureError(
+            f"{what}: {SIGNATURE_FILE} or {META_FILE} cannot be read ({err})"
+        ) from err
     if not isinstance(record, dict):
         raise SignatureError(f"{what}: {SIGNATURE_FILE} is not a JSON object")
     payload = verifier.verify(record, what=what)
     audit_hash = payload.pop("audit_sha256", None)
     if payload != expected:
-        raise SignatureError(f"{what}: the signature does not cover this {_META}")
+        raise SignatureError(f"{what}: the signature does not cover this {META_FILE}")
     return audit_hash if isinstance(audit_hash, str) else None
 
 
@@ -187,7 +188,7 @@ def check_round_files(link: Link) -> None:
             ) from err
         if digest != link.meta[key]:
             raise SignatureError(
-                f"round {link.round} ({link.folder}): {name} does not match {_META} (sha256 "
+                f"round {link.round} ({link.folder}): {name} does not match {META_FILE} (sha256 "
                 f"{digest[:12]}, meta.json says {str(link.meta[key])[:12]})"
             )
 
@@ -215,7 +216,7 @@ def verify_links(
         where = f"first broken link: round {round_} ({folder})"
         meta = read_meta(folder, what=where)
         if meta["round"] != round_:
-            raise SignatureError(f"{where}: {_META} says round {meta['round']}")
+            raise SignatureError(f"{where}: {META_FILE} says round {meta['round']}")
         if meta.get("parent_hash") != parent:
             raise SignatureError(
                 f"{where}: parent_hash {str(meta.get('parent_hash'))[:12]} is not the hash "
@@ -258,7 +259,7 @@ def verify_checkpoints(
         where = f"first broken link: round {round_} ({folder})"
         meta = read_meta(folder, what=where)
         if meta["round"] != round_:
-            raise SignatureError(f"{where}: {_META} says round {meta['round']}")
+            raise SignatureError(f"{where}: {META_FILE} says round {meta['round']}")
         link = Link(round_, folder, meta)
         try:
             check_round_files(link)
@@ -290,157 +291,3 @@ def read_links(root: str | os.PathLike[str]) -> list[Link]:
         Link(round_, folder, read_meta(folder, what=f"round {round_} ({folder})"))
         for round_, folder in round_folders(root)
     ]
-
-
-def read_pointer(
-    path: Path, *, error: type[FedmedError] = SignatureError
-) -> tuple[int, str] | None:
-    """``(round, hash)`` of ``latest.json`` / ``best.json``; None when the file is absent."""
-    if not path.is_file():
-        return None
-    try:
-        pointer = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise error(f"{path} cannot be read ({err}): restore it or delete it") from err
-    round_ = pointer.get("round") if isinstance(pointer, dict) else None
-    digest = pointer.get("hash") if isinstance(pointer, dict) else None
-    if (
-        not isinstance(round_, int)
-        or isinstance(round_, bool)
-        or round_ < 0
-        or not isinstance(digest, str)
-    ):
-        raise error(f"{path} is not a checkpoint pointer ({{'round': N, 'hash': sha256}})")
-    return round_, digest
-
-
-def expected_best(links: list[Link], scores: Mapping[int, float] | None = None) -> Link | None:
-    """The round ``best.json`` must name: the first with the highest finite score, from
-    ``scores`` (the audit log's ``score`` lines) or else the checkpoints' ``meta.json``."""
-    best: Link | None = None
-    chosen: dict[int, float] = {}
-    for link in links:
-        score = scores.get(link.round) if scores is not None else link.meta.get("score")
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
-            continue
-        if not math.isfinite(score):
-            continue
-        if best is None or score > chosen[best.round]:
-            best = link
-        chosen[link.round] = float(score)
-    return best
-
-
-def check_pointers(
-    root: Path, links: list[Link], *, scores: Mapping[int, float] | None = None
-) -> str:
-    """SignatureError unless ``latest.json`` names the last round and ``best.json`` the best
-    one (both with their hashes; scores as :func:`expected_best`); return a summary line."""
-    if not links:
-        return "no rounds, no pointers"
-    last = links[-1]
-    latest = read_pointer(root / "latest.json")
-    if latest is None:
-        raise SignatureError(
-            f"{root / 'latest.json'} is missing although rounds 0..{last.round} exist: it was "
-            "deleted (or the run stopped right after writing round 0)"
-        )
-    if latest != (last.round, last.weights_sha256):
-        if latest[0] > last.round:
-            why = f"round {latest[0]} does not exist: the last checkpoint was deleted"
-        elif latest[0] < last.round:
-            why = f"the last checkpoint is round {last.round}"
-        else:
-            why = f"round {last.round} has sha256 {last.weights_sha256[:12]}: it was replaced"
-        raise SignatureError(
-            f"{root / 'latest.json'} names round {latest[0]} (sha256 {latest[1][:12]}) but {why}"
-        )
-    best = read_pointer(root / "best.json")
-    want = expected_best(links, scores)
-    if want is None:
-        if best is not None:
-            raise SignatureError(
-                f"{root / 'best.json'} names round {best[0]} but no checkpoint has a score"
-            )
-        return f"latest.json -> round {last.round}; no best.json (no scored round)"
-    if best != (want.round, want.weights_sha256):
-        named = "missing" if best is None else f"round {best[0]} (sha256 {best[1][:12]})"
-        raise SignatureError(
-            f"{root / 'best.json'} is {named} but the best scored checkpoint is round {want.round} "
-            f"(sha256 {want.weights_sha256[:12]}): it was altered, or names a deleted round"
-        )
-    return f"latest.json -> round {last.round}, best.json -> round {want.round}"
-
-
-def check_audit_claims(claims: dict[int, str], links: list[Link], *, audit: Path) -> str:
-    """SignatureError unless every checkpoint the audit log records exists with that hash."""
-    by_round = {link.round: link for link in links}
-    for round_, digest in sorted(claims.items()):
-        link = by_round.get(round_)
-        if link is None:
-            raise SignatureError(
-                f"audit log {audit} records checkpoint round {round_} (sha256 {digest[:12]}) but "
-                f"the checkpoints end at round {links[-1].round if links else -1}: that round "
-                "was deleted"
-            )
-        if link.weights_sha256 != digest:
-            raise SignatureError(
-                f"audit log {audit} records checkpoint round {round_} with sha256 {digest[:12]} "
-                f"but {link.folder} has {link.weights_sha256[:12]}: the checkpoint was replaced"
-            )
-    return f"audit log records {len(claims)} checkpoint(s), all present with their hashes"
-
-
-def check_loadable(
-    folder: Path,
-    *,
-    verifier: Verifier | None,
-    pointer: tuple[Path, int, str] | None = None,
-) -> Link | None:
-    """Check the round in ``folder`` before its weights are loaded; return its link.
-
-    With ``verifier``: the signed chain from round 0 when the folder sits in its run's
-    checkpoints folder (a lone round folder: its own signature), the round's files against its
-    ``meta.json``, and ``pointer`` (``best.json``/``latest.json``: path, round, hash) naming
-    exactly this round, which must be the chain's best scored (``best.json``) or last
-    (``latest.json``) round. Without: the same file and pointer-hash checks where ``meta.json``
-    exists (None when it does not), nothing about who wrote them. SignatureError when a check
-    fails.
-    """
-    if not (folder / _META).is_file():
-        if verifier is not None:
-            raise SignatureError(f"{folder} has no {_META}: it cannot be verified")
-        return None
-    where = f"checkpoint {folder}"
-    meta = read_meta(folder, what=where)
-    root, round_ = folder.parent, meta["round"]
-    link = Link(round_, folder, meta)
-    if verifier is not None and (root / "round-0000").is_dir() and folder.name == _name(round_):
-        links = verify_links(root, verifier=verifier, upto=None if pointer else round_)
-        link = links[round_] if round_ < len(links) else link
-        if pointer is not None:
-            best = pointer[0].name == "best.json"
-            audit = root.parent / AUDIT_FILE
-            scores = score_claims(read_entries(audit)) if audit.is_file() else None
-            want = expected_best(links, scores) if best else links[-1]
-            if want is None or want.round != round_:
-                raise SignatureError(
-                    f"{pointer[0]} names round {pointer[1]} but the "
-                    f"{'best scored' if best else 'last'} round of the verified chain is "
-                    f"{want.round if want else 'none'}: the pointer was altered (give a round "
-                    "folder to load another round on purpose)"
-                )
-    elif verifier is not None:
-        checkpoint_signature(folder, verifier, what=where)
-    check_round_files(link)
-    if pointer is not None and pointer[1:] != (link.round, link.weights_sha256):
-        raise SignatureError(
-            f"{pointer[0]} names round {pointer[1]} with sha256 {pointer[2][:12]} but {folder} "
-            f"holds round {link.round} with sha256 {link.weights_sha256[:12]}: the pointer or "
-            "the checkpoint was altered"
-        )
-    return link
-
-
-def _name(round_: int) -> str:
-    return f"round-{round_:04d}"
