@@ -37,10 +37,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedmed.security.dp import privacy_report_lines
 from fedmed.text import markdown_cell
 
-__all__ = ["MetricsLog", "attempt_record", "completed_records", "json_safe", "write_report"]
+__all__ = [
+    "MetricsLog",
+    "attempt_record",
+    "completed_records",
+    "json_safe",
+    "privacy_report_lines",
+    "write_report",
+]
 
 
 class MetricsLog:
@@ -278,3 +284,54 @@ def _clean_note(metrics: Mapping[str, Any] | None) -> str:
     """`` (clean labels 0.71)`` for a demo site with noisy labels (``val-dice-clean``)."""
     clean = (metrics or {}).get("val-dice-clean")
     return "" if clean is None else f" (clean labels {_fmt(clean)})"
+
+
+def privacy_report_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown section (leading blank line) on the privacy spent, from the records' ``dp``
+    (site mode: the server's accounting) and the sites' ``dp-epsilon`` metrics (record mode)."""
+    spent = [
+        (r.get("round"), r["dp"])
+        for r in records
+        if r.get("dp") and r["dp"].get("mode", "site") == "site"
+    ]
+    per_site = [
+        (r.get("round"), site, m)
+        for r in records
+        for site, m in sorted((r.get("sites") or {}).items())
+        if "dp-epsilon" in (m or {})
+    ]
+    if not spent and not per_site:
+        return []
+    lines = ["", "## Differential privacy"]
+    if spent:
+        lines += [
+            "",
+            "Site-level: each site's update clipped and noised; (epsilon, delta) from an RDP "
+            "accountant under the adjacency shown. Every train attempt counts, failed ones too.",
+            "",
+            "| round | epsilon | delta | adjacency | releases | noise multiplier | clip norm |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for round_, dp in spent:
+            eps = dp.get("epsilon")
+            lines.append(
+                f"| {round_} | {'inf (no noise)' if eps is None else f'{eps:.4f}'} | "
+                f"{dp.get('delta')} | {dp.get('adjacency', 'add-remove')} | "
+                f"{dp.get('releases')} | {dp.get('noise-multiplier')} | {dp.get('clip-norm')} |"
+            )
+    if per_site:
+        lines += [
+            "",
+            "Record-level (DP-SGD, one patient added or removed), as each site accounts it "
+            "over this run; `total` is the site's whole history.",
+            "",
+            "| round | site | epsilon | delta | steps | sample rate | noise multiplier | total |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for round_, site, m in per_site:
+            lines.append(
+                f"| {round_} | {site} | {m['dp-epsilon']:.4f} | {m.get('dp-delta')} | "
+                f"{m.get('dp-steps')} | {m.get('dp-sample-rate')} | "
+                f"{m.get('dp-noise-multiplier')} | {m.get('dp-epsilon-total', float('nan')):.4f} |"
+            )
+    return lines

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +61,6 @@ __all__ = [
     "DpParams",
     "clip_update",
     "expected_noise_norm",
-    "privacy_report_lines",
     "privatize",
     "reduce_metrics",
     "update_norm",
@@ -376,54 +375,3 @@ def reduce_metrics(
     if dropped:
         logger.info("DP (%s mode): metrics kept at the site: %s", params.mode, ", ".join(dropped))
     return kept
-
-
-def privacy_report_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown section (leading blank line) on the privacy spent, from the records' ``dp``
-    (site mode: the server's accounting) and the sites' ``dp-epsilon`` metrics (record mode)."""
-    spent = [
-        (r.get("round"), r["dp"])
-        for r in records
-        if r.get("dp") and r["dp"].get("mode", "site") == "site"
-    ]
-    per_site = [
-        (r.get("round"), site, m)
-        for r in records
-        for site, m in sorted((r.get("sites") or {}).items())
-        if "dp-epsilon" in (m or {})
-    ]
-    if not spent and not per_site:
-        return []
-    lines = ["", "## Differential privacy"]
-    if spent:
-        lines += [
-            "",
-            "Site-level: each site's update clipped and noised; (epsilon, delta) from an RDP "
-            "accountant under the adjacency shown. Every train attempt counts, failed ones too.",
-            "",
-            "| round | epsilon | delta | adjacency | releases | noise multiplier | clip norm |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for round_, dp in spent:
-            eps = dp.get("epsilon")
-            lines.append(
-                f"| {round_} | {'inf (no noise)' if eps is None else f'{eps:.4f}'} | "
-                f"{dp.get('delta')} | {dp.get('adjacency', 'add-remove')} | "
-                f"{dp.get('releases')} | {dp.get('noise-multiplier')} | {dp.get('clip-norm')} |"
-            )
-    if per_site:
-        lines += [
-            "",
-            "Record-level (DP-SGD, one patient added or removed), as each site accounts it "
-            "over this run; `total` is the site's whole history.",
-            "",
-            "| round | site | epsilon | delta | steps | sample rate | noise multiplier | total |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for round_, site, m in per_site:
-            lines.append(
-                f"| {round_} | {site} | {m['dp-epsilon']:.4f} | {m.get('dp-delta')} | "
-                f"{m.get('dp-steps')} | {m.get('dp-sample-rate')} | "
-                f"{m.get('dp-noise-multiplier')} | {m.get('dp-epsilon-total', float('nan')):.4f} |"
-            )
-    return lines

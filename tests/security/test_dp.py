@@ -17,7 +17,6 @@ from fedmed.security.dp import (
     DpParams,
     clip_update,
     expected_noise_norm,
-    privacy_report_lines,
     privatize,
     reduce_metrics,
     update_norm,
@@ -288,19 +287,3 @@ def test_expected_noise_norm_is_sigma_c_sqrt_d_and_matches_a_draw() -> None:
     assert expected_noise_norm(d, sigma, clip, steps=4, lr=0.1, expected_batch=8) == (
         pytest.approx(0.1 * sigma * clip * math.sqrt(4 * d) / 8)
     )
-
-
-def test_report_lines_show_site_and_record_level_privacy() -> None:
-    records = [
-        {
-            "round": 1,
-            "dp": {"mode": "site", "epsilon": 9.5527, "delta": 1e-5, "adjacency": "replace-one"},
-        },
-        {"round": 2, "sites": {"A": {"dp-epsilon": 1.25, "dp-steps": 50, "dp-epsilon-total": 2}}},
-    ]
-
-    text = "\n".join(privacy_report_lines(records))
-
-    assert "| 1 | 9.5527 | 1e-05 | replace-one |" in text
-    assert "| 2 | A | 1.2500 |" in text
-    assert privacy_report_lines([{"round": 1, "sites": {"A": {"val-dice": 0.5}}}]) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedmed.server.report import MetricsLog, write_report
+from fedmed.server.report import MetricsLog, privacy_report_lines, write_report
 
 
 def _record(r, status="ok", dice=0.5):
@@ -83,3 +83,19 @@ def test_names_and_reasons_from_sites_cannot_break_the_report(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 1  # the round's row stays one row
     assert "\x1b" not in text and "A\\|x\\n## forged" in rows[0]
+
+
+def test_report_lines_show_site_and_record_level_privacy() -> None:
+    records = [
+        {
+            "round": 1,
+            "dp": {"mode": "site", "epsilon": 9.5527, "delta": 1e-5, "adjacency": "replace-one"},
+        },
+        {"round": 2, "sites": {"A": {"dp-epsilon": 1.25, "dp-steps": 50, "dp-epsilon-total": 2}}},
+    ]
+
+    text = "\n".join(privacy_report_lines(records))
+
+    assert "| 1 | 9.5527 | 1e-05 | replace-one |" in text
+    assert "| 2 | A | 1.2500 |" in text
+    assert privacy_report_lines([{"round": 1, "sites": {"A": {"val-dice": 0.5}}}]) == []
