@@ -10,11 +10,17 @@ cache off (``cache-mode = none``: a site's volumes are read when it trains, so n
 stays in the actors). Without ``--per-round`` every site trains every round; with it each run
 samples that many sites per round (``sites-per-round``), for every listed size it does not
 exceed.
-Reports, per run, the sites trained per round, the mean round time (rounds after the first,
-whose actors import torch) and its slope per site trained, and the peak resident memory of
-this process plus every process it started (the simulation SuperLink, ``flwr-simulation``,
-Ray's GCS, raylet and actors), sampled from /proc every 0.2 s. Expected: round time linear in
-the sites trained per round, memory flat in the number of sites.
+
+Reports, per run, the seconds from the start until round 1 began (start-up: Flower's SuperLink
+and Ray, the sites' registration, the server's held-out and round-0 work), the sites trained
+per round, the mean round time (rounds after the first, whose actors import torch) and its
+slope per site trained, and the peak resident memory of this process plus every process it
+started (the simulation SuperLink, ``flwr-simulation``, Ray's GCS, raylet and actors), sampled
+from /proc every 0.2 s. Expected: round time linear in the sites trained per round, memory flat
+in the number of sites. The demo sites are generated
+once in ``OUT/data`` and reused by later runs with at most as many sites.
+
+    python bench/simulation.py --sites 100 1000 10000 --per-round 10 --rounds 3   # Flower's size
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedmed.server.report import MetricsLog
 from fedmed.simulation.engine import SiteResources, run_federation
 
-from fedmed.data.demo import generate_demo_federation
+from fedmed.data.demo import generate_demo_federation, site_name
 from fedmed.runsettings.settings import RunSettings
 
 __all__ = ["main", "tree_rss_bytes"]
@@ -87,6 +95,21 @@ class PeakMemory:
         self._thread.join()
 
 
+def _demo_sites(data: Path, sites: int) -> list[Path]:
+    """``sites`` demo sites of 2 tiny cases in ``data``, generated once: a later run with at
+    most as many sites reuses them (``bench-data.json`` records what was generated)."""
+    marker, spec = data / "bench-data.json", {"cases": 2, "seed": 0, "shape": [24, 24, 16]}
+    if marker.is_file():
+        made = json.loads(marker.read_text(encoding="utf-8"))
+        if made.get("sites", 0) >= sites and {k: made.get(k) for k in spec} == spec:
+            return [data / site_name(index) for index in range(sites)]
+    folders = generate_demo_federation(
+        data, sites=sites, cases=2, seed=0, shape=(24, 24, 16), holdout=0
+    )
+    marker.write_text(json.dumps({"sites": sites, **spec}), encoding="utf-8")
+    return folders
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run every size; print one line per size and the JSON summary."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,10 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench-simulation")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
-    data = out / "data"
-    folders = generate_demo_federation(
-        data, sites=max(args.sites), cases=2, seed=0, shape=(24, 24, 16), holdout=0
-    )
+    folders = _demo_sites(out / "data", max(args.sites))
     resources = SiteResources(num_cpus=1, max_parallel=args.max_parallel, cache_mode="none")
     sizes = []
     runs = [(n, k) for k in args.per_round for n in args.sites if k <= n]
@@ -128,12 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
             join_timeout=300.0,
             round_timeout=1800.0,
         )
-        started = time.monotonic()
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed one
+        started, started_at = time.monotonic(), time.time()
         with PeakMemory() as mem:
             run_federation(settings, folders[:n], resources, workdir=out)
         wall = time.monotonic() - started
         records = [r for r in MetricsLog(run_dir).read() if r.get("status") == "ok"]
         rounds = [float(r["duration-s"]) for r in records]
+        # round 1 began when its record was written (whole seconds, UTC) less its duration
+        ended = datetime.strptime(records[0]["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        round_1_start = ended.timestamp() - rounds[0] - started_at
         trained = [len(r["sites"]) for r in records]
         warm = rounds[1:] or rounds
         per_round = sum(warm) / len(warm)
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             "sites": n,
             "sites-per-round": k,
             "trained-per-round": trained,
+            "round-1-start-s": round(round_1_start, 1),
             "round-s": [round(x, 2) for x in rounds],
             "warm-round-s": round(per_round, 2),
             "s-per-site-trained": round(per_round / max(trained), 3),
