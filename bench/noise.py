@@ -3,6 +3,7 @@ labels are noisy; run by hand, ends with one JSON line.
 
     python bench/noise.py --seeds 3              # the demo settings (configs/sim.toml)
     python bench/noise.py --seeds 1 --rounds 1 --quick   # a smoke run (minutes)
+    python bench/noise.py --protocol quality --seeds 3   # the stable protocol (README Quality)
 
 The demo federation (``fedmed-sim``'s: site-A clean, site-B a shifted scanner, site-C a shifted
 scanner whose annotators dilated, eroded or missed 60 % of the lesions; held-out cases from a
@@ -21,6 +22,14 @@ last round (the held-out labels are clean) as mean +- std over the seeds, federa
 centralized, and site-C's validation Dice against its noisy labels and against the clean ones
 the demo generator keeps (``val-dice-clean``). The question the JSON line answers:
 ``nr-dice+se`` beats ``dice`` on held-out Dice (federated, mean over seeds)?
+
+``--protocol quality`` runs the recipes on the quality benchmark's stable protocol instead
+(``configs/quality.toml``: 3 sites x 16 patients, site-C's labels noisy, 16 held-out patients,
+20 rounds; each run through ``bench/quality.py --methods centralized,fedavg --app ...``, whose
+results it reads and keeps, resumable, in ``bench/results/quality/quality-<setting>/``). Its
+``nr-dice`` recipe is the protocol itself (COPLE-Net's default loss is the noise-robust Dice),
+so those results are the quality table's FedAvg and centralized rows. Site-C's figure there is
+its validation Dice against its noisy labels, from the run's cross-site evaluation.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +46,10 @@ from typing import Any
 
 from fedmed.simulation.cli import configure_sim_logging, run_sim
 from fedmed.simulation.config import load_sim_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # bench/quality.py: the stable protocol's runs
+from quality_table import result_path
 
 __all__ = ["RECIPES", "main"]
 
@@ -45,6 +59,12 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     "nr-dice+se": {"loss": "nr-dice", "self-ensembling": True},
 }
 NOISY_SITE = "site-C"
+# the recipes as changes to the quality protocol (whose own loss, auto, is nr-dice for COPLE-Net)
+QUALITY_OVERRIDES: Mapping[str, tuple[str, ...]] = {
+    "dice": ("loss=dice",),
+    "nr-dice": (),
+    "nr-dice+se": ("loss=nr-dice", "self-ensembling=true"),
+}
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -105,6 +125,34 @@ def _train(cfg: Any, out: Path, recipe: str, seed: int, app: Mapping[str, Any]) 
     }
 
 
+def _on_quality_protocol(recipe: str, seeds: int, *, quick: bool) -> list[dict[str, Any]]:
+    """One recipe at each seed on the quality protocol (runs what is missing)."""
+    cfg, _, _ = quality.protocol(quality.CONFIG, quick=quick, data=None)
+    if recipe == "nr-dice" and (cfg.app.get("model"), cfg.app.get("loss", "auto")) not in (
+        ("coplenet", "auto"),
+        ("coplenet", "nr-dice"),
+    ):
+        raise SystemExit(f"{quality.CONFIG}: the nr-dice recipe needs COPLE-Net's own loss")
+    argv = ["--methods", "centralized,fedavg", "--seeds", str(seeds)] + (["--quick"] * quick)
+    for override in QUALITY_OVERRIDES[recipe]:
+        argv += ["--app", override]
+    results = Path(quality.main(argv)["results"])
+
+    def read(method: str, seed: int) -> dict[str, Any]:
+        return json.loads(result_path(results, method, seed).read_text(encoding="utf-8"))
+
+    out = []
+    for seed in range(seeds):
+        fed, central = read("fedavg", seed), read("centralized", seed)
+        out.append({
+            "federated": fed["holdout"]["dice"]["mean"],
+            "centralized": central["holdout"]["dice"]["mean"],
+            "noisy-val-dice": fed["sites"][NOISY_SITE]["dice"]["mean"],
+            "noisy-val-dice-clean": None,
+        })  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every recipe at every seed; print a table and the JSON summary line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,6 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, help="federated rounds (default: sim.toml's)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset")
     p.add_argument("--quick", action="store_true", help="8..128 channels, 32x32 patches")
+    p.add_argument(
+        "--protocol",
+        choices=("demo", "quality"),
+        default="demo",
+        help="the demo's settings, or the quality benchmark's stable protocol",
+    )
     args = p.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = sorted(set(recipes) - set(RECIPES))
@@ -128,10 +182,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         app.update({"model-features": "8,16,32,64,128", "patch-size": "32,32"})
     out = Path(args.out).absolute()
     started = time.monotonic()
-    runs = {
-        recipe: [_run(cfg, out, recipe, seed, app) for seed in range(args.seeds)]
-        for recipe in recipes
-    }
+    if args.protocol == "quality":
+        runs = {r: _on_quality_protocol(r, args.seeds, quick=args.quick) for r in recipes}
+        app = dict(quality.protocol(quality.CONFIG, quick=args.quick, data=None)[0].app)
+    else:
+        runs = {
+            recipe: [_run(cfg, out, recipe, seed, app) for seed in range(args.seeds)]
+            for recipe in recipes
+        }
     table = {
         recipe: {key: _spread([r[key] for r in results]) for key in results[0]}
         for recipe, results in runs.items()
@@ -148,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fed = {recipe: row["federated"]["mean"] for recipe, row in table.items()}
     result = {
         "bench": "noise",
+        "protocol": args.protocol,
         "seeds": args.seeds,
         "data-seed": args.data_seed,
         "rounds": app["num-rounds"],

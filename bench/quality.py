@@ -5,6 +5,7 @@
     python bench/quality.py --quick                  # the machinery in minutes (tiny protocol)
     python bench/quality.py --table-only             # the table from the results kept so far
     python bench/quality.py --data /data/Task09_Spleen  # any MSD folder, split by patient
+    python bench/quality.py --methods centralized,fedavg --app loss=dice   # a changed setting
 
 The protocol (``configs/quality.toml``, a ``fedmed-sim`` settings file) fixes the data (the
 demo federation generated once with the ``[sim]`` seed, or ``--data`` split by patient, and
@@ -67,8 +68,9 @@ from quality_table import (
 )
 
 from fedmed.runsettings.settings import RunSettings
+from fedmed.tomlfile import toml_value
 
-__all__ = ["JOBS", "main", "protocol", "read_results"]
+__all__ = ["JOBS", "app_override", "main", "protocol", "read_results"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "quality.toml"
@@ -110,14 +112,30 @@ def _policy_identity(policy: SitePolicy) -> dict[str, Any]:
     }
 
 
-def protocol(config: Path, *, quick: bool, data: str | None) -> tuple[SimConfig, str, str]:
+def app_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--app``: the value read as a TOML value (``true``, ``0.5``,
+    ``"8,16"``), else as a string (``loss=dice``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--app takes KEY=VALUE, got {text!r}")
+    return key.strip(), toml_value(value)
+
+
+def protocol(
+    config: Path,
+    *,
+    quick: bool,
+    data: str | None,
+    overrides: Sequence[tuple[str, Any]] = (),
+) -> tuple[SimConfig, str, str]:
     """``(settings, name, hash)`` of the benchmark's protocol; the hash covers everything but
-    the training seed, so results of another protocol never mix into the table."""
+    the training seed, so results of another protocol never mix into the table. ``overrides``
+    (``--app``) change run settings; the name says which (``quality-loss-dice``)."""
     cfg = load_sim_config(config)
     spec = cfg.data
     if data:
         spec = dataclasses.replace(spec, source="pooled", pooled=str(Path(data).absolute()))
-    app = dict(cfg.app)
+    app = {**cfg.app, **dict(overrides)}
     policy = cfg.policy
     if quick:
         app.update(QUICK_APP)
@@ -125,6 +143,7 @@ def protocol(config: Path, *, quick: bool, data: str | None) -> tuple[SimConfig,
         policy = dataclasses.replace(policy, disclosure_floor=1)  # 1-2 validation cases a site
     cfg = dataclasses.replace(cfg, data=spec, app=app, policy=policy, strategies=("fedavg",))
     name = config.stem + ("-quick" if quick else "") + (f"-{Path(data).name}" if data else "")
+    name += "".join(f"-{key}-{str(value).lower()}" for key, value in overrides)
     ident = {
         "sim": {"sites": cfg.sites, "data-seed": cfg.seed},
         "data": {k: v for k, v in dataclasses.asdict(spec).items() if k != "shifts"},
@@ -254,12 +273,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--results", type=Path, help="result JSONs (bench/results/quality/<protocol>)")
     p.add_argument("--quick", action="store_true", help="tiny protocol: checks the machinery")
     p.add_argument("--table-only", action="store_true", help="run nothing, build the table")
+    p.add_argument(
+        "--app",
+        type=app_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run setting changed from the protocol's (a protocol of its own)",
+    )
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(JOBS))
     if unknown:
         p.error(f"unknown methods {unknown}: use {','.join(METHODS)}")
-    cfg, name, ident = protocol(args.config, quick=args.quick, data=args.data)
+    cfg, name, ident = protocol(args.config, quick=args.quick, data=args.data, overrides=args.app)
     results = args.results or RESULTS / name
     out = args.out.absolute() / name
     seeds = range(args.first_seed, args.first_seed + args.seeds)

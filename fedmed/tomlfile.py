@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TomlTable", "read_toml"]
+__all__ = ["TomlTable", "read_toml", "toml_value"]
 
 _MISSING = object()
 
@@ -131,3 +131,17 @@ class TomlTable:
                 f"{self.path}: [{self.name}] has unknown key(s) {', '.join(unknown)}: "
                 f"check the spelling (known: {', '.join(sorted(self.used))})"
             )
+
+
+def toml_value(text: str) -> Any:
+    """A setting's value given on a command line: read as a TOML value (``true``, ``0.5``,
+    ``"8,16"``), else the text itself (``dice``).
+
+    Example:
+        >>> toml_value("true"), toml_value("0.5"), toml_value("dice")
+        (True, 0.5, 'dice')
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

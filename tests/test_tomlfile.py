@@ -11,7 +11,7 @@ from fedmed.cli.train import _read_config
 from fedmed.config import load_federation_config
 from fedmed.errors import ConfigError
 from fedmed.site_config import load_site_config
-from fedmed.tomlfile import TomlTable, read_toml
+from fedmed.tomlfile import TomlTable, read_toml, toml_value
 
 READERS = {
     "federation": load_federation_config,
@@ -57,3 +57,10 @@ def test_the_reader_returns_the_document(tmp_path):
     path = tmp_path / "a.toml"
     path.write_text('[app]\nnum-rounds = 2\nmodel = "coplenet"\n')
     assert read_toml(path) == {"app": {"num-rounds": 2, "model": "coplenet"}}
+
+
+def test_a_command_line_value_is_read_as_toml_or_kept_as_text():
+    assert toml_value("true") is True
+    assert toml_value("0.5") == 0.5
+    assert toml_value('"8,16"') == "8,16"
+    assert toml_value("nr-dice") == "nr-dice"
