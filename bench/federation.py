@@ -33,8 +33,8 @@ Figures:
   mean over the rounds, largest site (fedmed: with ``--trace``).
 
 The SuperNode-side settings (executor polling 0.1 s, idle poll 0.5 s, short back-off for
-objects not there yet, app pinning, warm-start ClientApp processes) and the gateway (a message
-is handed out only once its objects arrived) are fedmed's for both apps; the stock figure is
+objects not there yet, app pinning, warm-start ClientApp processes) and the gateway (longer
+SQLite lock wait) are fedmed's for both apps; the stock figure is
 therefore a lower bound for an unmodified Flower deployment. What differs is the app: message
 count per round, the server's polling and the message encoding (fedmed packs all arrays of a
 message into one Flower object, :mod:`fedmed.wire`; stock sends one object per array).

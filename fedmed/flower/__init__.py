@@ -27,7 +27,7 @@ The central side (the SuperLink gateway):
   closed when it cannot prove that);
 * :mod:`fedmed.flower.port_limits`: size, time and connection limits on the public port;
 * :mod:`fedmed.flower.node_gate`: a Fleet request's signature is checked before its body;
-* :mod:`fedmed.flower.linkstate`: a longer SQLite lock wait; messages handed out complete;
+* :mod:`fedmed.flower.linkstate`: a longer SQLite lock wait;
 * :mod:`fedmed.flower.secaggplus`: Flower's legacy SecAgg+ on both sides.
 
 A site (the SuperNode):

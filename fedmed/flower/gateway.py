@@ -25,9 +25,8 @@ can make the server hold: body and header sizes, deadlines and connections
 (:mod:`fedmed.flower.port_limits`, in uvicorn's protocol; the ``--max-*``/``--*-timeout`` flags,
 from ``[server]`` in ``federation.toml``), and a Fleet request's signature is checked before
 its body is read (:mod:`fedmed.flower.node_gate`). The SuperLink's SQL state gets a longer
-SQLite lock wait and hands out a message only once its objects arrived
-(:mod:`fedmed.flower.linkstate`). With ``$FEDMED_GATEWAY_TRACE`` set to a file, every request
-is logged there as one JSON line (:class:`RequestTrace`; benchmarks).
+SQLite lock wait (:mod:`fedmed.flower.linkstate`). With ``$FEDMED_GATEWAY_TRACE`` set to a
+file, every request is logged there as one JSON line (:class:`RequestTrace`; benchmarks).
 
 Run as a process (``server/superlink.py`` does this)::
 
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import FedmedError
-from fedmed.flower.linkstate import deliver_complete_messages, lengthen_sqlite_busy_timeout
+from fedmed.flower.linkstate import lengthen_sqlite_busy_timeout
 from fedmed.flower.node_gate import NodeGate, registered_key_lookup
 from fedmed.flower.port_limits import PortLimits, limited_protocol
 from fedmed.flower.public_filter import PUBLIC_ROUTES, PublicFilter, verify_public_routes
@@ -185,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     lengthen_sqlite_busy_timeout()
-    deliver_complete_messages()
     cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler

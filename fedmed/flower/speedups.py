@@ -5,8 +5,7 @@ waits. None is needed for a run to work, so unlike the security controls (app pi
 public port filter: they fail closed) each one checks, before it patches, that the installed
 Flower still has what it patches; when it does not, it changes nothing, emits one
 :class:`FlowerDriftWarning` (the speed-up, what is missing and the flwr version) and Flower's
-stock behaviour applies. A speed-up that fails while it runs (the message hand-out's SQL)
-does the same and gives the call to Flower.
+stock behaviour applies.
 
 :data:`WITHOUT_ENV` (``FEDMED_FLOWER_WITHOUT``) switches speed-ups off on request, e.g.
 ``FEDMED_FLOWER_WITHOUT=fastpoll,warmstart`` or ``all`` (stock Flower): every fedmed Flower
@@ -66,10 +65,6 @@ SPEEDUPS: dict[str, tuple[str, str]] = {
     "heartbeat": (
         "the SuperNode heartbeats every [connection] heartbeat-interval s",
         "30 s: a dead site is noticed after up to 60 s",
-    ),
-    "handout": (
-        "the SuperLink hands a message out once all its objects arrived",
-        "handed out at once; the puller backs off per missing object",
     ),
     "sqlite-timeout": (
         "the SuperLink waits 60 s for SQLite's write lock",

@@ -379,17 +379,11 @@ def test_every_speedup_applies_here_without_a_drift_warning(monkeypatch) -> None
         monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
     sql_mixin = _module(linkstate.SQL_MIXIN)
     monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
-    state = _module(linkstate.LINKSTATE_MODULE).SqlLinkState
-    for name in ("get_message_ins", "get_message_res"):
-        monkeypatch.setattr(state, name, getattr(state, name))
-    monkeypatch.setattr(state, "_fedmed_hold_s", None, raising=False)
     try:
         assert fastpoll.cap_supernode_sleep(0.5) is supernode
         assert fastpoll.shorten_pull_backoff()
         assert len(liveness.set_heartbeat_interval(10.0)) == len(liveness.HEARTBEAT_MODULES)
         assert linkstate.lengthen_sqlite_busy_timeout()
-        assert linkstate.handout_mismatch() == ""
-        assert linkstate.deliver_complete_messages()
     finally:
         for function, defaults in zip(pulls, saved, strict=True):
             function.__kwdefaults__.update(defaults)

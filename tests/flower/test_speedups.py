@@ -1,6 +1,6 @@
 """fedmed's speed-ups to Flower switch off, with one warning and stock Flower behaviour, when
 the installed Flower does not match what they patch (drift simulated on the real flwr modules),
-and on request (``FEDMED_FLOWER_WITHOUT``). The SQL hand-out's drift: ``test_linkstate.py``."""
+and on request (``FEDMED_FLOWER_WITHOUT``)."""
 
 from __future__ import annotations
 
@@ -197,19 +197,15 @@ def test_all_switched_off_patches_nothing_and_warns_nothing(
     sql_mixin = importlib.import_module(linkstate.SQL_MIXIN)
     pragmas = sql_mixin.SQLITE_PRAGMAS
     supernode = importlib.import_module(fastpoll.SUPERNODE_MODULE)
-    state = importlib.import_module(linkstate.LINKSTATE_MODULE).SqlLinkState
-    delivery = state.get_message_ins
 
     # no warning may escape here: pytest turns warnings into errors
     assert fastpoll.cap_supernode_sleep(0.2) is None
     assert fastpoll.shorten_pull_backoff() is False
     assert liveness.set_heartbeat_interval(10.0) == []
     assert linkstate.lengthen_sqlite_busy_timeout() is False
-    assert linkstate.deliver_complete_messages() is False
     env = flower_env(tmp_path, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "X": "1"})
 
     assert supernode.time is time and sql_mixin.SQLITE_PRAGMAS is pragmas
-    assert state.get_message_ins is delivery
     assert (
         importlib.import_module(fastpoll.INFLATABLE_MODULE).pull_objects.__kwdefaults__
         == (backoff_defaults[0])
@@ -240,8 +236,8 @@ def test_unknown_speedup_name_is_a_config_error_before_any_flower_process(
 
 
 def test_every_speedup_says_what_flower_does_without_it() -> None:
-    assert set(SPEEDUPS) == {"fastpoll", "backoff", "warmstart", "heartbeat", "handout",
-                             "sqlite-timeout", "executor-poll"}  # fmt: skip
+    assert set(SPEEDUPS) == {"fastpoll", "backoff", "warmstart", "heartbeat", "sqlite-timeout",
+                             "executor-poll"}  # fmt: skip
     assert all(ours and stock for ours, stock in SPEEDUPS.values())
     with pytest.warns(FlowerDriftWarning, match="'backoff' is off: something moved"):
         speedups.drifted("backoff", "something moved")
@@ -251,8 +247,10 @@ def test_every_speedup_says_what_flower_does_without_it() -> None:
 
 def test_drift_warning_text_names_speedup_symbol_version_and_stock() -> None:
     with pytest.warns(FlowerDriftWarning) as record:
-        speedups.drifted("handout", "SqlLinkState.get_message_ins is gone")
+        speedups.drifted("heartbeat", "flwr.supernode HEARTBEAT_DEFAULT_INTERVAL is gone")
     (warning,) = record
     text = str(warning.message)
-    assert text.startswith("fedmed speed-up 'handout' is off: SqlLinkState.get_message_ins is gone")
+    assert text.startswith(
+        "fedmed speed-up 'heartbeat' is off: flwr.supernode HEARTBEAT_DEFAULT_INTERVAL is gone"
+    )
     assert STOCK in text and "flwr 1." in text
