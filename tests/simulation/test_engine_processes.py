@@ -3,40 +3,30 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fedmed.simulation.engine import SiteResources, run_federation
+from sim_harness import E2E_MARKS, short_folder
 
 from fedmed.errors import FederationError
 from fedmed.flower.process import descendants, process_alive
 from fedmed.runsettings.settings import RunSettings
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    # Ray's worker machinery leaks /dev/null handles that the GC reports as ResourceWarning
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = E2E_MARKS
 
 TINY = ["--features", "4,8,16,32,64", "--patch-size", "32,32", "--local-steps", "1"]
 
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
-    # Ray's socket paths under <dir>/ray must stay below the OS's 107 bytes
-    path = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_folder("fe-") as path:
+        yield path
 
 
 def _alive(pids: list[int]) -> list[int]:

@@ -3,50 +3,32 @@ engine plus the centralized baseline, and writes metrics, checkpoints and the re
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.report import completed_records
-from fedmed.simulation.cli import main
+from sim_harness import E2E_MARKS, run_sim, short_folder
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    # Ray's worker machinery leaks /dev/null handles that the GC reports as ResourceWarning
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = E2E_MARKS
 
 
 @pytest.fixture(scope="module")
 def sim_out(demo_root):
-    # A short folder: Ray's socket paths under out/ray must stay below the OS's 107 bytes.
-    short = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
-    out = short / "out"
-    argv = [
-        "--data", str(demo_root / "site-A"), str(demo_root / "site-B"),
-        "--holdout", str(demo_root / "holdout"),
-        "--out", str(out),
-        "--rounds", "2",
-        "--features", "4,8,16,32,64",
-        "--patch-size", "32,32",
-        "--local-steps", "2",
-        "--centralized",
-    ]  # fmt: skip
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            code = main(argv)
-        yield code, out, printed.getvalue()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+    with short_folder("fs-") as short:
+        out = short / "out"
+        argv = [
+            "--data", str(demo_root / "site-A"), str(demo_root / "site-B"),
+            "--holdout", str(demo_root / "holdout"),
+            "--out", str(out),
+            "--rounds", "2",
+            "--features", "4,8,16,32,64",
+            "--patch-size", "32,32",
+            "--local-steps", "2",
+            "--centralized",
+        ]  # fmt: skip
+        code, printed = run_sim(argv)
+        yield code, out, printed
 
 
 def test_simulation_exits_0_and_logs_every_round(sim_out):

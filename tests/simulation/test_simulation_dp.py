@@ -8,56 +8,39 @@ site reported is recomputed here with dp-accounting from the record's own parame
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fedmed.server.checkpoint import CheckpointStore
-from fedmed.simulation.cli import main
+from sim_harness import E2E_MARKS, run_sim, short_folder, sim_toml
 
 from fedmed.io.msd import load_site_dataset, split_cases
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = E2E_MARKS
 
 SITE_BUDGET = 6.5  # q = 1/2, sigma 1, 2 steps per round: 5.38 after round 1, 7.41 after 2
 
 
 @pytest.fixture(scope="module")
 def dp_run(demo_root):
-    short = Path(tempfile.mkdtemp(prefix="fsdp-", dir="/tmp"))  # Ray's socket paths stay short
-    out = short / "out"
-    config = short / "sim.toml"
-    config.write_text(
-        f'[sim]\nout = "{out}"\nsites = 2\n'
-        f'[data]\nsource = "folders"\nfolders = ["{demo_root / "site-A"}", '
-        f'"{demo_root / "site-B"}"]\nholdout = "{demo_root / "holdout"}"\n'
-        f"[sites]\nmax-epsilon = {SITE_BUDGET}\n"
-        '[app]\nnum-rounds = 3\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
-        'patch-size = "32,32"\nlocal-steps = 2\nbatch-size = 2\nval-fraction = 0.2\n'
-        'dp-mode = "record"\ndp-clip-norm = 1.0\ndp-noise-multiplier = 1.0\n'
-        'dp-patients-per-step = 1.0\ndp-delta = 1e-5\nmodel-norm = "group"\n'
-    )
-    for site in ("site-A", "site-B"):  # the premise of SITE_BUDGET: 2 training patients
-        train, _ = split_cases(load_site_dataset(demo_root / site).cases, val_fraction=0.2, seed=0)
-        assert len(train) == 2, site
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            code = main(["--config", str(config)])
-        yield code, out / "runs" / "fedavg", printed.getvalue()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+    with short_folder("fsdp-") as short:
+        config = sim_toml(
+            short,
+            demo_root,
+            tables=f"[sites]\nmax-epsilon = {SITE_BUDGET}\n",
+            app='num-rounds = 3\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
+            'patch-size = "32,32"\nlocal-steps = 2\nbatch-size = 2\nval-fraction = 0.2\n'
+            'dp-mode = "record"\ndp-clip-norm = 1.0\ndp-noise-multiplier = 1.0\n'
+            'dp-patients-per-step = 1.0\ndp-delta = 1e-5\nmodel-norm = "group"\n',
+        )
+        for site in ("site-A", "site-B"):  # the premise of SITE_BUDGET: 2 training patients
+            cases = load_site_dataset(demo_root / site).cases
+            train, _ = split_cases(cases, val_fraction=0.2, seed=0)
+            assert len(train) == 2, site
+        code, printed = run_sim(["--config", str(config)])
+        yield code, short / "out" / "runs" / "fedavg", printed
 
 
 def _records(run: Path) -> list[dict]:
@@ -108,25 +91,18 @@ NOISE_MULTIPLIER, CLIP = 1.0, 0.5
 @pytest.fixture(scope="module")
 def distributed_run(demo_root):
     """3 sites, one SecAgg+ round with site-level DP: each site adds its share of the noise."""
-    short = Path(tempfile.mkdtemp(prefix="fsdd-", dir="/tmp"))
-    out = short / "out"
-    config = short / "sim.toml"
-    folders = ", ".join(f'"{demo_root / s}"' for s in ("site-A", "site-B", "site-C"))
-    config.write_text(
-        f'[sim]\nout = "{out}"\nsites = 3\n'
-        f'[data]\nsource = "folders"\nfolders = [{folders}]\nholdout = "{demo_root / "holdout"}"\n'
-        '[app]\nnum-rounds = 1\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
-        'patch-size = "32,32"\nlocal-steps = 2\nbatch-size = 2\nmodel-norm = "group"\n'
-        'secure-aggregation = true\ndp-mode = "site"\n'
-        f"dp-clip-norm = {CLIP}\ndp-noise-multiplier = {NOISE_MULTIPLIER}\n"
-    )
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            code = main(["--config", str(config)])
-        yield code, out / "runs" / "fedavg", printed.getvalue()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+    with short_folder("fsdd-") as short:
+        config = sim_toml(
+            short,
+            demo_root,
+            sites=("site-A", "site-B", "site-C"),
+            app='num-rounds = 1\nmodel = "coplenet"\nmodel-features = "4,8,16,32,64"\n'
+            'patch-size = "32,32"\nlocal-steps = 2\nbatch-size = 2\nmodel-norm = "group"\n'
+            'secure-aggregation = true\ndp-mode = "site"\n'
+            f"dp-clip-norm = {CLIP}\ndp-noise-multiplier = {NOISE_MULTIPLIER}\n",
+        )
+        code, printed = run_sim(["--config", str(config)])
+        yield code, short / "out" / "runs" / "fedavg", printed
 
 
 def test_secure_aggregation_with_distributed_noise_carries_the_intended_noise(distributed_run):

@@ -9,48 +9,30 @@ equals the unpartitioned one (1e-5) is tests/nets/test_lamp.py's
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
-from fedmed.simulation.cli import main
+from sim_harness import E2E_MARKS, run_sim, short_folder, sim_toml
 
 from fedmed.plan import PreprocessingPlan
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.e2e,
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = E2E_MARKS
 
 
 @pytest.fixture(scope="module")
 def lamp_run(demo_root):
-    short = Path(tempfile.mkdtemp(prefix="fslamp-", dir="/tmp"))  # Ray's socket paths stay short
-    out = short / "out"
-    config = short / "sim.toml"
-    config.write_text(
-        f'[sim]\nout = "{out}"\nsites = 2\n'
-        f'[data]\nsource = "folders"\nfolders = ["{demo_root / "site-A"}", '
-        f'"{demo_root / "site-B"}"]\nholdout = "{demo_root / "holdout"}"\n'
-        '[app]\nnum-rounds = 2\nmodel = "lamp_unet"\nmodel-features = "4,8,16"\n'
-        'patch-size = "16,16,16"\nlocal-steps = 2\nbatch-size = 2\nval-fraction = 0.34\n'
-        'cross-site-evaluation = false\nfinetune-epochs = 0\ntarget-spacing = "12,12,20"\n'
-    )
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            # --verbose: the sites' logs reach simulation.log (they say how LAMP was split)
-            code = main(["--config", str(config), "--site-devices", "cpu,cpu", "cpu", "-v"])
-        yield code, out / "runs" / "fedavg", printed.getvalue()
-    finally:
-        shutil.rmtree(short, ignore_errors=True)
+    with short_folder("fslamp-") as short:
+        config = sim_toml(
+            short,
+            demo_root,
+            app='num-rounds = 2\nmodel = "lamp_unet"\nmodel-features = "4,8,16"\n'
+            'patch-size = "16,16,16"\nlocal-steps = 2\nbatch-size = 2\nval-fraction = 0.34\n'
+            'cross-site-evaluation = false\nfinetune-epochs = 0\ntarget-spacing = "12,12,20"\n',
+        )
+        # --verbose: the sites' logs reach simulation.log (they say how LAMP was split)
+        argv = ["--config", str(config), "--site-devices", "cpu,cpu", "cpu", "-v"]
+        code, printed = run_sim(argv)
+        yield code, short / "out" / "runs" / "fedavg", printed
 
 
 def test_a_lamp_site_split_over_two_devices_and_a_single_device_site_complete_two_rounds(
