@@ -35,11 +35,12 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from quality_table import seed_spread
 
 from fedmed.cli.main import main as fedmed_main
 from fedmed.data.demo import generate_demo_federation
@@ -105,15 +106,6 @@ def _run(args: argparse.Namespace, data: list[Path], holdout: Path, patch: Seque
     return result
 
 
-def _spread(values: Sequence[float | None]) -> dict[str, Any]:
-    present = [v for v in values if v is not None]
-    return {
-        "mean": round(statistics.fmean(present), 4) if present else None,
-        "std": round(statistics.stdev(present), 4) if len(present) > 1 else None,
-        "per-seed": [None if v is None else round(v, 4) for v in values],
-    }
-
-
 def _data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     if args.data:
         if not args.holdout:
@@ -158,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for patch in patches:
             runs[_patch_label(patch)].append(_run(args, data, holdout, patch, seed, out))
     table = {
-        size: {key: _spread([r[key] for r in results]) for key in ("dice", "hd95", "s-per-step")}
+        size: {
+            key: seed_spread([r[key] for r in results]) for key in ("dice", "hd95", "s-per-step")
+        }
         for size, results in runs.items()
     }
     print(f"{'input':>12} {'held-out Dice':>18} {'HD95 mm':>16} {'s/step':>8}")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +48,7 @@ from fedmed.simulation.config import load_sim_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # bench/quality.py: the stable protocol's runs
-from quality_table import result_path
+from quality_table import result_path, seed_spread
 
 __all__ = ["RECIPES", "main"]
 
@@ -80,15 +79,6 @@ def _final(records: Sequence[Mapping[str, Any]], *keys: str) -> float | None:
     for key in keys:
         value = (value or {}).get(key)
     return None if value is None else float(value)
-
-
-def _spread(values: Sequence[float | None]) -> dict[str, Any]:
-    present = [v for v in values if v is not None]
-    return {
-        "mean": round(statistics.fmean(present), 4) if present else None,
-        "std": round(statistics.stdev(present), 4) if len(present) > 1 else None,
-        "per-seed": [None if v is None else round(v, 4) for v in values],
-    }
 
 
 def _run(cfg: Any, out: Path, recipe: str, seed: int, app: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for recipe in recipes
         }
     table = {
-        recipe: {key: _spread([r[key] for r in results]) for key in results[0]}
+        recipe: {key: seed_spread([r[key] for r in results]) for key in results[0]}
         for recipe, results in runs.items()
     }
     print(f"{'recipe':12} {'federated':>16} {'centralized':>16} {NOISY_SITE + ' noisy/clean':>22}")

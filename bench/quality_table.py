@@ -40,6 +40,7 @@ __all__ = [
     "goals",
     "load_results",
     "result_path",
+    "seed_spread",
 ]
 
 FORMAT = "fedmed-quality-1"
@@ -228,3 +229,19 @@ def format_table(table: Mapping[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of the values present, and each seed's value
+    (None where a run gave none), rounded to 4 places; for the other benches' one-line tables.
+
+    Example:
+        >>> seed_spread([0.5, None, 0.7])["mean"]
+        0.6
+    """
+    present = [v for v in values if v is not None]
+    return {
+        "mean": round(statistics.fmean(present), 4) if present else None,
+        "std": round(statistics.stdev(present), 4) if len(present) > 1 else None,
+        "per-seed": [None if v is None else round(v, 4) for v in values],
+    }
