@@ -43,8 +43,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmed.simulation.cli import configure_sim_logging, run_sim
+from fedmed.simulation.cli import run_sim
 from fedmed.simulation.config import load_sim_config
+from fedmed.simulation.console import configure_sim_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # bench/quality.py: the stable protocol's runs

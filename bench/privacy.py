@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.patients_per_step = 4.0
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.shape = tuple(args.shape)
-    from fedmed.simulation.cli import configure_sim_logging
+    from fedmed.simulation.console import configure_sim_logging
 
     configure_sim_logging(False)
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order notes

@@ -54,8 +54,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedmed.simulation.apps import SitePolicy
-from fedmed.simulation.cli import configure_sim_logging, prepare_data, run_sim
+from fedmed.simulation.cli import prepare_data, run_sim
 from fedmed.simulation.config import DataSpec, SimConfig, load_sim_config
+from fedmed.simulation.console import configure_sim_logging
 from quality_data import pinned_sites
 from quality_table import (
     FORMAT,

@@ -34,23 +34,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fedmed.cli.runner import add_version, configure_logging, run_command
+from fedmed.cli.runner import add_version, run_command
 from fedmed.errors import ConfigError
 from fedmed.flower.version import check_flower_version
 
 from .config import SimConfig, load_sim_config, run_settings
+from .console import RoundPrinter, configure_sim_logging, format_record
 from .sites import SimData, pooled_federation, shifted_federation
 
 __all__ = [
     "build_parser",
-    "configure_sim_logging",
     "console_main",
-    "format_record",
     "main",
     "parse_config",
     "prepare_data",
@@ -250,61 +249,6 @@ def prepare_data(cfg: SimConfig, out: Path) -> SimData:
     return dataclasses.replace(data, holdout=Path(spec.holdout)) if spec.holdout else data
 
 
-class _RoundPrinter:
-    """Prints each new record of a ``metrics.jsonl`` while a run writes it (a polling thread)."""
-
-    def __init__(self, label: str, out_dir: Path) -> None:
-        from fedmed.server.report import MetricsLog
-
-        self.label, self.log = label, MetricsLog(out_dir)
-        self.seen = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> _RoundPrinter:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.flush()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(0.5):
-            self.flush()
-
-    def flush(self) -> None:
-        records = self.log.read()
-        for record in records[self.seen :]:
-            print(format_record(self.label, record), flush=True)
-        self.seen = len(records)
-
-
-def format_record(label: str, record: Mapping[str, Any]) -> str:
-    """One console line per round: held-out Dice, each site's validation Dice (and, at a demo
-    site with noisy labels, its Dice against the clean labels), seconds."""
-    holdout = (record.get("holdout") or {}).get("dice")
-    dice = "-" if holdout is None else f"{holdout:.3f}"
-    if record.get("status") == "initial":
-        return f"[{label}] round 0 (initial model): held-out Dice {dice}"
-    if record.get("status") == "stopped":
-        return f"[{label}] stopped before round {record['round']}: {record.get('reason', '')}"
-    sites = ", ".join(
-        f"{s} {m['val-dice']:.3f}"
-        + (f" (clean labels {m['val-dice-clean']:.3f})" if "val-dice-clean" in m else "")
-        for s, m in sorted((record.get("sites") or {}).items())
-        if m.get("val-dice") is not None
-    )
-    status = "" if record.get("status") == "ok" else f" [{record.get('status')}]"
-    seconds = record.get("duration-s")
-    took = f", {seconds:.1f} s" if seconds is not None else ""
-    return (
-        f"[{label}] round {record['round']}{status}: held-out Dice {dice}"
-        f" | site val Dice: {sites or '-'}{took}"
-    )
-
-
 def _fresh(folder: Path) -> None:
     """Remove an earlier fedmed run in ``folder`` (a simulation starts from round 0)."""
     if (folder / "metrics.jsonl").exists() or (folder / "checkpoints").exists():
@@ -349,7 +293,7 @@ def run_sim(cfg: SimConfig, *, verbose: bool = False) -> Path:
         )
         print(f"fedmed-sim: {label}: {cfg.sites} sites x {settings.num_rounds} rounds -> {run_dir}")
         started = time.monotonic()
-        with _RoundPrinter(label, run_dir) as printer:
+        with RoundPrinter(label, run_dir) as printer:
             run_federation(
                 settings,
                 data.sites,
@@ -370,26 +314,6 @@ def run_sim(cfg: SimConfig, *, verbose: bool = False) -> Path:
     )
     print(f"fedmed-sim: report in {report}")
     return report
-
-
-def configure_sim_logging(verbose: bool) -> None:
-    """One handler on ``fedmed`` (so the apps add none); INFO with --verbose, else warnings
-    only: the round lines printed by this command are the progress report."""
-    configure_logging(verbose)
-    if not verbose:  # other libraries' INFO lines (alembic, ...) are not progress either
-        logging.getLogger().setLevel(logging.WARNING)
-    root = logging.getLogger("fedmed")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
-        root.addHandler(handler)
-    root.propagate = False
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        # simulated sites never check signatures, so the unsigned-model warning says nothing
-        logging.getLogger("fedmed.security.guard").setLevel(logging.ERROR)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

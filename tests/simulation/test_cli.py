@@ -4,8 +4,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from fedmed.simulation.cli import format_record, main, parse_config
+from fedmed.simulation.cli import main, parse_config
 from fedmed.simulation.config import DEMO_APP, load_sim_config, run_settings
+from fedmed.simulation.console import format_record
 
 from fedmed.errors import ConfigError
 

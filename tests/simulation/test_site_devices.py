@@ -7,8 +7,9 @@ import json
 
 import pytest
 from fedmed.simulation.apps import SIM_KEYS, RunConfigSites, SitePolicy, sim_run_config
-from fedmed.simulation.cli import format_record, parse_config
+from fedmed.simulation.cli import parse_config
 from fedmed.simulation.config import load_sim_config
+from fedmed.simulation.console import format_record
 from flwr.app import Context, RecordDict
 
 from fedmed.errors import ConfigError
