@@ -40,7 +40,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedmed.client.app import PartitionSites, SiteRuntime, make_client_app
+from fedmed.client.app import make_client_app
+from fedmed.client.runtime import PartitionSites, SiteRuntime
 from fedmed.server.app import make_server_app
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp

@@ -8,13 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from fedmed.client.app import (
-    PartitionSites,
-    SiteRuntime,
-    _task,
-    make_client_app,
-    site_from_node_config,
-)
+from fedmed.client.app import _task, make_client_app
+from fedmed.client.runtime import PartitionSites, SiteRuntime, site_from_node_config
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire
@@ -166,15 +161,17 @@ def test_the_node_configs_cache_mode_is_one_of_the_site_words(demo_root, tmp_pat
 
 def test_the_client_apps_public_api_is_pinned() -> None:
     import fedmed.client.app as module
+    import fedmed.client.runtime as runtime
 
-    assert sorted(module.__all__) == [
+    assert sorted(module.__all__) == ["app", "make_client_app"]
+    assert sorted(runtime.__all__) == [
         "PartitionSites",
+        "SiteResolver",
         "SiteRuntime",
-        "app",
-        "make_client_app",
         "site_from_node_config",
     ]
     assert all(hasattr(module, name) for name in module.__all__)
+    assert all(hasattr(runtime, name) for name in runtime.__all__)
 
 
 def test_a_site_that_accepts_plaintext_caches_its_voxels_in_the_clear(

@@ -8,13 +8,8 @@ import time
 
 import pytest
 import torch
-from fedmed.client.app import (
-    PartitionSites,
-    SiteRuntime,
-    _task,
-    make_client_app,
-    site_from_node_config,
-)
+from fedmed.client.app import _task, make_client_app
+from fedmed.client.runtime import PartitionSites, SiteRuntime, site_from_node_config
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedmed import wire

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from fedmed.client.app import PartitionSites, make_client_app
+from fedmed.client.app import make_client_app
+from fedmed.client.runtime import PartitionSites
 from fedmed.server.app import make_server_app
 from fedmed.server.report import MetricsLog
 from flwr.simulation import run_simulation

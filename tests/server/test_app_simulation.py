@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedmed.client.app import PartitionSites, make_client_app
+from fedmed.client.app import make_client_app
+from fedmed.client.runtime import PartitionSites
 from fedmed.server.app import make_server_app
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import train_config
