@@ -6,8 +6,8 @@
         --patches 64,64,64 96,96,96 whole --features 8,16,32,64
 
 The LAMP paper (Zhu et al., MICCAI 2020, "LAMP: Large Deep Nets with Automated Model
-Parallelism for Image Segmentation", Table 2) trains the same U-Net on head-and-neck CT at
-growing input sizes up to the whole volume and reports higher Dice with larger inputs; model
+Parallelism for Image Segmentation") trains the same U-Net on head-and-neck CT at growing
+input sizes up to the whole volume and reports higher Dice with larger inputs; model
 parallelism is what lets the large inputs fit. Here the same LAMP U-Net (``lamp_unet``, skips
 carried) is trained with ``fedmed train`` at each ``--patches`` size, ``whole`` being the
 largest training volume (rounded up to a multiple of 8 voxels; smaller volumes are padded), for
