@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.cli.runner import configure_logging
+from fedmed.task import ensure_app_logging
 
 __all__ = ["RoundPrinter", "configure_sim_logging", "format_record"]
 
@@ -86,13 +87,8 @@ def configure_sim_logging(verbose: bool) -> None:
     configure_logging(verbose)
     if not verbose:  # other libraries' INFO lines (alembic, ...) are not progress either
         logging.getLogger().setLevel(logging.WARNING)
+    ensure_app_logging()  # the apps' handler, so they add none
     root = logging.getLogger("fedmed")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
-        root.addHandler(handler)
     root.propagate = False
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
