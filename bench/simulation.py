@@ -38,31 +38,16 @@ from fedmed.server.report import MetricsLog
 from fedmed.simulation.engine import SiteResources, run_federation
 
 from fedmed.data.demo import generate_demo_federation, site_name
+from fedmed.flower.process import descendants
 from fedmed.runsettings.settings import RunSettings
 
 __all__ = ["main", "tree_rss_bytes"]
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of ``root`` and all its descendants (Linux /proc)."""
-    tree, todo, total = _children(), [root], 0
-    while todo:
-        pid = todo.pop()
-        todo.extend(tree.get(pid, []))
+    total = 0
+    for pid in [root, *descendants(root)]:
         try:
             with open(f"/proc/{pid}/status", encoding="ascii") as fh:
                 for line in fh:

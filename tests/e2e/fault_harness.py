@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmed.flower.process import descendants
 from fedmed.security.pki import write_pki
 
 __all__ = [
@@ -92,24 +93,6 @@ def _stat(pid: int) -> list[str] | None:
 def _start_time(pid: int) -> str | None:
     fields = _stat(pid)
     return fields[19] if fields else None  # field 22 of stat: start time since boot
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
-            tree.setdefault(int(fields[1]), []).append(int(entry.name))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    """Pids of every live process below ``pid``."""
-    tree, found, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _kill(pid: int, sig: int) -> None:
