@@ -116,7 +116,13 @@ def check_entries(text: str, *, site: str, models: set[str]) -> list[dict[str, A
 def _message(
     fed: Federation, models: Mapping[str, Mapping[str, np.ndarray]], options: Mapping[str, Any]
 ) -> RecordDict:
-    arrays = {f"{label}{_SEP}{k}": v for label, m in models.items() for k, v in m.items()}
+    # FedBN (SiloBN): a site evaluates the global models with its own normalization statistics;
+    # the server's copies were never trained, and sent along they would replace the site's
+    arrays = {
+        f"{label}{_SEP}{k}": v
+        for label, m in models.items()
+        for k, v in (fed._shared(m) if label.startswith("global-") else m).items()
+    }
     # the sites' end-of-run training (fine-tuning, local-only baselines) uses the base lr,
     # not the annealed last round's (lr-schedule = cosine ends near 0)
     cfg = dataclasses.replace(fed.config(fed.settings.num_rounds), lr=fed.settings.lr)
