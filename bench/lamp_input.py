@@ -23,7 +23,8 @@ site-A scanner, lesions of 1-4 cm in lungs) and ``--holdout-cases`` held-out pha
 neutral scanner. Each volume is larger than every patch compared but the whole one.
 
 Reports per size the held-out Dice (mean +- std over ``--seeds`` training seeds: initial
-weights, patches, augmentation), HD95 and seconds per step; the JSON line answers
+weights, patches, augmentation), HD95 and seconds per step (``fedmed train``'s epoch time over
+its steps, so the validation after each epoch is included); the JSON line answers
 "larger-input-raises-dice": whether the mean Dice rises with every larger input. A run's result
 is ``OUT/<patch>-seed<N>/result.json``; an existing one with the same settings is read, not run
 again.

@@ -270,7 +270,11 @@ def test_nodes_unanswered_at_the_join_deadline_are_asked_once_more(tmp_path, cap
 def test_nodes_that_never_answer_fail_the_join_after_one_more_ask(tmp_path, task_identity):
     settings = RunSettings(min_sites=2, join_timeout=0.2, out_dir=str(tmp_path), **SMALL)
     federation = _AppsStartLate(settings)
-    federation._exchange = lambda messages, timeout: {}  # type: ignore[method-assign]
+    asks: list[int] = []
+    federation._exchange = lambda messages, timeout: asks.append(len(messages)) or {}  # type: ignore[method-assign]
 
     with pytest.raises(FederationError, match=r"only 0 of min-sites 2 .* \(2 more did not say"):
         federation.wait_for_sites()
+
+    # the first ask, then (the 2 s pause not yet over at the deadline) exactly one more
+    assert asks == [2, 2]
