@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,32 +40,11 @@ from fedmed.task import SiteTask
 
 from .local_state import StateStore
 
-__all__ = ["MODEL_SEPARATOR", "evaluate_message", "join_models", "split_models"]
+__all__ = ["evaluate_message"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_SEPARATOR = "::"
 _MAX_RESULTS = 1 << 20  # bytes of JSON entries in one reply
-
-
-def join_models(models: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One flat dict of several models' arrays, keyed ``<label>::<key>``."""
-    return {
-        f"{label}{MODEL_SEPARATOR}{key}": value
-        for label, arrays in models.items()
-        for key, value in arrays.items()
-    }
-
-
-def split_models(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Inverse of :func:`join_models`; ValueError for a key without a label."""
-    models: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        label, sep, name = key.partition(MODEL_SEPARATOR)
-        if not sep or not label or not name:
-            raise ValueError(f"array key {key[:80]!r} is not '<model>{MODEL_SEPARATOR}<key>'")
-        models.setdefault(label, {})[name] = value
-    return models
 
 
 def evaluate_message(msg: Message, context: Context, site: Any, task: SiteTask) -> RecordDict:
@@ -74,7 +52,7 @@ def evaluate_message(msg: Message, context: Context, site: Any, task: SiteTask) 
     config = dict(msg.content.config_records["config"])
     options = dict(msg.content.config_records.get("evaluation", ConfigRecord()))
     cfg = TrainConfig.from_config(config)
-    received = split_models(wire.unpack_content(msg.content))
+    received = wire.split_models(wire.unpack_content(msg.content))
     store = StateStore(context, cache_dir=site.cache_dir)
     state = store.load(cfg.run_id, reference=model_arrays(build_network(cfg)))
     own: dict[str, dict[str, np.ndarray]] = {}
@@ -114,5 +92,5 @@ def evaluate_message(msg: Message, context: Context, site: Any, task: SiteTask) 
         "metrics": MetricRecord(metrics),
     }
     if own and options.get("send-models") is True and site.share_models:
-        content.update(wire.pack(join_models(own)))
+        content.update(wire.pack(wire.join_models(own)))
     return RecordDict(content)

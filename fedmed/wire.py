@@ -46,10 +46,13 @@ __all__ = [
     "ARRAYS",
     "FORMAT",
     "INDEX",
+    "MODEL_SEPARATOR",
     "PACKED",
     "WireError",
+    "join_models",
     "pack",
     "pack_array",
+    "split_models",
     "unpack",
     "unpack_array",
     "unpack_content",
@@ -59,6 +62,7 @@ ARRAYS = "arrays"  # the ArrayRecord's name in a message
 INDEX = "arrays-index"  # the ConfigRecord's name in a message
 PACKED = "packed"  # the one Array in the ArrayRecord
 FORMAT = "fedmed-packed-1"
+MODEL_SEPARATOR = "::"  # several models in one message: keys ``<label>::<state_dict key>``
 ALIGN = 8  # every array starts at a multiple of this (float64/int64 views stay aligned)
 _MAX_NDIM = 32  # numpy allows 64; no model weight comes near
 _KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain numbers only
@@ -267,6 +271,31 @@ def unpack_content(content: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if INDEX not in content or not isinstance(content[INDEX], ConfigRecord):
         raise WireError(f"the message has no ConfigRecord {INDEX!r} (the packed arrays' index)")
     return unpack(content[ARRAYS], content[INDEX])
+
+
+def join_models(models: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One flat dict of several models' arrays, keyed ``<label>::<key>``, for :func:`pack`.
+
+    Example:
+        >>> sorted(join_models({"global-final": {"w": np.zeros(1)}}))
+        ['global-final::w']
+    """
+    return {
+        f"{label}{MODEL_SEPARATOR}{key}": value
+        for label, arrays in models.items()
+        for key, value in arrays.items()
+    }
+
+
+def split_models(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of :func:`join_models`; ValueError for a key without a label or a name."""
+    models: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        label, sep, name = key.partition(MODEL_SEPARATOR)
+        if not sep or not label or not name:
+            raise ValueError(f"array key {key[:80]!r} is not '<model>{MODEL_SEPARATOR}<key>'")
+        models.setdefault(label, {})[name] = value
+    return models
 
 
 def _few(names: list[str]) -> str:

@@ -80,7 +80,6 @@ ENTRY_KEYS = frozenset(
 )  # fmt: skip
 _NUMBERS = ("n", "n_undefined", "mean", "ci_low", "ci_high", "worst_decile")
 _MAX_ENTRIES = 10_000
-_SEP = "::"
 Arrays = dict[str, np.ndarray]
 
 
@@ -118,11 +117,9 @@ def _message(
 ) -> RecordDict:
     # FedBN (SiloBN): a site evaluates the global models with its own normalization statistics;
     # the server's copies were never trained, and sent along they would replace the site's
-    arrays = {
-        f"{label}{_SEP}{k}": v
-        for label, m in models.items()
-        for k, v in (fed._shared(m) if label.startswith("global-") else m).items()
-    }
+    arrays = wire.join_models(
+        {label: fed._shared(m) if label.startswith("global-") else m for label, m in models.items()}
+    )
     # the sites' end-of-run training (fine-tuning, local-only baselines) uses the base lr,
     # not the annealed last round's (lr-schedule = cosine ends near 0)
     cfg = dataclasses.replace(fed.config(fed.settings.num_rounds), lr=fed.settings.lr)
@@ -166,12 +163,10 @@ def _read_reply(
     }
     travelling: dict[str, Arrays] = {}
     if wire.ARRAYS in content:
-        for key, value in wire.unpack_content(content).items():
-            label, _, name = key.partition(_SEP)
+        travelling = wire.split_models(wire.unpack_content(content))
+        for label, arrays in travelling.items():
             if not (label.endswith(f"@{site}") and is_identifier(label)):
                 raise ValueError(f"model {printable(label, limit=60)} is not the site's own")
-            travelling.setdefault(label, {})[name] = value
-        for arrays in travelling.values():
             check_arrays(arrays, fed.initial_weights)
     return entries, metrics, travelling
 

@@ -14,8 +14,10 @@ from fedmed.wire import (
     ALIGN,
     FORMAT,
     WireError,
+    join_models,
     pack,
     pack_array,
+    split_models,
     unpack,
     unpack_array,
     unpack_content,
@@ -153,3 +155,17 @@ def test_unpack_array_refuses_a_payload_that_is_not_flat_bytes(arrays):
         unpack_array(payload.astype(np.float32), index)
     with pytest.raises(WireError, match="says the payload has"):
         unpack_array(payload[:-8], index)
+
+
+def test_several_models_share_one_payload_and_split_back():
+    models = {"global-final": {"w": np.ones(2)}, "finetuned@B": {"w": np.zeros(2), "b": np.ones(1)}}
+    back = split_models(unpack_content(pack(join_models(models))))
+    assert sorted(back) == ["finetuned@B", "global-final"]
+    assert sorted(back["finetuned@B"]) == ["b", "w"]
+    np.testing.assert_array_equal(back["global-final"]["w"], models["global-final"]["w"])
+
+
+@pytest.mark.parametrize("key", ["w", "::w", "global-final::"])
+def test_a_key_without_a_model_label_or_name_is_refused(key):
+    with pytest.raises(ValueError, match="is not '<model>::<key>'"):
+        split_models({key: np.zeros(1)})
