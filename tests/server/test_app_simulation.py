@@ -31,10 +31,10 @@ pytestmark = [
 ]
 
 
-def _simulate(settings: RunSettings, folders: tuple[str, ...]) -> None:
+def _simulate(settings: RunSettings, folders: tuple[str, ...], *, share: bool = False) -> None:
     run_simulation(
         server_app=make_server_app(settings),
-        client_app=make_client_app(resolve_site=PartitionSites(folders)),
+        client_app=make_client_app(resolve_site=PartitionSites(folders, share_models=share)),
         num_supernodes=len(folders),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -45,7 +45,8 @@ def _simulate(settings: RunSettings, folders: tuple[str, ...]) -> None:
 
 @pytest.fixture(scope="module")
 def simulated(demo_root, tmp_path_factory):
-    """Run 2 rounds, then the same run with num-rounds 3 (a restart that must resume)."""
+    """Run 2 rounds, then the same run with num-rounds 3 (a restart that must resume), whose
+    sites let their own models travel (``share-models``) for the end-of-run evaluation."""
     work = tmp_path_factory.mktemp("sim")
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # AF_UNIX paths: <= 107 bytes
     mp = pytest.MonkeyPatch()
@@ -75,7 +76,7 @@ def simulated(demo_root, tmp_path_factory):
             "records": MetricsLog(settings.out_dir).read(),
             "round2": CheckpointStore(settings.out_dir).load(2),
         }
-        _simulate(RunSettings(**{**settings.__dict__, "num_rounds": 3}), folders)
+        _simulate(RunSettings(**{**settings.__dict__, "num_rounds": 3}), folders, share=True)
     finally:
         mp.undo()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -145,12 +146,18 @@ def test_the_end_of_run_evaluation_writes_the_cross_site_table(simulated):
     val = [e for e in entries if e["data"].startswith("val:")]
     assert {e["data"] for e in val} == {"val:site-A", "val:site-B"}
     assert all(e["status"] == "too few cases" and "mean" not in e for e in val)
-    # the server's held-out set: the global models (and the fine-tuned ones, which stay home)
+    # the sites shared their own models: each fine-tuned model is scored on the other site's
+    # split and on the server's held-out set, next to the global models
+    assert ("finetuned@site-A", "val:site-B") in {(e["model"], e["data"]) for e in val}
+    assert ("finetuned@site-B", "val:site-A") in {(e["model"], e["data"]) for e in val}
     holdout = {(e["model"], e["metric"]): e for e in entries if e["data"] == "holdout"}
     final = holdout["global-final", "dice"]
     assert final["n"] == 2 and final["ci_low"] <= final["mean"] <= final["ci_high"]
     assert ("global-best", "dice") in holdout
-    assert {m for m, _ in holdout} == {"global-final", "global-best"}
+    assert {m for m, _ in holdout} == {
+        "global-final", "global-best", "finetuned@site-A", "finetuned@site-B"
+    }  # fmt: skip
+    assert holdout["finetuned@site-A", "dice"]["n"] == 2
     # its hash is in the audit chain, its heatmap and table in the report
     digest = hashlib.sha256((settings.out_path / "cross_site.json").read_bytes()).hexdigest()
     audit = [
