@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 from fedmed.client.app import _task, make_client_app
 from fedmed.client.runtime import PartitionSites, SiteRuntime, site_from_node_config
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedmed import wire
 from fedmed.errors import ConfigError
@@ -34,21 +34,6 @@ CFG = TrainConfig(
 )
 
 
-def _message(content: RecordDict, message_type: str) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"msg-{message_type}",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="round-1.1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
-
-
 def _context(node_config: dict) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
@@ -70,7 +55,7 @@ def test_query_answers_name_and_case_counts_only(demo_root):
     # Prepare
     app = make_client_app()
     ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A")})
-    msg = _message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query")
+    msg = flower_message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query")
     # Execute
     reply = app(msg, ctx)
     # Assert
@@ -91,14 +76,14 @@ def test_missing_data_folder_replies_an_error_without_the_path(tmp_path):
     app = make_client_app()
     missing = tmp_path / "secret-hospital-folder"
     ctx = _context({"site": "A", "data-dir": str(missing)})
-    reply = app(_message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query"), ctx)
+    reply = app(flower_message(RecordDict({"config": ConfigRecord(CFG.to_config())}), "query"), ctx)
     assert reply.has_error()
     assert reply.error.reason == "DataError at site A; details are in the site's log"
     assert "secret-hospital-folder" not in reply.error.reason
 
 
 def test_node_config_without_data_dir_is_an_error_reply():
-    reply = make_client_app()(_message(RecordDict(), "query"), _context({"site": "A"}))
+    reply = make_client_app()(flower_message(RecordDict(), "query"), _context({"site": "A"}))
     assert reply.has_error() and reply.error.reason.startswith("ConfigError at site node-7")
 
 
@@ -129,7 +114,7 @@ def test_a_disk_cache_without_a_key_is_refused_unless_the_site_accepts_plaintext
     ctx = _context(_disk_site(demo_root, tmp_path / "cache"))
     arrays = model_arrays(build_network(CFG, seed=0))
     # Execute: a train message, the way the SuperNode delivers it
-    reply = make_client_app()(_message(_train_content(arrays, CFG), "train"), ctx)
+    reply = make_client_app()(flower_message(_train_content(arrays, CFG), "train"), ctx)
     # Assert: refused before anything reached the disk, the reason only in the site's log
     assert reply.error.reason == "ConfigError at site node-7; details are in the site's log"
     assert "set FEDMED_CACHE_KEY" in caplog.text and "plaintext-cache = true" in caplog.text
@@ -197,7 +182,7 @@ def test_with_a_key_the_sites_disk_cache_holds_no_plaintext_voxels(
     arrays = model_arrays(build_network(CFG, seed=0))
     cfg = TrainConfig(**{**CFG.__dict__, "server_round": 1})
     # Execute: one round at the site
-    reply = make_client_app()(_message(_train_content(arrays, cfg), "train"), ctx)
+    reply = make_client_app()(flower_message(_train_content(arrays, cfg), "train"), ctx)
     # Assert
     assert not reply.has_error(), reply.error
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
@@ -218,7 +203,7 @@ def fedbn_round(demo_root, tmp_path_factory):
     shared = {k: v for k, v in model_arrays(model).items() if k not in norm}
     cfg = TrainConfig(**{**CFG.__dict__, "fedbn": True, "server_round": 1})
     ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), "cache-dir": str(cache)})
-    reply = make_client_app()(_message(_train_content(shared, cfg), "train"), ctx)
+    reply = make_client_app()(flower_message(_train_content(shared, cfg), "train"), ctx)
     return reply, shared, norm, ctx, cache
 
 
@@ -267,7 +252,7 @@ def _evaluate(demo_root, node_config: dict, options: dict) -> Message:
         }
     )
     ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), **node_config})
-    return make_client_app()(_message(content, "evaluate"), ctx)
+    return make_client_app()(flower_message(content, "evaluate"), ctx)
 
 
 @pytest.mark.slow
@@ -311,7 +296,7 @@ def _private(run: str, **dp) -> RecordDict:
 @pytest.mark.slow
 def test_record_level_dp_reports_epsilon_and_nothing_else(demo_root, tmp_path):
     ctx = _context({"site": "A", "data-dir": str(demo_root / "site-A"), "cache-dir": str(tmp_path)})
-    reply = make_client_app()(_message(_private("ef" * 32), "train"), ctx)
+    reply = make_client_app()(flower_message(_private("ef" * 32), "train"), ctx)
     assert not reply.has_error(), reply.error
     metrics = dict(reply.content["metrics"])
     # only the public weight, the step count and the privacy record leave the site
@@ -330,7 +315,7 @@ def test_a_site_refuses_a_round_beyond_its_own_budget(demo_root, tmp_path):
         "cache-dir": str(tmp_path),
         "max-epsilon": 0.01,  # the site's own budget wins over the run's (none here)
     }
-    reply = make_client_app()(_message(_private("ef" * 32), "train"), _context(node))
+    reply = make_client_app()(flower_message(_private("ef" * 32), "train"), _context(node))
     assert reply.has_error()
     assert reply.error.reason.startswith("PrivacyBudgetExhausted at site A: privacy budget")
     assert "above its max-epsilon 0.01" in reply.error.reason
@@ -350,7 +335,7 @@ def test_the_dp_noise_cannot_be_replayed_from_the_run_config(demo_root, tmp_path
         }
         torch.manual_seed(0)  # everything else the same: only the site's own entropy differs
         np.random.seed(0)
-        reply = make_client_app()(_message(_private("ab" * 32), "train"), _context(node))
+        reply = make_client_app()(flower_message(_private("ab" * 32), "train"), _context(node))
         assert not reply.has_error(), reply.error
         updates.append(wire.unpack_content(reply.content))
     first, second = updates

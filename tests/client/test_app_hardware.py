@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import pytest
 import torch
 from fedmed.client.app import _task, make_client_app
 from fedmed.client.runtime import PartitionSites, SiteRuntime, site_from_node_config
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedmed import wire
 from fedmed.errors import ConfigError
@@ -33,21 +33,6 @@ LAMP = TrainConfig(
 
 def _context(node_config: dict) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-
-
-def _message(content: RecordDict) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="msg-train",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="round-1.1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="train",
-    )
-    return Message(content=content, metadata=metadata)
 
 
 def test_node_config_hardware_keys_make_the_sites_hardware_settings(demo_root):
@@ -146,7 +131,7 @@ def test_record_level_dp_with_a_split_lamp_model_is_refused(demo_root, tmp_path,
     }
     # Execute
     with caplog.at_level(logging.ERROR, logger="fedmed.client.app"):
-        reply = make_client_app()(_message(content), _context(node))
+        reply = make_client_app()(flower_message(content, "train"), _context(node))
     # Assert: refused before anything was trained or spent
     assert reply.has_error() and reply.error.reason.startswith("ConfigError at site A")
     assert "whose per-patient gradients need the whole model on one device" in caplog.text
@@ -158,7 +143,7 @@ def test_a_lamp_round_on_a_device_list_replies_the_models_arrays(demo_root):
     arrays = model_arrays(build_network(LAMP, seed=0))
     content = RecordDict({**wire.pack(arrays), "config": ConfigRecord(LAMP.to_config())})
     node = {"site": "A", "data-dir": str(demo_root / "site-A"), "device": "cpu,cpu"}
-    reply = make_client_app()(_message(content), _context(node))
+    reply = make_client_app()(flower_message(content, "train"), _context(node))
     assert not reply.has_error(), reply.error
     sent = wire.unpack_content(reply.content)
     assert set(sent) == set(arrays)

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from fedmed.server.attempt import ReplyBounds, parse_train_reply, run_plain_attempt
 from fedmed.server.federation import Federation, train_config
 from fedmed.server.validation import InvalidReply
+from flower_messages import flower_message
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
     Error,
     Message,
-    Metadata,
     MetricRecord,
-    RecordDict,
 )
 
 from fedmed import wire
@@ -38,20 +35,7 @@ def _parse(reply: Message, sent: dict, *, max_weight: float = 100.0, bound: floa
 
 
 def _reply(content: dict | Error) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="reply",
-        src_node_id=7,
-        dst_node_id=1,
-        reply_to_message_id="train",
-        group_id="round-1.1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="train",
-    )
-    if isinstance(content, Error):
-        return Message(error=content, metadata=metadata)
-    return Message(content=RecordDict(content), metadata=metadata)
+    return flower_message(content, "train", src=7, dst=1, message_id="reply", reply_to="train")
 
 
 def test_a_packed_reply_becomes_the_site_update(federation):

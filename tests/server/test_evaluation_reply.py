@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from fedmed.server.evaluation import _read_reply
 from fedmed.server.federation import Federation
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmed import wire
 from fedmed.runsettings.settings import RunSettings
@@ -31,18 +31,9 @@ def _reply(models: dict) -> Message:
             **(wire.pack(wire.join_models(models)) if models else {}),
         }
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id="reply",
-        src_node_id=7,
-        dst_node_id=1,
-        reply_to_message_id="evaluate",
-        group_id="evaluation",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="evaluate",
+    return flower_message(
+        content, "evaluate", src=7, dst=1, reply_to="evaluate", group_id="evaluation"
     )
-    return Message(content=content, metadata=metadata)
 
 
 def test_a_sites_own_models_travel_back_whole(fed):

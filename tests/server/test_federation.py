@@ -10,7 +10,8 @@ from fedmed.server.aggregate import SiteUpdate
 from fedmed.server.checkpoint import CheckpointStore
 from fedmed.server.federation import Federation, SiteInfo, train_config
 from fedmed.server.sampling import sample_sites
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Message
 
 from fedmed.errors import ConfigError, FederationError
 from fedmed.runsettings.settings import RunSettings
@@ -198,12 +199,10 @@ class _ManyNodes:
 
 def _roster_reply(node: int) -> Message:
     record = {"name": f"S{node}", "num-train-cases": 4, "num-val-cases": 1}
-    metadata = Metadata(
-        run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=1,
-        reply_to_message_id="q", group_id="roster", created_at=time.time(), ttl=60.0,
-        message_type="query",
+    return flower_message(
+        {"site": ConfigRecord(record)}, "query", src=node, dst=1, message_id=f"reply-{node}",
+        reply_to="q", group_id="roster", ttl=60.0,
     )  # fmt: skip
-    return Message(content=RecordDict({"site": ConfigRecord(record)}), metadata=metadata)
 
 
 class _SampledFederation(Federation):

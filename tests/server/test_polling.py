@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fedmed.server.polling import PollingGrid, exchange
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 
@@ -39,12 +38,10 @@ class _Grid:
 
 
 def _message(dst: int, message_id: str, reply_to: str = "", src: int = 1) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst,
-        reply_to_message_id=reply_to, group_id="round-1.1", created_at=time.time(),
-        ttl=43200.0, message_type="train",
-    )  # fmt: skip
-    return Message(content=RecordDict({"c": ConfigRecord({"to": dst})}), metadata=metadata)
+    content = {"c": ConfigRecord({"to": dst})}
+    return flower_message(
+        content, "train", src=src, dst=dst, message_id=message_id, reply_to=reply_to, ttl=43200.0
+    )
 
 
 def _messages(*nodes: int) -> list[Message]:

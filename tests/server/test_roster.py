@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 from fedmed.server.roster import Roster, parse_site_record, registered_names
-from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flower_messages import flower_message
+from flwr.app import ConfigRecord, Error, Message
 from flwr.proto.node_pb2 import NodeInfo
 
 
 def _reply(node: int, content: dict | Error) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=1,
-        reply_to_message_id="q",
-        group_id="roster",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="query",
-    )
-    if isinstance(content, Error):
-        return Message(error=content, metadata=metadata)
-    return Message(content=RecordDict(content), metadata=metadata)
+    return flower_message(
+        content, "query", src=node, dst=1, message_id=f"reply-{node}", reply_to="q",
+        group_id="roster", ttl=60.0,
+    )  # fmt: skip
 
 
 def _site(name: str, train: object = 4, val: object = 1) -> dict:
