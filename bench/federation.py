@@ -1,7 +1,7 @@
 """Federation overhead and traffic per round: fedmed's loop vs Flower's stock recipe.
 
 On 127.0.0.1 with TLS and site authentication: one SuperLink (fedmed's gateway) and 3 sites
-(fedmed-client's SiteNode: pinned apps, executor polling 0.1 s). For each model the same
+(fedmed-client's SiteNode: pinned apps). For each model the same
 federation runs two apps on the same data, model and local work:
 
 * **fedmed**: the fedmed app (``fedmed.server.app``): one ``train`` message per site per round,
@@ -32,7 +32,7 @@ Figures:
   starts (idle polls and heartbeats of that time included, the run's start-up and end not),
   mean over the rounds, largest site (fedmed: with ``--trace``).
 
-The SuperNode-side settings (executor polling 0.1 s, idle poll 0.5 s, short back-off for
+The SuperNode-side settings (idle poll 0.5 s, short back-off for
 objects not there yet, app pinning, warm-start ClientApp processes) and the gateway (longer
 SQLite lock wait) are fedmed's for both apps; the stock figure is
 therefore a lower bound for an unmodified Flower deployment. What differs is the app: message

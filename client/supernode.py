@@ -18,9 +18,8 @@ fedmed builds, :func:`installed_app_hash`, plus the config's ``app-hash`` list) 
 ``flwr-clientapp`` wrapper (``state-dir/bin``, first on the SuperNode's ``PATH``) are written,
 so the SuperNode runs only apps whose sha256 the site pinned (:mod:`fedmed.flower.pinning`);
 the site refuses to start when it cannot prove that Flower will run that wrapper
-(:func:`fedmed.flower.pinning.verify_pinning`). The SuperNode's
-executor polls for tasks every 0.1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s)
-and the idle SuperNode every ``[connection] poll-interval`` s (:mod:`fedmed.flower.fastpoll`;
+(:func:`fedmed.flower.pinning.verify_pinning`). The idle
+SuperNode polls every ``[connection] poll-interval`` s (:mod:`fedmed.flower.fastpoll`;
 Flower's hard-coded 3 s). With ``warm-start`` (default) a fork server next to the SuperNode
 keeps torch, flwr and fedmed imported and each message's ``flwr-clientapp`` is forked from it
 (:mod:`fedmed.flower.warmstart`).
@@ -72,7 +71,6 @@ _GUARD = re.compile(re.escape(GUARD_PREFIX) + r"\s*([^\n]*)")
 _STABLE_S = 120.0  # a SuperNode up this long counts as a healthy start: reset the restart count
 _PINS_ENV = "FEDMED_APP_PINS"
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
-EXECUTOR_POLL_S = "0.1"  # Flower's SuperExec polls its SuperNode for tasks every 1 s by default
 CLIENT_APP_MODULE = "fedmed.client.app"  # preloaded by the warm-start server
 
 
@@ -110,9 +108,7 @@ def node_env(config: SiteConfig) -> dict[str, str]:
     """
     pins = write_pins(config.state_dir / "app-pins.txt", site_pins(config.app_hashes))
     wrapper = install_wrapper(config.state_dir / "bin", pins, warm_socket=warm_socket(config))
-    env = flower_env(
-        config.state_dir / "flwr-home", {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": EXECUTOR_POLL_S}
-    )
+    env = flower_env(config.state_dir / "flwr-home")
     env["PATH"] = os.pathsep.join([str(wrapper.parent), env["PATH"]])
     env[_PINS_ENV] = str(pins)
     verify_pinning(env, wrapper)

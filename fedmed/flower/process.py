@@ -38,10 +38,9 @@ from typing import IO
 import httpx
 
 from fedmed.errors import FederationError
-from fedmed.flower.speedups import enabled, switched_off
+from fedmed.flower.speedups import switched_off
 
 __all__ = [
-    "SPEEDUP_VARIABLES",
     "descendants",
     "flower_env",
     "free_loopback_port",
@@ -54,14 +53,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Flower variables callers set to speed it up, by speed-up (fedmed.flower.speedups)
-SPEEDUP_VARIABLES = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "executor-poll"}
-
 
 def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a Flower process with its own ``FLWR_HOME`` under ``home``, plus
-    ``extra``; an ``extra`` variable that is a speed-up (:data:`SPEEDUP_VARIABLES`) is left
-    out while that speed-up is switched off (``FEDMED_FLOWER_WITHOUT``).
+    ``extra``.
 
     Raises:
         ConfigError: ``FEDMED_FLOWER_WITHOUT`` names an unknown speed-up.
@@ -79,10 +74,7 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     env.setdefault("RAY_TMPDIR", str(home / "ray"))
     env["UV_CACHE_DIR"] = str(home / "uv-cache")
     env["PYTHONUNBUFFERED"] = "1"
-    for name, value in (extra or {}).items():
-        speedup = SPEEDUP_VARIABLES.get(name)
-        if speedup is None or enabled(speedup):
-            env[name] = value
+    env.update(extra or {})
     return env
 
 

@@ -70,10 +70,6 @@ SPEEDUPS: dict[str, tuple[str, str]] = {
         "the SuperLink waits 60 s for SQLite's write lock",
         "5 s, then HTTP 500 'database is locked'",
     ),
-    "executor-poll": (
-        "the site's SuperExec polls for tasks every 0.1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL)",
-        "1 s",
-    ),
 }
 
 # This process's speed-ups found drifted, with what is missing (warned once each).

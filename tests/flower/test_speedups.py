@@ -203,23 +203,21 @@ def test_all_switched_off_patches_nothing_and_warns_nothing(
     assert fastpoll.shorten_pull_backoff() is False
     assert liveness.set_heartbeat_interval(10.0) == []
     assert linkstate.lengthen_sqlite_busy_timeout() is False
-    env = flower_env(tmp_path, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "X": "1"})
+    env = flower_env(tmp_path, {"X": "1"})
 
     assert supernode.time is time and sql_mixin.SQLITE_PRAGMAS is pragmas
     assert (
         importlib.import_module(fastpoll.INFLATABLE_MODULE).pull_objects.__kwdefaults__
         == (backoff_defaults[0])
     )
-    assert env["X"] == "1" and env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL") != "0.1"
+    assert env["X"] == "1"
     assert set(speedups.off()) == set(SPEEDUPS)
 
 
 def test_one_switched_off_leaves_the_others_on_and_comes_back_on(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv(WITHOUT_ENV, " warmstart ,fastpoll")
     assert speedups.switched_off() == {"warmstart", "fastpoll"}
-    assert not speedups.enabled("fastpoll") and speedups.enabled("executor-poll")
-    env = flower_env(tmp_path, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"})
-    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
+    assert not speedups.enabled("fastpoll") and speedups.enabled("backoff")
 
     monkeypatch.setenv(WITHOUT_ENV, "")  # the bench restarts a federation with all on
     assert speedups.enabled("fastpoll") and speedups.off() == {}
@@ -236,8 +234,7 @@ def test_unknown_speedup_name_is_a_config_error_before_any_flower_process(
 
 
 def test_every_speedup_says_what_flower_does_without_it() -> None:
-    assert set(SPEEDUPS) == {"fastpoll", "backoff", "warmstart", "heartbeat", "sqlite-timeout",
-                             "executor-poll"}  # fmt: skip
+    assert set(SPEEDUPS) == {"fastpoll", "backoff", "warmstart", "heartbeat", "sqlite-timeout"}
     assert all(ours and stock for ours, stock in SPEEDUPS.values())
     with pytest.warns(FlowerDriftWarning, match="'backoff' is off: something moved"):
         speedups.drifted("backoff", "something moved")
