@@ -1,11 +1,10 @@
 """fedmed's latency speed-ups to Flower: which are on, and how each switches off.
 
-Each speed-up patches a Flower internal (or sets a Flower variable) to cut the time a message
-waits. None is needed for a run to work, so unlike the security controls (app pinning, the
-public port filter: they fail closed) each one checks, before it patches, that the installed
-Flower still has what it patches; when it does not, it changes nothing, emits one
-:class:`FlowerDriftWarning` (the speed-up, what is missing and the flwr version) and Flower's
-stock behaviour applies.
+Each speed-up patches a Flower internal to cut the time a message waits. None is needed for a
+run to work, so unlike the security controls (app pinning, the public port filter: they fail
+closed) each one checks, before it patches, that the installed Flower still has what it patches;
+when it does not, it changes nothing, emits one :class:`FlowerDriftWarning` (the speed-up, what
+is missing and the flwr version) and Flower's stock behaviour applies.
 
 :data:`WITHOUT_ENV` (``FEDMED_FLOWER_WITHOUT``) switches speed-ups off on request, e.g.
 ``FEDMED_FLOWER_WITHOUT=fastpoll,warmstart`` or ``all`` (stock Flower): every fedmed Flower

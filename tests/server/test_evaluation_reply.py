@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fedmed.server.evaluation import _read_reply
 from fedmed.server.federation import Federation
@@ -55,3 +56,10 @@ def test_a_travelling_model_with_other_keys_is_refused(fed):
     partial = dict(list(fed.initial_weights.items())[:-1])
     with pytest.raises(ValueError, match="array keys differ from the global model: missing"):
         _read_reply(fed, _reply({"finetuned@A": partial}), "A", {"global-final"})
+
+
+def test_an_array_key_without_a_model_label_is_refused(fed):
+    reply = _reply({})
+    reply.content.update(wire.pack({"w": np.zeros(1, np.float32)}))
+    with pytest.raises(ValueError, match="is not '<model>::<key>'"):
+        _read_reply(fed, reply, "A", {"global-final"})
