@@ -118,7 +118,10 @@ def _message(
     # FedBN (SiloBN): a site evaluates the global models with its own normalization statistics;
     # the server's copies were never trained, and sent along they would replace the site's
     arrays = wire.join_models(
-        {label: fed._shared(m) if label.startswith("global-") else m for label, m in models.items()}
+        {
+            label: fed.shared_weights(m) if label.startswith("global-") else m
+            for label, m in models.items()
+        }
     )
     # the sites' end-of-run training (fine-tuning, local-only baselines) uses the base lr,
     # not the annealed last round's (lr-schedule = cosine ends near 0)

@@ -280,7 +280,9 @@ class Federation:
         return {sent.metadata.dst_node_id: reply for sent, reply in answered}
 
     # -- one round -----------------------------------------------------------------------
-    def _shared(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def shared_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The part of ``weights`` the sites receive: all but the keys FedBN keeps at the sites
+        (:attr:`local_keys`; none without FedBN)."""
         return {k: v for k, v in weights.items() if k not in self.local_keys}
 
     def run_round(
@@ -350,7 +352,7 @@ class Federation:
                 break
             failed += retries
             try:
-                shared = self.aggregator.aggregate(self._shared(weights), updates)
+                shared = self.aggregator.aggregate(self.shared_weights(weights), updates)
             except ValueError as err:  # e.g. weights that do not sum to a finite number
                 raise FederationError(
                     f"round {server_round}: the valid replies cannot be aggregated ({err})"

@@ -96,7 +96,7 @@ def run_attempt(
 ) -> tuple[dict[str, Any], list[SiteUpdate]]:
     """One attempt: send, collect, validate. Returns the log record and valid updates."""
     started = time.monotonic()
-    sent = fed._shared(weights)
+    sent = fed.shared_weights(weights)
     cfg = fed.config(server_round)
     names = {n: fed.roster.name_of(n) for n in nodes}
     extras = fed.guard.train_records(

@@ -20,7 +20,7 @@ def test_end_of_run_training_uses_the_base_lr_not_the_annealed_last_round(schedu
     # a cosine schedule the last round's lr is near 0, which would leave them untrained
     settings = RunSettings(num_rounds=10, lr=0.004, lr_schedule=schedule)
     fed = SimpleNamespace(
-        settings=settings, config=lambda r: train_config(settings, r), _shared=lambda w: w
+        settings=settings, config=lambda r: train_config(settings, r), shared_weights=lambda w: w
     )
     content = _message(fed, {"global-final": {"w": np.zeros(2, np.float32)}}, {})
     cfg = TrainConfig.from_config(dict(content.config_records["config"]))

@@ -80,7 +80,9 @@ class _OneSiteNeverReplies(Federation):
         record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
         record["missing"] = [f"node-{n}" for n in nodes if n == self.broken]
         updates = [
-            SiteUpdate(f"node-{n}", self._shared(weights), 4, {}) for n in nodes if n != self.broken
+            SiteUpdate(f"node-{n}", self.shared_weights(weights), 4, {})
+            for n in nodes
+            if n != self.broken
         ]
         return record, updates
 
@@ -111,7 +113,7 @@ def test_fedbn_shares_affine_weights_so_sites_change_the_held_out_result(tmp_pat
         fedbn=True, data_dir=str(demo_root / "holdout"), out_dir=str(tmp_path), **SMALL
     )
     fed = Federation(None, settings)  # type: ignore[arg-type]
-    shared = fed._shared(fed.initial_weights)
+    shared = fed.shared_weights(fed.initial_weights)
     affine = [k for k in shared if k.rsplit(".", 1)[0] + ".running_var" in fed.local_keys]
     assert affine and not set(shared) & fed.local_keys
     # two sites whose normalization layers learned other affine weights
@@ -165,7 +167,7 @@ class _SiteBRunsOutOfBudget(Federation):
             {"B": "PrivacyBudgetExhausted at site B: privacy budget exhausted"} if refuses else {}
         )
         updates = [
-            SiteUpdate(names[n], self._shared(weights), 4, {})
+            SiteUpdate(names[n], self.shared_weights(weights), 4, {})
             for n in nodes
             if not (refuses and n == 12)
         ]
@@ -224,7 +226,9 @@ class _SampledFederation(Federation):
         self.trained.append(list(nodes))
         record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
         record["missing"] = []
-        updates = [SiteUpdate(self.roster.name_of(n), self._shared(weights), 4, {}) for n in nodes]
+        updates = [
+            SiteUpdate(self.roster.name_of(n), self.shared_weights(weights), 4, {}) for n in nodes
+        ]
         return record, updates
 
 

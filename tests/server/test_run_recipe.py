@@ -115,7 +115,7 @@ class _TwoSites(Federation):
     def run_round(self, server_round, attempt, nodes, weights):
         record = {"round": server_round, "attempt": attempt, "sites": {}, "rejected": {}}
         record["missing"] = []
-        updates = [SiteUpdate(f"node-{n}", self._shared(weights), 4, {}) for n in nodes]
+        updates = [SiteUpdate(f"node-{n}", self.shared_weights(weights), 4, {}) for n in nodes]
         return record, updates
 
 
