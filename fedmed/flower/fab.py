@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import warnings
 from collections.abc import Mapping
 
@@ -116,9 +117,14 @@ clientapp = "fedmed_app.client_app:app"
     }
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def fab_from_files(files: Mapping[str, bytes]) -> Fab:
     """Zip app files (relative path -> bytes) into a FAB the way ``flwr build`` does."""
-    with warnings.catch_warnings():
+    # catch_warnings swaps the process-wide filter list: two threads inside it at once (two
+    # sites started in one process) restore each other's filters mid-build
+    with _BUILD_LOCK, warnings.catch_warnings():
         # flwr 1.41's build uses pathspec's "gitwildmatch", deprecated in pathspec 0.12.
         warnings.filterwarnings(
             "ignore", message=".*GitWildMatchPattern", category=DeprecationWarning
